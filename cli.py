@@ -1,0 +1,171 @@
+"""The `sdm` command line: parse flags, build the config, call the library.
+
+Every field of a stage's config model (`sdm.config`) is a flag of the same name
+(`user_col` -> `--user-col`), generated from the model so the two can never
+drift apart; `--config FILE.toml` supplies the same keys from a TOML section.
+Errors in the user's input (`SdmError`) print one line and exit with code 1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import inspect
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Optional
+
+import typer
+
+from sdm.config import EvaluateConfig, SessionizeConfig, TrainConfig, build_config
+from sdm.errors import SdmError
+
+app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+    add_completion=False,
+    help="SDM (Sequential Deep Matching) pipeline: sessionize -> train -> evaluate.",
+)
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", help="TOML file whose [section] gives the same keys as the flags."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _flag_type(annotation: Any) -> tuple[Any, str]:
+    """Map a config field type to what a CLI flag parses, plus a hint for --help."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if origin is Literal:
+        return str, "one of: " + ", ".join(str(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return str, "comma-separated"
+    if annotation is dt.datetime:
+        return str, "ISO timestamp, e.g. 2017-12-02T00:00:00Z"
+    if annotation in (bool, int, float, str, Path):
+        return annotation, ""
+    return str, ""
+
+
+def _config_options(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One keyword parameter (a typer Option defaulting to None) per config field."""
+    params = []
+    for name, field in cls.model_fields.items():
+        if name in skip:
+            continue
+        typ, hint = _flag_type(field.annotation)
+        default = field.default
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = " ".join(filter(None, [field.description or "", f"[{hint}]" if hint else ""]))
+        flag = "--" + name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if typ is bool else [flag]
+        option = typer.Option(*decls, help=f"{help_text} (default: {shown})".strip(), show_default=False)
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[Optional[typ], option],
+            )
+        )
+    return params
+
+
+def _with_config_flags(cls: type, section: str, skip: tuple[str, ...] = ()) -> Callable:
+    """Decorate a command `fn(cfg, **own_params)` so typer sees one flag per config field.
+
+    The wrapper collects the config-field flags, merges them over `--config`'s
+    `[section]`, validates, and calls `fn` with the built config. SdmError
+    anywhere below becomes a one-line message and exit code 1.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        own = list(inspect.signature(fn).parameters.values())[1:]  # drop `cfg`
+        field_params = _config_options(cls, skip)
+        field_names = {p.name for p in field_params}
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> None:
+            overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names}
+            try:
+                cfg = build_config(cls, kwargs.get("config"), section, overrides)
+                fn(cfg, **kwargs)
+            except SdmError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(code=1) from None
+
+        params = own + field_params
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # typer must read __signature__, not fn's own
+        return wrapper
+
+    return decorate
+
+
+def _existing_file(help_text: str) -> Any:
+    return typer.Argument(help=help_text, exists=True, dir_okay=False, readable=True)
+
+
+@app.command()
+@_with_config_flags(SessionizeConfig, "sessionize")
+def sessionize(
+    cfg: SessionizeConfig,
+    log: Annotated[Path, _existing_file("Interaction log (Parquet or CSV).")],
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Raw interaction log -> sessions, 7-day windows, time split -> Parquet shards."""
+    from sdm.sessionize import run
+
+    m = run(cfg, log, progress=not quiet)
+    s = m["splits"]
+    dropped = ", ".join(f"{k} {v:,}" for k, v in m["dropped"].items() if v) or "none"
+    typer.echo(
+        f"sessionized {m['rows_in']:,} events -> "
+        + ", ".join(f"{k} {s[k]['sessions']:,} sessions" for k in ("train", "valid", "test"))
+        + f"; {s['train']['users']:,} train users, {m['num_items'] - 2:,} items; dropped: {dropped}; "
+        f"{m['seconds']:.1f}s -> {cfg.out}"
+    )
+
+
+@app.command()
+@_with_config_flags(TrainConfig, "train")
+def train(cfg: TrainConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
+    """Train SDM (or a named variant) on the shards; keeps the best checkpoint by validation HR."""
+    from sdm.pipeline.train import train as run_train
+
+    summary = run_train(cfg, progress=not quiet)
+    if summary.get("rank", 0) == 0:
+        typer.echo(
+            f"trained {cfg.variant}: {summary['steps']:,} steps, {summary['epochs']} epochs, "
+            f"best valid hr@{cfg.eval_k} {summary['best_metric']:.4f}; "
+            f"{summary['seconds']:.1f}s -> {summary['checkpoint']}"
+        )
+
+
+@app.command()
+@_with_config_flags(EvaluateConfig, "evaluate")
+def evaluate(cfg: EvaluateConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
+    """Full-ranking HitRate/Recall/NDCG/MRR@K of a checkpoint or baseline on held-out sessions."""
+    from sdm.pipeline.evaluate import evaluate as run_eval
+
+    metrics = run_eval(cfg, progress=not quiet)
+    typer.echo(metrics["table"])
+    typer.echo(f"-> {cfg.out}")
+
+
+def main() -> None:
+    """Console-script entry point (`sdm`)."""
+    app()
+
+
+if __name__ == "__main__":  # `torchrun -m sdm.cli train ...`
+    main()

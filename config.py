@@ -1,0 +1,289 @@
+"""Typed configuration for every stage, loadable from TOML and from CLI flags.
+
+One pydantic model per command (`SessionizeConfig`, `TrainConfig`,
+`EvaluateConfig`), all `extra="forbid"` and `frozen=True`, so a typo in a TOML
+file or a flag fails loudly. A field `user_col` is the flag `--user-col` and the
+TOML key `user_col` or `user-col` in the command's section (`[sessionize]`,
+`[train]`, `[evaluate]`). Precedence: flag > TOML > default.
+
+Derived values (vocabulary sizes, cutoffs computed from fractions) are never
+written back into a config: they live in the data manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from sdm.errors import SdmError
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(us|ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str | int | float) -> dt.timedelta:
+    """Parse '10m', '7d', '1h30m', '90s' (or a number of seconds) into a timedelta.
+
+    Raises:
+        ValueError: on anything else, naming the value.
+    """
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", s):
+            seconds = float(s)
+        else:
+            parts = _DURATION_RE.findall(s)
+            if not parts or "".join(n + u for n, u in parts) != s:
+                raise ValueError(f"invalid duration {text!r}: use e.g. 10m, 90s, 7d, 1h30m")
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"invalid duration {text!r}: must be positive")
+    return dt.timedelta(seconds=seconds)
+
+
+def _split_list(value: Any) -> Any:
+    """Accept 'a,b,c' (CLI) as well as ['a', 'b', 'c'] (TOML)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SessionizeConfig(_Base):
+    """`sdm sessionize`: raw log -> sessions, long-term windows, splits, shards (SPEC 1-4)."""
+
+    out: Path = Path("runs/data")
+    """Output directory; refused when not empty unless `overwrite`."""
+    overwrite: bool = False
+    """Replace a non-empty output directory."""
+    items: Path | None = None
+    """Optional item table (Parquet/CSV) keyed by the item column."""
+    users: Path | None = None
+    """Optional user table (Parquet/CSV) keyed by the user column."""
+    user_col: str = "user_id"
+    """User column; when the log has none but has a session column, each session is its own user."""
+    item_col: str = "item_id"
+    time_col: str = "timestamp"
+    session_col: str = "session_id"
+    """Back-end session id column (optional in the log)."""
+    behavior_col: str = "behavior"
+    behaviors: list[str] | None = None
+    """Keep only these event types (comma-separated); others are dropped and counted."""
+    item_features: list[str] = []
+    """Item side-info columns (from the log or the items table), comma-separated."""
+    user_features: list[str] = []
+    """User profile columns from the users table, comma-separated."""
+    time_unit: Literal["s", "ms"] | None = None
+    """Unit of an integer epoch timestamp column."""
+    gap: str = "10m"
+    """Two events less than this apart are one session."""
+    max_session_len: int = 50
+    long_window: str = "7d"
+    max_long_len: int = 50
+    valid_start: dt.datetime | None = None
+    test_start: dt.datetime | None = None
+    valid_days: float | None = None
+    test_days: float | None = None
+    valid_fraction: float | None = None
+    test_fraction: float | None = None
+    rows_per_shard: int = 50_000
+    """Target users (rows) per shard."""
+    min_shards: int = 8
+    """At least this many shards per split (when it has that many users), so every DDP rank and worker gets one."""
+
+    _norm_lists = field_validator("behaviors", "item_features", "user_features", mode="before")(
+        classmethod(lambda cls, v: _split_list(v))
+    )
+
+    @field_validator("gap", "long_window")
+    @classmethod
+    def _check_duration(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+    @field_validator("max_session_len", "max_long_len", "rows_per_shard", "min_shards")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_split(self) -> SessionizeConfig:
+        for name in ("valid", "test"):
+            given = [k for k in ("start", "days", "fraction") if getattr(self, f"{name}_{k}") is not None]
+            if len(given) > 1:
+                raise ValueError(f"give one of {name}_start, {name}_days, {name}_fraction, not {given}")
+        for k in ("valid_fraction", "test_fraction"):
+            v = getattr(self, k)
+            if v is not None and not 0 <= v < 1:
+                raise ValueError(f"{k} must be in [0, 1), got {v}")
+        for k in ("valid_days", "test_days"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ValueError(f"{k} must be >= 0, got {v}")
+        if self.valid_start and self.test_start and self.valid_start > self.test_start:
+            raise ValueError("valid_start must not be after test_start")
+        for f in self.item_features + self.user_features:
+            if f in ("item", "user"):
+                raise ValueError(f"feature name {f!r} is reserved (rename the column)")
+        return self
+
+    @property
+    def gap_td(self) -> dt.timedelta:
+        return parse_duration(self.gap)
+
+    @property
+    def long_window_td(self) -> dt.timedelta:
+        return parse_duration(self.long_window)
+
+
+Variant = Literal["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN"]
+
+
+class TrainConfig(_Base):
+    """`sdm train`: streaming dataset over the shards -> SDM model checkpoint."""
+
+    data: Path = Path("runs/data")
+    out: Path = Path("runs/model")
+    variant: Variant = "PSDMMAL-N"
+    epochs: int = 20
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = 128
+    """Sessions per batch (each session contributes all its positions)."""
+    lr: float = 3e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    embedding_dim: int = 64
+    lstm_layers: int = 1
+    num_heads: int = 2
+    dropout: float = 0.2
+    num_targets: int = 5
+    """N of PSDMMAL-N (next N items); the other variants use 1."""
+    loss: Literal["sampled", "inbatch", "full"] = "sampled"
+    num_negatives: int = 1000
+    neg_power: float = 0.75
+    """Negatives drawn with probability proportional to count ** neg_power."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: bool = False
+    """Continue from `out`/last.pt."""
+    num_workers: int = 0
+    shuffle_buffer: int = 2048
+    """Sessions held in the shuffle buffer (memory bound)."""
+    patience: int = 3
+    """Stop after this many validations without a better HR@eval_k."""
+    eval_k: int = 50
+    eval_every: int | None = None
+    """Validate every this many steps as well as after each epoch."""
+    log_every: int = 20
+    amp: bool = True
+    """Mixed precision (bf16) on GPU; ignored on CPU."""
+
+    @field_validator("epochs", "batch_size", "embedding_dim", "lstm_layers", "num_heads", "num_targets", "eval_k")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+
+class EvaluateConfig(_Base):
+    """`sdm evaluate`: full-ranking metrics on held-out sessions (SPEC 6)."""
+
+    data: Path = Path("runs/data")
+    model: Path = Path("runs/model")
+    out: Path = Path("runs/eval")
+    split: Literal["test", "valid"] = "test"
+    k: list[int] = [20, 50, 100]
+    baseline: Literal["popularity", "itemcf", "itemcf-repeat"] | None = None
+    """Evaluate a non-neural baseline instead of the model checkpoint."""
+    exclude_seen: bool = False
+    """Never recommend items already in the query's session prefix."""
+    dump_topk: bool = False
+    index: Literal["exact", "faiss"] = "exact"
+    batch_size: int = 256
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    _norm_k = field_validator("k", mode="before")(classmethod(lambda cls, v: _split_list(v)))
+
+    @field_validator("k")
+    @classmethod
+    def _check_k(cls, v: list[int]) -> list[int]:
+        if not v or any(x < 1 for x in v):
+            raise ValueError(f"k must be positive integers, got {v}")
+        return sorted(set(v))
+
+
+SECTIONS: dict[str, type[_Base]] = {
+    "sessionize": SessionizeConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def load_toml_section(path: Path, section: str) -> dict[str, Any]:
+    """Read `[section]` of a TOML file; keys may use '-' or '_'.
+
+    A file with no sections at all is taken as the section itself.
+    """
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SdmError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SdmError(f"{path}: not valid TOML ({exc})") from None
+    known = set(SECTIONS)
+    if any(isinstance(v, dict) for v in doc.values()):
+        unknown = [k for k, v in doc.items() if isinstance(v, dict) and k not in known]
+        if unknown:
+            raise SdmError(f"{path}: unknown section(s) {unknown}; expected {sorted(known)}")
+        body = doc.get(section, {})
+    else:
+        body = doc
+    return {k.replace("-", "_"): v for k, v in body.items()}
+
+
+def build_config(cls: type[_Base], toml: Path | None, section: str, overrides: dict[str, Any]) -> Any:
+    """Merge defaults < TOML section < explicit overrides, and validate.
+
+    Raises:
+        SdmError: one line naming the offending key and value.
+    """
+    values: dict[str, Any] = {}
+    source = "flags"
+    if toml is not None:
+        values.update(load_toml_section(toml, section))
+        source = str(toml)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or section
+        if err["type"] == "extra_forbidden":
+            raise SdmError(f"{source}: unknown config key {key!r} in [{section}]") from None
+        shown = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        raise SdmError(f"{source}: invalid {key!r}: {msg}{shown}") from None
+
+
+def save_config(cfg: _Base, path: Path) -> None:
+    """Write the resolved config as JSON (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(cfg.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
