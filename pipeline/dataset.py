@@ -1,0 +1,347 @@
+"""Streaming dataset over the sessionizer's shards (docs/FORMAT.md).
+
+A shard row is one user's timeline in one split; every session of the row with
+at least two events is one training example holding all of its SPEC-5 samples
+(the model scores every position in one causal pass). The dataset reads shards
+with pyarrow in record batches, gathers each session's short-term items and its
+long-term window with vectorised numpy indexing (no Python loop per session),
+mixes sessions in a bounded shuffle buffer, and yields collated batches.
+
+Which shards a worker reads is the pure function `assign_shards`; memory is
+bounded by `shuffle_buffer` and `read_rows`, whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from sdm.errors import SdmError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    """Load and check `manifest.json` of a shard directory.
+
+    Raises:
+        SdmError: directory missing, no manifest (unfinished sessionize) or a
+            format version this code does not read.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise SdmError(f"{data_dir}: data directory not found (run `sdm sessionize` first)")
+    path = data_dir / "manifest.json"
+    if not path.is_file():
+        raise SdmError(f"{path}: no manifest; the sessionize run that wrote {data_dir} did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SdmError(f"{path}: corrupt manifest ({exc})") from None
+    version = manifest.get("version")
+    if manifest.get("format") != "sdm-shards" or version != FORMAT_VERSION:
+        raise SdmError(f"{path}: unsupported version {version!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def assign_shards(
+    num_shards: int,
+    rank: int,
+    world_size: int,
+    worker_id: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> list[int]:
+    """Shards read by one data-loader worker of one rank in one epoch.
+
+    Every worker shuffles the shard list identically with `seed + epoch`, then
+    takes every `total`-th shard starting at its global worker number
+    `rank * num_workers + worker_id`, so each shard is read by exactly one
+    worker. `num_workers` 0 (loading in the main process) counts as one worker.
+
+    Raises:
+        ValueError: fewer shards than workers in total (some would idle while
+            the others still hold data, which stalls DDP).
+    """
+    workers = max(num_workers, 1)
+    total = world_size * workers
+    if num_shards < total:
+        raise ValueError(
+            f"{num_shards} shards for {world_size} rank(s) x {workers} worker(s) = {total}: "
+            "sessionize with a larger --min-shards or use fewer workers"
+        )
+    if not (0 <= rank < world_size and 0 <= worker_id < workers):
+        raise ValueError(f"rank {rank}/{world_size}, worker {worker_id}/{workers} out of range")
+    order = np.arange(num_shards)
+    if shuffle:
+        order = np.random.default_rng(seed + epoch).permutation(num_shards)
+    return [int(s) for s in order[rank * workers + worker_id :: total]]
+
+
+def user_column(feature: str) -> str:
+    """Shard column of a user feature: `user` for the user id, else `user_<f>`."""
+    return "user" if feature == "user" else f"user_{feature}"
+
+
+def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, flat values) of a list column, as numpy arrays."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False)
+    return offsets - offsets[0], values[offsets[0] : offsets[-1]] if len(offsets) else values
+
+
+def _gather(values: np.ndarray, start: np.ndarray, length: np.ndarray, width: int) -> np.ndarray:
+    """Rows values[start[i] : start[i]+length[i]] right-padded with 0 to `width`."""
+    idx = start[:, None] + np.arange(width)[None, :]  # (S, W)
+    mask = np.arange(width)[None, :] < length[:, None]
+    if len(values) == 0:
+        return np.zeros(idx.shape, dtype=np.int64)
+    return np.where(mask, values[np.minimum(idx, len(values) - 1)], 0).astype(np.int64)
+
+
+def sessions_from_record_batch(
+    rb: pa.RecordBatch,
+    item_features: list[str],
+    user_features: list[str],
+    max_session_len: int,
+    max_long_len: int,
+    min_len: int = 2,
+) -> dict[str, np.ndarray]:
+    """Every session of a record batch of shard rows, as padded arrays.
+
+    Returns:
+        dict with `seq_<f>` (S, max_session_len), `long_<f>` (S, max_long_len),
+        `seq_len`, `long_len`, `user_<f>`, `sess_id`, `start_ts` (S,) and
+        `row` (S,) (index of the user row in `rb`, for raw user ids). Sessions
+        shorter than `min_len` are left out (they have no SPEC-5 sample).
+    """
+    t = pa.Table.from_batches([rb])
+    ts_off, ts = _list_parts(t.column("ts"))
+    s_off, s_start = _list_parts(t.column("sess_start"))
+    _, s_len = _list_parts(t.column("sess_len"))
+    _, l_start = _list_parts(t.column("long_start"))
+    _, l_end = _list_parts(t.column("long_end"))
+    _, s_id = _list_parts(t.column("sess_id"))
+    row = np.repeat(np.arange(t.num_rows), np.diff(s_off))  # (S,) user row of each session
+    keep = s_len >= min_len
+    row, s_start, s_len, l_start, l_end, s_id = (a[keep] for a in (row, s_start, s_len, l_start, l_end, s_id))
+    base = ts_off[row]
+    g_start = base + s_start.astype(np.int64)  # position in the flat timeline
+    s_len = np.minimum(s_len.astype(np.int64), max_session_len)
+    l_len = np.minimum((l_end - l_start).astype(np.int64), max_long_len)
+    g_long = base + l_end.astype(np.int64) - l_len  # the most recent max_long_len
+    out: dict[str, np.ndarray] = {
+        "seq_len": s_len,
+        "long_len": l_len,
+        "sess_id": s_id.astype(np.int64),
+        "start_ts": ts[g_start] if len(ts) else np.zeros(0, np.int64),
+        "row": row,
+    }
+    for f in item_features:
+        _, vals = _list_parts(t.column(f"seq_{f}"))
+        out[f"seq_{f}"] = _gather(vals, g_start, s_len, max_session_len)
+        out[f"long_{f}"] = _gather(vals, g_long, l_len, max_long_len)
+    for f in user_features:
+        out[f"user_{f}"] = t.column(user_column(f)).to_numpy().astype(np.int64)[row]
+    return out
+
+
+def collate(chunk: dict[str, np.ndarray], item_features: list[str], user_features: list[str]) -> dict[str, Any]:
+    """Numpy session arrays -> the model's batch dict of tensors.
+
+    The short-term side is trimmed to the longest session in the batch and the
+    long-term side to the longest window, so short sessions do not pay for
+    max_session_len; padding stays 0 and the lengths act as masks.
+    """
+    seq_len = torch.from_numpy(chunk["seq_len"])
+    long_len = torch.from_numpy(chunk["long_len"])
+    t_max = max(int(seq_len.max()) if len(seq_len) else 1, 1)
+    l_max = max(int(long_len.max()) if len(long_len) else 0, 1)
+    return {
+        "seq": {f: torch.from_numpy(np.ascontiguousarray(chunk[f"seq_{f}"][:, :t_max])) for f in item_features},
+        "seq_len": seq_len,
+        "long": {f: torch.from_numpy(np.ascontiguousarray(chunk[f"long_{f}"][:, :l_max])) for f in item_features},
+        "long_len": long_len,
+        "user": {f: torch.from_numpy(chunk[f"user_{f}"]) for f in user_features},
+        "sess_id": torch.from_numpy(chunk["sess_id"]),
+        "start_ts": torch.from_numpy(chunk["start_ts"]),
+    }
+
+
+def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _take(chunk: dict[str, np.ndarray], idx: np.ndarray | slice) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in chunk.items()}
+
+
+class SessionDataset(IterableDataset):
+    """Batches of sessions of one split, streamed from the shards.
+
+    Args:
+        data_dir: shard directory (with a finished manifest).
+        split: "train", "valid" or "test".
+        batch_size: sessions per yielded batch (use DataLoader(batch_size=None)).
+        item_features / user_features: which features to load (default: all
+            in the manifest).
+        shuffle: shuffle shard order and sessions (training); off for
+            evaluation, which then sees sessions in shard order.
+        shuffle_buffer: sessions held for mixing; bounds memory.
+        seed: base seed; epoch e uses seed + e (see `set_epoch`).
+        rank / world_size: this process's place in a distributed run.
+        drop_last: drop a last incomplete batch of each worker.
+        read_rows: user rows per pyarrow record batch.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        split: str,
+        batch_size: int,
+        item_features: list[str] | None = None,
+        user_features: list[str] | None = None,
+        shuffle: bool = True,
+        shuffle_buffer: int = 2048,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        read_rows: int = 1024,
+        manifest: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.data_dir = Path(data_dir)
+        self.manifest = manifest if manifest is not None else read_manifest(self.data_dir)
+        self.split = split
+        self.shards = [self.data_dir / s["path"] for s in self.manifest["splits"][split]["shards"]]
+        self.item_features = list(item_features or self.manifest["item_features"])
+        self.user_features = list(user_features if user_features is not None else self.manifest["user_features"])
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.shuffle_buffer = max(shuffle_buffer, batch_size)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.read_rows = read_rows
+        self.epoch = 0
+        self.max_session_len = int(self.manifest["max_session_len"])
+        self.max_long_len = int(self.manifest["max_long_len"])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shard order and shuffle (call before iterating)."""
+        self.epoch = epoch
+
+    def _columns(self) -> list[str]:
+        cols = ["user_id", "ts", "sess_id", "sess_start", "sess_len", "long_start", "long_end"]
+        return cols + [f"seq_{f}" for f in self.item_features] + [user_column(f) for f in self.user_features]
+
+    def iter_sessions(self, shard_ids: list[int]) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
+        """(session arrays, raw user ids of the record batch) per record batch, in shard order."""
+        for sid in shard_ids:
+            pf = pq.ParquetFile(self.shards[sid])
+            for rb in pf.iter_batches(batch_size=self.read_rows, columns=self._columns()):
+                chunk = sessions_from_record_batch(
+                    rb, self.item_features, self.user_features, self.max_session_len, self.max_long_len
+                )
+                if len(chunk["seq_len"]):
+                    yield chunk, rb.column("user_id").to_pylist()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info else (0, 0)
+        shard_ids = assign_shards(
+            len(self.shards), self.rank, self.world_size, worker_id, num_workers, self.seed, self.epoch, self.shuffle
+        )
+        # One generator per (seed, epoch, global worker): reproducible, and
+        # different workers mix differently.
+        gid = self.rank * max(num_workers, 1) + worker_id
+        rng = np.random.default_rng([self.seed, self.epoch, gid])
+        buffer: list[dict[str, np.ndarray]] = []
+        held = 0
+        for chunk, user_ids in self.iter_sessions(shard_ids):
+            if not self.shuffle:
+                chunk["user_id"] = np.asarray(user_ids, dtype=object)[chunk["row"]]
+            buffer.append(chunk)
+            held += len(chunk["seq_len"])
+            if held >= self.shuffle_buffer:
+                # Emit full batches from the mixed buffer and keep the rest
+                # (block shuffle), so memory never exceeds ~2 buffers.
+                merged = _concat(buffer)
+                if self.shuffle:
+                    merged = _take(merged, rng.permutation(held))
+                # Shuffling emits half the buffer and mixes the rest with what
+                # comes next; in order, every full batch goes out at once.
+                n_out = max((held // 2 if self.shuffle else held) // self.batch_size, 1) * self.batch_size
+                yield from self._batches(_take(merged, slice(0, n_out)))
+                rest = _take(merged, slice(n_out, None))
+                buffer, held = [rest], held - n_out
+        if held:
+            merged = _concat(buffer)
+            if self.shuffle:
+                merged = _take(merged, rng.permutation(held))
+            yield from self._batches(merged, last=True)
+
+    def _batches(self, merged: dict[str, np.ndarray], last: bool = False) -> Iterator[dict[str, Any]]:
+        n = len(merged["seq_len"])
+        for i in range(0, n, self.batch_size):
+            if last and self.drop_last and i + self.batch_size > n:
+                return
+            part = _take(merged, slice(i, i + self.batch_size))
+            batch = collate(part, self.item_features, self.user_features)
+            if "user_id" in part:
+                batch["user_id"] = list(part["user_id"])
+            yield batch
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Copy every tensor of a (nested) batch dict to `device`."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = {f: t.to(device, non_blocking=True) for f, t in v.items()}
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        else:
+            out[k] = v
+    return out
+
+
+def load_item_table(data_dir: Path, manifest: dict[str, Any]) -> torch.Tensor:
+    """(num_items, F) feature indices of every item index, columns in manifest order.
+
+    Rows 0 (padding) and 1 (OOV) hold 0 and 1 in every column.
+    """
+    feats = manifest["item_features"]
+    table = pq.read_table(Path(data_dir) / "items.parquet")
+    n = int(manifest["num_items"])
+    out = np.zeros((n, len(feats)), dtype=np.int64)
+    out[1, :] = 1
+    idx = table.column("item").to_numpy().astype(np.int64)
+    for j, f in enumerate(feats):
+        out[idx, j] = idx if f == "item" else table.column(f).to_numpy().astype(np.int64)
+    return torch.from_numpy(out)
+
+
+def load_item_counts(data_dir: Path, manifest: dict[str, Any]) -> torch.Tensor:
+    """Training-event count of every item index (0 for padding and OOV)."""
+    vocab = pq.read_table(Path(data_dir) / "vocab" / "item.parquet", columns=["index", "count"])
+    counts = np.zeros(int(manifest["num_items"]), dtype=np.float64)
+    counts[vocab.column("index").to_numpy()] = vocab.column("count").to_numpy()
+    return torch.from_numpy(counts)
