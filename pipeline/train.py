@@ -153,9 +153,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         item_table = load_item_table(cfg.data, manifest)[:, : len(model_cfg.item_vocab)]
         counts = load_item_counts(cfg.data, manifest)
         model = SDM(model_cfg, item_table).to(device)
-        sampler = NegativeSampler(counts, power=cfg.neg_power, device=device, seed=cfg.seed + rank)
+        sampler = NegativeSampler(counts, num_negatives=cfg.num_negatives, power=cfg.neg_power).to(device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(cfg.seed * 1000 + rank)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ddp = DistributedDataParallel(model) if world > 1 else None
+        ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
         net = ddp if ddp is not None else model
 
         items, users = model_features(manifest, cfg.variant)
@@ -174,8 +176,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             opt.load_state_dict(resume["optimizer"])
             step, epoch, skip = resume["step"], resume["epoch"], resume["batch_in_epoch"]
             best, bad_epochs = resume["best_metric"], resume["bad_epochs"]
-            torch.set_rng_state(resume["rng"]["torch"][rank % len(resume["rng"]["torch"])])
-            sampler.set_state(resume["rng"]["sampler"])
+            torch.set_rng_state(resume["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in resume["rng"]:
+                torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+            gen.set_state(resume["rng"]["sampler"])
 
         def checkpoint(batch_in_epoch: int, ep: int) -> dict[str, Any]:
             return {
@@ -190,7 +194,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 "batch_in_epoch": batch_in_epoch,
                 "best_metric": best,
                 "bad_epochs": bad_epochs,
-                "rng": {"torch": [torch.get_rng_state()], "sampler": sampler.get_state()},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "sampler": gen.get_state(),
+                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+                },
             }
 
         log_fh = open(cfg.out / "train_log.jsonl", "a") if rank == 0 else None
@@ -233,7 +241,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     batch = move_batch(batch, device)
                     with autocast:
                         user_vecs = net(batch)
-                        loss = sdm_loss(model, batch, user_vecs, sampler, cfg.loss, cfg.num_negatives)
+                        loss = sdm_loss(model, batch, user_vecs, loss=cfg.loss, sampler=sampler, generator=gen)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     # Gradients are already all-reduced, so every rank sees the same norm

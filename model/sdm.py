@@ -1,0 +1,506 @@
+"""SDM: Sequential Deep Matching (Lv et al., CIKM 2019, arXiv 1909.00385), in one file.
+
+Read top-down: the config, the small parts (embedding tables, user attention,
+causal self-attention), the three named encoders of the paper (short-term,
+long-term, gated fusion), the DNN baseline, then `SDM`, which wires the parts
+of the chosen variant together.
+
+`SDM.forward` returns one user vector per session position, all positions in
+one causal pass: the vector at position p has read events 0..p of the session
+(and the whole long-term history, which precedes the session). The loss lives
+in `loss.py`; the model never sees targets.
+
+Shape letters: B sessions, T session positions, L long-term events, D
+`embedding_dim`, F item features, U = width of e_u.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from torch import Tensor
+
+Variant = Literal["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN"]
+Batch = Mapping[str, Mapping[str, Tensor] | Tensor]
+
+# Vocabulary index 0 is padding and 1 is out-of-vocabulary (docs/FORMAT.md).
+PAD, OOV = 0, 1
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to rebuild an `SDM` (stored in checkpoints).
+
+    Vocabulary sizes come from the data manifest and include padding (0) and OOV (1).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    variant: Variant = "PSDMMAL-N"
+    item_vocab: dict[str, int]
+    """Item feature name -> vocabulary size; "item" (the item id) first and required."""
+    user_vocab: dict[str, int] = {}
+    """User feature name -> vocabulary size; "user" is the user id. May be empty."""
+    embedding_dim: int = 64
+    lstm_layers: int = 1
+    num_heads: int = 2
+    dropout: float = 0.2
+    num_targets: int = 5
+    """N of PSDMMAL-N; the loss uses it, the model does not."""
+    max_session_len: int = 50
+    max_long_len: int = 50
+
+    @field_validator("embedding_dim", "lstm_layers", "num_heads", "num_targets", "max_session_len", "max_long_len")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_dims(self) -> ModelConfig:
+        if self.embedding_dim % self.num_heads:
+            raise ValueError(
+                f"embedding_dim ({self.embedding_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if "item" not in self.item_vocab:
+            raise ValueError(f"item_vocab must contain 'item' (the item id), got {sorted(self.item_vocab)}")
+        if next(iter(self.item_vocab)) != "item":
+            # item_table column 0 is the item id, and columns follow item_vocab's order.
+            raise ValueError(f"'item' must be the first key of item_vocab, got {list(self.item_vocab)}")
+        if self.item_vocab["item"] < 3:
+            raise ValueError(f"item_vocab['item'] must be >= 3 (padding, OOV and one item), got {self.item_vocab['item']}")
+        for kind, vocab in (("item_vocab", self.item_vocab), ("user_vocab", self.user_vocab)):
+            for name, size in vocab.items():
+                if not name:
+                    raise ValueError(f"{kind} has an empty feature name")
+                if size < 2:
+                    raise ValueError(f"{kind}[{name!r}] must be >= 2 (padding and OOV included), got {size}")
+        return self
+
+    @property
+    def item_features(self) -> list[str]:
+        """Item features the variant reads (NoS: the item id only)."""
+        return ["item"] if self.variant == "PSDMMAL-NoS" else list(self.item_vocab)
+
+    @property
+    def user_features(self) -> list[str]:
+        """User features the variant reads (NoS: the user id only, when known; SDMMA: none)."""
+        if self.variant == "SDMMA":
+            return []
+        if self.variant == "PSDMMAL-NoS":
+            return [f for f in self.user_vocab if f == "user"]
+        return list(self.user_vocab)
+
+
+# ---------------------------------------------------------------------------
+# Small parts
+
+
+class EmbeddingBank(nn.Module):
+    """One embedding table per feature, each of width D, padding row fixed at zero.
+
+    A ModuleList rather than a ModuleDict: feature names come from user data and
+    a name like "type" or "train" would clash with nn.Module attributes.
+
+    Args:
+        vocab: feature name -> vocabulary size, in column order.
+        dim: D.
+    """
+
+    def __init__(self, vocab: Mapping[str, int], dim: int) -> None:
+        super().__init__()
+        self.names = list(vocab)
+        self.tables = nn.ModuleList(nn.Embedding(n, dim, padding_idx=PAD) for n in vocab.values())
+        for t in self.tables:
+            nn.init.normal_(t.weight, std=dim**-0.5)
+            with torch.no_grad():
+                t.weight[PAD].zero_()
+
+    def forward(self, ids: Sequence[Tensor]) -> list[Tensor]:
+        """Args: ids: one LongTensor (...) per feature, in `names` order. Returns: one (..., D) per feature."""
+        return [table(x) for table, x in zip(self.tables, ids, strict=True)]
+
+
+class UserAttention(nn.Module):
+    """Attention with the user vector e_u as the query.
+
+    alpha_k = softmax_k((W e_u) . h_k / sqrt(D)) over the allowed keys; out = sum_k alpha_k h_k.
+    W maps e_u (width U) to the key width D, so e_u may be any concat of profile embeddings.
+
+    Args:
+        user_dim: U.
+        dim: D, the key width.
+    """
+
+    def __init__(self, user_dim: int, dim: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(user_dim, dim, bias=False)
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def forward(self, user: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """Args:
+            user: (B, U).
+            keys: (B, K, D).
+            mask: bool (B, Q, K): which keys each of Q outputs may read.
+
+        Returns:
+            (B, Q, D); an output with no allowed key is zeros (e.g. empty long-term history).
+        """
+        q = self.query(user)  # (B, D)
+        # Scores in float32 so the mask value and softmax are safe under bf16 autocast.
+        scores = torch.einsum("bkd,bd->bk", keys, q).float() * self.scale  # (B, K)
+        scores = scores.unsqueeze(1).masked_fill(~mask, torch.finfo(torch.float32).min)  # (B, Q, K)
+        # A row with no allowed key would softmax to uniform weights; "* mask" makes it zero.
+        weights = torch.softmax(scores, dim=-1) * mask  # (B, Q, K)
+        return torch.bmm(weights.to(keys.dtype), keys)  # (B, Q, D)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position p reads positions <= p (nanoGPT style).
+
+    Args:
+        dim: D.
+        num_heads: H; D must be divisible by H.
+        dropout: attention and output dropout.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.num_heads = num_heads
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x: (B, T, D). Returns: (B, T, D)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 x (B, T, D)
+        q, k, v = (t.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D/H)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, H, T, D/H)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+# ---------------------------------------------------------------------------
+# The encoders of the paper
+
+
+class ShortTermEncoder(nn.Module):
+    """Session encoder: stacked residual LSTM -> causal multi-head self-attention -> user attention.
+
+    Every stage is causal, so the output at position p depends on positions 0..p
+    only, and right padding never changes valid positions.
+
+    Args:
+        dim: D.
+        lstm_layers: stacked LSTM layers, each x + LSTM(x) (the input is also width D,
+            so the first layer gets a residual too).
+        num_heads: heads of the self-attention.
+        dropout: between layers and in the attention.
+        user_dim: U; None switches user attention off (SDMMA): the output is the
+            self-attention output.
+    """
+
+    def __init__(self, dim: int, lstm_layers: int, num_heads: int, dropout: float, user_dim: int | None) -> None:
+        super().__init__()
+        self.lstms = nn.ModuleList(nn.LSTM(dim, dim, batch_first=True) for _ in range(lstm_layers))
+        self.attn = CausalSelfAttention(dim, num_heads, dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.user_attn = UserAttention(user_dim, dim) if user_dim is not None else None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, user: Tensor | None) -> Tensor:
+        """Args:
+            x: (B, T, D) item inputs of the session.
+            user: (B, U) e_u, or None when user attention is off.
+
+        Returns:
+            (B, T, D) s_p for every position p.
+        """
+        h = x
+        for lstm in self.lstms:
+            h = h + self.dropout(lstm(h)[0])  # (B, T, D)
+        h = self.norm(h + self.attn(h))  # (B, T, D)  post-LN as in the paper
+        if self.user_attn is None:
+            return h
+        T = h.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()  # (T, T) query p reads keys <= p
+        return self.user_attn(user, h, causal.expand(h.shape[0], T, T))  # (B, T, D)
+
+
+class LongTermEncoder(nn.Module):
+    """Long-term history: per item feature f, user attention over the embeddings of L_f,
+    then concat and a dense layer: p = tanh(W [z_1; ..; z_F] + b).
+
+    Args:
+        num_features: F.
+        dim: D.
+        user_dim: U.
+    """
+
+    def __init__(self, num_features: int, dim: int, user_dim: int) -> None:
+        super().__init__()
+        self.attns = nn.ModuleList(UserAttention(user_dim, dim) for _ in range(num_features))
+        self.dense = nn.Linear(num_features * dim, dim)
+
+    def forward(self, embs: Sequence[Tensor], mask: Tensor, user: Tensor) -> Tensor:
+        """Args:
+            embs: F tensors (B, L, D), the shared embeddings of each L_f.
+            mask: bool (B, L), True for real events.
+            user: (B, U).
+
+        Returns:
+            (B, D) p; rows with no history get tanh(b).
+        """
+        mask = mask.unsqueeze(1)  # (B, 1, L)
+        z = [attn(user, e, mask).squeeze(1) for attn, e in zip(self.attns, embs, strict=True)]  # F x (B, D)
+        return torch.tanh(self.dense(torch.cat(z, dim=-1)))  # (B, D)
+
+
+class GatedFusion(nn.Module):
+    """G = sigmoid(W1 e_u + W2 s + W3 p + b); o = (1 - G) * p + G * s.
+
+    Args:
+        dim: D.
+        user_dim: U.
+    """
+
+    def __init__(self, dim: int, user_dim: int) -> None:
+        super().__init__()
+        self.w_user = nn.Linear(user_dim, dim)  # carries b
+        self.w_short = nn.Linear(dim, dim, bias=False)
+        self.w_long = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, user: Tensor, s: Tensor, p: Tensor) -> Tensor:
+        """Args: user: (B, U); s: (B, T, D); p: (B, D). Returns: (B, T, D)."""
+        p = p.unsqueeze(1)  # (B, 1, D)
+        g = torch.sigmoid(self.w_user(user).unsqueeze(1) + self.w_short(s) + self.w_long(p))  # (B, T, D)
+        return (1 - g) * p + g * s
+
+
+class DNNEncoder(nn.Module):
+    """YouTube-DNN baseline: [mean of prefix items; mean of long-term items; e_u] -> MLP.
+
+    Args:
+        dim: D.
+        user_dim: U.
+        dropout: between the MLP layers.
+    """
+
+    def __init__(self, dim: int, user_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * dim + user_dim, 2 * dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * dim, dim),
+        )
+
+    def forward(self, x: Tensor, long: Tensor, long_mask: Tensor, user: Tensor) -> Tensor:
+        """Args:
+            x: (B, T, D) session item inputs.
+            long: (B, L, D) long-term item inputs; long_mask: bool (B, L).
+            user: (B, U).
+
+        Returns:
+            (B, T, D).
+        """
+        B, T, D = x.shape
+        # Sums in float32: a bf16 running sum over 50 positions loses too many bits.
+        counts = torch.arange(1, T + 1, device=x.device, dtype=torch.float32).view(1, T, 1)  # (1, T, 1)
+        prefix_mean = x.float().cumsum(dim=1) / counts  # (B, T, D) causal mean over positions <= p
+        m = long_mask.unsqueeze(-1).float()  # (B, L, 1)
+        long_mean = (long.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)  # (B, D), zeros when empty
+        rest = torch.cat([long_mean, user], dim=-1).unsqueeze(1).expand(B, T, -1)  # (B, T, D + U)
+        return self.mlp(torch.cat([prefix_mean, rest], dim=-1))  # (B, T, D)
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+class SDM(nn.Module):
+    """SDM user tower (one vector per session position) and item tower, for one variant.
+
+    Variants switch parts off; they do not copy code (SPEC section 7):
+
+    | variant      | short-term                 | user attention | long-term + fusion |
+    |--------------|----------------------------|----------------|--------------------|
+    | SDMMA        | LSTM + self-attention      | no             | no                 |
+    | PSDMMA       | LSTM + self-attention      | yes            | no                 |
+    | PSDMMAL(-N)  | LSTM + self-attention      | yes            | yes                |
+    | PSDMMAL-NoS  | as PSDMMAL, item id and user id only                            |
+    | DNN          | mean-pooled history + e_u -> MLP                                |
+
+    Parts a variant does not use are not built, so every parameter gets a gradient
+    (DistributedDataParallel needs no `find_unused_parameters`).
+
+    Args:
+        config: the model config.
+        item_table: LongTensor (num_items, F_all): row i holds item i's feature indices,
+            columns in `config.item_vocab` order (column 0 = i). None = item id only,
+            allowed when the variant reads no side feature.
+
+    Raises:
+        ValueError: when item_table does not match item_vocab.
+    """
+
+    def __init__(self, config: ModelConfig, item_table: Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        D = config.embedding_dim
+        self.item_features = config.item_features
+        self.user_features = config.user_features
+
+        self.register_buffer("item_table", self._check_item_table(config, item_table))  # (num_items, F)
+
+        # Item side: shared by the session input, the long-term history and the item tower.
+        self.item_emb = EmbeddingBank({f: config.item_vocab[f] for f in self.item_features}, D)
+        self.item_proj = nn.Linear(len(self.item_features) * D, D, bias=False)
+        self.input_dropout = nn.Dropout(config.dropout)
+
+        # User side: e_u = concat of profile embeddings, or a learned vector without profile.
+        self.uses_user = config.variant != "SDMMA"
+        self.user_emb = EmbeddingBank({f: config.user_vocab[f] for f in self.user_features}, D)
+        self.user_default = nn.Parameter(torch.randn(D) * D**-0.5) if self.uses_user and not self.user_features else None
+        U = D * max(len(self.user_features), 1)
+
+        self.short_term: ShortTermEncoder | None = None
+        self.long_term: LongTermEncoder | None = None
+        self.fusion: GatedFusion | None = None
+        self.dnn: DNNEncoder | None = None
+        if config.variant == "DNN":
+            self.dnn = DNNEncoder(D, U, config.dropout)
+        else:
+            self.short_term = ShortTermEncoder(
+                D, config.lstm_layers, config.num_heads, config.dropout, U if self.uses_user else None
+            )
+        if config.variant in ("PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS"):
+            self.long_term = LongTermEncoder(len(self.item_features), D, U)
+            self.fusion = GatedFusion(D, U)
+
+    def _check_item_table(self, config: ModelConfig, table: Tensor | None) -> Tensor:
+        """Keep the columns of the features this variant reads; check shape and ranges."""
+        num_items = config.item_vocab["item"]
+        names = list(config.item_vocab)
+        if table is None:
+            side = [f for f in self.item_features if f != "item"]
+            if side:
+                raise ValueError(
+                    f"item_table is None but variant {config.variant} reads item side features {side}; "
+                    "pass the item feature table (or use variant PSDMMAL-NoS)"
+                )
+            return torch.arange(num_items).unsqueeze(1)  # (num_items, 1)
+        if table.dtype.is_floating_point or table.dtype == torch.bool or table.dim() != 2:
+            raise ValueError(f"item_table must be a 2-D integer tensor, got {table.dtype} of shape {tuple(table.shape)}")
+        if tuple(table.shape) != (num_items, len(names)):
+            raise ValueError(
+                f"item_table has shape {tuple(table.shape)}, expected (item_vocab['item'], len(item_vocab)) = "
+                f"({num_items}, {len(names)}) for features {names}"
+            )
+        table = table.long()
+        if not torch.equal(table[:, 0].cpu(), torch.arange(num_items)):
+            raise ValueError("item_table column 0 must be the item id itself (row i holds i)")
+        for j, name in enumerate(names):
+            lo, hi = int(table[:, j].min()), int(table[:, j].max())
+            if lo < 0 or hi >= config.item_vocab[name]:
+                raise ValueError(
+                    f"item_table column {name!r} has indices in [{lo}, {hi}], outside its vocabulary "
+                    f"of size {config.item_vocab[name]}"
+                )
+        return table[:, [names.index(f) for f in self.item_features]].clone()  # (num_items, F)
+
+    # -- item side ---------------------------------------------------------
+
+    def item_input(self, ids: Sequence[Tensor]) -> Tensor:
+        """Item representation from its feature indices: proj(concat of feature embeddings).
+
+        Args:
+            ids: one LongTensor (...) per feature of `item_features`.
+
+        Returns:
+            (..., D).
+        """
+        return self.item_proj(torch.cat(self.item_emb(ids), dim=-1))  # (..., F*D) -> (..., D)
+
+    def item_vectors(self, items: Tensor) -> Tensor:
+        """Item tower: vectors in the user vectors' space, for dot-product retrieval.
+
+        Args:
+            items: LongTensor (...) of item indices.
+
+        Returns:
+            (..., D).
+        """
+        return self.item_input(self.item_table[items].unbind(-1))  # (..., F) -> (..., D)
+
+    def all_item_vectors(self) -> Tensor:
+        """Returns: (num_items, D), rows 0 (padding) and 1 (OOV) included; callers mask them."""
+        return self.item_input(self.item_table.unbind(-1))
+
+    # -- user side ---------------------------------------------------------
+
+    def user_vector(self, user: Mapping[str, Tensor], batch_size: int) -> Tensor:
+        """e_u. Args: user: feature -> LongTensor (B,). Returns: (B, U)."""
+        if self.user_default is not None:
+            return self.user_default.expand(batch_size, -1)  # (B, D)
+        return torch.cat(self.user_emb([user[f] for f in self.user_features]), dim=-1)  # (B, U)
+
+    def forward(self, batch: Batch) -> Tensor:
+        """User vectors after reading positions 0..p of each session, for every p.
+
+        Args:
+            batch: "seq": feature -> LongTensor (B, T) right-padded with 0; "seq_len" (B,);
+                "long": feature -> LongTensor (B, L) (L may be 0); "long_len" (B,);
+                "user": feature -> LongTensor (B,). Features the variant does not read are ignored.
+
+        Returns:
+            (B, T, D); positions >= seq_len are finite but meaningless.
+        """
+        self._check_features(batch)
+        seq = batch["seq"]
+        B, T = seq["item"].shape
+        x = self.input_dropout(self.item_input([seq[f] for f in self.item_features]))  # (B, T, D)
+        e_u = self.user_vector(batch["user"], B) if self.uses_user else None  # (B, U)
+
+        long, long_mask = None, None
+        if self.long_term is not None or self.dnn is not None:  # only these read "long" and "long_len"
+            long = batch["long"]
+            L = long["item"].shape[1]
+            long_mask = torch.arange(L, device=x.device) < batch["long_len"].unsqueeze(1)  # (B, L)
+
+        if self.dnn is not None:
+            h = self.item_input([long[f] for f in self.item_features])  # (B, L, D)
+            return self.dnn(x, h, long_mask, e_u)
+
+        s = self.short_term(x, e_u)  # (B, T, D)
+        if self.long_term is None:
+            return s
+        p = self.long_term(self.item_emb([long[f] for f in self.item_features]), long_mask, e_u)  # (B, D)
+        return self.fusion(e_u, s, p)  # (B, T, D)
+
+    def _check_features(self, batch: Batch) -> None:
+        """Name the missing features instead of a bare KeyError (checks keys, not tensor values)."""
+        needs_long = self.long_term is not None or self.dnn is not None
+        parts = [("seq", self.item_features), ("user", self.user_features)]
+        if needs_long:
+            parts.append(("long", self.item_features))
+        for part, names in parts:
+            missing = [f for f in names if f not in batch[part]]
+            if missing:
+                raise ValueError(f"batch[{part!r}] lacks features {missing} that the {self.config.variant} model reads")
