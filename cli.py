@@ -28,11 +28,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="SDM (Sequential Deep Matching) pipeline: sessionize -> train -> evaluate.",
+    rich_markup_mode=None,
 )
 
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", help="TOML file whose [section] gives the same keys as the flags."),
+    typer.Option("--config", help="TOML file; its section for this command ([sessionize], [train], ...) gives the same keys as the flags."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 
@@ -63,7 +64,7 @@ def _config_options(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Param
         typ, hint = _flag_type(field.annotation)
         default = field.default
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = " ".join(filter(None, [field.description or "", f"[{hint}]" if hint else ""]))
+        help_text = " ".join(filter(None, [field.description or "", f"({hint})" if hint else ""]))
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{flag[2:]}"] if typ is bool else [flag]
         option = typer.Option(*decls, help=f"{help_text} (default: {shown})".strip(), show_default=False)
@@ -87,7 +88,8 @@ def _with_config_flags(cls: type, section: str, skip: tuple[str, ...] = ()) -> C
     """
 
     def decorate(fn: Callable) -> Callable:
-        own = list(inspect.signature(fn).parameters.values())[1:]  # drop `cfg`
+        hints = typing.get_type_hints(fn, include_extras=True)  # resolve postponed annotations
+        own = [p.replace(annotation=hints[p.name]) for p in list(inspect.signature(fn).parameters.values())[1:]]
         field_params = _config_options(cls, skip)
         field_names = {p.name for p in field_params}
 
@@ -160,6 +162,77 @@ def evaluate(cfg: EvaluateConfig, config: ConfigOpt = None, quiet: QuietOpt = Fa
     metrics = run_eval(cfg, progress=not quiet)
     typer.echo(metrics["table"])
     typer.echo(f"-> {cfg.out}")
+
+
+# Data tooling: synth / convert / download. Kept as one block (with its own
+# import) so that edits to the pipeline commands above stay independent.
+from sdm.config import SynthConfig  # noqa: E402
+
+
+@app.command()
+@_with_config_flags(SynthConfig, "synth")
+def synth(cfg: SynthConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
+    """Generate a synthetic e-commerce log (+ items and users tables) with planted sequential structure."""
+    from sdm.pipeline.synth import generate
+
+    s = generate(cfg, progress=not quiet)
+    typer.echo(
+        f"generated {s['events']:,} events, {s['users']:,} users, {s['items']:,} items, "
+        f"{s['sessions']:,} sessions ({s['session_id_share']:.0%} of events with a session id); "
+        f"{s['seconds']:.1f}s -> {s['out']}, {s['items_path']}, {s['users_path']}"
+    )
+
+
+@app.command()
+def convert(
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="taobao, diginetica, yoochoose, movielens, rees46 or otto.")],
+    raw: Annotated[list[Path], typer.Argument(help="Raw files of the dataset (or directories holding them).")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Log to write (default runs/FORMAT/logs.parquet); items/users tables go next to it."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+) -> None:
+    """Convert a public dataset's raw files to the SDM log; then `sdm sessionize LOG --config data/FORMAT.toml`."""
+    from sdm.pipeline.convert import convert as run_convert
+
+    try:
+        s = run_convert(fmt, raw, out, overwrite=overwrite)
+    except SdmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    side = ", ".join(p for p in (s["items_path"], s["users_path"]) if p)
+    users = f"{s['users']:,} users, " if s["users"] is not None else ""
+    dropped = f"; dropped {s['dropped']:,} rows ({s.get('dropped_reason', 'invalid')})" if s["dropped"] else ""
+    typer.echo(
+        f"converted {fmt}: {s['rows']:,} events, {users}{s['items']:,} items{dropped}; "
+        f"{s['seconds']:.1f}s -> {s['out']}" + (f", {side}" if side else "")
+    )
+
+
+@app.command()
+def download(
+    name: Annotated[str, typer.Argument(help="Dataset name (see `sdm download --list`).")] = "",
+    out: Annotated[Path, typer.Option("--out", help="Directory to download and extract into.")] = Path("runs/downloads"),
+    list_: Annotated[bool, typer.Option("--list", help="List the datasets that can be downloaded.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download a public dataset with a stable address, verify its checksum and extract it."""
+    from sdm.pipeline.download import DATASETS
+    from sdm.pipeline.download import download as run_download
+
+    if list_ or not name:
+        for key, ds in DATASETS.items():
+            typer.echo(f"{key:16s} {ds.url}  (convert as: {ds.fmt})")
+        if not name:
+            return
+    try:
+        path = run_download(name, out, progress=not quiet)
+    except SdmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    fmt = DATASETS[name].fmt
+    typer.echo(f"downloaded {name} -> {path}; next: sdm convert {fmt} {path} --out runs/{fmt}/logs.parquet")
 
 
 def main() -> None:

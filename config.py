@@ -199,6 +199,13 @@ class TrainConfig(_Base):
             raise ValueError(f"must be >= 1, got {v}")
         return v
 
+    @field_validator("lr", "grad_clip")
+    @classmethod
+    def _positive_finite(cls, v: float) -> float:
+        if not (v > 0 and v < float("inf")):
+            raise ValueError(f"must be a positive finite number, got {v}")
+        return v
+
 
 class EvaluateConfig(_Base):
     """`sdm evaluate`: full-ranking metrics on held-out sessions (SPEC 6)."""
@@ -227,10 +234,87 @@ class EvaluateConfig(_Base):
         return sorted(set(v))
 
 
+class SynthConfig(_Base):
+    """`sdm synth`: a synthetic e-commerce log with planted sequential structure."""
+
+    out: Path = Path("runs/synth/logs.parquet")
+    """Log file (Parquet); `items.parquet` and `users.parquet` are written next to it."""
+    overwrite: bool = False
+    """Replace existing output files."""
+    events: int = 200_000
+    """Number of events (exact)."""
+    users: int | None = None
+    """Number of users (default: events // 50)."""
+    items: int | None = None
+    """Number of items (default: events // 25, between 100 and 4,000,000)."""
+    categories: int | None = None
+    """Number of leaf categories (default: items // 40, between 5 and 10,000)."""
+    brands: int | None = None
+    """Number of brands (default: items // 20, at least 5)."""
+    shops: int | None = None
+    """Number of shops (default: brands // 2, at least 2)."""
+    days: float = 30.0
+    """Length of the logged period in days."""
+    zipf: float = 0.8
+    """Exponent of the Zipf item popularity (weight of the r-th item = r ** -zipf)."""
+    session_mean_len: float = 6.0
+    """Mean number of events per session (geometric, heavier for some users)."""
+    session_id_share: float = 0.5
+    """Share of sessions whose events carry a back-end session id."""
+    seed: int = 0
+    chunk_events: int = 1_000_000
+    """Events generated and written per chunk (bounds memory)."""
+
+    @field_validator("events", "chunk_events", "users", "items", "categories", "brands", "shops")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("days", "zipf")
+    @classmethod
+    def _positive_float(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> SynthConfig:
+        if not 0 <= self.session_id_share <= 1:
+            raise ValueError(f"session_id_share must be in [0, 1], got {self.session_id_share}")
+        if self.session_mean_len < 1:
+            raise ValueError(f"session_mean_len must be >= 1, got {self.session_mean_len}")
+        if self.num_users > self.events:
+            raise ValueError(f"users ({self.num_users}) must not exceed events ({self.events})")
+        return self
+
+    @property
+    def num_users(self) -> int:
+        return self.users if self.users is not None else max(1, self.events // 50)
+
+    @property
+    def num_items(self) -> int:
+        return self.items if self.items is not None else min(max(100, self.events // 25), 4_000_000)
+
+    @property
+    def num_categories(self) -> int:
+        return self.categories if self.categories is not None else min(max(5, self.num_items // 40), 10_000)
+
+    @property
+    def num_brands(self) -> int:
+        return self.brands if self.brands is not None else max(5, self.num_items // 20)
+
+    @property
+    def num_shops(self) -> int:
+        return self.shops if self.shops is not None else max(2, self.num_brands // 2)
+
+
 SECTIONS: dict[str, type[_Base]] = {
     "sessionize": SessionizeConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "synth": SynthConfig,
 }
 
 

@@ -165,7 +165,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             cfg.data, "train", cfg.batch_size, items, users, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed, rank=rank, world_size=world, manifest=manifest,
         )  # fmt: skip
-        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers)
+        # A private generator: creating a DataLoader iterator otherwise draws from the
+        # global RNG, which would shift dropout masks after a resume.
+        loader_gen = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, generator=loader_gen)
         train_sessions = manifest["splits"]["train"]["sessions"]
         steps_per_epoch = max(1, math.ceil(train_sessions / (cfg.batch_size * world)))
         total_steps = cfg.epochs * steps_per_epoch  # the schedule ignores max_steps, so resume is exact
@@ -256,9 +259,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     window_samples += int((batch["seq_len"] - 1).clamp(min=0).sum())
                     if step % cfg.log_every == 0:
                         sps = window_samples * world / max(time.time() - window_t, 1e-9)
-                        _log(log_fh, {"step": step, "epoch": epoch, "loss": float(loss), "lr": lr, "samples_per_s": sps})
+                        _log(log_fh, {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps})
                         if bar is not None:
-                            bar.set_postfix(loss=f"{float(loss):.3f}", samples_s=f"{sps:,.0f}")
+                            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{sps:,.0f}")
                         window_samples, window_t = 0, time.time()
                     if bar is not None:
                         bar.update(1)
