@@ -88,6 +88,36 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
     )
 
 
+def train_step(
+    model: SDM,
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    sampler: NegativeSampler,
+    gen: torch.Generator,
+    cfg: TrainConfig,
+    lr: float,
+    autocast: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch already on the device; (loss, grad norm).
+
+    `net` is `model` or its DDP wrapper. The step is skipped (no update) when the
+    gradient norm is not finite; DDP has all-reduced the gradients by then, so
+    every rank sees the same norm and they all stop together.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with autocast:
+        user_vecs = net(batch)
+        loss = sdm_loss(model, batch, user_vecs, loss=cfg.loss, sampler=sampler, generator=gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if torch.isfinite(grad_norm):
+        opt.step()
+    return loss.detach(), grad_norm
+
+
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -239,21 +269,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                         batch_in_epoch += 1
                         continue
                     lr = get_lr(step, cfg, total_steps)
-                    for group in opt.param_groups:
-                        group["lr"] = lr
                     batch = move_batch(batch, device)
-                    with autocast:
-                        user_vecs = net(batch)
-                        loss = sdm_loss(model, batch, user_vecs, loss=cfg.loss, sampler=sampler, generator=gen)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    # Gradients are already all-reduced, so every rank sees the same norm
-                    # and stops together on a NaN.
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    loss, grad_norm = train_step(model, net, opt, batch, sampler, gen, cfg, lr, autocast)
                     if not torch.isfinite(grad_norm):
                         nan, stop, reason = True, True, "nan"
                         break
-                    opt.step()
                     step += 1
                     batch_in_epoch += 1
                     window_samples += int((batch["seq_len"] - 1).clamp(min=0).sum())
