@@ -164,6 +164,23 @@ def evaluate(cfg: EvaluateConfig, config: ConfigOpt = None, quiet: QuietOpt = Fa
     typer.echo(f"-> {cfg.out}")
 
 
+# Kept as one block with its own import, so it stays independent of the edits around it.
+from sdm.config import ExportConfig  # noqa: E402
+
+
+@app.command()
+@_with_config_flags(ExportConfig, "export")
+def export(cfg: ExportConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
+    """Write item vectors (Parquet + faiss index) and the user tower (torch.export) for serving."""
+    from sdm.pipeline.export import export as run_export
+
+    s = run_export(cfg, progress=not quiet)
+    typer.echo(
+        f"exported {s['variant']}: {s['items']:,} item vectors of dim {s['dim']}, user tower, "
+        f"faiss: {s['faiss']}; {s['seconds']:.1f}s -> {s['out']}"
+    )
+
+
 # Data tooling: synth / convert / download. Kept as one block (with its own
 # import) so that edits to the pipeline commands above stay independent.
 from sdm.config import SynthConfig  # noqa: E402

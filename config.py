@@ -234,6 +234,21 @@ class EvaluateConfig(_Base):
         return sorted(set(v))
 
 
+class ExportConfig(_Base):
+    """`sdm export`: item vectors, a faiss index and the user tower for serving."""
+
+    data: Path = Path("runs/data")
+    """Shard directory the model was trained on (manifest, vocabularies, item table)."""
+    model: Path = Path("runs/model")
+    """Training output directory holding best.pt."""
+    out: Path = Path("runs/export")
+    """Output directory; refused when not empty unless `overwrite`."""
+    overwrite: bool = False
+    """Replace the export files of a non-empty output directory."""
+    faiss: bool = True
+    """Write items.faiss (exact inner-product index) when faiss is installed."""
+
+
 class SynthConfig(_Base):
     """`sdm synth`: a synthetic e-commerce log with planted sequential structure."""
 
@@ -314,6 +329,7 @@ SECTIONS: dict[str, type[_Base]] = {
     "sessionize": SessionizeConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
     "synth": SynthConfig,
 }
 
