@@ -1,0 +1,450 @@
+"""`sdm evaluate`: full-ranking top-K metrics on held-out sessions (SPEC section 6).
+
+Queries: every position t >= 2 of every session of the split. The user vector
+at 0-based position p = t - 2 (after reading i_1 .. i_{t-1}) predicts y = i_t,
+with target set G = distinct(i_t .. i_m). Candidates are every item of the
+training vocabulary (padding and OOV masked), ranked exactly by chunked top-K
+(`metrics.chunked_topk`) or approximately by a faiss index.
+
+A *scorer* is anything with `name`, `begin_batch(batch) -> state` and
+`score_fn(state, qb, qp, prefix) -> (start, end) -> (Q, end - start) scores`:
+the model (wrapped in `ModelScorer`) and the baselines (`baselines.py`) go
+through the same top-K, masking, metric and dump code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from sdm.config import EvaluateConfig, save_config
+from sdm.errors import SdmError
+from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, read_manifest
+from sdm.pipeline.metrics import METRICS, FaissIndex, chunked_topk, metric_sums, overlap_at_k
+
+ScoreFn = Callable[[int, int], Tensor]
+
+# At most this many float32 scores (256 MiB) exist at once: query chunk x item chunk.
+MAX_SCORES = 1 << 26
+QUERY_CHUNK = 4096
+
+
+class Scorer(Protocol):
+    """What the evaluator needs from a model or a baseline."""
+
+    name: str
+
+    def begin_batch(self, batch: dict[str, Any]) -> Any: ...
+
+    def score_fn(self, state: Any, qb: Tensor, qp: Tensor, prefix: Tensor) -> ScoreFn: ...
+
+
+class ModelScorer:
+    """Dot-product scorer around an SDM-like model (`model(batch) -> (B, T, D)`, `all_item_vectors()`).
+
+    Args:
+        model: the model, already on its device and in eval mode.
+        name: shown in reports (default: the model config's variant).
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str | None = None) -> None:
+        self.model = model
+        cfg = getattr(model, "config", None)
+        self.name = name or str(getattr(cfg, "variant", type(model).__name__))
+        with torch.no_grad():
+            self.items = model.all_item_vectors().float()  # (V, D)
+
+    def begin_batch(self, batch: dict[str, Any]) -> Tensor:
+        """User vectors of every session position: (B, T, D)."""
+        return self.model(batch).float()
+
+    def query_vectors(self, state: Tensor, qb: Tensor, qp: Tensor) -> Tensor:
+        """(Q, D) user vector of each query."""
+        return state[qb, qp]
+
+    def score_fn(self, state: Tensor, qb: Tensor, qp: Tensor, prefix: Tensor) -> ScoreFn:
+        """Scores u_q · v_j of an item chunk."""
+        u = self.query_vectors(state, qb, qp)  # (Q, D)
+        return lambda start, end: u @ self.items[start:end].T  # (Q, C)
+
+
+@dataclass
+class Queries:
+    """The SPEC-6 queries of a batch of sessions.
+
+    Attributes:
+        qb: (Q,) session (row of the batch) of each query.
+        qp: (Q,) 0-based position of the user vector (last prefix item); t = qp + 2.
+        target: (Q,) next item y = item at qp + 1.
+        targets: (Q, T) target set G: items at positions qp+1 .. len-1, 0 elsewhere.
+        prefix: (Q, T) prefix items at positions 0 .. qp, 0 elsewhere.
+    """
+
+    qb: Tensor
+    qp: Tensor
+    target: Tensor
+    targets: Tensor
+    prefix: Tensor
+
+    def __len__(self) -> int:
+        return int(self.qb.shape[0])
+
+    def take(self, sl: slice) -> Queries:
+        """The queries in `sl`."""
+        return Queries(self.qb[sl], self.qp[sl], self.target[sl], self.targets[sl], self.prefix[sl])
+
+
+def session_queries(items: Tensor, seq_len: Tensor) -> Queries:
+    """Every query of a batch, vectorised (no Python loop over sessions or positions).
+
+    Args:
+        items: (B, T) item indices, right-padded with 0.
+        seq_len: (B,) session lengths.
+
+    Returns:
+        The batch's `Queries`, ordered by session then position.
+    """
+    T = items.shape[1]
+    pos = torch.arange(T, device=items.device)
+    qb, qp = (pos.unsqueeze(0) < (seq_len - 1).unsqueeze(1)).nonzero(as_tuple=True)  # p + 1 < len
+    rows = items[qb]  # (Q, T)
+    in_session = pos.unsqueeze(0) < seq_len[qb].unsqueeze(1)
+    after = pos.unsqueeze(0) > qp.unsqueeze(1)
+    zero = torch.zeros_like(rows)
+    return Queries(
+        qb=qb,
+        qp=qp,
+        target=items[qb, qp + 1],
+        targets=torch.where(after & in_session, rows, zero),
+        prefix=torch.where(~after, rows, zero),
+    )
+
+
+def _raw_items(data_dir: Path, num_items: int) -> pa.Array:
+    """Raw item id of every index 0..V-1 (null for padding, OOV and unknown indices)."""
+    vocab = pq.read_table(Path(data_dir) / "vocab" / "item.parquet", columns=["raw", "index"])
+    pos = np.full(num_items, -1, dtype=np.int64)
+    pos[vocab.column("index").to_numpy()] = np.arange(vocab.num_rows)
+    return vocab.column("raw").combine_chunks().take(pa.array(pos, mask=pos < 0))
+
+
+class _TopkWriter:
+    """Streams `topk.parquet` rows (one per query) in record batches."""
+
+    def __init__(self, path: Path, raw: pa.Array) -> None:
+        self.raw = raw
+        self.schema = pa.schema(
+            [
+                ("user_id", pa.string()),
+                ("session_start", pa.timestamp("us", tz="UTC")),
+                ("position", pa.int32()),
+                ("target", raw.type),
+                ("topk", pa.list_(raw.type)),
+            ]
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = pq.ParquetWriter(path, self.schema)
+
+    def write(self, batch: dict[str, Any], q: Queries, topk: Tensor) -> None:
+        qb = q.qb.cpu().numpy()
+        n, k = topk.shape
+        flat = pa.array(topk.cpu().numpy().reshape(-1))
+        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        cols = [
+            pa.array(np.asarray(batch["user_id"], dtype=object)[qb], pa.string()),
+            pa.array(batch["start_ts"].cpu().numpy()[qb], pa.timestamp("us", tz="UTC")),
+            pa.array((q.qp.cpu().numpy() + 2).astype(np.int32)),
+            self.raw.take(pa.array(q.target.cpu().numpy())),
+            pa.ListArray.from_arrays(offsets, self.raw.take(flat)),
+        ]
+        self.writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=self.schema))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def evaluate_model(
+    scorer: Scorer | torch.nn.Module,
+    data_dir: Path,
+    split: str,
+    ks: list[int],
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    exclude_seen: bool = False,
+    dump_topk: Path | None = None,
+    progress: bool = False,
+    index: str = "exact",
+) -> dict[str, Any]:
+    """Mean SPEC-6 metrics of a model or baseline over every query of a split.
+
+    Args:
+        scorer: an SDM model (wrapped in `ModelScorer`) or a baseline scorer.
+        data_dir: shard directory.
+        split: "valid" or "test".
+        ks: cut-offs K; a K beyond the catalogue pads the list with "no item".
+        batch_size: sessions per batch (queries are further chunked).
+        device: where the model and the scores live (baselines score on CPU).
+        exclude_seen: mask each query's prefix items.
+        dump_topk: write one row per query (raw ids, largest K) to this Parquet file.
+        progress: show a progress bar.
+        index: "exact" or "faiss" (vector models only; adds `faiss_recall@K`
+            against exact search on the same queries).
+
+    Returns:
+        {"hr@K", "recall@K", "precision@K", "f1@K", "ndcg@K", "mrr@K" for each K,
+        "queries", "sessions", "users", "oov_target_share", "name", "split",
+        "fingerprint", "index"}; metrics are 0 when there are no queries.
+    """
+    device = torch.device(device)
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    ks = sorted(set(int(k) for k in ks))
+
+    module = scorer if isinstance(scorer, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad():
+            if module is not None:
+                scorer = ModelScorer(module)
+            faiss_index = None
+            if index == "faiss":
+                if not isinstance(scorer, ModelScorer):
+                    raise SdmError("--index faiss needs a model; baselines are always scored exactly")
+                faiss_index = FaissIndex(scorer.items)
+            elif index != "exact":
+                raise SdmError(f"unknown index {index!r}; expected 'exact' or 'faiss'")
+            sums, counts, users = _run(
+                scorer, data_dir, manifest, split, ks, batch_size, device, exclude_seen, dump_topk, progress,
+                faiss_index,
+            )  # fmt: skip
+    finally:
+        if module is not None and was_training:
+            module.train()
+
+    n = counts["queries"]
+    out: dict[str, Any] = {"name": scorer.name, "split": split, "fingerprint": manifest.get("fingerprint")}
+    for k in ks:
+        for m in METRICS:
+            out[f"{m}@{k}"] = sums[f"{m}@{k}"] / n if n else 0.0
+    if faiss_index is not None:
+        for k in ks:
+            out[f"faiss_recall@{k}"] = sums[f"faiss_recall@{k}"] / n if n else 0.0
+    out.update(
+        queries=n,
+        sessions=counts["sessions"],
+        users=users,
+        oov_target_share=counts["oov"] / n if n else 0.0,
+        index=index,
+    )
+    return out
+
+
+def _run(
+    scorer: Any,
+    data_dir: Path,
+    manifest: dict[str, Any],
+    split: str,
+    ks: list[int],
+    batch_size: int,
+    device: torch.device,
+    exclude_seen: bool,
+    dump_topk: Path | None,
+    progress: bool,
+    faiss_index: FaissIndex | None,
+) -> tuple[dict[str, float], dict[str, int], int]:
+    """The evaluation loop: returns metric sums, counts and the number of distinct users."""
+    num_items = int(manifest["num_items"])
+    k_max = ks[-1]
+    ds = SessionDataset(data_dir, split, batch_size, shuffle=False, manifest=manifest)
+    writer = _TopkWriter(Path(dump_topk), _raw_items(data_dir, num_items)) if dump_topk else None
+    sums: dict[str, float] = {}
+    counts = {"queries": 0, "sessions": 0, "oov": 0}
+    seen_users: set[str] = set()
+    batches: Any = ds
+    if progress:
+        from tqdm import tqdm
+
+        total = manifest["splits"][split].get("sessions")
+        batches = tqdm(ds, desc=f"evaluate {scorer.name} on {split}", unit="session", unit_scale=batch_size,
+                       total=math.ceil(total / batch_size) if total else None, dynamic_ncols=True)  # fmt: skip
+    try:
+        for batch in batches:
+            batch = move_batch(batch, device)
+            queries = session_queries(batch["seq"]["item"], batch["seq_len"])
+            counts["sessions"] += int(batch["seq_len"].shape[0])
+            seen_users.update(batch["user_id"])
+            if not len(queries):
+                continue
+            state = scorer.begin_batch(batch)
+            for start in range(0, len(queries), QUERY_CHUNK):
+                q = queries.take(slice(start, start + QUERY_CHUNK))
+                fn = scorer.score_fn(state, q.qb, q.qp, q.prefix)
+                exclude = q.prefix if exclude_seen else None
+                chunk_items = max(1024, MAX_SCORES // len(q))
+                topk = chunked_topk(fn, num_items, k_max, chunk_items, exclude).to(q.target.device)
+                if faiss_index is not None:
+                    approx = faiss_index.search(scorer.query_vectors(state, q.qb, q.qp), k_max, exclude)
+                    approx = approx.to(topk.device)
+                    for k in ks:
+                        key = f"faiss_recall@{k}"
+                        sums[key] = sums.get(key, 0.0) + float(overlap_at_k(approx[:, :k], topk[:, :k]).sum())
+                    topk = approx
+                for key, v in metric_sums(topk, q.target, q.targets, ks).items():
+                    sums[key] = sums.get(key, 0.0) + v
+                counts["queries"] += len(q)
+                counts["oov"] += int((q.target == 1).sum())
+                if writer is not None:
+                    writer.write(batch, q, topk)
+    finally:
+        if writer is not None:
+            writer.close()
+    return sums, counts, len(seen_users)
+
+
+# -- the CLI command ----------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SdmError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """Rebuild the model of `model_dir/best.pt` for the shards of `data_dir`.
+
+    Raises:
+        SdmError: missing directory or checkpoint, unreadable checkpoint, or a
+            model trained on another dataset (fingerprint mismatch).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise SdmError(f"{model_dir}: model directory not found (run `sdm train` first)")
+    path = model_dir / "best.pt"
+    if not path.is_file():
+        raise SdmError(f"{model_dir}: no best.pt; the training run that wrote it did not finish")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{path}: not a readable checkpoint ({first})") from None
+    missing = [k for k in ("model", "model_config", "data_fingerprint") if k not in ckpt]
+    if missing:
+        raise SdmError(f"{path}: not an sdm checkpoint (missing {missing})")
+    if ckpt["data_fingerprint"] != manifest.get("fingerprint"):
+        raise SdmError(
+            f"{path}: model trained on another dataset (fingerprint {str(ckpt['data_fingerprint'])[:12]}... "
+            f"!= {str(manifest.get('fingerprint'))[:12]}... of {data_dir})"
+        )
+    from sdm.model.sdm import SDM, ModelConfig
+
+    model_cfg = ModelConfig(**ckpt["model_config"])
+    item_table = load_item_table(data_dir, manifest)[:, : len(model_cfg.item_vocab)]
+    model = SDM(model_cfg, item_table)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def markdown_table(metrics: dict[str, Any], ks: list[int]) -> str:
+    """A title line and one table row per K."""
+    title = (
+        f"**{metrics['name']}** on {metrics['split']}: {metrics['queries']:,} queries, "
+        f"{metrics['sessions']:,} sessions, {metrics['users']:,} users, "
+        f"OOV targets {100 * metrics['oov_target_share']:.2f}%"
+    )
+    names = {"hr": "HR", "recall": "Recall", "precision": "Precision", "f1": "F1", "ndcg": "NDCG", "mrr": "MRR"}
+    cols = list(METRICS) + (["faiss_recall"] if f"faiss_recall@{ks[0]}" in metrics else [])
+    header = "| K | " + " | ".join(names.get(c, "faiss recall") for c in cols) + " |"
+    sep = "|---:|" + "---:|" * len(cols)
+    rows = ["| " + f"{k} | " + " | ".join(f"{metrics[f'{c}@{k}']:.4f}" for c in cols) + " |" for k in ks]
+    return "\n".join([title, "", header, sep, *rows])
+
+
+def plot_report(metrics: dict[str, Any], ks: list[int], path: Path) -> None:
+    """HitRate@K and Recall@K against K, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for m, label in (("hr", "HitRate@K"), ("recall", "Recall@K")):
+        ax.plot(ks, [metrics[f"{m}@{k}"] for k in ks], marker="o", label=label)
+    ax.set_xlabel("K")
+    ax.set_ylabel("metric")
+    ax.set_title(f"{metrics['name']} on {metrics['split']} ({metrics['queries']:,} queries)")
+    ax.set_xticks(ks)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
+    """Evaluate the checkpoint in `cfg.model` (or `cfg.baseline`) and write the reports to `cfg.out`.
+
+    Writes `metrics.json`, `report.md`, `report.png`, `config.json` and, with
+    `dump_topk`, `topk.parquet`.
+
+    Returns:
+        The metrics dict plus "table" (the Markdown report).
+
+    Raises:
+        SdmError: K beyond the catalogue, a split without queries, a missing or
+            foreign model, faiss requested but not installed.
+    """
+    manifest = read_manifest(cfg.data)
+    catalogue = int(manifest["num_items"]) - 2
+    if max(cfg.k) > catalogue:
+        raise SdmError(f"--k {max(cfg.k)} is larger than the catalogue of {cfg.data} ({catalogue} items)")
+    split_info = manifest["splits"].get(cfg.split, {})
+    if not split_info.get("samples", 1):
+        raise SdmError(
+            f"{cfg.data}: split {cfg.split!r} has no queries: no sessions of length >= 2 after the "
+            f"{'test' if cfg.split == 'test' else 'validation'} cutoff"
+        )
+    if cfg.index == "faiss":
+        from sdm.pipeline.metrics import import_faiss
+
+        import_faiss()
+        if cfg.baseline is not None:
+            raise SdmError("--index faiss needs a model; baselines are always scored exactly")
+    # Baselines score sparse products on CPU; only the model uses the accelerator.
+    device = pick_device(cfg.device) if cfg.baseline is None else torch.device("cpu")
+    if cfg.baseline is not None:
+        from sdm.pipeline.baselines import build_baseline
+
+        scorer: Any = build_baseline(cfg.baseline, cfg.data, manifest)
+    else:
+        scorer = load_model(cfg.model, cfg.data, manifest, device)
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_model(
+        scorer, cfg.data, cfg.split, cfg.k, cfg.batch_size, device, exclude_seen=cfg.exclude_seen,
+        dump_topk=cfg.out / "topk.parquet" if cfg.dump_topk else None, progress=progress, index=cfg.index,
+    )  # fmt: skip
+    if metrics["queries"] == 0:
+        raise SdmError(f"{cfg.data}: split {cfg.split!r} has no queries: no sessions of length >= 2 after the cutoff")
+    metrics["exclude_seen"] = cfg.exclude_seen
+    table = markdown_table(metrics, cfg.k)
+    save_config(cfg, cfg.out / "config.json")
+    (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (cfg.out / "report.md").write_text(table + "\n")
+    plot_report(metrics, cfg.k, cfg.out / "report.png")
+    return {**metrics, "table": table}
