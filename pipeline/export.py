@@ -1,0 +1,343 @@
+"""`sdm export`: what a serving system needs to retrieve with a trained SDM.
+
+Reads `best.pt` of a training run and the shard directory it was trained on,
+and writes to the output directory:
+
+- `item_vectors.parquet`: `item_id` (raw), `index` (int32), `vector`
+  (fixed_size_list<float32>[D]) for every real item index 2..V-1, in index order.
+- `items.faiss`: `faiss.IndexFlatIP` over the same vectors, faiss row i =
+  parquet row i (only when faiss is installed and `faiss` is on).
+- `user_tower.pt2`: a `torch.export` program (`UserTower`) taking the batch
+  tensors as flat positional inputs and returning the user vector after the
+  last valid session position, (B, D): the query vector for the item index.
+- `user_tower.json`: input names, order, shapes and vocab files, dims, how to
+  call it, and the manifest fingerprint.
+- `vocab/<feature>.parquet`, `items.parquet`, `users.parquet`: copies of the
+  lookup tables serving needs to turn raw ids into the tower's indices.
+- `config.json`: the resolved `ExportConfig`, written LAST; its absence means
+  the export did not finish.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdm.config import ExportConfig, save_config
+from sdm.errors import SdmError
+from sdm.model.sdm import SDM
+from sdm.pipeline.dataset import read_manifest, user_column
+
+EXPORT_VERSION = 1
+ITEM_VECTORS = "item_vectors.parquet"
+FAISS_INDEX = "items.faiss"
+USER_TOWER = "user_tower.pt2"
+TOWER_SPEC = "user_tower.json"
+CONFIG = "config.json"
+# Everything `export` writes; `--overwrite` deletes these (and nothing else).
+OUTPUTS = (CONFIG, ITEM_VECTORS, FAISS_INDEX, USER_TOWER, TOWER_SPEC, "items.parquet", "users.parquet", "vocab")
+ITEM_CHUNK = 65_536
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+
+class UserTower(nn.Module):
+    """Serving wrapper of `SDM.forward`: flat tensors in, one user vector per session out.
+
+    Inputs, positionally (all int64; F = `model.item_features`, U = `model.user_features`):
+    `seq_<f>` (B, T) for f in F, `seq_len` (B,), `long_<f>` (B, L) for f in F,
+    `long_len` (B,), `user` / `user_<u>` (B,) for u in U (the shard column names). Sequences are right-padded with 0.
+    Variants without the long-term encoder ignore the long inputs but still take them,
+    so every variant has the same calling convention.
+
+    Returns the vector after reading the whole session so far, (B, D): position
+    `seq_len - 1` (clamped to [0, T - 1]).
+
+    `nn.LSTM` unrolls over time when exported, which fixes T; so the wrapper right-pads
+    the session to `max_session_len` itself. Every encoder is causal, so the padding
+    never changes a valid position, and callers may pass any T in 1..max_session_len.
+
+    Args:
+        model: a trained SDM (the tower puts it in eval mode).
+    """
+
+    def __init__(self, model: SDM) -> None:
+        super().__init__()
+        self.model = model
+        self.item_features = list(model.item_features)
+        self.user_features = list(model.user_features)
+        self.max_len = int(model.config.max_session_len)
+        # The wrapper's own mode matters too: export traces a root left in training
+        # mode with dropout switched on, even when the inner model is in eval mode.
+        self.eval()
+
+    def input_names(self) -> list[str]:
+        """Names of the positional inputs, in order."""
+        return (
+            [f"seq_{f}" for f in self.item_features]
+            + ["seq_len"]
+            + [f"long_{f}" for f in self.item_features]
+            + ["long_len"]
+            + [user_column(u) for u in self.user_features]
+        )
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        """Args: the tensors of `input_names()`, in order. Returns: (B, D)."""
+        nf = len(self.item_features)
+        seq_in, seq_len = inputs[:nf], inputs[nf]
+        long_in, long_len = inputs[nf + 1 : 2 * nf + 1], inputs[2 * nf + 1]
+        user_in = inputs[2 * nf + 2 :]
+        T = seq_in[0].shape[1]
+        seq = {f: F.pad(x, (0, self.max_len - T)) for f, x in zip(self.item_features, seq_in)}  # (B, T_max)
+        batch = {
+            "seq": seq,
+            "seq_len": seq_len,
+            "long": dict(zip(self.item_features, long_in)),
+            "long_len": long_len,
+            "user": dict(zip(self.user_features, user_in)),
+        }
+        vecs = self.model(batch)  # (B, T_max, D)
+        last = (seq_len - 1).clamp(0, T - 1)  # (B,)
+        return vecs.gather(1, last.view(-1, 1, 1).expand(-1, 1, vecs.shape[-1])).squeeze(1)  # (B, D)
+
+
+def tower_inputs(batch: dict[str, Any], tower: UserTower) -> tuple[Tensor, ...]:
+    """A model batch dict (`pipeline.dataset.collate`) -> the tower's positional inputs."""
+    return (
+        *[batch["seq"][f] for f in tower.item_features],
+        batch["seq_len"],
+        *[batch["long"][f] for f in tower.item_features],
+        batch["long_len"],
+        *[batch["user"][u] for u in tower.user_features],
+    )
+
+
+def export_user_tower(model: SDM, path: Path) -> dict[str, Any]:
+    """`torch.export` the user tower to `path`; returns the dims that stayed dynamic.
+
+    Batch B and long-term length L are dynamic (>= 1); T is dynamic in
+    1..max_session_len (static 1 when max_session_len is 1). The example inputs
+    use sizes 2, because export specialises dims whose example size is 0 or 1.
+    """
+    from torch.export import Dim
+
+    tower = UserTower(model).cpu()
+    nf, nu = len(tower.item_features), len(tower.user_features)
+    item2 = model.item_table[2].cpu()  # (F,) a real item's feature indices
+    t_ex = min(2, tower.max_len)
+    seq = [item2[j].expand(2, t_ex).clone() for j in range(nf)]  # (2, T)
+    long = [item2[j].expand(2, 2).clone() for j in range(nf)]  # (2, 2)
+    # One distinct tensor per input: export treats a tensor passed twice as one input.
+    users = [torch.ones(2, dtype=torch.long) for _ in range(nu)]
+    args = (*seq, torch.tensor([t_ex, 1]), *long, torch.tensor([2, 1]), *users)
+
+    B, L = Dim("batch", min=1), Dim("long_len", min=1)
+    T: Any = Dim("seq_len", min=1, max=tower.max_len) if tower.max_len >= 2 else None
+    shapes = (
+        [{0: B, 1: T}] * nf + [{0: B}] + [{0: B, 1: L}] * nf + [{0: B}] + [{0: B}] * nu
+    )  # one spec per positional input
+    with torch.no_grad(), warnings.catch_warnings():
+        # nn.LSTM re-assigns its `_flat_weights` list on every call, which export reports;
+        # the program still reads the registered parameters (the tests compare outputs).
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights", category=UserWarning)
+        program = torch.export.export(tower, args, dynamic_shapes=(tuple(shapes),))
+    torch.export.save(program, str(path))
+    return {"batch": [1, None], "T": [1, tower.max_len], "L": [1, None]}
+
+
+def item_vectors(model: SDM) -> Tensor:
+    """(V - 2, D) float32 vectors of item indices 2..V-1 (padding and OOV left out), in chunks."""
+    num_items = int(model.item_table.shape[0])
+    out = []
+    with torch.no_grad():
+        for start in range(2, num_items, ITEM_CHUNK):
+            ids = torch.arange(start, min(start + ITEM_CHUNK, num_items), device=model.item_table.device)
+            out.append(model.item_vectors(ids).float().cpu())
+    return torch.cat(out)
+
+
+def raw_item_ids(data_dir: Path, num_items: int) -> pa.Array:
+    """Raw id of every item index 2..V-1, in index order, from `vocab/item.parquet`.
+
+    Raises:
+        SdmError: the vocabulary does not cover exactly the indices 2..V-1.
+    """
+    path = Path(data_dir) / "vocab" / "item.parquet"
+    if not path.is_file():
+        raise SdmError(f"{path}: item vocabulary not found")
+    vocab = pq.read_table(path, columns=["raw", "index"]).sort_by("index")
+    idx = vocab.column("index").to_numpy()
+    if not np.array_equal(idx, np.arange(2, num_items)):
+        raise SdmError(f"{path}: indices do not cover 2..{num_items - 1} exactly (manifest num_items {num_items})")
+    return vocab.column("raw").combine_chunks()
+
+
+def write_item_vectors(path: Path, raw: pa.Array, vectors: Tensor) -> None:
+    """`item_id`, `index`, `vector` (fixed_size_list<float32>[D]) for items 2..V-1."""
+    n, d = vectors.shape
+    flat = pa.array(vectors.numpy().astype(np.float32, copy=False).reshape(-1))
+    table = pa.table(
+        {
+            "item_id": raw,
+            "index": pa.array(np.arange(2, n + 2, dtype=np.int32)),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, d),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def write_faiss(path: Path, vectors: Tensor) -> str:
+    """Write an exact inner-product index (row i = item index i + 2); returns what happened."""
+    try:
+        import faiss
+    except ImportError:
+        return "skipped: faiss is not installed (pip install 'sdm[faiss]')"
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
+    faiss.write_index(index, str(path))
+    return str(path)
+
+
+def _copy_lookups(data_dir: Path, out: Path, model: SDM) -> dict[str, str | None]:
+    """Copy the vocab files of the features the tower reads, and the item/user tables.
+
+    Returns feature -> vocab path relative to `out` (None when the data has no such file).
+    """
+    vocab: dict[str, str | None] = {}
+    for f in [*model.item_features, *model.user_features]:
+        src = data_dir / "vocab" / f"{f}.parquet"
+        if src.is_file():
+            (out / "vocab").mkdir(exist_ok=True)
+            shutil.copy2(src, out / "vocab" / src.name)
+            vocab[f] = f"vocab/{src.name}"
+        else:
+            vocab[f] = None
+    for name in ("items.parquet", "users.parquet"):
+        if (data_dir / name).is_file():
+            shutil.copy2(data_dir / name, out / name)
+    return vocab
+
+
+def _tower_spec(
+    model: SDM, manifest: dict[str, Any], vocab: dict[str, str | None], dims: dict[str, Any]
+) -> dict[str, Any]:
+    """The contents of user_tower.json: how to build the inputs and call the program."""
+    tower = UserTower(model)
+    cfg = model.config
+
+    def feature_input(name: str, feature: str, shape: list[str]) -> dict[str, Any]:
+        return {"name": name, "feature": feature, "shape": shape, "dtype": "int64", "vocab": vocab.get(feature)}
+
+    def length_input(name: str, what: str) -> dict[str, Any]:
+        return {"name": name, "shape": ["B"], "dtype": "int64", "meaning": f"number of real {what} events"}
+
+    inputs = (
+        [feature_input(f"seq_{f}", f, ["B", "T"]) for f in tower.item_features]
+        + [length_input("seq_len", "session")]
+        + [feature_input(f"long_{f}", f, ["B", "L"]) for f in tower.item_features]
+        + [length_input("long_len", "long-term")]
+        + [feature_input(user_column(u), u, ["B"]) for u in tower.user_features]
+    )
+    return {
+        "format": "sdm-user-tower",
+        "version": EXPORT_VERSION,
+        "fingerprint": manifest["fingerprint"],
+        "variant": cfg.variant,
+        "embedding_dim": cfg.embedding_dim,
+        "item_features": tower.item_features,
+        "user_features": tower.user_features,
+        "max_session_len": cfg.max_session_len,
+        "max_long_len": cfg.max_long_len,
+        "inputs": inputs,
+        "output": {"name": "user_vector", "shape": ["B", cfg.embedding_dim], "dtype": "float32"},
+        "dynamic_dims": dims,
+        "item_vectors": ITEM_VECTORS,
+        "call": (
+            "program = torch.export.load('user_tower.pt2'); "
+            "vectors = program.module()(*[inputs in the order above]); "
+            "scores = vectors @ item_vectors.T (or items.faiss.search(vectors, k))"
+        ),
+        "notes": [
+            "Indices: 0 = padding, 1 = unknown/missing (out of vocabulary), 2.. from the vocab files (raw -> index).",
+            "Session events oldest first, right-padded with 0, T <= max_session_len. As in sessionize (SPEC 2), "
+            "a longer session is cut into chunks of max_session_len: pass its last chunk, events "
+            "[(n - 1) // max_session_len * max_session_len, n).",
+            "Long-term: the user's events of the long-term window before the session, oldest first, "
+            "at most max_long_len (the latest ones), right-padded with 0; with no history pass L = 1 and long_len 0.",
+            "Side features of an item (seq_<f>, long_<f>) come from items.parquet; user features from users.parquet.",
+            "Variants without long-term encoder ignore long_* and long_len but still take them.",
+            "The program was exported on CPU.",
+        ],
+    }
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty `out` unless overwrite; then delete only the files export writes."""
+    if out.exists() and not out.is_dir():
+        raise SdmError(f"{out}: output path exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise SdmError(f"{out}: output directory is not empty; pass --overwrite to replace it")
+        # config.json first, so a half-cleared directory never looks like a finished export.
+        for name in OUTPUTS:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export(cfg: ExportConfig, progress: bool = False) -> dict[str, Any]:
+    """Export the model in `cfg.model` for serving (see the module docstring for the files).
+
+    Returns:
+        Summary: out, items, dim, variant, faiss (path or why skipped), seconds.
+
+    Raises:
+        SdmError: missing data or model directory, unfinished training run, a model
+            trained on another manifest than `cfg.data`, a non-empty `cfg.out`
+            without overwrite.
+    """
+    from sdm.pipeline.evaluate import load_model  # same checkpoint checks as `sdm evaluate`
+
+    t0 = time.time()
+    manifest = read_manifest(cfg.data)
+    model = load_model(cfg.model, cfg.data, manifest, torch.device("cpu"))
+    _prepare_out(cfg.out, cfg.overwrite)
+
+    _say(progress, "item vectors")
+    vectors = item_vectors(model)  # (V - 2, D)
+    write_item_vectors(cfg.out / ITEM_VECTORS, raw_item_ids(cfg.data, int(manifest["num_items"])), vectors)
+    faiss_status = write_faiss(cfg.out / FAISS_INDEX, vectors) if cfg.faiss else "skipped: --no-faiss"
+    _say(progress, f"faiss: {faiss_status}")
+
+    _say(progress, "exporting the user tower (torch.export)")
+    dims = export_user_tower(model, cfg.out / USER_TOWER)
+    vocab = _copy_lookups(Path(cfg.data), cfg.out, model)
+    spec = _tower_spec(model, manifest, vocab, dims)
+    (cfg.out / TOWER_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    save_config(cfg, cfg.out / CONFIG)  # last: marks a finished export
+    return {
+        "out": str(cfg.out),
+        "items": int(vectors.shape[0]),
+        "dim": int(vectors.shape[1]),
+        "variant": model.config.variant,
+        "faiss": faiss_status,
+        "seconds": time.time() - t0,
+    }
