@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import inspect
-import json
-import sys
 import types
 import typing
 from pathlib import Path
@@ -20,7 +18,15 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 
-from sdm.config import EvaluateConfig, SessionizeConfig, TrainConfig, build_config
+from sdm.config import (
+    DemoConfig,
+    EvaluateConfig,
+    ExportConfig,
+    SessionizeConfig,
+    SynthConfig,
+    TrainConfig,
+    build_config,
+)
 from sdm.errors import SdmError
 
 app = typer.Typer(
@@ -165,7 +171,6 @@ def evaluate(cfg: EvaluateConfig, config: ConfigOpt = None, quiet: QuietOpt = Fa
 
 
 # Kept as one block with its own import, so it stays independent of the edits around it.
-from sdm.config import ExportConfig  # noqa: E402
 
 
 @app.command()
@@ -183,7 +188,6 @@ def export(cfg: ExportConfig, config: ConfigOpt = None, quiet: QuietOpt = False)
 
 # Data tooling: synth / convert / download. Kept as one block (with its own
 # import) so that edits to the pipeline commands above stay independent.
-from sdm.config import SynthConfig  # noqa: E402
 
 
 @app.command()
@@ -250,6 +254,17 @@ def download(
         raise typer.Exit(code=1) from None
     fmt = DATASETS[name].fmt
     typer.echo(f"downloaded {name} -> {path}; next: sdm convert {fmt} {path} --out runs/{fmt}/logs.parquet")
+
+
+@app.command()
+@_with_config_flags(DemoConfig, "demo")
+def demo(cfg: DemoConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
+    """The whole pipeline on a synthetic log: SDM against popularity and item-CF."""
+    from sdm.pipeline.demo import run_demo
+
+    result = run_demo(cfg, progress=not quiet)
+    typer.echo(result["table"])
+    typer.echo(f"demo done in {result['seconds']:.0f}s -> {result['out']} (report.md, data/, model/)")
 
 
 def main() -> None:

@@ -325,12 +325,26 @@ class SynthConfig(_Base):
         return self.shops if self.shops is not None else max(2, self.num_brands // 2)
 
 
+class DemoConfig(_Base):
+    """`sdm demo`: synth -> sessionize -> train -> evaluate against baselines."""
+
+    out: Path = Path("runs/demo")
+    overwrite: bool = True
+    """The demo replaces its own previous output by default."""
+    events: int = 300_000
+    """Size of the synthetic log."""
+    epochs: int = 4
+    max_steps: int | None = None
+    seed: int = 0
+
+
 SECTIONS: dict[str, type[_Base]] = {
     "sessionize": SessionizeConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "export": ExportConfig,
     "synth": SynthConfig,
+    "demo": DemoConfig,
 }
 
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from sdm.config import EvaluateConfig, save_config
 from sdm.errors import SdmError
 from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, read_manifest
+from sdm.pipeline.device import pick_device
 from sdm.pipeline.metrics import METRICS, FaissIndex, chunked_topk, metric_sums, overlap_at_k
 
 ScoreFn = Callable[[int, int], Tensor]
@@ -314,15 +315,6 @@ def _run(
 
 
 # -- the CLI command ----------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SdmError("--device cuda requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device: torch.device) -> torch.nn.Module:

@@ -20,7 +20,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Join
@@ -31,6 +30,7 @@ from sdm.config import TrainConfig, save_config
 from sdm.errors import SdmError
 from sdm.model.loss import NegativeSampler, sdm_loss
 from sdm.model.sdm import SDM, ModelConfig
+from sdm.pipeline.device import pick_device
 from sdm.pipeline.dataset import (
     SessionDataset,
     load_item_counts,
@@ -44,22 +44,16 @@ NO_SIDE_INFO_VARIANTS = ("PSDMMAL-NoS",)
 
 
 def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup for `warmup_steps`, then cosine decay to 10% at `total_steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    """Linear warmup, then cosine decay to 10% of `lr` at `total_steps`.
+
+    The warmup is `warmup_steps`, but at most a tenth of the run, so a small
+    dataset does not spend its first epochs warming up.
+    """
+    warmup = max(1, min(cfg.warmup_steps, total_steps // 10))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else CPU; `cuda` without a GPU is an error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SdmError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
 
 
 def model_features(manifest: dict[str, Any], variant: str) -> tuple[list[str], list[str]]:

@@ -35,6 +35,7 @@ def params(path):
 
 def test_get_lr_warmup_then_cosine():
     c = TrainConfig(lr=1.0, warmup_steps=10)
+    assert get_lr(0, c, 40) == pytest.approx(0.25)  # warmup capped at a tenth of the run
     assert get_lr(0, c, 110) == pytest.approx(0.1)
     assert get_lr(9, c, 110) == pytest.approx(1.0)
     assert get_lr(60, c, 110) == pytest.approx(0.55)
