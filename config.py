@@ -211,6 +211,8 @@ class TrainConfig(_Base):
     dropout: float = 0.2
     num_targets: int = 5
     """N of PSDMMAL-N (next N items); the other variants use 1."""
+    target_decay: float = 1.0
+    """PSDMMAL-N: weight decay ** k for the target k items ahead (1.0 = all N alike, as the paper)."""
     loss: Literal["sampled", "inbatch", "full"] = "sampled"
     num_negatives: int = 1000
     neg_power: float = 0.75
@@ -236,6 +238,13 @@ class TrainConfig(_Base):
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("target_decay")
+    @classmethod
+    def _decay(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
         return v
 
     @field_validator("lr", "grad_clip")

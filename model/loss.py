@@ -120,6 +120,13 @@ def sampled_softmax_logits(
     return torch.cat([true_logit, neg_logits], dim=1)  # (P, 1 + S)
 
 
+def _mean(losses: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean of per-row losses (P,), weighted when `weight` (P,) is given."""
+    if weight is None:
+        return losses.mean()
+    return (losses * weight).sum() / weight.sum()
+
+
 def sampled_softmax_loss(
     user: Tensor,
     targets: Tensor,
@@ -127,17 +134,20 @@ def sampled_softmax_loss(
     negatives: Tensor,
     negative_vecs: Tensor,
     log_q: Tensor,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Sampled softmax cross-entropy with log-Q correction; arguments as `sampled_softmax_logits`.
 
     Returns:
-        scalar, the mean over the P rows.
+        scalar, the mean over the P rows (weighted by `weight` (P,) when given).
     """
     logits = sampled_softmax_logits(user, targets, target_vecs, negatives, negative_vecs, log_q)  # (P, 1 + S)
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    return _mean(F.cross_entropy(logits, torch.zeros_like(targets), reduction="none"), weight)
 
 
-def inbatch_softmax_loss(user: Tensor, targets: Tensor, target_vecs: Tensor, log_q: Tensor) -> Tensor:
+def inbatch_softmax_loss(
+    user: Tensor, targets: Tensor, target_vecs: Tensor, log_q: Tensor, weight: Tensor | None = None
+) -> Tensor:
     """Softmax over the batch's targets: row i's positive is target i, the other rows'
     targets are its negatives. An item shows up as a target in proportion to its
     frequency, so every logit gets -log(frequency) (`NegativeSampler.log_freq`); columns
@@ -156,10 +166,10 @@ def inbatch_softmax_loss(user: Tensor, targets: Tensor, target_vecs: Tensor, log
     same = targets.unsqueeze(1) == targets.unsqueeze(0)  # (P, P)
     eye = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
     logits = logits.masked_fill(same & ~eye, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(targets), device=targets.device))
+    return _mean(F.cross_entropy(logits, torch.arange(len(targets), device=targets.device), reduction="none"), weight)
 
 
-def full_softmax_loss(user: Tensor, targets: Tensor, item_vecs: Tensor) -> Tensor:
+def full_softmax_loss(user: Tensor, targets: Tensor, item_vecs: Tensor, weight: Tensor | None = None) -> Tensor:
     """Cross-entropy over every item of the vocabulary, padding (0) and OOV (1) excluded.
 
     Args:
@@ -173,10 +183,10 @@ def full_softmax_loss(user: Tensor, targets: Tensor, item_vecs: Tensor) -> Tenso
     logits = user.float() @ item_vecs.float().T  # (P, V)
     special = torch.arange(logits.shape[1], device=logits.device) <= OOV  # (V,) padding and OOV columns
     logits = logits.masked_fill(special, float("-inf"))
-    return F.cross_entropy(logits, targets)
+    return _mean(F.cross_entropy(logits, targets, reduction="none"), weight)
 
 
-def target_pairs(batch: Batch, num_targets: int) -> tuple[Tensor, Tensor, Tensor]:
+def target_pairs(batch: Batch, num_targets: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The (position, target) pairs of SPEC section 5, in one causal pass.
 
     The user vector at position p (it has read items 0..p) predicts items
@@ -188,8 +198,9 @@ def target_pairs(batch: Batch, num_targets: int) -> tuple[Tensor, Tensor, Tensor
         num_targets: N.
 
     Returns:
-        (rows, cols, targets): LongTensors (P,), the batch row and position of each
-        pair's user vector and its target item.
+        (rows, cols, targets, ahead): LongTensors (P,), the batch row and position of
+        each pair's user vector, its target item, and how far ahead the target is
+        (0 = the next item).
     """
     items, seq_len = batch["seq"]["item"], batch["seq_len"]
     B, T = items.shape
@@ -199,8 +210,8 @@ def target_pairs(batch: Batch, num_targets: int) -> tuple[Tensor, Tensor, Tensor
     padded = F.pad(items, (0, num_targets))  # (B, T + N) so tpos is always a valid index
     tgt = padded[:, tpos]  # (B, T, N)
     valid = (tpos.unsqueeze(0) < seq_len.view(B, 1, 1)) & (tgt > OOV)  # (B, T, N)
-    rows, cols, _ = valid.nonzero(as_tuple=True)  # (P,) each
-    return rows, cols, tgt[valid]
+    rows, cols, ahead = valid.nonzero(as_tuple=True)  # (P,) each
+    return rows, cols, tgt[valid], ahead
 
 
 def sdm_loss(
@@ -211,10 +222,14 @@ def sdm_loss(
     loss: LossKind = "sampled",
     sampler: NegativeSampler | None = None,
     generator: torch.Generator | None = None,
+    target_decay: float = 1.0,
 ) -> Tensor:
     """Mean loss over the batch's (position, target) pairs.
 
-    N = config.num_targets for PSDMMAL-N, 1 for every other variant.
+    N = config.num_targets for PSDMMAL-N, 1 for every other variant. The pair whose
+    target is k items ahead (k = 0 for the next item) has weight target_decay ** k:
+    1.0 weighs the N targets alike, as the paper's PSDMMAL-N; below 1 the next item
+    counts most and the later ones regularise.
 
     Args:
         model: the SDM, or a DDP wrapper of it (only `item_vectors` and `config` are used).
@@ -223,26 +238,31 @@ def sdm_loss(
         loss: "sampled" (needs sampler), "inbatch" (needs sampler, for log_freq) or "full".
         sampler: draws the negatives and holds log-Q; moved to user_vecs' device if elsewhere.
         generator: random source for the negatives, on the same device as the sampler.
+        target_decay: weight ratio between consecutive targets, in (0, 1].
 
     Returns:
         scalar; 0 (with a graph) when the batch has no pair.
     """
     model = getattr(model, "module", model)  # accept a DDP-wrapped model too
     cfg = model.config
-    rows, cols, targets = target_pairs(batch, cfg.num_targets if cfg.variant == "PSDMMAL-N" else 1)
+    if not 0 < target_decay <= 1:
+        raise ValueError(f"target_decay must be in (0, 1], got {target_decay}")
+    rows, cols, targets, ahead = target_pairs(batch, cfg.num_targets if cfg.variant == "PSDMMAL-N" else 1)
     if targets.numel() == 0:
         return user_vecs.sum() * 0.0
     user = user_vecs[rows, cols]  # (P, D)
+    weight = None if target_decay == 1.0 else torch.pow(target_decay, ahead.float())  # (P,)
     if loss == "full":
-        return full_softmax_loss(user, targets, model.all_item_vectors())
+        return full_softmax_loss(user, targets, model.all_item_vectors(), weight)
     if sampler is None:
         raise ValueError(f"loss {loss!r} needs a NegativeSampler")
     if sampler.probs.device != user_vecs.device:
         sampler.to(user_vecs.device)  # once: later calls find it there
     target_vecs = model.item_vectors(targets)  # (P, D)
     if loss == "inbatch":
-        return inbatch_softmax_loss(user, targets, target_vecs, sampler.log_freq)
+        return inbatch_softmax_loss(user, targets, target_vecs, sampler.log_freq, weight)
     if loss == "sampled":
         negatives = sampler.sample(generator)  # (S,)
-        return sampled_softmax_loss(user, targets, target_vecs, negatives, model.item_vectors(negatives), sampler.log_q)
+        negative_vecs = model.item_vectors(negatives)  # (S, D)
+        return sampled_softmax_loss(user, targets, target_vecs, negatives, negative_vecs, sampler.log_q, weight)
     raise ValueError(f"unknown loss {loss!r}, expected one of 'sampled', 'inbatch', 'full'")

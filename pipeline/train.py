@@ -103,7 +103,9 @@ def train_step(
         group["lr"] = lr
     with autocast:
         user_vecs = net(batch)
-        loss = sdm_loss(model, batch, user_vecs, loss=cfg.loss, sampler=sampler, generator=gen)
+        loss = sdm_loss(
+            model, batch, user_vecs, loss=cfg.loss, sampler=sampler, generator=gen, target_decay=cfg.target_decay
+        )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -246,7 +248,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     m = evaluate_model(model, cfg.data, "valid", [cfg.eval_k], 512, device)
                 model.train()
                 value = [m.get(f"hr@{cfg.eval_k}", 0.0) if m["queries"] else 0.0]
-                _log(log_fh, {"step": step, "epoch": epoch, "valid": {k: v for k, v in m.items() if k != "table"}})
+                valid = {k: v for k, v in m.items() if k != "table"}
+                _log(log_fh, {"step": step, "epoch": epoch, "seconds": time.time() - t0, "valid": valid})
             if world > 1:
                 dist.broadcast_object_list(value, src=0)
             return float(value[0])

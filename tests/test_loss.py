@@ -133,7 +133,8 @@ def pair_batch() -> dict:
 
 
 def test_n_target_pairs_stay_inside_the_session() -> None:
-    rows, cols, targets = target_pairs(pair_batch(), num_targets=5)
+    rows, cols, targets, ahead = target_pairs(pair_batch(), num_targets=5)
+    assert ((cols + 1 + ahead) < torch.tensor([6, 3, 1])[rows]).all()
     got = sorted(zip(rows.tolist(), cols.tolist(), targets.tolist()))
     expected = [(0, p, 2 + t) for p in range(6) for t in range(p + 1, min(p + 6, 6))]
     expected += [(1, 0, 9), (1, 1, 9)]  # the OOV target is not a pair; nothing past seq_len
@@ -142,7 +143,8 @@ def test_n_target_pairs_stay_inside_the_session() -> None:
 
 
 def test_one_target_pairs() -> None:
-    rows, cols, targets = target_pairs(pair_batch(), num_targets=1)
+    rows, cols, targets, ahead = target_pairs(pair_batch(), num_targets=1)
+    assert (ahead == 0).all()
     assert sorted(zip(rows.tolist(), cols.tolist(), targets.tolist())) == [
         (0, 0, 3), (0, 1, 4), (0, 2, 5), (0, 3, 6), (0, 4, 7), (1, 1, 9),
     ]  # fmt: skip
@@ -154,14 +156,16 @@ def tiny_model(variant: str) -> SDM:
 
 
 @pytest.mark.parametrize("variant", ["PSDMMAL-N", "PSDMMA"])
-def test_sdm_loss_full_is_mean_over_pairs(variant: str) -> None:
-    """Computed by hand: N = 5 for PSDMMAL-N, 1 otherwise; mean over valid pairs only."""
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_sdm_loss_full_is_mean_over_pairs(variant: str, decay: float) -> None:
+    """Computed by hand: N = 5 for PSDMMAL-N, 1 otherwise; mean over valid pairs only,
+    the target k items ahead weighted decay ** k."""
     model = tiny_model(variant)
     batch = pair_batch()
     user_vecs = torch.randn(3, 8, D)
     n = 5 if variant == "PSDMMAL-N" else 1
     items = model.all_item_vectors().detach()
-    terms = []
+    terms, weights = [], []
     for b, length in enumerate(batch["seq_len"].tolist()):
         for p in range(length):
             for t in range(p + 1, min(p + n + 1, length)):
@@ -169,8 +173,10 @@ def test_sdm_loss_full_is_mean_over_pairs(variant: str) -> None:
                 if target >= 2:
                     logits = user_vecs[b, p] @ items[2:].T
                     terms.append(-torch.log_softmax(logits, 0)[target - 2])
-    loss = sdm_loss(model, batch, user_vecs, loss="full")
-    torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=0)
+                    weights.append(decay ** (t - p - 1))
+    loss = sdm_loss(model, batch, user_vecs, loss="full", target_decay=decay)
+    w = torch.tensor(weights)
+    torch.testing.assert_close(loss, (torch.stack(terms) * w).sum() / w.sum(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["sampled", "inbatch", "full"])
@@ -204,3 +210,5 @@ def test_sdm_loss_checks() -> None:
         sdm_loss(model, batch, torch.randn(3, 8, D), loss="sampled")
     with pytest.raises(ValueError, match=r"unknown loss 'bpr'"):
         sdm_loss(model, batch, torch.randn(3, 8, D), loss="bpr", sampler=NegativeSampler(torch.ones(V)))
+    with pytest.raises(ValueError, match=r"target_decay must be in \(0, 1\]"):
+        sdm_loss(model, batch, torch.randn(3, 8, D), loss="full", target_decay=0.0)
