@@ -134,6 +134,13 @@ def sessionize(
     from sdm.sessionize import run
 
     m = run(cfg, log, progress=not quiet)
+    if cfg.plan_only:
+        typer.echo(f"plan for {m['buckets']} buckets of {m['rows_in']:,} events; {m['seconds']:.1f}s -> {cfg.out}/plan")
+        return
+    if cfg.bucket is not None:
+        n = sum(x["sessions"] for shards in m["shards"].values() for x in shards)
+        typer.echo(f"partition {cfg.bucket}: {m['rows_in']:,} events -> {n:,} sessions; {m['seconds']:.1f}s -> {cfg.out}")
+        return
     s = m["splits"]
     dropped = ", ".join(f"{k} {v:,}" for k, v in m["dropped"].items() if v) or "none"
     typer.echo(
@@ -142,6 +149,26 @@ def sessionize(
         + f"; {s['train']['users']:,} train users, {m['num_items'] - 2:,} items; dropped: {dropped}; "
         f"{m['seconds']:.1f}s -> {cfg.out}"
     )
+
+
+@app.command("sessionize-combine")
+def sessionize_combine(
+    parts: Annotated[list[Path], typer.Argument(help="Partial outputs of `sdm sessionize --bucket i/N`, all N.")],
+    plan: Annotated[Path, typer.Option("--plan", help="The plan directory the partitions used (OUT/plan of --plan-only).")],
+    out: Annotated[Path, typer.Option("--out", help="The combined shard directory.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge the partial outputs of every `--bucket i/N` run into one shard directory (see sessionize/partial.py)."""
+    from sdm.sessionize.partial import combine
+
+    try:
+        m = combine(plan, parts, out, overwrite=overwrite, progress=not quiet)
+    except SdmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    sessions = sum(m["splits"][k]["sessions"] for k in ("train", "valid", "test"))
+    typer.echo(f"combined {len(parts)} partitions: {m['rows_in']:,} events -> {sessions:,} sessions; -> {out}")
 
 
 @app.command()

@@ -213,7 +213,8 @@ class TrainConfig(_Base):
     """N of PSDMMAL-N (next N items); the other variants use 1."""
     target_decay: float = 1.0
     """PSDMMAL-N: weight decay ** k for the target k items ahead (1.0 = all N alike, as the paper)."""
-    loss: Literal["sampled", "inbatch", "full"] = "sampled"
+    loss: Literal["auto", "sampled", "inbatch", "full"] = "auto"
+    """auto: full softmax up to 20,000 items, sampled softmax (log-Q corrected) above."""
     num_negatives: int = 1000
     neg_power: float = 0.75
     """Negatives drawn with probability proportional to count ** neg_power."""

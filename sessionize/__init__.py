@@ -5,6 +5,13 @@ Entry point: `run(cfg, log)`. The stages are lazy polars transforms
 (`sessionize.core`), with reading/validation in `sessionize.io` and writing in
 `sessionize.write`.
 
+Scale: `buckets` = N hash-partitions the users; a first pass sessionizes
+bucket by bucket (spilled to disk) and derives what needs the whole log
+(cutoffs, vocabularies, per-user sess_id offsets, shard layout); a second pass
+writes each bucket's shards. Peak memory is about one bucket's; the output
+equals the one-bucket output. `sessionize.partial` runs the same two passes as
+separate jobs (`--plan-only`, `--bucket i/N`, `sdm sessionize-combine`).
+
 Choices where the SPEC is silent (also in the docstrings below):
 
 - Naive timestamps are UTC; zoned ones are converted to UTC; integer columns
@@ -23,11 +30,19 @@ Choices where the SPEC is silent (also in the docstrings below):
 from __future__ import annotations
 
 import datetime as dt
+import math
+import multiprocessing
+import os
+import shutil
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import polars as pl
 
 from sdm.config import SessionizeConfig, save_config
@@ -40,6 +55,7 @@ from sdm.sessionize.io import (
     ROW,
     TS,
     USER,
+    LogSpec,
     check_log,
     feat_col,
     from_us,
@@ -49,7 +65,7 @@ from sdm.sessionize.io import (
     to_events,
 )
 
-__all__ = ["run"]
+__all__ = ["run", "make_plan", "Plan", "bucket_expr"]
 
 FORMAT_NAME = "sdm-shards"
 FORMAT_VERSION = 1
@@ -79,8 +95,313 @@ def _collect(lf: pl.LazyFrame, what: str = "sessionize") -> pl.DataFrame:
         raise SdmError(f"{what}: {first}") from None
 
 
+@dataclass
+class _Input:
+    """The opened input files and what `check_log` found in them."""
+
+    cfg: SessionizeConfig
+    log: Path
+    lf: pl.LazyFrame
+    schema: pl.Schema
+    items_lf: pl.LazyFrame | None
+    users_lf: pl.LazyFrame | None
+    spec: LogSpec
+    ts: pl.Expr
+
+
+def _open(cfg: SessionizeConfig, log: Path) -> _Input:
+    """Open the log and side tables lazily and check their schemas (metadata only)."""
+    log = Path(log)
+    lf, schema = scan_table(log, "log")
+    items_lf, items_schema = scan_table(cfg.items, "items table") if cfg.items else (None, None)
+    users_lf, users_schema = scan_table(cfg.users, "users table") if cfg.users else (None, None)
+    spec = check_log(cfg, log, schema, items_schema, users_schema)
+    ts = timestamp_expr(cfg, schema[cfg.time_col], log)
+    return _Input(cfg, log, lf, schema, items_lf, users_lf, spec, ts)
+
+
+def bucket_expr(user_key: str, buckets: int) -> pl.Expr:
+    """Bucket of each row: a hash of the user, so a user's events (and its exact duplicates) share one.
+
+    polars' hash is stable for one polars version, not across versions: every
+    partition of one plan must run with the same polars.
+    """
+    return (pl.col(user_key).hash(seed=0) % buckets).cast(pl.Int64)
+
+
+@dataclass
+class _Part:
+    """First-pass result of one bucket: counts, session summary and the sessionized events."""
+
+    rows_in: int
+    dropped: dict[str, int]
+    sessions: pl.DataFrame  # USER, START, SESS (bucket-local) of every session, in sess order
+    max_ts: int | None
+    events: pl.DataFrame | None  # sessionized events, held when not spilled
+    spill: Path | None
+
+    def frame(self) -> pl.LazyFrame:
+        """The sessionized events (from memory or the spill file)."""
+        return self.events.lazy() if self.events is not None else pl.scan_parquet(self.spill)
+
+
+def _first_pass(inp: _Input, b: int, n: int, spill: Path | None) -> _Part:
+    """Read bucket `b` of `n`, count drops, sessionize it; spill the events to `spill` when given."""
+    cfg = inp.cfg
+    lf = inp.lf.with_row_index(ROW)
+    if n > 1:
+        lf = lf.filter(bucket_expr(inp.spec.user_key, n) == b)
+    raw = _collect(lf, str(inp.log))
+    tagged = _collect(tag_drops(raw.lazy(), cfg, inp.spec, inp.ts), str(inp.log))
+    del raw
+    counts = dict(tagged.get_column(DROP).drop_nulls().value_counts().iter_rows())
+    dropped = {r: int(counts.get(r, 0)) for r in DROP_REASONS}
+    events = to_events(
+        tagged.lazy().filter(pl.col(DROP).is_null()), cfg, inp.spec, inp.ts, inp.items_lf, inp.schema[cfg.item_col]
+    )
+    gap_us = cfg.gap_td // dt.timedelta(microseconds=1)
+    ev = _collect(core.sessionize(events, gap_us, cfg.max_session_len), str(inp.log))
+    rows_in = tagged.height
+    del tagged
+    sessions = ev.filter(pl.col(core.NEW)).select(pl.col(USER), pl.col(core.START), pl.col(core.SESS))
+    max_ts = ev.get_column(TS).max() if ev.height else None
+    if spill is not None:
+        # lz4: the spill is read back once, soon; speed matters more than size
+        ev.write_parquet(spill, compression="lz4")
+        ev = None
+    return _Part(rows_in, dropped, sessions, None if max_ts is None else int(max_ts), ev, spill)
+
+
+def _first_pass_job(args: tuple[SessionizeConfig, Path, int, int, Path | None]) -> _Part:
+    """`_first_pass` in a worker process (re-opens the input: LazyFrames are not sent)."""
+    cfg, log, b, n, spill = args
+    return _first_pass(_open(cfg, log), b, n, spill)
+
+
+@dataclass
+class Plan:
+    """What needs the whole log: cutoffs, vocabularies, session-id offsets, shard layout.
+
+    Attributes:
+        cut: split cutoffs.
+        rows_in, dropped: input row count and dropped rows by reason.
+        vocabs: name -> vocabulary frame (raw, index, count).
+        offsets: USER -> global sess_id of the user's first session.
+        shards: per split, per bucket: (first shard number, number of shards).
+        items_table, users_table: the encoded side tables (users with `_user`).
+    """
+
+    buckets: int
+    cut: core.Cutoffs
+    rows_in: int
+    dropped: dict[str, int]
+    vocabs: dict[str, pl.DataFrame]
+    offsets: pl.DataFrame
+    shards: dict[str, list[tuple[int, int]]]
+    items_table: pl.DataFrame
+    users_table: pl.DataFrame
+    item_features: list[str]
+    user_features: list[str]
+
+
+def _allocate(rows: list[int], rows_per_shard: int, min_shards: int) -> list[tuple[int, int]]:
+    """Shards of one split over buckets: (first number, count) per bucket.
+
+    The total is the one-bucket count, max(ceil(R / rows_per_shard),
+    min(min_shards, R)), dealt in proportion to each bucket's rows (rounded up,
+    so the total may exceed it by up to buckets - 1; never more than a
+    bucket's rows).
+    """
+    total = sum(rows)
+    if total == 0:
+        return [(0, 0) for _ in rows]
+    n = max(math.ceil(total / rows_per_shard), min(min_shards, total))
+    counts = [min(r, max(math.ceil(r / rows_per_shard), math.ceil(n * r / total))) for r in rows]
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+    return list(zip(firsts, counts))
+
+
+def make_plan(inp: _Input, parts: list[_Part]) -> Plan:
+    """Combine the buckets' first passes into the plan (needs no raw event beyond the spills)."""
+    cfg, spec = inp.cfg, inp.spec
+    rows_in = sum(p.rows_in for p in parts)
+    if rows_in == 0:
+        raise SdmError(f"{inp.log}: empty log (0 rows)")
+    dropped = {r: sum(p.dropped[r] for p in parts) for r in DROP_REASONS}
+    if rows_in == sum(dropped.values()):
+        raise SdmError(f"{inp.log}: all {rows_in} rows were dropped ({dropped})")
+    starts = pl.concat([p.sessions.get_column(core.START) for p in parts]).sort()
+    cut = core.compute_cutoffs(cfg, starts, max(p.max_ts for p in parts if p.max_ts is not None))
+    del starts
+
+    # global sess_id = sessions of all users before this one (users in sort order) + ordinal
+    per_user = pl.concat(
+        [p.sessions.group_by(USER).agg(pl.len().cast(pl.Int64).alias("_n")) for p in parts]
+    ).sort(USER)
+    offsets = per_user.select(pl.col(USER), (pl.col("_n").cum_sum() - pl.col("_n")).alias("_offset"))
+
+    split_of = (
+        pl.when(pl.col(core.START) < cut.valid_start).then(0).when(pl.col(core.START) < cut.test_start).then(1).otherwise(2)
+    )
+    rows = [
+        p.sessions.group_by(split_of.alias(core.SPLIT)).agg(pl.col(USER).n_unique().alias("n"))
+        for p in parts
+    ]
+    shards = {
+        name: _allocate(
+            [int(r.filter(pl.col(core.SPLIT) == code).get_column("n").sum()) for r in rows],
+            cfg.rows_per_shard,
+            cfg.min_shards,
+        )
+        for code, name in enumerate(core.SPLITS)
+    }
+
+    events = pl.concat([p.frame() for p in parts], how="vertical")
+    train = events.pipe(core.assign_split, cut).filter(pl.col(core.SPLIT) == 0)
+    item_feats = list(cfg.item_features)
+    vocabs: dict[str, pl.DataFrame] = {"item": _collect(core.build_vocab(train.select(pl.col(ITEM).alias("raw"))))}
+    for f in item_feats:
+        vocabs[f] = _collect(core.build_vocab(train.select(pl.col(feat_col(f)).alias("raw"))))
+    vocabs["user"] = _collect(core.build_vocab(train.select(pl.col(USER).alias("raw"))))
+    profiles = _profiles(cfg, inp.users_lf, inp.schema[spec.user_key])
+    train_users = train.select(pl.col(USER)).unique()
+    for f in spec.user_features:
+        vocabs[f] = _collect(
+            core.build_vocab(train_users.join(profiles, on=USER, how="inner").select(pl.col(f).alias("raw"))),
+            str(cfg.users),
+        )
+    users_table = _users_table(per_user.lazy(), profiles, vocabs, spec.user_features)
+    items_table = _items_table(train, vocabs, item_feats)
+    return Plan(
+        buckets=len(parts),
+        cut=cut,
+        rows_in=rows_in,
+        dropped=dropped,
+        vocabs=vocabs,
+        offsets=offsets,
+        shards=shards,
+        items_table=items_table,
+        users_table=users_table,
+        item_features=item_feats,
+        user_features=list(spec.user_features),
+    )
+
+
+def _second_pass(inp: _Input, plan: Plan, b: int, part: _Part, out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Split, long-term windows, encoding and shard rows of bucket `b`; writes its shards into `out`.
+
+    Returns:
+        Per split, the manifest entries of the shards written.
+    """
+    cfg = inp.cfg
+    ev = _collect(part.frame().pipe(core.assign_split, plan.cut))
+    window_us = cfg.long_window_td // dt.timedelta(microseconds=1)
+    sessions = core.long_windows(core.sessions_table(ev.lazy()), ev.lazy(), window_us, cfg.max_long_len)
+    if plan.buckets > 1:
+        # bucket-local numbering -> global: shift each user's sessions to its offset
+        local_first = part.sessions.group_by(USER).agg(pl.col(core.SESS).min().alias("_first"))
+        shift = plan.offsets.lazy().join(local_first.lazy(), on=USER, how="inner").select(
+            pl.col(USER), (pl.col("_offset") - pl.col("_first")).alias("_shift")
+        )
+        sessions = (
+            sessions
+            .join(shift, on=USER, how="left", maintain_order="left")
+            .with_columns((pl.col(core.SESS) + pl.col("_shift")).alias(core.SESS))
+            .drop("_shift")
+        )
+    rows = _collect(core.rows_table(sessions), str(inp.log))
+
+    enc = ev.lazy()
+    enc = core.encode(enc, ITEM, plan.vocabs["item"].lazy(), "seq_item")
+    for f in plan.item_features:
+        enc = core.encode(enc, feat_col(f), plan.vocabs[f].lazy(), f"seq_{f}")
+    seq_cols = ["seq_item"] + [f"seq_{f}" for f in plan.item_features]
+    enc_df = _collect(enc.select(pl.col(TS), *[pl.col(c) for c in seq_cols]))
+    del ev
+    rows = core.timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})
+    del enc_df
+
+    user_cols = plan.users_table.lazy().select(
+        pl.col(USER),
+        pl.col("user_id"),
+        pl.col("user"),
+        *[pl.col(f).alias(f"user_{f}") for f in plan.user_features],
+    )
+    rows = _collect(
+        rows.lazy().join(user_cols, on=USER, how="left", maintain_order="left").select(
+            pl.col(core.SPLIT),
+            pl.col("user_id"),
+            pl.col("user"),
+            *[pl.col(f"user_{f}") for f in plan.user_features],
+            pl.col("ts"),
+            *[pl.col(c) for c in seq_cols],
+            pl.col(core.SESS),
+            pl.col("sess_start"),
+            pl.col("sess_len"),
+            pl.col("long_start"),
+            pl.col("long_end"),
+        ),
+        str(inp.log),
+    )
+    written = {}
+    for code, name in enumerate(core.SPLITS):
+        first, count = plan.shards[name][b]
+        part_rows = rows.filter(pl.col(core.SPLIT) == code).drop(core.SPLIT)
+        written[name] = write.write_shards(out, name, part_rows, first, count)
+    return written
+
+
+def _second_pass_job(args: tuple[SessionizeConfig, Path, Plan, int, _Part, Path]) -> dict[str, list[dict[str, Any]]]:
+    """`_second_pass` in a worker process."""
+    cfg, log, plan, b, part, out = args
+    return _second_pass(_open(cfg, log), plan, b, part, out)
+
+
+def _map(fn: Callable, jobs: list[Any], workers: int) -> list[Any]:
+    """Run jobs in order, or in `workers` spawned processes sharing the cores' polars threads."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    old = os.environ.get("POLARS_MAX_THREADS")
+    # read by polars when a child imports it; spawn (not fork) so no parent thread pool is copied
+    os.environ["POLARS_MAX_THREADS"] = str(threads)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            return list(pool.map(fn, jobs))
+    finally:
+        if old is None:
+            os.environ.pop("POLARS_MAX_THREADS", None)
+        else:
+            os.environ["POLARS_MAX_THREADS"] = old
+
+
+def _first_passes(inp: _Input, n: int, work: Path | None, say: Callable[[str], None]) -> list[_Part]:
+    """First pass over every bucket (spilled to `work` when there are several)."""
+    cfg = inp.cfg
+    spills = [None if work is None else work / f"bucket-{b:05d}.parquet" for b in range(n)]
+    if cfg.workers > 1 and n > 1:
+        say(f"first pass: {n} buckets in {cfg.workers} processes")
+        return _map(_first_pass_job, [(cfg, inp.log, b, n, spills[b]) for b in range(n)], cfg.workers)
+    parts = []
+    for b in range(n):
+        parts.append(_first_pass(inp, b, n, spills[b]))
+        if n > 1:
+            say(f"first pass: bucket {b + 1}/{n} ({parts[-1].sessions.height} sessions)")
+    return parts
+
+
 def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, Any]:
     """Sessionize `log` into the shard directory `cfg.out` and return its manifest.
+
+    With `cfg.buckets` = N > 1 the users are hash-partitioned into N buckets:
+    a first pass sessionizes bucket by bucket (spilling each to a work
+    directory next to `out`) and derives what needs the whole log (cutoffs,
+    vocabularies, sess_id offsets, shard layout); a second pass writes each
+    bucket's shards. The sessions, windows, splits and vocabularies equal the
+    one-bucket output; only which shard holds which user differs.
+    `cfg.plan_only` stops after the first pass and writes the plan;
+    `cfg.bucket` = "i/N" writes partition i only (see `sessionize.partial`).
 
     Args:
         cfg: the resolved sessionize config.
@@ -94,121 +415,82 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
     Raises:
         SdmError: any problem with the input files or the output directory.
     """
+    from sdm.sessionize import partial
+
+    if cfg.bucket is not None:
+        return partial.run_partition(cfg, log, progress)
     t0 = time.perf_counter()
     say = _stage_printer(progress, t0)
-    log = Path(log)
     out = Path(cfg.out)
     write.check_out_dir(out, cfg.overwrite)
+    inp = _open(cfg, log)
+    n = cfg.buckets
 
-    lf, schema = scan_table(log, "log")
-    items_lf, items_schema = scan_table(cfg.items, "items table") if cfg.items else (None, None)
-    users_lf, users_schema = scan_table(cfg.users, "users table") if cfg.users else (None, None)
-    spec = check_log(cfg, log, schema, items_schema, users_schema)
-    ts = timestamp_expr(cfg, schema[cfg.time_col], log)
+    say(f"reading {inp.log}" + (f" in {n} buckets" if n > 1 else ""))
+    work = Path(tempfile.mkdtemp(prefix=".sdm-work-", dir=out.parent if out.parent.exists() else None)) if n > 1 else None
+    try:
+        parts = _first_passes(inp, n, work, say)
+        plan = make_plan(inp, parts)
+        rows_kept = plan.rows_in - sum(plan.dropped.values())
+        say(f"sessionized {rows_kept} events ({plan.rows_in - rows_kept} dropped); vocabularies done")
+        if cfg.plan_only:
+            write.clear_out_dir(out)
+            return partial.write_plan(cfg, inp.log, plan, out, time.perf_counter() - t0)
 
-    say(f"reading {log}")
-    tagged = _collect(tag_drops(lf, cfg, spec, ts), str(log))
-    rows_in = tagged.height
-    if rows_in == 0:
-        raise SdmError(f"{log}: empty log (0 rows)")
-    counts = dict(tagged.get_column(DROP).drop_nulls().value_counts().iter_rows())
-    dropped = {r: int(counts.get(r, 0)) for r in DROP_REASONS}
-    rows_kept = rows_in - sum(dropped.values())
-    if rows_kept == 0:
-        raise SdmError(f"{log}: all {rows_in} rows were dropped ({dropped})")
+        # Only now touch the output: bad input above leaves an old directory intact.
+        write.clear_out_dir(out)
+        jobs = [(cfg, inp.log, plan, b, parts[b], out) for b in range(n)]
+        if cfg.workers > 1 and n > 1:
+            results = _map(_second_pass_job, jobs, cfg.workers)
+        else:
+            results = []
+            for b in range(n):
+                results.append(_second_pass(inp, plan, b, parts[b], out))
+                parts[b] = None  # free the bucket's events
+                if n > 1:
+                    say(f"second pass: bucket {b + 1}/{n}")
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    shards = {name: [s for r in results for s in r[name]] for name in core.SPLITS}
+    return finish(cfg, plan, out, shards, t0, say)
 
-    say(f"sessionizing {rows_kept} events ({rows_in - rows_kept} dropped)")
-    events = to_events(
-        tagged.lazy().filter(pl.col(DROP).is_null()), cfg, spec, ts, items_lf, schema[cfg.item_col]
-    )
-    gap_us = cfg.gap_td // dt.timedelta(microseconds=1)
-    ev = _collect(core.sessionize(events, gap_us, cfg.max_session_len), str(log))
-    starts = ev.filter(pl.col(core.NEW)).get_column(core.START).sort()
-    cut = core.compute_cutoffs(cfg, starts, int(ev.get_column(TS).max()))
-    ev = _collect(ev.lazy().pipe(core.assign_split, cut))
 
-    say("long-term windows")
-    window_us = cfg.long_window_td // dt.timedelta(microseconds=1)
-    sessions = _collect(core.long_windows(core.sessions_table(ev.lazy()), ev.lazy(), window_us, cfg.max_long_len))
-
-    say("vocabularies")
-    train = ev.lazy().filter(pl.col(core.SPLIT) == 0)
-    item_feats = list(cfg.item_features)
-    vocabs: dict[str, pl.DataFrame] = {"item": _collect(core.build_vocab(train.select(pl.col(ITEM).alias("raw"))))}
-    for f in item_feats:
-        vocabs[f] = _collect(core.build_vocab(train.select(pl.col(feat_col(f)).alias("raw"))))
-    vocabs["user"] = _collect(core.build_vocab(train.select(pl.col(USER).alias("raw"))))
-    profiles = _profiles(cfg, users_lf, schema[spec.user_key])
-    train_users = train.select(pl.col(USER)).unique()
-    for f in spec.user_features:
-        vocabs[f] = _collect(
-            core.build_vocab(train_users.join(profiles, on=USER, how="inner").select(pl.col(f).alias("raw"))),
-            str(cfg.users),
-        )
-
-    enc = ev.lazy()
-    enc = core.encode(enc, ITEM, vocabs["item"].lazy(), "seq_item")
-    for f in item_feats:
-        enc = core.encode(enc, feat_col(f), vocabs[f].lazy(), f"seq_{f}")
-    seq_cols = ["seq_item"] + [f"seq_{f}" for f in item_feats]
-    users_table = _users_table(ev.lazy(), profiles, vocabs, spec.user_features)
-    items_table = _items_table(enc, vocabs, item_feats)
-
-    say("building shard rows")
-    rows = core.timelines(core.rows_table(sessions.lazy()), enc, seq_cols)
-    user_cols = users_table.lazy().select(
-        pl.col(USER),
-        pl.col("user_id"),
-        pl.col("user"),
-        *[pl.col(f).alias(f"user_{f}") for f in spec.user_features],
-    )
-    rows = _collect(
-        rows.join(user_cols, on=USER, how="left", maintain_order="left").select(
-            pl.col(core.SPLIT),
-            pl.col("user_id"),
-            pl.col("user"),
-            *[pl.col(f"user_{f}") for f in spec.user_features],
-            pl.col("ts"),
-            *[pl.col(c) for c in seq_cols],
-            pl.col(core.SESS),
-            pl.col("sess_start"),
-            pl.col("sess_len"),
-            pl.col("long_start"),
-            pl.col("long_end"),
-        ),
-        str(log),
-    )
-
-    # Only now touch the output: bad input above leaves an old directory intact.
-    write.clear_out_dir(out)
-    splits: dict[str, Any] = {}
-    for code, name in enumerate(core.SPLITS):
-        part = rows.filter(pl.col(core.SPLIT) == code).drop(core.SPLIT)
-        splits[name] = write.write_split(out, name, part, cfg.rows_per_shard, cfg.min_shards)
+def finish(
+    cfg: SessionizeConfig,
+    plan: Plan,
+    out: Path,
+    shards: dict[str, list[dict[str, Any]]],
+    t0: float,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write vocabularies, side tables, config and (last) the manifest of a shard directory."""
+    splits = {name: write.split_entry(sorted(shards[name], key=lambda s: s["path"])) for name in core.SPLITS}
+    for name in core.SPLITS:
         say(f"{name}: {splits[name]['sessions']} sessions in {len(splits[name]['shards'])} shards")
-    for name, vocab in vocabs.items():
+    for name, vocab in plan.vocabs.items():
         write.write_table(vocab, out / "vocab" / f"{name}.parquet")
-    write.write_table(items_table, out / "items.parquet")
-    write.write_table(users_table.drop(USER), out / "users.parquet")
+    write.write_table(plan.items_table, out / "items.parquet")
+    write.write_table(plan.users_table.drop(USER), out / "users.parquet")
     save_config(cfg, out / "config.json")
 
     config = cfg.model_dump(mode="json")
-    vocab_sizes = {name: vocab.height + 2 for name, vocab in vocabs.items()}
+    vocab_sizes = {name: vocab.height + 2 for name, vocab in plan.vocabs.items()}
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": write.fingerprint(out, splits, vocab_sizes, config),
-        "item_features": ["item", *item_feats],
-        "user_features": ["user", *spec.user_features],
+        "item_features": ["item", *plan.item_features],
+        "user_features": ["user", *plan.user_features],
         "vocab_sizes": vocab_sizes,
         "num_items": vocab_sizes["item"],
         "max_session_len": cfg.max_session_len,
         "max_long_len": cfg.max_long_len,
-        "cutoffs": {"valid_start": from_us(cut.valid_start), "test_start": from_us(cut.test_start)},
-        "rows_in": rows_in,
-        "rows_kept": rows_kept,
-        "dropped": dropped,
+        "cutoffs": {"valid_start": from_us(plan.cut.valid_start), "test_start": from_us(plan.cut.test_start)},
+        "rows_in": plan.rows_in,
+        "rows_kept": plan.rows_in - sum(plan.dropped.values()),
+        "dropped": plan.dropped,
         "splits": splits,
         "config": config,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -251,15 +533,23 @@ def _users_table(
     )
 
 
-def _items_table(encoded: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], features: list[str]) -> pl.DataFrame:
-    """items.parquet: every item index 2.., its raw id, and each feature of its last training event."""
+def _items_table(train: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], features: list[str]) -> pl.DataFrame:
+    """items.parquet: every item index 2.., its raw id, and each feature of its last training event.
+
+    The last event is the one with the largest (time, input row); two window
+    maxima find it without sorting the training events.
+    """
     last = (
-        encoded
-        .filter(pl.col(core.SPLIT) == 0)
-        .sort([TS, ROW])
-        .group_by(ITEM, maintain_order=True)
-        .agg(*[pl.col(f"seq_{f}").last().alias(f) for f in features])
+        train
+        .select(pl.col(ITEM), pl.col(TS), pl.col(ROW), *[pl.col(feat_col(f)) for f in features])
+        .filter(pl.col(TS) == pl.col(TS).max().over(ITEM))
+        .filter(pl.col(ROW) == pl.col(ROW).max().over(ITEM))
     )
+    for f in features:
+        last = last.pipe(core.encode, feat_col(f), vocabs[f].lazy(), f)
+    last = last.select(pl.col(ITEM), *[pl.col(f) for f in features])
+    if not features:
+        last = last.head(0)  # nothing to look up: skip the scan
     return (
         vocabs["item"].lazy()
         .select(pl.col("index").alias("item"), pl.col("raw").alias("item_id"))

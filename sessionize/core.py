@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
@@ -25,41 +27,50 @@ SLEN = "_slen"        # length of the event's session
 START = "_start"      # start time of the event's session
 SPLIT = "_split"      # 0 train, 1 valid, 2 test
 SPLITS = ("train", "valid", "test")
+BASE = "_base"        # frame position of the user's first event
 
 
 def sessionize(events: pl.LazyFrame, gap_us: int, max_len: int) -> pl.LazyFrame:
     """Number sessions (SPEC 2): same non-null session id or gap < `gap_us`, cut at `max_len`.
 
     Adds `_idx` (position in the user's timeline), `_new` (session start),
-    `sess_id` (0.. over the whole log in (user, start time) order), `_slen`
+    `sess_id` (0.. over the frame in (user, start time) order), `_slen`
     (session length) and `_start` (session start time).
+
+    After the sort every user and every session is a contiguous run, so each
+    per-group quantity is a shift comparison or a forward/backward fill over
+    run starts: no `.over()` hash grouping (about 5x slower at 10M events).
     """
+    first = pl.col("_first_of_user")
     return (
         events
         # ties in time keep input order: _row breaks them
         .sort([USER, TS, ROW])
         .with_columns(
-            pl.col(TS).diff().over(USER).alias("_gap"),
-            (pl.col(SID) == pl.col(SID).shift(1).over(USER)).fill_null(False).alias("_same_sid"),
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("_g"),
+            (pl.col(USER).ne_missing(pl.col(USER).shift(1)) | (pl.int_range(pl.len()) == 0)).alias("_first_of_user"),
         )
         .with_columns(
-            (pl.col("_gap").is_null() | ~((pl.col("_gap") < gap_us) | pl.col("_same_sid"))).alias("_raw_new"),
+            (
+                first
+                | ~((pl.col(TS).diff() < gap_us) | (pl.col(SID) == pl.col(SID).shift(1)).fill_null(False))
+            ).alias("_raw_new"),
+            (pl.col("_g") - pl.when(first).then(pl.col("_g")).forward_fill()).alias(IDX),
         )
-        # position inside the uncut session decides where the max_len cuts fall;
-        # the frame is sorted, so it is the distance to the last uncut-session
-        # start (a forward fill: much cheaper than int_range().over([user, session]))
-        .with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_g"))
+        # position inside the uncut session decides where the max_len cuts fall
         .with_columns(
-            (pl.col("_g") - pl.when(pl.col("_raw_new")).then(pl.col("_g")).forward_fill()).alias("_pos"),
-            pl.int_range(pl.len(), dtype=pl.Int64).over(USER).alias(IDX),
+            ((pl.col("_g") - pl.when(pl.col("_raw_new")).then(pl.col("_g")).forward_fill()) % max_len == 0).alias(NEW),
         )
-        .with_columns((pl.col("_pos") % max_len == 0).alias(NEW))
-        .with_columns((pl.col(NEW).cum_sum() - 1).cast(pl.Int64).alias(SESS))
         .with_columns(
-            pl.len().over(SESS).alias(SLEN),
-            pl.col(TS).first().over(SESS).alias(START),
+            (pl.col(NEW).cum_sum() - 1).cast(pl.Int64).alias(SESS),
+            # length = next session's first position - this session's first position
+            (
+                pl.when(pl.col(NEW)).then(pl.col("_g")).shift(-1).backward_fill().fill_null(pl.len())
+                - pl.when(pl.col(NEW)).then(pl.col("_g")).forward_fill()
+            ).cast(pl.UInt32).alias(SLEN),
+            pl.when(pl.col(NEW)).then(pl.col(TS)).forward_fill().alias(START),
         )
-        .drop("_gap", "_same_sid", "_raw_new", "_g", "_pos")
+        .drop("_first_of_user", "_raw_new", "_g")
     )
 
 
@@ -149,13 +160,16 @@ def sessions_table(events: pl.LazyFrame) -> pl.LazyFrame:
             pl.when((pl.col(IDX) == 0) | (pl.col(TS) != pl.col(TS).shift(1)))
             .then(pl.col(IDX))
             .forward_fill()
-            .alias("long_end")
+            .alias("long_end"),
+            # frame position of the user's first event: timelines gather by it
+            (pl.int_range(pl.len(), dtype=pl.Int64) - pl.col(IDX)).alias(BASE),
         )
         .filter(pl.col(NEW))
         .select(
             pl.col(SESS),
             pl.col(USER),
             pl.col(SPLIT),
+            pl.col(BASE),
             pl.col(IDX).alias("start_idx"),
             pl.col(SLEN).alias("len"),
             pl.col(START).alias("start_ts"),
@@ -184,16 +198,29 @@ def long_windows(sessions: pl.LazyFrame, events: pl.LazyFrame, window_us: int, m
         pl.lit(None, dtype=pl.Int64).alias(SESS),
         pl.lit(1, dtype=pl.Int8).alias("_kind"),
     )
+    # the running count restarts per user: global cum_sum minus its value
+    # just before the user's first row (a forward fill, not `.over(user)`)
     lower = (
         pl.concat([queries, points], how="vertical")
-        .sort([USER, "_key", "_kind"])
-        .with_columns(pl.col("_kind").cast(pl.Int64).cum_sum().over(USER).alias("_before"))
+        # stable: queries of one user with equal keys stay in sess_id order, so
+        # the filtered queries below come out in the sessions' own order
+        .sort([USER, "_key", "_kind"], maintain_order=True)
+        .with_columns(pl.col("_kind").cast(pl.Int64).cum_sum().alias("_cum"))
+        .with_columns(
+            (
+                pl.col("_cum")
+                - pl.when(pl.col(USER).ne_missing(pl.col(USER).shift(1)) | (pl.int_range(pl.len()) == 0))
+                .then(pl.col("_cum") - pl.col("_kind").cast(pl.Int64))
+                .forward_fill()
+            ).alias("_before")
+        )
         .filter(pl.col("_kind") == 0)
-        .select(pl.col(SESS), pl.col("_before"))
+        .select(pl.col("_before"))
     )
+    # row k of `lower` is session k of `sessions` (see the stable sort): a
+    # horizontal concat instead of an order-keeping join
     return (
-        sessions
-        .join(lower, on=SESS, how="left", maintain_order="left")
+        pl.concat([sessions, lower], how="horizontal")
         .with_columns(
             pl.max_horizontal(pl.col("_before"), pl.col("long_end") - max_long).alias("long_start"),
         )
@@ -228,30 +255,43 @@ def rows_table(sessions: pl.LazyFrame) -> pl.LazyFrame:
             pl.col("long_end_off").alias("long_end"),
             pl.col("row_start").first(),
             pl.col("_end").max().alias("row_end"),
+            pl.col(BASE).first(),
         )
     )
 
 
-def timelines(rows: pl.LazyFrame, encoded: pl.LazyFrame, seq_cols: list[str]) -> pl.LazyFrame:
-    """Attach to each (user, split) row the events of its timeline as lists.
+def timelines(rows: pl.DataFrame, events: pl.DataFrame, columns: dict[str, str]) -> pl.DataFrame:
+    """Attach to each (user, split) row the events of its timeline as list columns.
+
+    Eager on purpose: the lists are built straight from Arrow offsets over
+    gathered event columns (one gather per column, no explode/group_by round
+    trip), which is several times cheaper than joining rows to events and
+    aggregating.
 
     Args:
-        rows: output of `rows_table`.
-        encoded: events with `_user`, `_idx`, `_ts` and the encoded `seq_cols`.
-        seq_cols: encoded per-event columns (`seq_item`, `seq_<f>`).
+        rows: output of `rows_table` (with `row_start`, `row_end`, `_base`).
+        events: the frame the sessions were numbered on, in the same order
+            (`_base` + timeline index = frame position).
+        columns: event column -> output list column (e.g. `_ts` -> `ts`).
     """
-    key = [USER, SPLIT]
-    spans = rows.select(pl.col(USER), pl.col(SPLIT), pl.col("row_start"), pl.col("row_end"))
-    lists = (
-        encoded
-        .select(pl.col(USER), pl.col(IDX), pl.col(TS), *[pl.col(c) for c in seq_cols])
-        .join(spans, on=USER, how="inner")
-        .filter((pl.col(IDX) >= pl.col("row_start")) & (pl.col(IDX) < pl.col("row_end")))
-        .sort([USER, SPLIT, IDX])
-        .group_by(key, maintain_order=True)
-        .agg(pl.col(TS).alias("ts"), *[pl.col(c) for c in seq_cols])
+    lengths = (rows.get_column("row_end") - rows.get_column("row_start")).cast(pl.Int64)
+    first = rows.get_column(BASE) + rows.get_column("row_start")
+    positions = (
+        pl.DataFrame({"a": first, "b": first + lengths})
+        .select(pl.int_ranges(pl.col("a"), pl.col("b"), dtype=pl.Int64).explode().alias("p"))
+        .get_column("p")
     )
-    return rows.join(lists, on=key, how="left", maintain_order="left")
+    if rows.height == 0:
+        positions = positions.clear()
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths.to_numpy())]).astype(np.int64))
+    picked = events.select(*[pl.col(c) for c in columns]).pipe(lambda df: df[positions] if len(positions) else df.clear())
+    lists = {}
+    for src, name in columns.items():
+        values = picked.get_column(src).to_arrow()
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        lists[name] = pl.from_arrow(pa.LargeListArray.from_arrays(offsets, values))
+    return rows.with_columns(**{name: series for name, series in lists.items()})
 
 
 def build_vocab(values: pl.LazyFrame) -> pl.LazyFrame:
@@ -271,15 +311,15 @@ def build_vocab(values: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def encode(frame: pl.LazyFrame, column: str, vocab: pl.LazyFrame, alias: str) -> pl.LazyFrame:
-    """Replace raw values of `column` by vocabulary indices in a new column `alias` (1 = OOV or null)."""
-    return (
-        frame
-        .join(
-            vocab.select(pl.col("raw").alias(column), pl.col("index").alias(alias)),
-            on=column,
-            how="left",
-            maintain_order="left",
-        )
-        .with_columns(pl.col(alias).fill_null(1).cast(pl.Int32))
+def encode(frame: pl.LazyFrame, column: str, vocab: pl.LazyFrame | pl.DataFrame, alias: str) -> pl.LazyFrame:
+    """Replace raw values of `column` by vocabulary indices in a new column `alias` (1 = OOV or null).
+
+    A hash lookup (`replace_strict`) keeps the frame's order without the cost
+    of an order-keeping join.
+    """
+    vocab = vocab.collect() if isinstance(vocab, pl.LazyFrame) else vocab
+    return frame.with_columns(
+        pl.col(column)
+        .replace_strict(vocab.get_column("raw"), vocab.get_column("index"), default=1, return_dtype=pl.Int32)
+        .alias(alias)
     )

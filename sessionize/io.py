@@ -203,7 +203,10 @@ def check_log(
 
 
 def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Expr) -> pl.LazyFrame:
-    """Add the row index and the drop reason (null when the row is kept).
+    """Add the drop reason (null when the row is kept); `lf` already carries the row index `_row`.
+
+    `lf` is read twice (the copies are found in a separate filter): pass a
+    collected frame's `.lazy()`, not a scan.
 
     Reasons, first match wins: null_user, null_item, null_timestamp, behavior
     (not among cfg.behaviors), duplicate (an exact copy, over all the log's
@@ -219,14 +222,32 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
         reason = reason.when(
             ~pl.col(cfg.behavior_col).cast(pl.String).is_in(behaviors).fill_null(False)
         ).then(pl.lit("behavior"))
-    reason = reason.when(
-        ~pl.struct(spec.log_columns).is_first_distinct()
-    ).then(pl.lit("duplicate")).otherwise(pl.lit(None, dtype=pl.String))
-    return (
-        lf
-        .with_row_index(ROW)
-        .with_columns(reason.alias(DROP))
+    # Exact duplicates, cheaply: copies share user and raw time, so after a
+    # sort by (user, time, input row) only rows of a tie group of that pair can
+    # be copies; just those get the exact (slow) struct comparison, in input
+    # order within the group.
+    cols = spec.log_columns
+    user, t = pl.col(spec.user_key), pl.col(cfg.time_col)
+    in_tie = (
+        ((user == user.shift(1)) & (t == t.shift(1))).fill_null(False)
+        | ((user == user.shift(-1)) & (t == t.shift(-1))).fill_null(False)
     )
+    copies = (
+        lf
+        .select(pl.col(ROW), *[pl.col(c) for c in cols])
+        .sort([spec.user_key, cfg.time_col, ROW])
+        .filter(in_tie)
+        .filter(~pl.struct(cols).is_first_distinct())
+        .select(pl.col(ROW))
+        # collected here: the copies are few, and an is_in over them is much
+        # cheaper than an order-keeping left join of every row (measured 5 s at 10M)
+        .collect(engine="in-memory")
+        .get_column(ROW)
+    )
+    reason = reason.when(pl.col(ROW).is_in(copies.implode())).then(pl.lit("duplicate")).otherwise(
+        pl.lit(None, dtype=pl.String)
+    )
+    return lf.with_columns(reason.alias(DROP))
 
 
 def to_events(

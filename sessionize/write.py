@@ -21,6 +21,8 @@ from sdm.errors import SdmError
 
 MANIFEST = "manifest.json"
 COMPRESSION = "zstd"
+ROW_GROUP = 8192
+"""Shard rows (user timelines) per Parquet row group."""
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -46,47 +48,50 @@ def clear_out_dir(out: Path) -> None:
             child.unlink()
 
 
-def shard_bounds(n_rows: int, rows_per_shard: int, min_shards: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges: about `rows_per_shard` rows each, at least min(min_shards, n_rows) ranges.
-
-    An empty split has no shards.
-    """
-    if n_rows == 0:
-        return []
-    n = max(math.ceil(n_rows / rows_per_shard), min(min_shards, n_rows))
-    cuts = [i * n_rows // n for i in range(n + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
 def _stats(df: pl.DataFrame) -> dict[str, int]:
     """Row, session, event and sample counts of a block of shard rows."""
     if df.height == 0:
         return {"rows": 0, "sessions": 0, "events": 0, "samples": 0}
-    lens = df.select(pl.col("sess_len").explode())["sess_len"]
+    lens = df.get_column("sess_len")
     return {
         "rows": df.height,
-        "sessions": int(lens.len()),
-        "events": int(lens.sum()),
-        "samples": int((lens - 1).clip(lower_bound=0).sum()),
+        "sessions": int(lens.list.len().sum()),
+        "events": int(lens.list.sum().sum()),
+        "samples": int(lens.list.eval((pl.element() - 1).clip(lower_bound=0)).list.sum().sum()),
     }
 
 
-def write_split(out: Path, split: str, rows: pl.DataFrame, rows_per_shard: int, min_shards: int) -> dict[str, Any]:
-    """Write one split's rows as `split/part-NNNNN.parquet` and return its manifest entry."""
+def even_bounds(n_rows: int, count: int) -> list[tuple[int, int]]:
+    """`count` contiguous row ranges of near-equal size covering `n_rows`."""
+    cuts = [i * n_rows // count for i in range(count + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def write_shards(out: Path, split: str, rows: pl.DataFrame, first: int, count: int) -> list[dict[str, Any]]:
+    """Write `rows` as `count` shards `split/part-NNNNN.parquet` numbered from `first`; return their entries.
+
+    Row groups of ROW_GROUP rows let a reader stream a shard in bounded memory.
+    """
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
+    if rows.height == 0:
+        return []
     shards = []
-    for k, (lo, hi) in enumerate(shard_bounds(rows.height, rows_per_shard, min_shards)):
+    for k, (lo, hi) in enumerate(even_bounds(rows.height, count)):
         part = rows.slice(lo, hi - lo)
-        rel = f"{split}/part-{k:05d}.parquet"
-        part.write_parquet(out / rel, compression=COMPRESSION)
+        rel = f"{split}/part-{first + k:05d}.parquet"
+        part.write_parquet(out / rel, compression=COMPRESSION, row_group_size=ROW_GROUP)
         shards.append({"path": rel, **_stats(part)})
-    total = _stats(rows)
+    return shards
+
+
+def split_entry(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """A split's manifest entry from its shard entries (totals + the list)."""
     return {
-        "users": total["rows"],
-        "sessions": total["sessions"],
-        "events": total["events"],
-        "samples": total["samples"],
+        "users": sum(s["rows"] for s in shards),
+        "sessions": sum(s["sessions"] for s in shards),
+        "events": sum(s["events"] for s in shards),
+        "samples": sum(s["samples"] for s in shards),
         "shards": shards,
     }
 

@@ -1,0 +1,273 @@
+"""Sessionizer benchmark: ours vs the sort floor, DuckDB SQL and pandas, in one run.
+
+    python bench/sessionize_bench.py --sizes 1m,10m          # then
+    python bench/sessionize_bench.py --sizes 100m --systems ours,ours_b4,floor
+
+Logs come from `sdm.pipeline.synth.generate` under `bench/out/sessionize_<size>/`
+(generated once, reused). Every system runs in its own subprocess under
+`/usr/bin/time`, which gives its wall time and peak RSS; the output size is the
+size of what it wrote. Machines are noisy, so the table reports ratios against
+the floor and DuckDB measured in the same run. Results are merged into
+`bench/results/sessionize.json` (keyed by size and system).
+
+Systems:
+    ours      `sdm.sessionize.run`, 1 bucket (ours_b4: 4 buckets, ...)
+    floor     polars: scan the log, sort by (user, time), write Parquet (zstd)
+    duckdb    SQL: the same sessions (session id / 10-min gap, 50-cut) and
+              7-day long-term window bounds, one row per session with its
+              item list, written as Parquet
+    pandas    a straightforward pandas version of the same (1M only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "out"
+RESULTS = ROOT / "results" / "sessionize.json"
+SIZES = {"1m": 1_000_000, "10m": 10_000_000, "100m": 100_000_000}
+GAP_US = 600_000_000
+WINDOW_US = 7 * 86_400_000_000
+MAX_LEN = 50
+
+
+def log_path(size: str) -> Path:
+    """The synthetic log of `size`, generated when missing (bounded memory, chunked)."""
+    path = OUT / f"sessionize_{size}" / "log.parquet"
+    if not path.exists():
+        from sdm.config import SynthConfig
+        from sdm.pipeline.synth import generate
+
+        generate(SynthConfig(out=path, events=SIZES[size], chunk_events=1_000_000), progress=False)
+    return path
+
+
+# --- the systems (each runs in a child process) -------------------------------------
+
+
+def run_ours(log: Path, out: Path, buckets: int) -> None:
+    from sdm.config import SessionizeConfig
+    from sdm.sessionize import run
+
+    run(SessionizeConfig(out=out, overwrite=True, buckets=buckets), log, progress=False)
+
+
+def run_floor(log: Path, out: Path) -> None:
+    import polars as pl
+
+    out.mkdir(parents=True, exist_ok=True)
+    pl.scan_parquet(log).sort(["user_id", "timestamp"]).collect(engine="in-memory").write_parquet(
+        out / "sorted.parquet", compression="zstd"
+    )
+
+
+DUCKDB_SQL = """
+CREATE TEMP TABLE ev AS
+SELECT user_id, item_id, epoch_us(timestamp) AS ts, session_id,
+       row_number() OVER () AS r
+FROM read_parquet('{log}');
+CREATE TEMP TABLE pos AS
+WITH g AS (
+  SELECT *, row_number() OVER w - 1 AS idx,
+         CASE WHEN lag(ts) OVER w IS NULL THEN 1
+              WHEN ts - lag(ts) OVER w < {gap} THEN 0
+              WHEN session_id = lag(session_id) OVER w THEN 0 ELSE 1 END AS brk
+  FROM ev WINDOW w AS (PARTITION BY user_id ORDER BY ts, r)
+), s AS (
+  SELECT *, sum(brk) OVER (PARTITION BY user_id ORDER BY idx ROWS UNBOUNDED PRECEDING) AS raw_sess FROM g
+)
+SELECT *, (row_number() OVER (PARTITION BY user_id, raw_sess ORDER BY idx) - 1) // {max_len} AS chunk FROM s;
+CREATE TEMP TABLE sess AS
+SELECT user_id, raw_sess, chunk, min(ts) AS start_ts, min(idx) AS start_idx, count(*) AS len,
+       list(item_id ORDER BY idx) AS items
+FROM pos GROUP BY user_id, raw_sess, chunk;
+COPY (
+  SELECT s.user_id, s.start_ts, s.start_idx, s.len, s.items,
+         greatest(coalesce(lo.idx + 1, 0), coalesce(hi.idx + 1, 0) - {max_long}) AS long_start,
+         coalesce(hi.idx + 1, 0) AS long_end
+  FROM sess s
+  ASOF LEFT JOIN pos lo ON s.user_id = lo.user_id AND s.start_ts - {window} > lo.ts
+  ASOF LEFT JOIN pos hi ON s.user_id = hi.user_id AND s.start_ts > hi.ts
+) TO '{out}/sessions.parquet' (FORMAT parquet, COMPRESSION zstd);
+"""
+
+
+def run_duckdb(log: Path, out: Path) -> None:
+    import duckdb
+
+    out.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.execute(f"SET temp_directory='{out}/tmp'")
+    con.execute(
+        DUCKDB_SQL.format(log=log, out=out, gap=GAP_US, max_len=MAX_LEN, max_long=MAX_LEN, window=WINDOW_US)
+    )
+
+
+def run_pandas(log: Path, out: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.read_parquet(log, columns=["user_id", "item_id", "timestamp", "session_id"])
+    df["ts"] = df["timestamp"].astype("int64") // 1000 if df["timestamp"].dt.unit == "ns" else df["timestamp"].astype("int64")
+    df["r"] = np.arange(len(df))
+    df = df.sort_values(["user_id", "ts", "r"], kind="stable").reset_index(drop=True)
+    g = df.groupby("user_id", sort=False)
+    gap = g["ts"].diff()
+    same = (df["session_id"] == g["session_id"].shift()).fillna(False)
+    brk = gap.isna() | ~((gap < GAP_US) | same)
+    df["idx"] = g.cumcount()
+    df["raw"] = brk.cumsum()
+    df["chunk"] = df.groupby("raw").cumcount() // MAX_LEN
+    sess = df.groupby(["raw", "chunk"], sort=False).agg(
+        user_id=("user_id", "first"), start_ts=("ts", "first"), start_idx=("idx", "first"),
+        len=("ts", "size"), items=("item_id", list),
+    ).reset_index(drop=True)
+    lo, hi = [], []
+    for (_, ts), (_, st) in zip(df.groupby("user_id", sort=False)["ts"], sess.groupby("user_id", sort=False)["start_ts"]):
+        t = ts.to_numpy()
+        s = st.to_numpy()
+        lo.append(np.searchsorted(t, s - WINDOW_US, side="left"))
+        hi.append(np.searchsorted(t, s, side="left"))
+    hi_a = np.concatenate(hi)
+    sess["long_start"] = np.maximum(np.concatenate(lo), hi_a - MAX_LEN)
+    sess["long_end"] = hi_a
+    sess.to_parquet(out / "sessions.parquet", compression="zstd")
+
+
+def child(system: str, log: Path, out: Path) -> None:
+    """Entry point of the child process."""
+    if system.startswith("ours"):
+        run_ours(log, out, int(system.split("_b")[1]) if "_b" in system else 1)
+    elif system == "floor":
+        run_floor(log, out)
+    elif system == "duckdb":
+        run_duckdb(log, out)
+    elif system == "pandas":
+        run_pandas(log, out)
+    else:
+        raise SystemExit(f"unknown system {system}")
+
+
+# --- the parent: measure, compare, report -------------------------------------------
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def measure(system: str, log: Path, out: Path) -> dict[str, Any]:
+    """Run one system in a child under /usr/bin/time: wall seconds, peak RSS, output bytes."""
+    shutil.rmtree(out, ignore_errors=True)
+    stats = out.parent / f"{out.name}.time"
+    cmd = ["/usr/bin/time", "-f", "%e %M", "-o", str(stats), sys.executable, __file__, "--child", system,
+           "--log", str(log), "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return {"system": system, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    _, rss_kb = stats.read_text().split()[-2:]
+    return {"system": system, "seconds": round(wall, 2), "peak_rss_mb": round(int(rss_kb) / 1024, 1),
+            "output_mb": round(dir_size(out) / 2**20, 1)}
+
+
+def check_duckdb_equals_ours(ours: Path, duck: Path) -> bool:
+    """Every session (user, start, length, items, long-window length) of DuckDB equals ours."""
+    import polars as pl
+
+    items = pl.read_parquet(ours / "vocab" / "item.parquet").select(pl.col("index"), pl.col("raw"))
+    mine = (
+        pl.scan_parquet(ours / "*" / "part-*.parquet")
+        .select(pl.col("user_id"), pl.col("ts"), pl.col("seq_item"), pl.col("sess_start"), pl.col("sess_len"),
+                pl.col("long_start"), pl.col("long_end"))
+        .explode(["sess_start", "sess_len", "long_start", "long_end"])
+        .select(
+            pl.col("user_id").cast(pl.Int64),
+            pl.col("ts").list.get(pl.col("sess_start")).alias("start_ts"),
+            pl.col("sess_len").cast(pl.Int64).alias("len"),
+            pl.col("seq_item").list.slice(pl.col("sess_start"), pl.col("sess_len")).alias("items"),
+            (pl.col("long_end") - pl.col("long_start")).cast(pl.Int64).alias("long_len"),
+        )
+        .collect()
+    )
+    # ours stores encoded items; decode (every item of the 1M log is in the training vocabulary or OOV = 1)
+    theirs = pl.read_parquet(duck / "sessions.parquet").select(
+        pl.col("user_id").cast(pl.Int64), pl.col("start_ts"), pl.col("len").cast(pl.Int64), pl.col("items"),
+        (pl.col("long_end") - pl.col("long_start")).cast(pl.Int64).alias("long_len"),
+    )
+    theirs = theirs.with_columns(
+        pl.col("items").list.eval(pl.element().replace_strict(items["raw"], items["index"], default=1)).cast(pl.List(pl.Int32))
+    )
+    key = ["user_id", "start_ts", "len", "long_len"]
+    a = mine.with_columns(pl.col("items").cast(pl.List(pl.Int32))).sort(key + ["items"])
+    b = theirs.sort(key + ["items"])
+    return a.height == b.height and a.equals(b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1m,10m")
+    ap.add_argument("--systems", default=None, help="comma-separated; default: all that fit the size")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--log", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.log, args.out)
+        return
+
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    import os
+
+    load = os.getloadavg()
+    for size in args.sizes.split(","):
+        log = log_path(size)
+        default = ["floor", "ours", "duckdb"] + (["pandas"] if size == "1m" else []) + (["ours_b4"] if size == "100m" else [])
+        systems = args.systems.split(",") if args.systems else default
+        rows = []
+        for system in systems:
+            r = measure(system, log, OUT / f"run_{size}_{system}")
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        by = {r["system"]: r for r in rows if "error" not in r}
+        check = None
+        if size == "1m" and "ours" in by and "duckdb" in by:
+            check = check_duckdb_equals_ours(OUT / f"run_{size}_ours", OUT / f"run_{size}_duckdb")
+        input_mb = log.stat().st_size / 2**20
+        for r in rows:
+            if "error" in r:
+                continue
+            r["events_per_s"] = round(SIZES[size] / r["seconds"])
+            r["x_floor"] = round(r["seconds"] / by["floor"]["seconds"], 2) if "floor" in by else None
+            r["duckdb_over_this"] = round(by["duckdb"]["seconds"] / r["seconds"], 2) if "duckdb" in by else None
+            r["output_over_input"] = round(r["output_mb"] / input_mb, 2)
+        results[size] = {
+            "events": SIZES[size], "input_mb": round(input_mb, 1), "load_avg_before": [round(x, 1) for x in load],
+            "cpus": os.cpu_count(), "duckdb_sessions_equal_ours": check, "systems": rows,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+        print(f"\n### {size} events ({input_mb:.0f} MB input; load avg before {load[0]:.1f}; duckdb == ours: {check})\n")
+        print("| system | seconds | events/s | peak RSS MB | output MB | time / floor | DuckDB time / this | output / input |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "error" in r:
+                print(f"| {r['system']} | failed: {r['error']} |")
+                continue
+            print(f"| {r['system']} | {r['seconds']} | {r['events_per_s']:,} | {r['peak_rss_mb']} | {r['output_mb']} | "
+                  f"{r['x_floor']} | {r['duckdb_over_this']} | {r['output_over_input']} |")
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

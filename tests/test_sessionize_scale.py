@@ -1,0 +1,176 @@
+"""Bucketed, partitioned and combined sessionizing equal the one-bucket output.
+
+Small random logs (ties, nulls, duplicates, session ids, item features, a users
+table) through `run` with several bucket counts, through the plan ->
+partitions -> combine route, and through worker processes; the rebuilt
+sessions, windows, splits, vocabularies, side tables and manifest totals must
+be identical to the one-bucket run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import read_sessions
+from typer.testing import CliRunner
+
+from sdm.cli import app
+from sdm.config import SessionizeConfig
+from sdm.errors import SdmError
+from sdm.sessionize import partial, run, write
+
+
+def _random_log(tmp_path: Path, seed: int, n: int = 600) -> tuple[Path, Path]:
+    """A messy random log (string users, ties, nulls, duplicates) and a users table."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 40, n)
+    minutes = np.sort(rng.choice([0, 0, 1, 9, 10, 11, 300, 3000, 10080], n).cumsum())
+    items = rng.integers(0, 30, n).astype(object)
+    items[rng.random(n) < 0.02] = None
+    sid = rng.integers(0, 5, n).astype(object)
+    sid[rng.random(n) < 0.5] = None
+    df = pl.DataFrame(
+        {
+            "user_id": [f"u{u:02d}" if r > 0.01 else None for u, r in zip(users, rng.random(n))],
+            "item_id": pl.Series(items.tolist(), dtype=pl.Int64),
+            "timestamp": pl.Series((minutes * 60_000_000).tolist(), dtype=pl.Int64).cast(pl.Datetime("us", "UTC")),
+            "session_id": pl.Series(sid.tolist(), dtype=pl.Int64),
+            "category": pl.Series((rng.integers(0, 5, n)).tolist(), dtype=pl.Int64),
+        }
+    ).sample(fraction=1.0, shuffle=True, seed=seed)
+    df = pl.concat([df, df.head(7)])  # exact duplicates
+    log = tmp_path / "log.parquet"
+    df.write_parquet(log)
+    users = tmp_path / "users.parquet"
+    pl.DataFrame({"user_id": [f"u{u:02d}" for u in range(0, 40, 2)], "age": list(range(20))}).write_parquet(users)
+    return log, users
+
+
+def _cfg(out: Path, users: Path, **kw: Any) -> SessionizeConfig:
+    base = dict(
+        out=out, users=users, item_features=["category"], user_features=["age"],
+        max_session_len=3, max_long_len=4, rows_per_shard=5, min_shards=4,
+    )
+    return SessionizeConfig(**{**base, **kw})
+
+
+def _same_output(a: Path, b: Path, ma: dict[str, Any], mb: dict[str, Any]) -> None:
+    assert read_sessions(a) == read_sessions(b)
+    for name in ma["vocab_sizes"]:
+        assert pl.read_parquet(a / "vocab" / f"{name}.parquet").equals(pl.read_parquet(b / "vocab" / f"{name}.parquet"))
+    for table in ("items.parquet", "users.parquet"):
+        assert pl.read_parquet(a / table).equals(pl.read_parquet(b / table))
+    for key in ("rows_in", "rows_kept", "dropped", "vocab_sizes", "cutoffs", "num_items"):
+        assert ma[key] == mb[key], key
+    for split in ("train", "valid", "test"):
+        for key in ("users", "sessions", "events", "samples"):
+            assert ma["splits"][split][key] == mb["splits"][split][key], (split, key)
+
+
+SPLITS = [{"valid_fraction": 0.2, "test_fraction": 0.25}, {"valid_days": 3, "test_days": 2}, {}]
+
+
+@pytest.mark.parametrize("split", range(len(SPLITS)))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_buckets_equal_one_bucket(tmp_path, seed, split):
+    log, users = _random_log(tmp_path, seed)
+    one = run(_cfg(tmp_path / "b1", users, **SPLITS[split]), log, progress=False)
+    assert one["dropped"]["duplicate"] >= 7 and one["dropped"]["null_user"] > 0
+    for n in (2, 3, 7):
+        m = run(_cfg(tmp_path / f"b{n}", users, buckets=n, **SPLITS[split]), log, progress=False)
+        _same_output(tmp_path / "b1", tmp_path / f"b{n}", one, m)
+        for s in m["splits"].values():
+            # min_shards holds over all buckets together
+            assert len(s["shards"]) >= min(4, s["users"])
+            assert sum(x["rows"] for x in s["shards"]) == s["users"]
+    assert not list(tmp_path.glob(".sdm-work-*")), "work directory left behind"
+
+
+def test_workers_equal_one_process(tmp_path):
+    log, users = _random_log(tmp_path, 2, n=300)
+    one = run(_cfg(tmp_path / "b1", users), log, progress=False)
+    m = run(_cfg(tmp_path / "w", users, buckets=3, workers=2), log, progress=False)
+    _same_output(tmp_path / "b1", tmp_path / "w", one, m)
+
+
+def test_plan_partitions_combine_equal_one_bucket(tmp_path):
+    log, users = _random_log(tmp_path, 3)
+    one = run(_cfg(tmp_path / "b1", users), log, progress=False)
+    meta = run(_cfg(tmp_path / "p", users, buckets=3, plan_only=True), log, progress=False)
+    assert meta["buckets"] == 3 and not (tmp_path / "p" / "manifest.json").exists()
+    plan = tmp_path / "p" / "plan"
+    parts = []
+    for i in range(3):
+        pm = run(_cfg(tmp_path / f"part{i}", users, bucket=f"{i}/3", plan=plan), log, progress=False)
+        assert pm["bucket"] == i and (tmp_path / f"part{i}" / "partial-manifest.json").exists()
+        assert not (tmp_path / f"part{i}" / "manifest.json").exists()
+        parts.append(tmp_path / f"part{i}")
+    m = partial.combine(plan, parts[::-1], tmp_path / "all", progress=False)
+    _same_output(tmp_path / "b1", tmp_path / "all", one, m)
+    assert json.loads((tmp_path / "all" / "manifest.json").read_text()) == m
+    with pytest.raises(SdmError, match=r"missing partition\(s\) \[1\]"):
+        partial.combine(plan, [parts[0], parts[2]], tmp_path / "x", progress=False)
+    with pytest.raises(SdmError, match="given twice"):
+        partial.combine(plan, [parts[0], parts[0], parts[1], parts[2]], tmp_path / "y", progress=False)
+    with pytest.raises(SdmError, match="3 buckets"):
+        run(_cfg(tmp_path / "q", users, bucket="0/4", plan=plan), log, progress=False)
+    with pytest.raises(SdmError, match="another config.*max_long_len"):
+        run(_cfg(tmp_path / "q", users, bucket="0/3", plan=plan, max_long_len=9), log, progress=False)
+
+
+def test_cli_plan_bucket_combine(tmp_path):
+    log, _ = _random_log(tmp_path, 4, n=200)
+    r = CliRunner()
+    res = r.invoke(app, ["sessionize", str(log), "--out", str(tmp_path / "p"), "--buckets", "2", "--plan-only", "-q"])
+    assert res.exit_code == 0, res.output
+    plan = tmp_path / "p" / "plan"
+    for i in range(2):
+        args = ["sessionize", str(log), "--out", str(tmp_path / f"part{i}"), "--bucket", f"{i}/2", "--plan", str(plan), "-q"]
+        res = r.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    res = r.invoke(
+        app,
+        ["sessionize-combine", "--plan", str(plan), "--out", str(tmp_path / "all"), str(tmp_path / "part0"), str(tmp_path / "part1")],
+    )
+    assert res.exit_code == 0, res.output
+    res = r.invoke(app, ["sessionize", str(log), "--out", str(tmp_path / "b1"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert read_sessions(tmp_path / "all") == read_sessions(tmp_path / "b1")
+    res = r.invoke(app, ["sessionize-combine", "--plan", str(plan), "--out", str(tmp_path / "z"), str(tmp_path / "part0")])
+    assert res.exit_code == 1 and "missing partition" in res.output
+
+
+def test_bucket_config_validation():
+    with pytest.raises(ValueError, match="i/N"):
+        SessionizeConfig(bucket="3/3", plan=Path("p"))
+    with pytest.raises(ValueError, match="needs plan"):
+        SessionizeConfig(bucket="0/3")
+    with pytest.raises(ValueError, match=">= 1"):
+        SessionizeConfig(buckets=0)
+    assert SessionizeConfig(bucket="2/16", plan=Path("p")).bucket_of == (2, 16)
+
+
+def test_allocate_shards_over_buckets():
+    from sdm.sessionize import _allocate
+
+    # one bucket: the one-bucket rule
+    assert _allocate([7], 2, 3) == [(0, 4)]
+    assert _allocate([0, 0], 2, 3) == [(0, 0), (0, 0)]
+    # min_shards over all buckets, never more shards than a bucket's rows
+    got = _allocate([1, 9, 0], 100, 8)
+    assert sum(c for _, c in got) >= 8 and got[0][1] <= 1 and got[2][1] == 0
+    assert [f for f, _ in got] == [0, got[0][1], got[0][1] + got[1][1]]
+
+
+def test_row_groups_bounded(tmp_path):
+    rows = pl.DataFrame({"sess_len": [[1, 2]] * 20_000})
+    shards = write.write_shards(tmp_path, "train", rows, 0, 1)
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(tmp_path / shards[0]["path"]).metadata.num_row_groups == 3
+    assert shards[0] == {"path": "train/part-00000.parquet", "rows": 20_000, "sessions": 40_000, "events": 60_000, "samples": 20_000}
