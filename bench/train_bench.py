@@ -30,7 +30,7 @@ from sdm.model.sdm import SDM
 from sdm.pipeline.baselines import build_baseline
 from sdm.pipeline.dataset import SessionDataset, load_item_counts, load_item_table, read_manifest
 from sdm.pipeline.evaluate import evaluate_model
-from sdm.pipeline.train import build_model_config, get_lr, model_features, train, train_step
+from sdm.pipeline.train import build_model_config, get_lr, model_features, resolve_loss, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SDM_SHARED", ROOT.parent / "shared"))
@@ -81,6 +81,7 @@ class Setup:
         self.sampler = NegativeSampler(load_item_counts(cfg.data, m), cfg.num_negatives, cfg.neg_power)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.items, self.users = model_features(m, cfg.variant)
+        self.loss = resolve_loss(cfg.loss, int(m["num_items"]))
 
     def dataset(self) -> SessionDataset:
         c = self.cfg
@@ -88,7 +89,7 @@ class Setup:
 
     def step(self, batch: dict, step: int) -> None:
         train_step(self.model, self.model, self.opt, batch, self.sampler, self.gen, self.cfg,
-                   get_lr(step, self.cfg, 10_000), nullcontext())  # fmt: skip
+                   get_lr(step, self.cfg, 10_000), nullcontext(), self.loss)  # fmt: skip
 
 
 def loader_rate(setup: Setup, epochs: int) -> tuple[float, list[float]]:

@@ -82,6 +82,19 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
     )
 
 
+FULL_SOFTMAX_MAX_ITEMS = 20_000
+
+
+def resolve_loss(loss: str, num_items: int) -> str:
+    """`auto`: the full softmax for catalogues up to 20,000 items (exact, and it
+    learned better than 1,000 sampled negatives on MovieLens-100K), else sampled
+    softmax with log-Q correction (the paper's choice, memory independent of the
+    catalogue)."""
+    if loss != "auto":
+        return loss
+    return "full" if num_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled"
+
+
 def train_step(
     model: SDM,
     net: torch.nn.Module,
@@ -92,6 +105,7 @@ def train_step(
     cfg: TrainConfig,
     lr: float,
     autocast: Any,
+    loss_kind: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch already on the device; (loss, grad norm).
 
@@ -104,7 +118,7 @@ def train_step(
     with autocast:
         user_vecs = net(batch)
         loss = sdm_loss(
-            model, batch, user_vecs, loss=cfg.loss, sampler=sampler, generator=gen, target_decay=cfg.target_decay
+            model, batch, user_vecs, loss=loss_kind, sampler=sampler, generator=gen, target_decay=cfg.target_decay
         )
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -174,11 +188,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         resume = _load_resume(cfg, manifest, model_cfg)
         if rank == 0:
             cfg.out.mkdir(parents=True, exist_ok=True)
+            if resume is None:  # a fresh run replaces an earlier run's files, never mixes with them
+                for name in ("best.pt", "last.pt", "train_log.jsonl"):
+                    (cfg.out / name).unlink(missing_ok=True)
             save_config(cfg, cfg.out / "config.json")
 
         item_table = load_item_table(cfg.data, manifest)[:, : len(model_cfg.item_vocab)]
         counts = load_item_counts(cfg.data, manifest)
         model = SDM(model_cfg, item_table).to(device)
+        loss_kind = resolve_loss(cfg.loss, int(manifest["num_items"]))
         sampler = NegativeSampler(counts, num_negatives=cfg.num_negatives, power=cfg.neg_power).to(device)
         gen = torch.Generator(device=device)
         gen.manual_seed(cfg.seed * 1000 + rank)
@@ -267,7 +285,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                         continue
                     lr = get_lr(step, cfg, total_steps)
                     batch = move_batch(batch, device)
-                    loss, grad_norm = train_step(model, net, opt, batch, sampler, gen, cfg, lr, autocast)
+                    loss, grad_norm = train_step(model, net, opt, batch, sampler, gen, cfg, lr, autocast, loss_kind)
                     if not torch.isfinite(grad_norm):
                         nan, stop, reason = True, True, "nan"
                         break
@@ -306,11 +324,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 _atomic_save(checkpoint(0, epoch), cfg.out / "last.pt")
             if bad_epochs >= cfg.patience:
                 stop, reason = True, "early_stop"
-        if reason == "max_steps" and not (cfg.out / "best.pt").exists():
-            # A run cut by max_steps still leaves a model to evaluate.
-            best = validate()
-            if rank == 0:
-                _atomic_save(checkpoint(0, epoch), cfg.out / "best.pt")
+        if reason == "max_steps":
+            # A run cut by max_steps is validated too, so best.pt is its best model.
+            hr = validate()
+            if hr > best or not (cfg.out / "best.pt").exists():
+                best = max(hr, best)
+                if rank == 0:
+                    _atomic_save(checkpoint(0, epoch), cfg.out / "best.pt")
         if bar is not None:
             bar.close()
         summary = {
