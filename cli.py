@@ -197,9 +197,6 @@ def evaluate(cfg: EvaluateConfig, config: ConfigOpt = None, quiet: QuietOpt = Fa
     typer.echo(f"-> {cfg.out}")
 
 
-# Kept as one block with its own import, so it stays independent of the edits around it.
-
-
 @app.command()
 @_with_config_flags(ExportConfig, "export")
 def export(cfg: ExportConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
@@ -213,8 +210,7 @@ def export(cfg: ExportConfig, config: ConfigOpt = None, quiet: QuietOpt = False)
     )
 
 
-# Data tooling: synth / convert / download. Kept as one block (with its own
-# import) so that edits to the pipeline commands above stay independent.
+# Data tooling: synth / convert / download.
 
 
 @app.command()

@@ -196,12 +196,12 @@ class TrainConfig(_Base):
     data: Path = Path("runs/data")
     out: Path = Path("runs/model")
     variant: Variant = "PSDMMAL-N"
-    epochs: int = 20
+    epochs: int = 12
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
-    batch_size: int = 128
+    batch_size: int = 64
     """Sessions per batch (each session contributes all its positions)."""
-    lr: float = 3e-3
+    lr: float = 5e-3
     weight_decay: float = 1e-5
     warmup_steps: int = 100
     grad_clip: float = 1.0
@@ -211,7 +211,7 @@ class TrainConfig(_Base):
     dropout: float = 0.2
     num_targets: int = 5
     """N of PSDMMAL-N (next N items); the other variants use 1."""
-    target_decay: float = 1.0
+    target_decay: float = 0.3
     """PSDMMAL-N: weight decay ** k for the target k items ahead (1.0 = all N alike, as the paper)."""
     loss: Literal["auto", "sampled", "inbatch", "full"] = "auto"
     """auto: full softmax up to 20,000 items, sampled softmax (log-Q corrected) above."""

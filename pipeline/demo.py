@@ -18,6 +18,8 @@ from sdm.config import DemoConfig, SessionizeConfig, SynthConfig, TrainConfig, s
 from sdm.errors import SdmError
 
 BASELINES = ("popularity", "itemcf", "itemcf-repeat")
+# What the demo writes in `out`: --overwrite removes these and nothing else.
+OWN = ("config.json", "logs.parquet", "items.parquet", "users.parquet", "data", "model", "report.md", "metrics.json")
 
 
 def _table(rows: list[dict[str, Any]], ks: list[int]) -> str:
@@ -47,8 +49,13 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise SdmError(f"{out}: directory is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+        for name in OWN:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
     t0 = time.time()
 
