@@ -119,7 +119,9 @@ def _with_config_flags(cls: type, section: str, skip: tuple[str, ...] = ()) -> C
 
 
 def _existing_file(help_text: str) -> Any:
-    return typer.Argument(help=help_text, exists=True, dir_okay=False, readable=True)
+    # Existence is checked by the library, so a missing file is a one-line error with
+    # exit code 1 like every other bad input (typer's own check exits with 2).
+    return typer.Argument(help=help_text)
 
 
 @app.command()

@@ -380,7 +380,7 @@ class DemoConfig(_Base):
     out: Path = Path("runs/demo")
     overwrite: bool = True
     """The demo replaces its own previous output by default."""
-    events: int = 300_000
+    events: int = 100_000
     """Size of the synthetic log."""
     epochs: int = 4
     max_steps: int | None = None
