@@ -94,6 +94,7 @@ def sampled_softmax_logits(
     negatives: Tensor,
     negative_vecs: Tensor,
     log_q: Tensor,
+    row: Tensor | None = None,
 ) -> Tensor:
     """Logits of the true item (column 0) and of the S negatives, as TensorFlow's
     `sampled_softmax_loss(remove_accidental_hits=True, subtract_log_q=True)` builds them.
@@ -108,13 +109,18 @@ def sampled_softmax_logits(
         negatives: LongTensor (S,) sampled items.
         negative_vecs: (S, D) item vectors of `negatives`.
         log_q: (V,) log expected count of each item (`NegativeSampler.log_q`).
+        row: optional LongTensor (P,): pair i uses user vector user[row[i]]. Several
+            targets of one position (PSDMMAL-N) then share one (S,) row of negative
+            logits instead of recomputing it per target; user is then (U, D).
 
     Returns:
         float32 (P, 1 + S).
     """
     user = user.float()
+    neg_logits = user @ negative_vecs.float().T - log_q[negatives]  # (U, S)
+    if row is not None:
+        user, neg_logits = user[row], neg_logits[row]  # (P, D), (P, S)
     true_logit = (user * target_vecs.float()).sum(-1, keepdim=True) - log_q[targets].unsqueeze(-1)  # (P, 1)
-    neg_logits = user @ negative_vecs.float().T - log_q[negatives]  # (P, S)
     hits = targets.unsqueeze(1) == negatives.unsqueeze(0)  # (P, S)
     neg_logits = neg_logits.masked_fill(hits, float("-inf"))
     return torch.cat([true_logit, neg_logits], dim=1)  # (P, 1 + S)
@@ -135,13 +141,14 @@ def sampled_softmax_loss(
     negative_vecs: Tensor,
     log_q: Tensor,
     weight: Tensor | None = None,
+    row: Tensor | None = None,
 ) -> Tensor:
     """Sampled softmax cross-entropy with log-Q correction; arguments as `sampled_softmax_logits`.
 
     Returns:
         scalar, the mean over the P rows (weighted by `weight` (P,) when given).
     """
-    logits = sampled_softmax_logits(user, targets, target_vecs, negatives, negative_vecs, log_q)  # (P, 1 + S)
+    logits = sampled_softmax_logits(user, targets, target_vecs, negatives, negative_vecs, log_q, row)  # (P, 1 + S)
     return _mean(F.cross_entropy(logits, torch.zeros_like(targets), reduction="none"), weight)
 
 
@@ -169,21 +176,28 @@ def inbatch_softmax_loss(
     return _mean(F.cross_entropy(logits, torch.arange(len(targets), device=targets.device), reduction="none"), weight)
 
 
-def full_softmax_loss(user: Tensor, targets: Tensor, item_vecs: Tensor, weight: Tensor | None = None) -> Tensor:
+def full_softmax_loss(
+    user: Tensor, targets: Tensor, item_vecs: Tensor, weight: Tensor | None = None, row: Tensor | None = None
+) -> Tensor:
     """Cross-entropy over every item of the vocabulary, padding (0) and OOV (1) excluded.
 
     Args:
-        user: (P, D).
+        user: (P, D), or (U, D) with `row`.
         targets: LongTensor (P,), all >= 2.
         item_vecs: (V, D), rows 0 and 1 included (they are masked here).
+        weight: optional (P,) pair weights.
+        row: optional LongTensor (P,): pair i uses user[row[i]], so the log-softmax over
+            the catalogue is computed once per position, not once per target.
 
     Returns:
         scalar, the mean over the P rows.
     """
-    logits = user.float() @ item_vecs.float().T  # (P, V)
+    logits = user.float() @ item_vecs.float().T  # (U, V)
     special = torch.arange(logits.shape[1], device=logits.device) <= OOV  # (V,) padding and OOV columns
-    logits = logits.masked_fill(special, float("-inf"))
-    return _mean(F.cross_entropy(logits, targets, reduction="none"), weight)
+    log_p = torch.log_softmax(logits.masked_fill(special, float("-inf")), dim=1)  # (U, V)
+    if row is None:
+        row = torch.arange(len(targets), device=targets.device)
+    return _mean(-log_p[row, targets], weight)
 
 
 def target_pairs(batch: Batch, num_targets: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -250,19 +264,22 @@ def sdm_loss(
     rows, cols, targets, ahead = target_pairs(batch, cfg.num_targets if cfg.variant == "PSDMMAL-N" else 1)
     if targets.numel() == 0:
         return user_vecs.sum() * 0.0
-    user = user_vecs[rows, cols]  # (P, D)
     weight = None if target_decay == 1.0 else torch.pow(target_decay, ahead.float())  # (P,)
+    # Each position with a target once (U <= P): its N targets share its logits.
+    key = rows * user_vecs.shape[1] + cols
+    positions, row = torch.unique(key, return_inverse=True)  # (U,), (P,)
+    user = user_vecs.reshape(-1, user_vecs.shape[-1])[positions]  # (U, D)
     if loss == "full":
-        return full_softmax_loss(user, targets, model.all_item_vectors(), weight)
+        return full_softmax_loss(user, targets, model.all_item_vectors(), weight, row)
     if sampler is None:
         raise ValueError(f"loss {loss!r} needs a NegativeSampler")
     if sampler.probs.device != user_vecs.device:
         sampler.to(user_vecs.device)  # once: later calls find it there
     target_vecs = model.item_vectors(targets)  # (P, D)
     if loss == "inbatch":
-        return inbatch_softmax_loss(user, targets, target_vecs, sampler.log_freq, weight)
+        return inbatch_softmax_loss(user[row], targets, target_vecs, sampler.log_freq, weight)
     if loss == "sampled":
         negatives = sampler.sample(generator)  # (S,)
         negative_vecs = model.item_vectors(negatives)  # (S, D)
-        return sampled_softmax_loss(user, targets, target_vecs, negatives, negative_vecs, sampler.log_q, weight)
+        return sampled_softmax_loss(user, targets, target_vecs, negatives, negative_vecs, sampler.log_q, weight, row)
     raise ValueError(f"unknown loss {loss!r}, expected one of 'sampled', 'inbatch', 'full'")
