@@ -205,6 +205,10 @@ class TrainConfig(_Base):
     weight_decay: float = 1e-5
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    item_features: list[str] | None = None
+    """Item side features to use (comma-separated; default: all in the data)."""
+    user_features: list[str] | None = None
+    """User profile features to use (comma-separated; default: all in the data)."""
     embedding_dim: int = 64
     lstm_layers: int = 1
     num_heads: int = 2
@@ -240,6 +244,10 @@ class TrainConfig(_Base):
         if v < 1:
             raise ValueError(f"must be >= 1, got {v}")
         return v
+
+    _norm_features = field_validator("item_features", "user_features", mode="before")(
+        classmethod(lambda cls, v: _split_list(v))
+    )
 
     @field_validator("target_decay")
     @classmethod

@@ -76,11 +76,11 @@ class Setup:
         self.manifest = m
         mc = build_model_config(cfg, m)
         torch.manual_seed(cfg.seed)
-        self.model = SDM(mc, load_item_table(cfg.data, m)[:, : len(mc.item_vocab)])
+        self.model = SDM(mc, load_item_table(cfg.data, m, list(mc.item_vocab)))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sampler = NegativeSampler(load_item_counts(cfg.data, m), cfg.num_negatives, cfg.neg_power)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.items, self.users = model_features(m, cfg.variant)
+        self.items, self.users = model_features(m, cfg)
         self.loss = resolve_loss(cfg.loss, int(m["num_items"]))
 
     def dataset(self) -> SessionDataset:

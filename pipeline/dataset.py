@@ -323,12 +323,13 @@ def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return out
 
 
-def load_item_table(data_dir: Path, manifest: dict[str, Any]) -> torch.Tensor:
-    """(num_items, F) feature indices of every item index, columns in manifest order.
+def load_item_table(data_dir: Path, manifest: dict[str, Any], features: list[str] | None = None) -> torch.Tensor:
+    """(num_items, F) feature indices of every item index.
 
-    Rows 0 (padding) and 1 (OOV) hold 0 and 1 in every column.
+    Columns are `features` in that order (default: the manifest's item features);
+    rows 0 (padding) and 1 (OOV) hold 0 and 1 in every column.
     """
-    feats = manifest["item_features"]
+    feats = list(features) if features is not None else manifest["item_features"]
     table = pq.read_table(Path(data_dir) / "items.parquet")
     n = int(manifest["num_items"])
     out = np.zeros((n, len(feats)), dtype=np.int64)

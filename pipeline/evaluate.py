@@ -346,7 +346,7 @@ def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device
     from sdm.model.sdm import SDM, ModelConfig
 
     model_cfg = ModelConfig(**ckpt["model_config"])
-    item_table = load_item_table(data_dir, manifest)[:, : len(model_cfg.item_vocab)]
+    item_table = load_item_table(data_dir, manifest, list(model_cfg.item_vocab))
     model = SDM(model_cfg, item_table)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

@@ -56,17 +56,37 @@ def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def model_features(manifest: dict[str, Any], variant: str) -> tuple[list[str], list[str]]:
-    """Item and user features a variant reads (NoS: item id and user id only)."""
-    items, users = list(manifest["item_features"]), list(manifest["user_features"])
-    if variant in NO_SIDE_INFO_VARIANTS:
+def _pick(kind: str, wanted: list[str] | None, have: list[str], ids: str, data: Path) -> list[str]:
+    """The id feature plus the wanted side features; SdmError naming any the data lacks."""
+    if wanted is None:
+        return have
+    missing = [f for f in wanted if f not in have]
+    if missing:
+        side = [f for f in have if f != ids] or "none"
+        raise SdmError(
+            f"{data}: {kind} feature(s) {missing} are not in the data (it has: {side}); "
+            f"sessionize with --{kind}-features to add them"
+        )
+    return [f for f in have if f == ids] + [f for f in wanted if f != ids]
+
+
+def model_features(manifest: dict[str, Any], cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """Item and user features the run reads: `--item-features` / `--user-features` (default:
+    all in the data); the NoS variant reads the item id and user id only.
+
+    Raises:
+        SdmError: a requested feature the data does not have (the message names it).
+    """
+    items = _pick("item", cfg.item_features, list(manifest["item_features"]), "item", cfg.data)
+    users = _pick("user", cfg.user_features, list(manifest["user_features"]), "user", cfg.data)
+    if cfg.variant in NO_SIDE_INFO_VARIANTS:
         items, users = ["item"], [u for u in users if u == "user"]
     return items, users
 
 
 def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfig:
     """The model's typed config from the run config and the data manifest."""
-    items, users = model_features(manifest, cfg.variant)
+    items, users = model_features(manifest, cfg)
     sizes = manifest["vocab_sizes"]
     return ModelConfig(
         variant=cfg.variant,
@@ -193,7 +213,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     (cfg.out / name).unlink(missing_ok=True)
             save_config(cfg, cfg.out / "config.json")
 
-        item_table = load_item_table(cfg.data, manifest)[:, : len(model_cfg.item_vocab)]
+        item_table = load_item_table(cfg.data, manifest, list(model_cfg.item_vocab))
         counts = load_item_counts(cfg.data, manifest)
         model = SDM(model_cfg, item_table).to(device)
         loss_kind = resolve_loss(cfg.loss, int(manifest["num_items"]))
@@ -204,7 +224,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
         net = ddp if ddp is not None else model
 
-        items, users = model_features(manifest, cfg.variant)
+        items, users = model_features(manifest, cfg)
         ds = SessionDataset(
             cfg.data, "train", cfg.batch_size, items, users, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
             seed=cfg.seed, rank=rank, world_size=world, manifest=manifest,

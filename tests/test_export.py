@@ -44,7 +44,7 @@ def make_model(data: Path, variant: str = "PSDMMAL-N", seed: int = 0) -> SDM:
     manifest = read_manifest(data)
     model_cfg = build_model_config(TrainConfig(data=data, variant=variant, embedding_dim=D), manifest)
     torch.manual_seed(seed)
-    item_table = load_item_table(data, manifest)[:, : len(model_cfg.item_vocab)]
+    item_table = load_item_table(data, manifest, list(model_cfg.item_vocab))
     return SDM(model_cfg, item_table).eval()
 
 
@@ -219,4 +219,4 @@ def test_model_features_agree_with_tower(exported: dict[str, Any]) -> None:
     """The tower's inputs are the trainer's features for the variant (so batches fit it)."""
     manifest = read_manifest(exported["data"])
     tower = UserTower(exported["model"])
-    assert (tower.item_features, tower.user_features) == model_features(manifest, "PSDMMAL-N")
+    assert (tower.item_features, tower.user_features) == model_features(manifest, TrainConfig(data=exported["data"], variant="PSDMMAL-N"))

@@ -174,3 +174,16 @@ def test_row_groups_bounded(tmp_path):
 
     assert pq.ParquetFile(tmp_path / shards[0]["path"]).metadata.num_row_groups == 3
     assert shards[0] == {"path": "train/part-00000.parquet", "rows": 20_000, "sessions": 40_000, "events": 60_000, "samples": 20_000}
+
+
+def test_empty_buckets_equal_one_bucket(tmp_path):
+    """More buckets than users: some buckets hold no row at all."""
+    log, users = _random_log(tmp_path, 5, n=80)
+    df = pl.read_parquet(log).with_columns(
+        pl.when(pl.col("user_id").is_not_null()).then(pl.lit("u02")).otherwise(None).alias("user_id")
+    )
+    df.write_parquet(log)
+    one = run(_cfg(tmp_path / "b1", users), log, progress=False)
+    for n in (5, 9):
+        m = run(_cfg(tmp_path / f"b{n}", users, buckets=n), log, progress=False)
+        _same_output(tmp_path / "b1", tmp_path / f"b{n}", one, m)

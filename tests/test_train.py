@@ -134,3 +134,17 @@ def test_torchrun_two_processes(data, tmp_path):
     assert ckpt["epoch"] >= 1
     lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("valid" in x for x in lines)
+
+
+def test_feature_selection_and_missing_feature_error(data, tmp_path):
+    from sdm.pipeline.dataset import read_manifest
+    from sdm.pipeline.train import build_model_config
+
+    m = read_manifest(data)
+    mc = build_model_config(cfg(data, tmp_path / "m", item_features=[], user_features="age"), m)
+    assert list(mc.item_vocab) == ["item"] and list(mc.user_vocab) == ["user", "age"]
+    summary = train(cfg(data, tmp_path / "m", item_features=[], max_steps=2), progress=False)
+    assert summary["steps"] == 2
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--item-features", "brand,category"])
+    assert r.exit_code == 1
+    assert "item feature(s) ['brand'] are not in the data (it has: ['category'])" in r.output
