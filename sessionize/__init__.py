@@ -5,7 +5,8 @@ Entry point: `run(cfg, log)`. The stages are lazy polars transforms
 (`sessionize.core`), with reading/validation in `sessionize.io` and writing in
 `sessionize.write`.
 
-Scale: `buckets` = N hash-partitions the users; a first pass sessionizes
+Scale: `buckets` = N hash-partitions the users; the log is split once into
+per-bucket files (one streaming read), then a first pass sessionizes
 bucket by bucket (spilled to disk) and derives what needs the whole log
 (cutoffs, vocabularies, per-user sess_id offsets, shard layout); a second pass
 writes each bucket's shards. Peak memory is about one bucket's; the output
@@ -53,6 +54,7 @@ from sdm.sessionize.io import (
     DROP_REASONS,
     ITEM,
     ROW,
+    SID,
     TS,
     USER,
     LogSpec,
@@ -145,13 +147,59 @@ class _Part:
         return self.events.lazy() if self.events is not None else pl.scan_parquet(self.spill)
 
 
-def _first_pass(inp: _Input, b: int, n: int, spill: Path | None) -> _Part:
-    """Read bucket `b` of `n`, count drops, sessionize it; spill the events to `spill` when given."""
-    cfg = inp.cfg
+_SPLIT_KEY = "_bucket"
+"""Partition column of `split_log`'s directories (`_bucket=<b>/`)."""
+
+
+def _bucket_input(inp: _Input, b: int, n: int, split: Path | None) -> pl.DataFrame:
+    """The raw rows of bucket `b` of `n` with their input row numbers `_row`.
+
+    From the bucket's file of `split_log` when given; else filtered out of the
+    log by the streaming engine, which keeps only the bucket's rows in memory
+    (the in-memory engine materialises every row before filtering: 6.9 GB to
+    keep one quarter of a 100M-event log).
+    """
     lf = inp.lf.with_row_index(ROW)
-    if n > 1:
-        lf = lf.filter(bucket_expr(inp.spec.user_key, n) == b)
-    raw = _collect(lf, str(inp.log))
+    if split is not None:
+        files = sorted((split / f"{_SPLIT_KEY}={b}").glob("*.parquet"))
+        if not files:
+            return pl.DataFrame(schema=lf.collect_schema())
+        lf = pl.scan_parquet(files, hive_partitioning=False)
+        return _collect(lf, str(inp.log))
+    if n == 1:
+        return _collect(lf, str(inp.log))
+    try:
+        return lf.filter(bucket_expr(inp.spec.user_key, n) == b).collect(engine="streaming")
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{inp.log}: {first}") from None
+
+
+def split_log(inp: _Input, n: int, out: Path) -> None:
+    """Write the log, with input row numbers `_row`, split by user bucket into `out/_bucket=<b>/`.
+
+    One streaming read of the log instead of one read per bucket; memory stays
+    bounded by the engine's batches. lz4: the files are read back once, soon.
+    """
+    lf = inp.lf.with_row_index(ROW)
+    try:
+        lf.sink_parquet(
+            pl.PartitionBy(out, key=bucket_expr(inp.spec.user_key, n).alias(_SPLIT_KEY), include_key=False),
+            compression="lz4",
+            mkdir=True,
+        )
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{inp.log}: {first}") from None
+
+
+def _first_pass(inp: _Input, b: int, n: int, spill: Path | None, split: Path | None = None) -> _Part:
+    """Read bucket `b` of `n`, count drops, sessionize it; spill the events to `spill` when given.
+
+    `split`: the directory `split_log` wrote (else the bucket is filtered out of the log).
+    """
+    cfg = inp.cfg
+    raw = _bucket_input(inp, b, n, split)
     tagged = _collect(tag_drops(raw.lazy(), cfg, inp.spec, inp.ts), str(inp.log))
     del raw
     counts = dict(tagged.get_column(DROP).drop_nulls().value_counts().iter_rows())
@@ -160,7 +208,8 @@ def _first_pass(inp: _Input, b: int, n: int, spill: Path | None) -> _Part:
         tagged.lazy().filter(pl.col(DROP).is_null()), cfg, inp.spec, inp.ts, inp.items_lf, inp.schema[cfg.item_col]
     )
     gap_us = cfg.gap_td // dt.timedelta(microseconds=1)
-    ev = _collect(core.sessionize(events, gap_us, cfg.max_session_len), str(inp.log))
+    # the back-end session id is not needed once sessions are numbered
+    ev = _collect(core.sessionize(events, gap_us, cfg.max_session_len).drop(SID), str(inp.log))
     rows_in = tagged.height
     del tagged
     sessions = ev.filter(pl.col(core.NEW)).select(pl.col(USER), pl.col(core.START), pl.col(core.SESS))
@@ -172,10 +221,10 @@ def _first_pass(inp: _Input, b: int, n: int, spill: Path | None) -> _Part:
     return _Part(rows_in, dropped, sessions, None if max_ts is None else int(max_ts), ev, spill)
 
 
-def _first_pass_job(args: tuple[SessionizeConfig, Path, int, int, Path | None]) -> _Part:
+def _first_pass_job(args: tuple[SessionizeConfig, Path, int, int, Path | None, Path | None]) -> _Part:
     """`_first_pass` in a worker process (re-opens the input: LazyFrames are not sent)."""
-    cfg, log, b, n, spill = args
-    return _first_pass(_open(cfg, log), b, n, spill)
+    cfg, log, b, n, spill, split = args
+    return _first_pass(_open(cfg, log), b, n, spill, split)
 
 
 @dataclass
@@ -298,16 +347,9 @@ def _second_pass(inp: _Input, plan: Plan, b: int, part: _Part, out: Path) -> dic
     window_us = cfg.long_window_td // dt.timedelta(microseconds=1)
     sessions = core.long_windows(core.sessions_table(ev.lazy()), ev.lazy(), window_us, cfg.max_long_len)
     if plan.buckets > 1:
-        # bucket-local numbering -> global: shift each user's sessions to its offset
-        local_first = part.sessions.group_by(USER).agg(pl.col(core.SESS).min().alias("_first"))
-        shift = plan.offsets.lazy().join(local_first.lazy(), on=USER, how="inner").select(
-            pl.col(USER), (pl.col("_offset") - pl.col("_first")).alias("_shift")
-        )
-        sessions = (
-            sessions
-            .join(shift, on=USER, how="left", maintain_order="left")
-            .with_columns((pl.col(core.SESS) + pl.col("_shift")).alias(core.SESS))
-            .drop("_shift")
+        sessions = pl.concat(
+            [sessions.drop(core.SESS), pl.DataFrame({core.SESS: _global_sess(part.sessions, plan.offsets)}).lazy()],
+            how="horizontal",
         )
     rows = _collect(core.rows_table(sessions), str(inp.log))
 
@@ -351,6 +393,28 @@ def _second_pass(inp: _Input, plan: Plan, b: int, part: _Part, out: Path) -> dic
     return written
 
 
+def _global_sess(sessions: pl.DataFrame, offsets: pl.DataFrame) -> pl.Series:
+    """Global sess_id of a bucket's sessions (`_Part.sessions`, in bucket-local sess order).
+
+    A user's sessions are consecutive in both numberings, so global = the
+    user's offset + (local id - the user's first local id). The bucket's users
+    come sorted (as `offsets` is), so a binary search finds their offsets: no
+    join over every user of the log per bucket.
+    """
+    runs = sessions.get_column(USER).rle()
+    users = runs.struct.field("value")
+    counts = runs.struct.field("len").cast(pl.Int64).to_numpy()
+    keys = offsets.get_column(USER)
+    pos = keys.search_sorted(users, side="left")
+    if len(users) and (int(pos.max()) >= len(keys) or not keys.gather(pos).equals(users, check_names=False, check_dtypes=False)):
+        raise SdmError("plan offsets do not cover this bucket's users (another log or polars version?)")
+    local_first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    shift = offsets.get_column("_offset").gather(pos).cast(pl.Int64).to_numpy() - local_first
+    local = sessions.get_column(core.SESS).cast(pl.Int64).to_numpy()
+    # local ids run 0.. in the bucket
+    return pl.Series(core.SESS, local + np.repeat(shift, counts), dtype=pl.Int64)
+
+
 def _second_pass_job(args: tuple[SessionizeConfig, Path, Plan, int, _Part, Path]) -> dict[str, list[dict[str, Any]]]:
     """`_second_pass` in a worker process."""
     cfg, log, plan, b, part, out = args
@@ -377,18 +441,30 @@ def _map(fn: Callable, jobs: list[Any], workers: int) -> list[Any]:
 
 
 def _first_passes(inp: _Input, n: int, work: Path | None, say: Callable[[str], None]) -> list[_Part]:
-    """First pass over every bucket (spilled to `work` when there are several)."""
+    """First pass over every bucket (the log split once by bucket, spilled to `work` when there are several)."""
     cfg = inp.cfg
     spills = [None if work is None else work / f"bucket-{b:05d}.parquet" for b in range(n)]
-    if cfg.workers > 1 and n > 1:
-        say(f"first pass: {n} buckets in {cfg.workers} processes")
-        return _map(_first_pass_job, [(cfg, inp.log, b, n, spills[b]) for b in range(n)], cfg.workers)
-    parts = []
-    for b in range(n):
-        parts.append(_first_pass(inp, b, n, spills[b]))
-        if n > 1:
-            say(f"first pass: bucket {b + 1}/{n} ({parts[-1].sessions.height} sessions)")
-    return parts
+    split = None
+    if work is not None and n > 1:
+        split = work / "input"
+        split_log(inp, n, split)
+        say(f"split the log into {n} buckets")
+    try:
+        if cfg.workers > 1 and n > 1:
+            say(f"first pass: {n} buckets in {cfg.workers} processes")
+            return _map(_first_pass_job, [(cfg, inp.log, b, n, spills[b], split) for b in range(n)], cfg.workers)
+        parts = []
+        for b in range(n):
+            parts.append(_first_pass(inp, b, n, spills[b], split))
+            if split is not None:
+                # each bucket's input is read once
+                shutil.rmtree(split / f"{_SPLIT_KEY}={b}", ignore_errors=True)
+            if n > 1:
+                say(f"first pass: bucket {b + 1}/{n} ({parts[-1].sessions.height} sessions)")
+        return parts
+    finally:
+        if split is not None:
+            shutil.rmtree(split, ignore_errors=True)
 
 
 def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, Any]:
