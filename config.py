@@ -208,7 +208,7 @@ class TrainConfig(_Base):
     item_features: list[str] | None = None
     """Item side features to use (comma-separated; default: all in the data)."""
     user_features: list[str] | None = None
-    """User profile features to use (comma-separated; default: all in the data)."""
+    """User features for e_u (comma-separated; default: the profile, without the user id `user`)."""
     embedding_dim: int = 64
     lstm_layers: int = 1
     num_heads: int = 2

@@ -56,31 +56,37 @@ def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _pick(kind: str, wanted: list[str] | None, have: list[str], ids: str, data: Path) -> list[str]:
-    """The id feature plus the wanted side features; SdmError naming any the data lacks."""
+def _pick(kind: str, wanted: list[str] | None, have: list[str], default: list[str], data: Path) -> list[str]:
+    """`wanted` (default: `default`), checked against the data; SdmError naming what it lacks."""
     if wanted is None:
-        return have
+        return default
     missing = [f for f in wanted if f not in have]
     if missing:
-        side = [f for f in have if f != ids] or "none"
         raise SdmError(
-            f"{data}: {kind} feature(s) {missing} are not in the data (it has: {side}); "
+            f"{data}: {kind} feature(s) {missing} are not in the data (it has: {have}); "
             f"sessionize with --{kind}-features to add them"
         )
-    return [f for f in have if f == ids] + [f for f in wanted if f != ids]
+    return wanted
 
 
 def model_features(manifest: dict[str, Any], cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """Item and user features the run reads: `--item-features` / `--user-features` (default:
-    all in the data); the NoS variant reads the item id and user id only.
+    """Item and user features the run reads.
+
+    Items: the item id plus `--item-features` (default: every side feature in the data).
+    Users: `--user-features` (default: the profile features, not the user id: SPEC 7's
+    e_u is the profile, and a user-id embedding memorises training users and is only the
+    OOV vector for new ones; `--user-features user,...` adds it). The NoS variant reads
+    the item id and the user id only, as SPEC 7 defines it.
 
     Raises:
         SdmError: a requested feature the data does not have (the message names it).
     """
-    items = _pick("item", cfg.item_features, list(manifest["item_features"]), "item", cfg.data)
-    users = _pick("user", cfg.user_features, list(manifest["user_features"]), "user", cfg.data)
+    have_items, have_users = list(manifest["item_features"]), list(manifest["user_features"])
+    side = _pick("item", cfg.item_features, have_items, have_items, cfg.data)
+    items = ["item"] + [f for f in side if f != "item"]
+    users = _pick("user", cfg.user_features, have_users, [u for u in have_users if u != "user"], cfg.data)
     if cfg.variant in NO_SIDE_INFO_VARIANTS:
-        items, users = ["item"], [u for u in users if u == "user"]
+        items, users = ["item"], [u for u in have_users if u == "user"]
     return items, users
 
 

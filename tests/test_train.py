@@ -141,10 +141,14 @@ def test_feature_selection_and_missing_feature_error(data, tmp_path):
     from sdm.pipeline.train import build_model_config
 
     m = read_manifest(data)
-    mc = build_model_config(cfg(data, tmp_path / "m", item_features=[], user_features="age"), m)
+    mc = build_model_config(cfg(data, tmp_path / "m", item_features=[], user_features="user,age"), m)
     assert list(mc.item_vocab) == ["item"] and list(mc.user_vocab) == ["user", "age"]
+    default = build_model_config(cfg(data, tmp_path / "m"), m)  # profile only, no user id
+    assert list(default.item_vocab) == ["item", "category"] and list(default.user_vocab) == ["age"]
+    nos = build_model_config(cfg(data, tmp_path / "m", variant="PSDMMAL-NoS"), m)
+    assert list(nos.item_vocab) == ["item"] and list(nos.user_vocab) == ["user"]
     summary = train(cfg(data, tmp_path / "m", item_features=[], max_steps=2), progress=False)
     assert summary["steps"] == 2
     r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--item-features", "brand,category"])
     assert r.exit_code == 1
-    assert "item feature(s) ['brand'] are not in the data (it has: ['category'])" in r.output
+    assert "item feature(s) ['brand'] are not in the data (it has: ['item', 'category'])" in r.output
