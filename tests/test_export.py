@@ -112,7 +112,7 @@ def test_user_tower_spec(exported: dict[str, Any]) -> None:
     model = exported["model"]
     assert [i["name"] for i in spec["inputs"]] == UserTower(model).input_names()
     assert [i["name"] for i in spec["inputs"]] == [
-        "seq_item", "seq_category", "seq_len", "long_item", "long_category", "long_len", "user", "user_age",
+        "seq_item", "seq_category", "seq_len", "long_item", "long_category", "long_len", "user_age",
     ]  # fmt: skip
     assert spec["fingerprint"] == "test-fingerprint"
     assert spec["embedding_dim"] == D and spec["max_session_len"] == MAX_SESSION_LEN
