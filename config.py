@@ -55,6 +55,13 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+def _at_least_one(v: int | None) -> int | None:
+    """Validator body shared by every count field: None passes, anything below 1 fails."""
+    if v is not None and v < 1:
+        raise ValueError(f"must be >= 1, got {v}")
+    return v
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -138,12 +145,9 @@ class SessionizeConfig(_Base):
                 raise ValueError(f"bucket must be 'i/N' with 0 <= i < N, got {v!r}")
         return v
 
-    @field_validator("max_session_len", "max_long_len", "rows_per_shard", "min_shards", "buckets", "workers")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
+    _positive = field_validator(
+        "max_session_len", "max_long_len", "rows_per_shard", "min_shards", "buckets", "workers"
+    )(classmethod(lambda cls, v: _at_least_one(v)))
 
     @model_validator(mode="after")
     def _check_split(self) -> SessionizeConfig:
@@ -238,12 +242,9 @@ class TrainConfig(_Base):
     amp: bool = True
     """Mixed precision (bf16) on GPU; ignored on CPU."""
 
-    @field_validator("epochs", "batch_size", "embedding_dim", "lstm_layers", "num_heads", "num_targets", "eval_k")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
+    _positive = field_validator(
+        "epochs", "batch_size", "embedding_dim", "lstm_layers", "num_heads", "num_targets", "eval_k"
+    )(classmethod(lambda cls, v: _at_least_one(v)))
 
     _norm_features = field_validator("item_features", "user_features", mode="before")(
         classmethod(lambda cls, v: _split_list(v))
@@ -337,12 +338,9 @@ class SynthConfig(_Base):
     chunk_events: int = 1_000_000
     """Events generated and written per chunk (bounds memory)."""
 
-    @field_validator("events", "chunk_events", "users", "items", "categories", "brands", "shops")
-    @classmethod
-    def _positive(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
+    _positive = field_validator("events", "chunk_events", "users", "items", "categories", "brands", "shops")(
+        classmethod(lambda cls, v: _at_least_one(v))
+    )
 
     @field_validator("days", "zipf")
     @classmethod
