@@ -445,8 +445,9 @@ def build_config(cls: type[_Base], toml: Path | None, section: str, overrides: d
         key = ".".join(str(p) for p in err["loc"]) or section
         if err["type"] == "extra_forbidden":
             raise SdmError(f"{source}: unknown config key {key!r} in [{section}]") from None
-        shown = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
         msg = err["msg"].removeprefix("Value error, ")
+        has_input = "input" in err and not isinstance(err["input"], dict) and "got " not in msg
+        shown = f" (got {err['input']!r})" if has_input else ""
         raise SdmError(f"{source}: invalid {key!r}: {msg}{shown}") from None
 
 
