@@ -34,6 +34,12 @@ def _next_item_hits(topk: Tensor, target: Tensor) -> Tensor:
     return (topk == target.unsqueeze(1)) & (topk != PAD)
 
 
+def _hit_ranks(topk: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(hits (Q, K) float, ranks (K,) = 1..K) for the rank-based metrics."""
+    ranks = torch.arange(1, topk.shape[1] + 1, device=topk.device, dtype=torch.float32)
+    return _next_item_hits(topk, target).float(), ranks
+
+
 def _set_hits(topk: Tensor, targets: Tensor) -> Tensor:
     """(Q, K) bool: topk[q, r] in G_q, by binary search in the sorted target rows.
 
@@ -125,8 +131,7 @@ def ndcg_at_k(topk: Tensor, target: Tensor) -> Tensor:
     Returns:
         (Q,) float.
     """
-    hits = _next_item_hits(topk, target).float()
-    ranks = torch.arange(1, topk.shape[1] + 1, device=topk.device, dtype=torch.float32)
+    hits, ranks = _hit_ranks(topk, target)
     return (hits / torch.log2(ranks + 1)).sum(1)
 
 
@@ -140,8 +145,7 @@ def mrr_at_k(topk: Tensor, target: Tensor) -> Tensor:
     Returns:
         (Q,) float.
     """
-    hits = _next_item_hits(topk, target).float()
-    ranks = torch.arange(1, topk.shape[1] + 1, device=topk.device, dtype=torch.float32)
+    hits, ranks = _hit_ranks(topk, target)
     return (hits / ranks).sum(1)
 
 
