@@ -86,6 +86,8 @@ class SessionizeConfig(_Base):
     behavior_col: str = "behavior"
     behaviors: list[str] | None = None
     """Keep only these event types (comma-separated); others are dropped and counted."""
+    keep_duplicates: bool = False
+    """Keep exact duplicate rows (same value in every column) as events; by default they are dropped and counted as `duplicate`."""
     item_features: list[str] = []
     """Item side-info columns (from the log or the items table), comma-separated."""
     user_features: list[str] = []

@@ -210,7 +210,8 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
 
     Reasons, first match wins: null_user, null_item, null_timestamp, behavior
     (not among cfg.behaviors), duplicate (an exact copy, over all the log's
-    columns, of an earlier row; the first copy is kept).
+    columns, of an earlier row; the first copy is kept; not checked with
+    cfg.keep_duplicates).
     """
     behaviors = [str(b) for b in (cfg.behaviors or [])]
     reason = (
@@ -222,6 +223,13 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
         reason = reason.when(
             ~pl.col(cfg.behavior_col).cast(pl.String).is_in(behaviors).fill_null(False)
         ).then(pl.lit("behavior"))
+    if not cfg.keep_duplicates:
+        reason = reason.when(pl.col(ROW).is_in(_copies(lf, cfg, spec).implode())).then(pl.lit("duplicate"))
+    return lf.with_columns(reason.otherwise(pl.lit(None, dtype=pl.String)).alias(DROP))
+
+
+def _copies(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec) -> pl.Series:
+    """Row index of every exact copy (over all the log's columns) of an earlier row."""
     # Exact duplicates, cheaply: copies share user and raw time, so after a
     # sort by (user, time, input row) only rows of a tie group of that pair can
     # be copies; just those get the exact (slow) struct comparison, in input
@@ -232,7 +240,7 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
         ((user == user.shift(1)) & (t == t.shift(1))).fill_null(False)
         | ((user == user.shift(-1)) & (t == t.shift(-1))).fill_null(False)
     )
-    copies = (
+    return (
         lf
         .select(pl.col(ROW), *[pl.col(c) for c in cols])
         .sort([spec.user_key, cfg.time_col, ROW])
@@ -244,10 +252,6 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
         .collect(engine="in-memory")
         .get_column(ROW)
     )
-    reason = reason.when(pl.col(ROW).is_in(copies.implode())).then(pl.lit("duplicate")).otherwise(
-        pl.lit(None, dtype=pl.String)
-    )
-    return lf.with_columns(reason.alias(DROP))
 
 
 def to_events(

@@ -536,3 +536,12 @@ def test_bad_input_leaves_old_output_untouched(tmp_path):
     with pytest.raises(SdmError):
         run(_cfg(tmp_path, overwrite=True, item_features=["nope"]), _good(tmp_path), progress=False)
     assert (out / "manifest.json").exists()
+
+
+def test_keep_duplicates_keeps_exact_copies_as_events(tmp_path):
+    df = pl.DataFrame({"user_id": [1, 1, 1], "item_id": [7, 7, 8], "timestamp": [at(0), at(0), at(1)]})
+    m, ss = go(tmp_path / "drop", df)
+    assert m["dropped"]["duplicate"] == 1 and raw_items(tmp_path / "drop", ss) == [[7, 8]]
+    m, ss = go(tmp_path / "keep", df, keep_duplicates=True)
+    assert m["dropped"]["duplicate"] == 0 and m["rows_kept"] == 3
+    assert raw_items(tmp_path / "keep", ss) == [[7, 7, 8]]
