@@ -94,10 +94,18 @@ class SessionizeConfig(_Base):
     """User profile columns from the users table, comma-separated."""
     time_unit: Literal["s", "ms"] | None = None
     """Unit of an integer epoch timestamp column."""
+    time_format: str | None = None
+    """strftime pattern of a string timestamp column, e.g. '%Y-%m-%d %H:%M:%S UTC' (naive = UTC)."""
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    """Format of the log file; auto: .csv/.tsv/.txt are CSV, anything else Parquet (side tables go by their suffix)."""
+    delimiter: str | None = None
+    """CSV field separator of the log and CSV side tables (default ',', tab for .tsv)."""
     gap: str = "10m"
-    """Two events less than this apart are one session."""
+    """Two events less than this apart are one session (e.g. 10m, 90s, 1h; a bare number is seconds)."""
     max_session_len: int = 50
+    """Sessions longer than this are cut into chunks; at least 2 (a one-event session has no sample)."""
     long_window: str = "7d"
+    """Long-term window before each session (e.g. 7d, 12h; a bare number is seconds)."""
     max_long_len: int = 50
     valid_start: dt.datetime | None = None
     test_start: dt.datetime | None = None
@@ -150,6 +158,14 @@ class SessionizeConfig(_Base):
     _positive = field_validator(
         "max_session_len", "max_long_len", "rows_per_shard", "min_shards", "buckets", "workers"
     )(classmethod(lambda cls, v: _at_least_one(v)))
+
+    @field_validator("max_session_len")
+    @classmethod
+    def _two_events(cls, v: int) -> int:
+        # cut at 1, every session has one event and no (prefix, next item) sample
+        if v < 2:
+            raise ValueError(f"must be >= 2 (a session of one event gives no training sample), got {v}")
+        return v
 
     @model_validator(mode="after")
     def _check_split(self) -> SessionizeConfig:
@@ -221,6 +237,8 @@ class TrainConfig(_Base):
     dropout: float = 0.2
     num_targets: int = 5
     """N of PSDMMAL-N (next N items); the other variants use 1."""
+    repeat: bool = True
+    """Repeat head: items of the session and of the 7-day window get a learned re-visit score (beyond the paper; --no-repeat is the paper's model)."""
     target_decay: float = 0.3
     """PSDMMAL-N: weight decay ** k for the target k items ahead (1.0 = all N alike, as the paper)."""
     loss: Literal["auto", "sampled", "inbatch", "full"] = "auto"
@@ -306,7 +324,39 @@ class ExportConfig(_Base):
     overwrite: bool = False
     """Replace the export files of a non-empty output directory."""
     faiss: bool = True
-    """Write items.faiss (exact inner-product index) when faiss is installed."""
+    """Write items.faiss (an index chosen by catalogue size, see serve/index.py) when faiss is installed."""
+    onnx: bool = True
+    """Also write user_tower.onnx when the onnx extra is installed."""
+
+
+class RecommendConfig(_Base):
+    """`sdm recommend LOG`: top-K items for every user of a log, from the user's latest session."""
+
+    data: Path = Path("runs/data")
+    """Shard directory the model was trained on (sessionize config, vocabularies, item and user tables)."""
+    model: Path = Path("runs/model")
+    """Training output directory holding best.pt."""
+    out: Path = Path("runs/recs.parquet")
+    """Parquet file: user_id, session_start, items (raw ids, best first), scores."""
+    overwrite: bool = False
+    """Replace an existing output file."""
+    at: dt.datetime | None = None
+    """Recommend as of this time: events at or after it are ignored (default: after the last event)."""
+    k: int = 100
+    """Items per user."""
+    exclude_seen: bool = False
+    """Never recommend items of the user's current session."""
+    index: Literal["exact", "faiss"] = "exact"
+    """Exact chunked scoring (the code of `sdm evaluate`) or a faiss index (serve/index.py)."""
+    items: Path | None = None
+    """Raw items table for side features the log lacks (default: the one training used, if it still exists)."""
+    batch_size: int = 1024
+    """Users scored per batch."""
+    bucket_events: int = 5_000_000
+    """Events sessionized at a time: users are hash-partitioned into ceil(events / this) buckets (memory bound)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    _positive = field_validator("k", "batch_size", "bucket_events")(classmethod(lambda cls, v: _at_least_one(v)))
 
 
 class SynthConfig(_Base):
@@ -400,6 +450,7 @@ SECTIONS: dict[str, type[_Base]] = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "export": ExportConfig,
+    "recommend": RecommendConfig,
     "synth": SynthConfig,
     "demo": DemoConfig,
 }
@@ -415,6 +466,12 @@ def load_toml_section(path: Path, section: str) -> dict[str, Any]:
             doc = tomllib.load(fh)
     except FileNotFoundError:
         raise SdmError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise SdmError(f"{path}: config is a directory, expected a TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise SdmError(f"{path}: config file is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise SdmError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SdmError(f"{path}: not valid TOML ({exc})") from None
     known = set(SECTIONS)
@@ -448,7 +505,9 @@ def build_config(cls: type[_Base], toml: Path | None, section: str, overrides: d
         if err["type"] == "extra_forbidden":
             raise SdmError(f"{source}: unknown config key {key!r} in [{section}]") from None
         msg = err["msg"].removeprefix("Value error, ")
-        has_input = "input" in err and not isinstance(err["input"], dict) and "got " not in msg
+        has_input = (
+            "input" in err and not isinstance(err["input"], dict) and "got " not in msg and repr(err["input"]) not in msg
+        )
         shown = f" (got {err['input']!r})" if has_input else ""
         raise SdmError(f"{source}: invalid {key!r}: {msg}{shown}") from None
 

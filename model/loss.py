@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdm.model.sdm import OOV, PAD, SDM, Batch
+from sdm.model.sdm import NO_COPY, OOV, PAD, SDM, Batch, History
 
 LossKind = Literal["sampled", "inbatch", "full"]
 
@@ -142,18 +142,43 @@ def sampled_softmax_loss(
     log_q: Tensor,
     weight: Tensor | None = None,
     row: Tensor | None = None,
+    copy: Copy | None = None,
 ) -> Tensor:
-    """Sampled softmax cross-entropy with log-Q correction; arguments as `sampled_softmax_logits`.
+    """Sampled softmax cross-entropy with log-Q correction; arguments as `sampled_softmax_logits`,
+    `copy` as `_with_copy`.
 
     Returns:
         scalar, the mean over the P rows (weighted by `weight` (P,) when given).
     """
     logits = sampled_softmax_logits(user, targets, target_vecs, negatives, negative_vecs, log_q, row)  # (P, 1 + S)
+    if copy is not None:
+        return _mean(_with_copy(logits, logits[:, 0], copy), weight)
     return _mean(F.cross_entropy(logits, torch.zeros_like(targets), reduction="none"), weight)
 
 
+Copy = tuple[Tensor, Tensor]
+"""The repeat head's part of a loss: (copy logits (P, C), match (P, C) bool: candidate c is
+the pair's target item). Every candidate is enumerated, so it is in the softmax exactly
+(no sampling, no log-Q)."""
+
+
+def _with_copy(logits: Tensor, true_logit: Tensor, copy: Copy) -> Tensor:
+    """-log P(target) of the mixture softmax: the explore logits (P, K) of which `true_logit` (P,)
+    is the target's, plus every copy candidate; the target's mass is its explore term plus
+    its copy terms. Returns (P,)."""
+    r, match = copy
+    denominator = torch.logsumexp(torch.cat([logits, r], dim=1), dim=1)  # (P,)
+    numerator = torch.logsumexp(torch.cat([true_logit.unsqueeze(1), r.masked_fill(~match, NO_COPY)], dim=1), dim=1)
+    return denominator - numerator
+
+
 def inbatch_softmax_loss(
-    user: Tensor, targets: Tensor, target_vecs: Tensor, log_q: Tensor, weight: Tensor | None = None
+    user: Tensor,
+    targets: Tensor,
+    target_vecs: Tensor,
+    log_q: Tensor,
+    weight: Tensor | None = None,
+    copy: Copy | None = None,
 ) -> Tensor:
     """Softmax over the batch's targets: row i's positive is target i, the other rows'
     targets are its negatives. An item shows up as a target in proportion to its
@@ -173,11 +198,18 @@ def inbatch_softmax_loss(
     same = targets.unsqueeze(1) == targets.unsqueeze(0)  # (P, P)
     eye = torch.eye(len(targets), dtype=torch.bool, device=targets.device)
     logits = logits.masked_fill(same & ~eye, float("-inf"))
+    if copy is not None:
+        return _mean(_with_copy(logits, logits.diagonal(), copy), weight)
     return _mean(F.cross_entropy(logits, torch.arange(len(targets), device=targets.device), reduction="none"), weight)
 
 
 def full_softmax_loss(
-    user: Tensor, targets: Tensor, item_vecs: Tensor, weight: Tensor | None = None, row: Tensor | None = None
+    user: Tensor,
+    targets: Tensor,
+    item_vecs: Tensor,
+    weight: Tensor | None = None,
+    row: Tensor | None = None,
+    copy: Copy | None = None,
 ) -> Tensor:
     """Cross-entropy over every item of the vocabulary, padding (0) and OOV (1) excluded.
 
@@ -194,10 +226,16 @@ def full_softmax_loss(
     """
     logits = user.float() @ item_vecs.float().T  # (U, V)
     special = torch.arange(logits.shape[1], device=logits.device) <= OOV  # (V,) padding and OOV columns
-    log_p = torch.log_softmax(logits.masked_fill(special, float("-inf")), dim=1)  # (U, V)
+    logits = logits.masked_fill(special, float("-inf"))
     if row is None:
         row = torch.arange(len(targets), device=targets.device)
-    return _mean(-log_p[row, targets], weight)
+    if copy is None:
+        return _mean(-torch.log_softmax(logits, dim=1)[row, targets], weight)
+    r, match = copy  # (P, C) each
+    explore = torch.logsumexp(logits, dim=1)[row]  # (P,) the normaliser's explore part, once per position
+    denominator = torch.logaddexp(explore, torch.logsumexp(r, dim=1))  # (P,)
+    numerator = torch.logaddexp(logits[row, targets], torch.logsumexp(r.masked_fill(~match, NO_COPY), dim=1))
+    return _mean(denominator - numerator, weight)
 
 
 def target_pairs(batch: Batch, num_targets: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -237,6 +275,7 @@ def sdm_loss(
     sampler: NegativeSampler | None = None,
     generator: torch.Generator | None = None,
     target_decay: float = 1.0,
+    history: History | None = None,
 ) -> Tensor:
     """Mean loss over the batch's (position, target) pairs.
 
@@ -253,6 +292,8 @@ def sdm_loss(
         sampler: draws the negatives and holds log-Q; moved to user_vecs' device if elsewhere.
         generator: random source for the negatives, on the same device as the sampler.
         target_decay: weight ratio between consecutive targets, in (0, 1].
+        history: the repeat head's output for the batch (`model(batch, with_history=True)`);
+            each pair's softmax then also holds the copy candidates of its position.
 
     Returns:
         scalar; 0 (with a graph) when the batch has no pair.
@@ -269,17 +310,23 @@ def sdm_loss(
     key = rows * user_vecs.shape[1] + cols
     positions, row = torch.unique(key, return_inverse=True)  # (U,), (P,)
     user = user_vecs.reshape(-1, user_vecs.shape[-1])[positions]  # (U, D)
+    copy = None
+    if history is not None:
+        r = history.logits[rows, cols]  # (P, C)
+        copy = (r, history.items[rows] == targets.unsqueeze(1))
     if loss == "full":
-        return full_softmax_loss(user, targets, model.all_item_vectors(), weight, row)
+        return full_softmax_loss(user, targets, model.all_item_vectors(), weight, row, copy)
     if sampler is None:
         raise ValueError(f"loss {loss!r} needs a NegativeSampler")
     if sampler.probs.device != user_vecs.device:
         sampler.to(user_vecs.device)  # once: later calls find it there
     target_vecs = model.item_vectors(targets)  # (P, D)
     if loss == "inbatch":
-        return inbatch_softmax_loss(user[row], targets, target_vecs, sampler.log_freq, weight)
+        return inbatch_softmax_loss(user[row], targets, target_vecs, sampler.log_freq, weight, copy)
     if loss == "sampled":
         negatives = sampler.sample(generator)  # (S,)
         negative_vecs = model.item_vectors(negatives)  # (S, D)
-        return sampled_softmax_loss(user, targets, target_vecs, negatives, negative_vecs, sampler.log_q, weight, row)
+        return sampled_softmax_loss(
+            user, targets, target_vecs, negatives, negative_vecs, sampler.log_q, weight, row, copy
+        )
     raise ValueError(f"unknown loss {loss!r}, expected one of 'sampled', 'inbatch', 'full'")

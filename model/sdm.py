@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,9 @@ class ModelConfig(BaseModel):
     """N of PSDMMAL-N; the loss uses it, the model does not."""
     max_session_len: int = 50
     max_long_len: int = 50
+    repeat: bool = False
+    """Add the repeat (copy) head: items of the session prefix and of the long-term window
+    get a learned extra score (`RepeatHead`); off = the paper's model."""
 
     @field_validator("embedding_dim", "lstm_layers", "num_heads", "num_targets", "max_session_len", "max_long_len")
     @classmethod
@@ -330,6 +333,111 @@ class DNNEncoder(nn.Module):
         return self.mlp(torch.cat([prefix_mean, rest], dim=-1))  # (B, T, D)
 
 
+class History(NamedTuple):
+    """The user's own past items as extra candidates of every session position (`RepeatHead`).
+
+    Attributes:
+        items: LongTensor (B, C): candidate item indices, the session's positions 0..T-1
+            then the long-term window's 0..L-1; 0 where there is none.
+        logits: float32 (B, T, C): copy logit of candidate c for the user vector at
+            position p; `NO_COPY` where p may not read c (a later session position,
+            padding, OOV).
+    """
+
+    items: Tensor
+    logits: Tensor
+
+
+NO_COPY = -1e9
+"""Copy logit of a candidate that may not be read: exp() of it is exactly 0, and unlike -inf
+it keeps logsumexp's gradient finite when a row has no candidate at all."""
+
+
+class RepeatHead(nn.Module):
+    """Repeat mode (beyond the paper; RepeatNet's idea as a copy mechanism): a score for
+    re-consuming an item the user already interacted with.
+
+    The model's item distribution at position p is a mixture
+    P(j) ~ exp(o_p . v_j) + sum_{c: item_c = j} exp(r_pc), with the copy logit
+    r_pc = g(o_p) + (W_q o_p) . (W_k x_c) / sqrt(D) + b_session[p - c] (session item c <= p)
+    or + b_long[age rank of c] (long-term item c). Only items of the history change
+    score (to logaddexp(o_p . v_j, R_pj)), so retrieval stays a dot-product index
+    search plus a re-score of at most T + L history candidates.
+
+    Args:
+        dim: D.
+        max_session_len: T_max, the number of session recency biases.
+        max_long_len: L_max, the number of long-term recency biases.
+    """
+
+    def __init__(self, dim: int, max_session_len: int, max_long_len: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, 1)
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.session_recency = nn.Embedding(max_session_len, 1)
+        self.long_recency = nn.Embedding(max(max_long_len, 1), 1)
+        self.scale = 1.0 / math.sqrt(dim)
+        for emb in (self.session_recency, self.long_recency):
+            nn.init.zeros_(emb.weight)
+
+    def forward(
+        self, user: Tensor, seq_x: Tensor, seq_items: Tensor, long_x: Tensor | None, long_items: Tensor | None,
+        long_len: Tensor | None,
+    ) -> History:  # fmt: skip
+        """Args:
+            user: (B, T, D) the user vectors o_p.
+            seq_x: (B, T, D) item inputs of the session; seq_items: (B, T) their indices (0 = padding).
+            long_x: (B, L, D) item inputs of the long-term window, or None (variant without it);
+            long_items: (B, L); long_len: (B,).
+
+        Returns:
+            `History` with C = T (+ L).
+        """
+        B, T, _ = user.shape
+        device = user.device
+        pos = torch.arange(T, device=device)
+        dist = (pos.view(T, 1) - pos.view(1, T)).clamp(0, self.session_recency.num_embeddings - 1)  # (T, T) p - c
+        seq_bias = self.session_recency(dist).squeeze(-1)  # (T, T)
+        seq_ok = (pos.view(1, T, 1) >= pos.view(1, 1, T)) & (seq_items > OOV).unsqueeze(1)  # (B, T, T) c <= p
+        keys, items, bias, ok = [seq_x], [seq_items], [seq_bias.expand(B, T, T)], [seq_ok]
+        if long_x is not None and long_x.shape[1] > 0:
+            L = long_x.shape[1]
+            lpos = torch.arange(L, device=device)
+            age = (long_len.view(B, 1) - 1 - lpos.view(1, L)).clamp(0, self.long_recency.num_embeddings - 1)  # (B, L)
+            keys.append(long_x)
+            items.append(long_items)
+            bias.append(self.long_recency(age).squeeze(-1).unsqueeze(1).expand(B, T, L))  # (B, T, L)
+            ok.append(((lpos.view(1, L) < long_len.view(B, 1)) & (long_items > OOV)).unsqueeze(1).expand(B, T, L))
+        k = self.key(torch.cat(keys, dim=1))  # (B, C, D)
+        q = self.query(user)  # (B, T, D)
+        logits = torch.einsum("btd,bcd->btc", q, k).float() * self.scale  # (B, T, C)
+        logits = logits + self.gate(user).float() + torch.cat(bias, dim=2).float()  # (B, T, C)
+        return History(torch.cat(items, dim=1), logits.masked_fill(~torch.cat(ok, dim=2), NO_COPY))
+
+
+def copy_scores(history: History, qb: Tensor, qp: Tensor) -> tuple[Tensor, Tensor]:
+    """Per query, each distinct history item once with its summed copy score R = logsumexp of its logits.
+
+    Args:
+        history: the batch's `History`.
+        qb, qp: (Q,) batch row and session position of each query.
+
+    Returns:
+        (items (Q, C), R (Q, C)): repeated and unreadable entries have item 0 and R = NO_COPY.
+    """
+    items = history.items[qb]  # (Q, C)
+    logits = history.logits[qb, qp]  # (Q, C)
+    readable = logits > NO_COPY / 2
+    items = torch.where(readable, items, torch.zeros_like(items))
+    same = items.unsqueeze(2) == items.unsqueeze(1)  # (Q, C, C)
+    total = torch.logsumexp(logits.unsqueeze(1).masked_fill(~same, NO_COPY), dim=2)  # (Q, C) over equal items
+    C = items.shape[1]
+    earlier = torch.ones(C, C, dtype=torch.bool, device=items.device).tril(-1)  # (C, C) c' < c
+    first = ~(same & earlier).any(2) & (items > OOV)  # (Q, C)
+    return torch.where(first, items, torch.zeros_like(items)), torch.where(first, total, torch.full_like(total, NO_COPY))
+
+
 # ---------------------------------------------------------------------------
 # The model
 
@@ -393,6 +501,7 @@ class SDM(nn.Module):
         if config.variant in ("PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS"):
             self.long_term = LongTermEncoder(len(self.item_features), D, U)
             self.fusion = GatedFusion(D, U)
+        self.repeat = RepeatHead(D, config.max_session_len, config.max_long_len) if config.repeat else None
 
     def _check_item_table(self, config: ModelConfig, table: Tensor | None) -> Tensor:
         """Keep the columns of the features this variant reads; check shape and ranges."""
@@ -461,16 +570,18 @@ class SDM(nn.Module):
             return self.user_default.expand(batch_size, -1)  # (B, D)
         return torch.cat(self.user_emb([user[f] for f in self.user_features]), dim=-1)  # (B, U)
 
-    def forward(self, batch: Batch) -> Tensor:
+    def forward(self, batch: Batch, with_history: bool = False) -> Tensor | tuple[Tensor, History | None]:
         """User vectors after reading positions 0..p of each session, for every p.
 
         Args:
             batch: "seq": feature -> LongTensor (B, T) right-padded with 0; "seq_len" (B,);
                 "long": feature -> LongTensor (B, L) (L may be 0); "long_len" (B,);
                 "user": feature -> LongTensor (B,). Features the variant does not read are ignored.
+            with_history: also return the repeat head's `History` (None without the head).
 
         Returns:
-            (B, T, D); positions >= seq_len are finite but meaningless.
+            (B, T, D); positions >= seq_len are finite but meaningless. With `with_history`,
+            the tuple (user vectors, History or None).
         """
         self._check_features(batch)
         seq = batch["seq"]
@@ -478,25 +589,37 @@ class SDM(nn.Module):
         x = self.input_dropout(self.item_input([seq[f] for f in self.item_features]))  # (B, T, D)
         e_u = self.user_vector(batch["user"], B) if self.uses_user else None  # (B, U)
 
-        long, long_mask = None, None
-        if self.long_term is not None or self.dnn is not None:  # only these read "long" and "long_len"
+        long, long_mask, long_x = None, None, None
+        if self.reads_long:
             long = batch["long"]
             L = long["item"].shape[1]
             long_mask = torch.arange(L, device=x.device) < batch["long_len"].unsqueeze(1)  # (B, L)
+        if self.dnn is not None or (self.repeat is not None and long is not None):
+            long_x = self.item_input([long[f] for f in self.item_features])  # (B, L, D)
 
         if self.dnn is not None:
-            h = self.item_input([long[f] for f in self.item_features])  # (B, L, D)
-            return self.dnn(x, h, long_mask, e_u)
+            o = self.dnn(x, long_x, long_mask, e_u)  # (B, T, D)
+        else:
+            o = self.short_term(x, e_u)  # (B, T, D)
+            if self.long_term is not None:
+                p = self.long_term(self.item_emb([long[f] for f in self.item_features]), long_mask, e_u)  # (B, D)
+                o = self.fusion(e_u, o, p)  # (B, T, D)
+        if not with_history:
+            return o
+        if self.repeat is None:
+            return o, None
+        long_items = long["item"] if long is not None else None
+        long_len = batch["long_len"] if long is not None else None
+        return o, self.repeat(o, x, seq["item"], long_x, long_items, long_len)
 
-        s = self.short_term(x, e_u)  # (B, T, D)
-        if self.long_term is None:
-            return s
-        p = self.long_term(self.item_emb([long[f] for f in self.item_features]), long_mask, e_u)  # (B, D)
-        return self.fusion(e_u, s, p)  # (B, T, D)
+    @property
+    def reads_long(self) -> bool:
+        """Whether the variant reads the long-term window ("long", "long_len")."""
+        return self.long_term is not None or self.dnn is not None
 
     def _check_features(self, batch: Batch) -> None:
         """Name the missing features instead of a bare KeyError (checks keys, not tensor values)."""
-        needs_long = self.long_term is not None or self.dnn is not None
+        needs_long = self.reads_long
         parts = [("seq", self.item_features), ("user", self.user_features)]
         if needs_long:
             parts.append(("long", self.item_features))

@@ -31,7 +31,8 @@ from sdm.config import EvaluateConfig, save_config
 from sdm.errors import SdmError
 from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
-from sdm.pipeline.metrics import METRICS, FaissIndex, chunked_topk, metric_sums, overlap_at_k
+from sdm.model.sdm import History, copy_scores
+from sdm.pipeline.metrics import METRICS, FaissIndex, add_copy_scores, chunked_topk, metric_sums, overlap_at_k
 
 ScoreFn = Callable[[int, int], Tensor]
 
@@ -65,18 +66,25 @@ class ModelScorer:
         with torch.no_grad():
             self.items = model.all_item_vectors().float()  # (V, D)
 
-    def begin_batch(self, batch: dict[str, Any]) -> Tensor:
-        """User vectors of every session position: (B, T, D)."""
-        return self.model(batch).float()
+    def begin_batch(self, batch: dict[str, Any]) -> tuple[Tensor, History | None]:
+        """User vectors of every session position (B, T, D), and the repeat head's history (or None)."""
+        if not getattr(self.model, "repeat", None):
+            return self.model(batch).float(), None
+        vecs, history = self.model(batch, with_history=True)
+        return vecs.float(), history
 
-    def query_vectors(self, state: Tensor, qb: Tensor, qp: Tensor) -> Tensor:
+    def query_vectors(self, state: tuple[Tensor, History | None], qb: Tensor, qp: Tensor) -> Tensor:
         """(Q, D) user vector of each query."""
-        return state[qb, qp]
+        return state[0][qb, qp]
 
-    def score_fn(self, state: Tensor, qb: Tensor, qp: Tensor, prefix: Tensor) -> ScoreFn:
-        """Scores u_q · v_j of an item chunk."""
+    def score_fn(self, state: tuple[Tensor, History | None], qb: Tensor, qp: Tensor, prefix: Tensor) -> ScoreFn:
+        """Scores u_q · v_j of an item chunk; with a repeat head, the query's history items
+        get logaddexp(u_q · v_j, R_qj) (`copy_scores`)."""
         u = self.query_vectors(state, qb, qp)  # (Q, D)
-        return lambda start, end: u @ self.items[start:end].T  # (Q, C)
+        if state[1] is None:
+            return lambda start, end: u @ self.items[start:end].T  # (Q, C)
+        items, extra = copy_scores(state[1], qb, qp)  # (Q, H) each
+        return lambda start, end: add_copy_scores(u @ self.items[start:end].T, start, items, extra)
 
 
 @dataclass
@@ -223,7 +231,7 @@ def evaluate_model(
             if index == "faiss":
                 if not isinstance(scorer, ModelScorer):
                     raise SdmError("--index faiss needs a model; baselines are always scored exactly")
-                faiss_index = FaissIndex(scorer.items)
+                faiss_index = FaissIndex(scorer.items, announce=progress)
             elif index != "exact":
                 raise SdmError(f"unknown index {index!r}; expected 'exact' or 'faiss'")
             sums, counts, users = _run(

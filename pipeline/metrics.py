@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sdm.errors import SdmError
@@ -242,6 +243,30 @@ def chunked_topk(
     return best_i
 
 
+def add_copy_scores(scores: Tensor, start: int, items: Tensor, extra: Tensor) -> Tensor:
+    """Merge the repeat head's scores into an item chunk: score_qj -> logaddexp(score_qj, R_qj).
+
+    Only the query's own history items change, so the rest of the catalogue keeps its
+    plain dot-product score (and an index search over it stays exact for them).
+
+    Args:
+        scores: (Q, C) scores of items start .. start + C - 1.
+        start: first item index of the chunk.
+        items: (Q, H) distinct history items per query (0 = none), as `copy_scores` gives.
+        extra: (Q, H) their copy scores R.
+
+    Returns:
+        (Q, C) new tensor.
+    """
+    C = scores.shape[1]
+    local = items - start
+    inside = (local >= 0) & (local < C) & (items > OOV)
+    col = torch.where(inside, local, torch.full_like(local, C))  # column C is a scratch column
+    padded = F.pad(scores.float(), (0, 1))  # (Q, C + 1)
+    merged = torch.logaddexp(padded.gather(1, col), extra.float())
+    return padded.scatter(1, col, merged)[:, :C]
+
+
 def topk_scores(
     user_vecs: Tensor,
     item_vecs: Tensor,
@@ -268,52 +293,8 @@ def topk_scores(
     return chunked_topk(score, item_vecs.shape[0], k, chunk_items, exclude)
 
 
-def import_faiss():  # type: ignore[no-untyped-def]
-    """The faiss module, or the one-line error naming the extra to install."""
-    try:
-        import faiss
-    except ImportError:
-        raise SdmError("--index faiss needs faiss: pip install 'sdm[faiss]'") from None
-    return faiss
-
-
-class FaissIndex:
-    """Approximate inner-product top-k with a faiss HNSW graph over items 2..V-1.
-
-    Args:
-        item_vecs: (V, D), rows 0 and 1 (padding, OOV) are left out of the index.
-        m: HNSW neighbours per node.
-        ef_search: HNSW search breadth (raised to 2k per search when smaller).
-    """
-
-    def __init__(self, item_vecs: Tensor, m: int = 32, ef_search: int = 256) -> None:
-        faiss = import_faiss()
-        self.faiss = faiss
-        vecs = item_vecs[2:].detach().float().cpu().contiguous().numpy()
-        self.index = faiss.IndexHNSWFlat(vecs.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-        self.index.add(vecs)
-        self.ef_search = ef_search
-        self.num_items = item_vecs.shape[0]
-
-    def search(self, user_vecs: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
-        """(Q, k) approximate top-k item indices; 0 where the index found fewer than k."""
-        extra = 0 if exclude is None else exclude.shape[1]
-        k_search = min(k + extra, self.num_items - 2)
-        self.index.hnsw.efSearch = max(self.ef_search, 2 * k_search)
-        scores, ids = self.index.search(user_vecs.detach().float().cpu().contiguous().numpy(), k_search)
-        scores_t = torch.from_numpy(scores)
-        ids_t = torch.from_numpy(ids).long()
-        found = ids_t >= 0
-        ids_t = torch.where(found, ids_t + 2, torch.zeros_like(ids_t))
-        scores_t = torch.where(found, scores_t, torch.full_like(scores_t, float("-inf")))
-        if exclude is not None:
-            drop = (ids_t.unsqueeze(2) == exclude.cpu().unsqueeze(1)).any(2)  # (Q, k_search)
-            scores_t = scores_t.masked_fill(drop, float("-inf"))
-        top_s, pos = scores_t.topk(min(k, k_search), dim=1)
-        out = torch.where(torch.isneginf(top_s), 0, ids_t.gather(1, pos))
-        if out.shape[1] < k:
-            out = torch.cat([out, out.new_zeros(out.shape[0], k - out.shape[1])], 1)
-        return out
+# FaissIndex and import_faiss moved to sdm.serve.index (serving owns the index); kept importable here.
+from sdm.serve.index import FaissIndex, import_faiss  # noqa: E402,F401
 
 
 def overlap_at_k(approx: Tensor, exact: Tensor) -> Tensor:

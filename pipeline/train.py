@@ -105,6 +105,7 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
         num_targets=cfg.num_targets if cfg.variant == "PSDMMAL-N" else 1,
         max_session_len=int(manifest["max_session_len"]),
         max_long_len=int(manifest["max_long_len"]),
+        repeat=cfg.repeat,
     )
 
 
@@ -142,10 +143,11 @@ def train_step(
     for group in opt.param_groups:
         group["lr"] = lr
     with autocast:
-        user_vecs = net(batch)
+        user_vecs, history = net(batch, with_history=True)
         loss = sdm_loss(
-            model, batch, user_vecs, loss=loss_kind, sampler=sampler, generator=gen, target_decay=cfg.target_decay
-        )
+            model, batch, user_vecs, loss=loss_kind, sampler=sampler, generator=gen, target_decay=cfg.target_decay,
+            history=history,
+        )  # fmt: skip
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -1,0 +1,214 @@
+"""Model quality on the shared real logs, next to the independently measured targets.
+
+Reads `shared/benchmarks/quality.toml` (five public logs with FIXED time splits,
+column mappings and side features) and, for each dataset:
+
+1. sessionizes the log with the default rules (SPEC 2-4: 10-minute gap, 50-item
+   cut, 7-day window of 50), the file's cutoffs and features, exact duplicate
+   rows kept as events (the protocol of `TARGETS.md`); a dataset without
+   `user_col` treats each session as its own user, so its log is read without
+   any user column;
+2. trains `sdm train` with its defaults (or `--train-args`) for every seed;
+3. evaluates `best.pt` (chosen on the validation split by the trainer) on
+   `--split` (test by default; `valid` for choosing defaults) with the SPEC-6
+   protocol, and any `--baselines` on the same split;
+4. prints mean and spread (min..max) over the seeds of HR@50 and NDCG@50 beside
+   the best row of `TARGETS.md` for that dataset and column, with the training
+   time of each run.
+
+    python bench/quality.py                          # all five, 3 seeds, test split
+    python bench/quality.py --split valid --datasets movielens_100k --train-args '{"epochs": 20}'
+
+`shared/` is found at `$SDM_SHARED` or `../shared` beside the repository; when
+absent the script says so and exits 0 without running anything. Writes
+`bench/results/quality_<split>.md` and `.json` (every metric of every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from sdm.config import SessionizeConfig, TrainConfig
+from sdm.pipeline.baselines import build_baseline
+from sdm.pipeline.dataset import read_manifest
+from sdm.pipeline.evaluate import evaluate_model, load_model, pick_device
+
+HERE = Path(__file__).resolve().parent
+KS = [20, 50, 100]
+HEADLINE = ("hr@50", "ndcg@50")
+
+
+def shared_dir() -> Path:
+    """`$SDM_SHARED`, else `../shared` beside the repository root."""
+    return Path(os.environ.get("SDM_SHARED") or HERE.parent.parent / "shared")
+
+
+def load_benchmarks(path: Path) -> dict[str, dict[str, Any]]:
+    """Datasets of quality.toml with paths made absolute."""
+    with open(path, "rb") as fh:
+        sets = tomllib.load(fh)["datasets"]
+    for spec in sets.values():
+        for key in ("log", "items", "users"):
+            if key in spec:
+                spec[key] = (path.parent / spec[key]).resolve()
+    return sets
+
+
+def parse_targets(path: Path) -> dict[str, dict[str, tuple[float, str]]]:
+    """Best value and method of each `TARGETS.md` column, per dataset: {ds: {"hr@50": (v, method)}}."""
+    out: dict[str, dict[str, tuple[float, str]]] = {}
+    dataset, cols = None, []
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            dataset, cols = line[3:].strip(), []
+        elif dataset and line.startswith("| method"):
+            cols = [c.strip().lower() for c in line.strip("|").split("|")]
+        elif dataset and cols and line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            for col, cell in zip(cols[1:], cells[1:], strict=False):
+                value = cell.strip("*")
+                if not re.fullmatch(r"[0-9.]+", value):
+                    continue
+                best = out.setdefault(dataset, {}).get(col)
+                if best is None or float(value) > best[0]:
+                    out[dataset][col] = (float(value), cells[0])
+    return out
+
+
+def sessionize_dataset(name: str, spec: dict[str, Any], work: Path) -> Path:
+    """Shards of one dataset in `work/<name>/data` (rebuilt every run: it takes seconds)."""
+    from sdm.sessionize import run
+
+    root = work / name
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "log.parquet"
+    df = pl.read_parquet(spec["log"])
+    if "user_col" not in spec:  # "each session its own user": hide any user column the log has
+        df = df.drop([c for c in ("user_id",) if c in df.columns])
+    df.write_parquet(log)
+    values: dict[str, Any] = {
+        "out": root / "data",
+        "overwrite": True,
+        "keep_duplicates": True,
+        "valid_start": spec["valid_start"],
+        "test_start": spec["test_start"],
+        "item_features": spec.get("item_features", []),
+        "user_features": spec.get("user_features", []),
+    }
+    for key in ("user_col", "session_col", "items", "users"):
+        if key in spec:
+            values[key] = spec[key]
+    run(SessionizeConfig(**values), log, progress=False)
+    return root / "data"
+
+
+def run_model(data: Path, out: Path, seed: int, split: str, train_args: dict[str, Any]) -> dict[str, Any]:
+    """Train with the defaults over `train_args`, evaluate best.pt on `split`."""
+    from sdm.pipeline.train import train
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(**{**train_args, "data": data, "out": out, "seed": seed})
+    summary = train(cfg, progress=False)
+    device = pick_device(cfg.device)
+    model = load_model(out, data, read_manifest(data), device)
+    m = evaluate_model(model, data, split, KS, device=device)
+    return {**m, "seed": seed, "train_seconds": summary["seconds"], "steps": summary["steps"],
+            "epochs": summary["epochs"], "best_valid": summary["best_metric"]}  # fmt: skip
+
+
+def run_baseline(data: Path, name: str, split: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    scorer = build_baseline(name, data, read_manifest(data))
+    fit = time.perf_counter() - t0
+    return {**evaluate_model(scorer, data, split, KS, device="cpu"), "train_seconds": fit}
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ({min(values):.4f}..{max(values):.4f})"
+
+
+def table(results: dict[str, Any], targets: dict[str, Any], split: str) -> str:
+    """One row per dataset and method: HR@50 and NDCG@50 (mean, min..max over seeds) vs the targets."""
+    lines = [
+        f"Split: {split}. sdm: mean (min..max) over seeds; target: best row of TARGETS.md (test split).",
+        "",
+        "| dataset | method | HR@50 | target HR@50 | NDCG@50 | target NDCG@50 | train s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for ds, methods in results.items():
+        tgt = targets.get(ds, {})
+        for method, runs in methods.items():
+            cells = []
+            for key in HEADLINE:
+                vals = [r[key] for r in runs]
+                best = tgt.get(key)
+                mark = "" if best is None else (" >=" if statistics.fmean(vals) >= best[0] else " <")
+                cells += [spread(vals) + mark, f"{best[0]:.4f} ({best[1]})" if best else "-"]
+            secs = statistics.fmean(r["train_seconds"] for r in runs)
+            lines.append(f"| {ds} | {method} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="", help="comma list (default: every dataset of quality.toml)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (default 0,1,2)")
+    p.add_argument("--split", choices=["test", "valid"], default="test")
+    p.add_argument("--train-args", type=json.loads, default={}, help='JSON over the training defaults, e.g. \'{"epochs": 20}\'')
+    p.add_argument("--label", default="sdm", help="name of the model row (default sdm)")
+    p.add_argument("--baselines", default="", help="comma list of `sdm evaluate --baseline` names to add")
+    p.add_argument("--work", type=Path, default=HERE / "out" / "quality")
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+
+    shared = shared_dir()
+    bench_file = shared / "benchmarks" / "quality.toml"
+    if not bench_file.is_file():
+        print(f"skipped: {bench_file} not found (set SDM_SHARED to the shared folder)", file=sys.stderr)
+        return 0
+    sets = load_benchmarks(bench_file)
+    targets = parse_targets(shared / "benchmarks" / "TARGETS.md")
+    names = [n for n in args.datasets.split(",") if n] or list(sets)
+    unknown = [n for n in names if n not in sets]
+    if unknown:
+        print(f"error: unknown dataset(s) {unknown}; quality.toml has {list(sets)}", file=sys.stderr)
+        return 1
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    results: dict[str, Any] = {}
+    for name in names:
+        data = sessionize_dataset(name, sets[name], args.work)
+        runs = []
+        for seed in seeds:
+            runs.append(run_model(data, args.work / name / f"model-{seed}", seed, args.split, args.train_args))
+            r = runs[-1]
+            print(f"{name} {args.label} seed {seed}: hr@50 {r['hr@50']:.4f} ndcg@50 {r['ndcg@50']:.4f} "
+                  f"({r['train_seconds']:.0f}s, {r['epochs']} epochs)", file=sys.stderr, flush=True)  # fmt: skip
+        results[name] = {args.label: runs}
+        for b in [b for b in args.baselines.split(",") if b]:
+            results[name][b] = [run_baseline(data, b, args.split)]
+    md = table(results, targets, args.split)
+    print(md)
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"quality_{args.split}"
+    stem.with_suffix(".md").write_text(md + "\n")
+    meta = {"split": args.split, "seeds": seeds, "train_args": args.train_args,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
