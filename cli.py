@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from sdm.config import (
     DemoConfig,
@@ -29,7 +30,40 @@ from sdm.config import (
 )
 from sdm.errors import SdmError
 
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a bad flag value, a missing argument, an unknown option) as one line and exit code 1.
+
+    click prints the usage text and exits with 2; every other bad input of
+    this CLI is one `error: ...` line and exit code 1, and so are these.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        import sys
+
+        from typer import _click  # typer's vendored click: its exception classes
+
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except _click.exceptions.NoArgsIsHelpError as exc:  # `sdm` alone: the help, as before
+            typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except _click.exceptions.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(1)
+        except _click.exceptions.ClickException as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(1)
+        except _click.exceptions.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     pretty_exceptions_show_locals=False,
     no_args_is_help=True,
     add_completion=False,
@@ -145,12 +179,35 @@ def sessionize(
         return
     s = m["splits"]
     dropped = ", ".join(f"{k} {v:,}" for k, v in m["dropped"].items() if v) or "none"
+    for line in m.get("notes", []):
+        typer.echo(f"note: {line}", err=True)
+    for line in m.get("warnings", []):
+        typer.echo(f"warning: {line}", err=True)
+    side = "".join(
+        f"; {t['log_keys_found']:.1%} of {what[:-6]}s in the {what}" + (f" ({t['duplicate_keys']:,} duplicate keys)" if t["duplicate_keys"] else "")
+        for what, t in m.get("side_tables", {}).items()
+    )
     typer.echo(
         f"sessionized {m['rows_in']:,} events -> "
         + ", ".join(f"{k} {s[k]['sessions']:,} sessions" for k in ("train", "valid", "test"))
-        + f"; {s['train']['users']:,} train users, {m['num_items'] - 2:,} items; dropped: {dropped}; "
+        + f"; {s['train']['users']:,} train users, {m['num_items'] - 2:,} items; dropped: {dropped}{side}; "
         f"{m['seconds']:.1f}s -> {cfg.out}"
     )
+
+
+@app.command()
+def check(
+    data: Annotated[Path, typer.Argument(metavar="DIR", help="A shard directory written by `sdm sessionize`.")],
+) -> None:
+    """Verify a shard directory: manifest structure, every file's size and sha256 against the manifest."""
+    from sdm.pipeline.dataset import check_data_dir
+
+    try:
+        s = check_data_dir(data)
+    except SdmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"ok: {data}: {s['files']} files, {s['bytes'] / 1e6:,.1f} MB match the manifest's sizes and sha256")
 
 
 @app.command("sessionize-combine")

@@ -78,11 +78,11 @@ class SessionizeConfig(_Base):
     users: Path | None = None
     """Optional user table (Parquet/CSV) keyed by the user column."""
     user_col: str = "user_id"
-    """User column; when the log has none but has a session column, each session is its own user."""
+    """User column; when the default is absent but the log has a session column, each session is its own user (a name given explicitly must exist)."""
     item_col: str = "item_id"
     time_col: str = "timestamp"
     session_col: str = "session_id"
-    """Back-end session id column (optional in the log)."""
+    """Back-end session id column (optional in the log; "" = ignore session ids). A name given explicitly must exist."""
     behavior_col: str = "behavior"
     behaviors: list[str] | None = None
     """Keep only these event types (comma-separated); others are dropped and counted."""

@@ -35,11 +35,13 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,9 +61,12 @@ from sdm.sessionize.io import (
     USER,
     LogSpec,
     check_log,
+    check_time_range,
     feat_col,
     from_us,
+    resolve_features,
     scan_table,
+    table_format,
     tag_drops,
     timestamp_expr,
     to_events,
@@ -109,17 +114,49 @@ class _Input:
     users_lf: pl.LazyFrame | None
     spec: LogSpec
     ts: pl.Expr
+    notes: list[str] = field(default_factory=list)
 
 
 def _open(cfg: SessionizeConfig, log: Path) -> _Input:
-    """Open the log and side tables lazily and check their schemas (metadata only)."""
+    """Open the log and side tables lazily and check their schemas (metadata only).
+
+    The returned `cfg` has the side features filled in when a table came
+    without a feature list (`io.resolve_features`); use it, not the argument.
+    """
     log = Path(log)
-    lf, schema = scan_table(log, "log")
-    items_lf, items_schema = scan_table(cfg.items, "items table") if cfg.items else (None, None)
-    users_lf, users_schema = scan_table(cfg.users, "users table") if cfg.users else (None, None)
+    lf, schema = scan_table(log, "log", cfg.format, cfg.delimiter)
+    items_lf, items_schema = scan_table(cfg.items, "items table", None, cfg.delimiter) if cfg.items else (None, None)
+    users_lf, users_schema = scan_table(cfg.users, "users table", None, cfg.delimiter) if cfg.users else (None, None)
+    cfg, notes = resolve_features(cfg, items_schema, users_schema)
     spec = check_log(cfg, log, schema, items_schema, users_schema)
-    ts = timestamp_expr(cfg, schema[cfg.time_col], log)
-    return _Input(cfg, log, lf, schema, items_lf, users_lf, spec, ts)
+    sample = None
+    if schema[cfg.time_col] == pl.String:
+        sample = _peek(lf, cfg.time_col, log, cfg)
+    ts = timestamp_expr(cfg, schema[cfg.time_col], log, sample)
+    return _Input(cfg, log, lf, schema, items_lf, users_lf, spec, ts, notes)
+
+
+def _peek(lf: pl.LazyFrame, column: str, log: Path, cfg: SessionizeConfig) -> str | None:
+    """The first non-null value of a string column (for messages), after checking the log has rows.
+
+    A CSV with a header and no rows reads every column as strings: that is an
+    empty log, not a log whose timestamps are strings.
+
+    Raises:
+        SdmError: a log with no rows, or a CSV polars cannot parse.
+    """
+    kind = table_format(log, cfg.format, cfg.delimiter)[0]
+    try:
+        head = lf.select(pl.col(column)).head(1000).collect()
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if first.startswith("could not parse `\""):
+            first += " (an unterminated quote?)"
+        raise SdmError(f"{log}: not a readable {kind.upper() if kind == 'csv' else 'Parquet'} file ({first})") from None
+    if head.height == 0:
+        raise SdmError(f"{log}: empty log (0 rows" + (", only a header)" if kind == "csv" else ")"))
+    values = head.get_column(column).drop_nulls()
+    return values[0] if len(values) else None
 
 
 def bucket_expr(user_key: str, buckets: int) -> pl.Expr:
@@ -137,17 +174,18 @@ class _Part:
 
     rows_in: int
     dropped: dict[str, int]
-    sessions: pl.DataFrame  # USER, START, SESS (bucket-local) of every session, in sess order
+    sessions: pl.DataFrame  # USER, START, SESS (bucket-local), SLEN of every session, in sess order
     max_ts: int | None
     events: pl.DataFrame | None  # sessionized events, held when not spilled
     spill: Path | None
+    min_ts: int | None = None
 
     def frame(self) -> pl.LazyFrame:
         """The sessionized events (from memory or the spill file)."""
         return self.events.lazy() if self.events is not None else pl.scan_parquet(self.spill)
 
 
-_SPLIT_KEY = "_bucket"
+_SPLIT_KEY = "__sdm_bucket"
 """Partition column of `split_log`'s directories (`_bucket=<b>/`)."""
 
 
@@ -202,6 +240,7 @@ def _first_pass(inp: _Input, b: int, n: int, spill: Path | None, split: Path | N
     raw = _bucket_input(inp, b, n, split)
     tagged = _collect(tag_drops(raw.lazy(), cfg, inp.spec, inp.ts), str(inp.log))
     del raw
+    check_time_range(tagged.filter(pl.col(DROP).is_null()), cfg, inp.schema[cfg.time_col], inp.ts, inp.log)
     counts = dict(tagged.get_column(DROP).drop_nulls().value_counts().iter_rows())
     dropped = {r: int(counts.get(r, 0)) for r in DROP_REASONS}
     events = to_events(
@@ -212,13 +251,17 @@ def _first_pass(inp: _Input, b: int, n: int, spill: Path | None, split: Path | N
     ev = _collect(core.sessionize(events, gap_us, cfg.max_session_len).drop(SID), str(inp.log))
     rows_in = tagged.height
     del tagged
-    sessions = ev.filter(pl.col(core.NEW)).select(pl.col(USER), pl.col(core.START), pl.col(core.SESS))
+    sessions = ev.filter(pl.col(core.NEW)).select(pl.col(USER), pl.col(core.START), pl.col(core.SESS), pl.col(core.SLEN))
     max_ts = ev.get_column(TS).max() if ev.height else None
+    min_ts = ev.get_column(TS).min() if ev.height else None
     if spill is not None:
         # lz4: the spill is read back once, soon; speed matters more than size
         ev.write_parquet(spill, compression="lz4")
         ev = None
-    return _Part(rows_in, dropped, sessions, None if max_ts is None else int(max_ts), ev, spill)
+    return _Part(
+        rows_in, dropped, sessions, None if max_ts is None else int(max_ts), ev, spill,
+        None if min_ts is None else int(min_ts),
+    )  # fmt: skip
 
 
 def _first_pass_job(args: tuple[SessionizeConfig, Path, int, int, Path | None, Path | None]) -> _Part:
@@ -251,6 +294,9 @@ class Plan:
     users_table: pl.DataFrame
     item_features: list[str]
     user_features: list[str]
+    warnings: list[str] = field(default_factory=list)
+    side_tables: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _allocate(rows: list[int], rows_per_shard: int, min_shards: int) -> list[tuple[int, int]]:
@@ -280,7 +326,11 @@ def make_plan(inp: _Input, parts: list[_Part]) -> Plan:
     if rows_in == sum(dropped.values()):
         raise SdmError(f"{inp.log}: all {rows_in} rows were dropped ({dropped})")
     starts = pl.concat([p.sessions.get_column(core.START) for p in parts]).sort()
-    cut = core.compute_cutoffs(cfg, starts, max(p.max_ts for p in parts if p.max_ts is not None))
+    max_ts = max(p.max_ts for p in parts if p.max_ts is not None)
+    min_ts = min(p.min_ts for p in parts if p.min_ts is not None)
+    cut = core.compute_cutoffs(cfg, starts, max_ts)
+    warnings = _time_warnings(cfg, starts, min_ts, max_ts)
+    warnings += _check_splits(cfg, inp.log, parts, cut, min_ts, max_ts)
     del starts
 
     # global sess_id = sessions of all users before this one (users in sort order) + ordinal
@@ -321,6 +371,10 @@ def make_plan(inp: _Input, parts: list[_Part]) -> Plan:
         )
     users_table = _users_table(per_user.lazy(), profiles, vocabs, spec.user_features)
     items_table = _items_table(train, vocabs, item_feats)
+    side = _side_tables(inp, events, per_user)
+    for what, st in side.items():
+        if st["log_keys_found"] == 0:
+            warnings.append(f"no {what[:-6]} of the log is in the {what} {st['path']}: every side feature from it is OOV (wrong key column?)")
     return Plan(
         buckets=len(parts),
         cut=cut,
@@ -333,7 +387,117 @@ def make_plan(inp: _Input, parts: list[_Part]) -> Plan:
         users_table=users_table,
         item_features=item_feats,
         user_features=list(spec.user_features),
+        warnings=warnings,
+        side_tables=side,
+        notes=list(inp.notes),
     )
+
+
+def _split_settings(cfg: SessionizeConfig) -> str:
+    """The split flags in effect, for messages ("--test-days 1000, --valid-fraction 0.1 (default)")."""
+    given = [
+        f"--{k.replace('_', '-')} {v.isoformat() if isinstance(v, dt.datetime) else v}"
+        for k in ("valid_start", "valid_days", "valid_fraction", "test_start", "test_days", "test_fraction")
+        if (v := getattr(cfg, k)) is not None
+    ]
+    for name in ("valid", "test"):
+        if all(getattr(cfg, f"{name}_{k}") is None for k in ("start", "days", "fraction")):
+            given.append(f"--{name}-fraction 0.1 (default)")
+    return ", ".join(given)
+
+
+def _check_splits(
+    cfg: SessionizeConfig, log: Path, parts: list[_Part], cut: core.Cutoffs, min_ts: int, max_ts: int
+) -> list[str]:
+    """Refuse a training split with no sample; warn about an empty validation or test split.
+
+    Train needs at least one session of two or more events (a sample, SPEC 5);
+    an empty valid or test split only means nothing to validate or evaluate on,
+    so it is a warning (in the manifest and on stderr), not an error.
+
+    Raises:
+        SdmError: one line naming the split settings and the log's time range.
+    """
+    sess = pl.concat([p.sessions.select(pl.col(core.START), pl.col(core.SLEN)) for p in parts])
+    code = pl.when(pl.col(core.START) < cut.valid_start).then(0).when(pl.col(core.START) < cut.test_start).then(1).otherwise(2)
+    counts = sess.group_by(code.alias("s")).agg(
+        pl.len().alias("n"), (pl.col(core.SLEN).cast(pl.Int64) - 1).sum().alias("samples")
+    )
+    per = {int(r["s"]): (int(r["n"]), int(r["samples"])) for r in counts.iter_rows(named=True)}
+    span = f"the log runs {from_us(min_ts)} to {from_us(max_ts)}"
+    cuts = f"cutoffs valid {from_us(cut.valid_start)}, test {from_us(cut.test_start)}"
+    n_train, train_samples = per.get(0, (0, 0))
+    if n_train == 0:
+        raise SdmError(
+            f"{log}: the training split is empty ({cuts}; {span}; {_split_settings(cfg)}); "
+            "choose later cutoffs or smaller valid/test shares"
+        )
+    warnings = []
+    if train_samples == 0:
+        # a warning here (tiny hand-made logs legitimately have them); `sdm train` refuses the data
+        warnings.append(
+            f"no training session has 2 or more events ({n_train:,} sessions of one event; "
+            f"--gap {cfg.gap}): there is no training sample"
+        )
+    for code_, name in ((1, "validation"), (2, "test")):
+        n, samples = per.get(code_, (0, 0))
+        if samples == 0:
+            what = "is empty" if n == 0 else f"has {n:,} sessions but none of 2 or more events"
+            warnings.append(f"the {name} split {what} ({cuts}; {_split_settings(cfg)})")
+    return warnings
+
+
+_YEAR_US = 365 * 86_400 * 1_000_000
+_1980_US = 315_532_800_000_000
+
+
+def _time_warnings(cfg: SessionizeConfig, starts: pl.Series, min_ts: int, max_ts: int) -> list[str]:
+    """Warnings about timestamps that look misread: all in 1970, or single events centuries away."""
+    warnings = []
+    if cfg.time_unit == "ms" and max_ts < _1980_US:
+        warnings.append(
+            f"every timestamp is before 1980 ({from_us(min_ts)} to {from_us(max_ts)}) with --time-unit ms: "
+            "are they seconds (--time-unit s)?"
+        )
+    median = int(starts[len(starts) // 2])
+    for v, side in ((min_ts, "earliest"), (max_ts, "latest")):
+        if abs(v - median) > 100 * _YEAR_US:
+            warnings.append(
+                f"the {side} event, {from_us(v)}, is over 100 years from the median session start "
+                f"{from_us(median)}: a wrong timestamp? (--*-days cutoffs count from the last event)"
+            )
+    return warnings
+
+
+def _side_tables(inp: _Input, events: pl.LazyFrame, per_user: pl.DataFrame) -> dict[str, Any]:
+    """Rows, duplicate keys and join coverage of the items and users tables.
+
+    `log_keys_found`: the share of the log's distinct (kept) items, or users,
+    that have a row in the table; a table keyed on the wrong column shows 0.
+    Duplicate keys: rows beyond the first of a key (the first row wins).
+    """
+    cfg = inp.cfg
+    out: dict[str, Any] = {}
+    for what, lf, key, log_key, log_ids in (
+        ("items table", inp.items_lf, cfg.item_col, ITEM, events.select(pl.col(ITEM)).unique()),
+        ("users table", inp.users_lf, cfg.user_col, USER, per_user.lazy().select(pl.col(USER))),
+    ):
+        if lf is None:
+            continue
+        path = cfg.items if what == "items table" else cfg.users
+        dtype = inp.schema[cfg.item_col if what == "items table" else inp.spec.user_key]
+        keys = _collect(lf.select(pl.col(key).cast(dtype, strict=False).alias(log_key)), str(path)).get_column(log_key)
+        found = _collect(
+            log_ids.select(pl.len().alias("n"), pl.col(log_key).is_in(keys.implode()).sum().alias("found")),
+            str(path),
+        ).row(0, named=True)
+        out[what] = {
+            "path": str(path),
+            "rows": len(keys),
+            "duplicate_keys": len(keys) - keys.n_unique(),
+            "log_keys_found": round(found["found"] / found["n"], 6) if found["n"] else 0.0,
+        }
+    return out
 
 
 def _second_pass(inp: _Input, plan: Plan, b: int, part: _Part, out: Path) -> dict[str, list[dict[str, Any]]]:
@@ -431,13 +595,41 @@ def _map(fn: Callable, jobs: list[Any], workers: int) -> list[Any]:
     os.environ["POLARS_MAX_THREADS"] = str(threads)
     try:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             return list(pool.map(fn, jobs))
     finally:
         if old is None:
             os.environ.pop("POLARS_MAX_THREADS", None)
         else:
             os.environ["POLARS_MAX_THREADS"] = old
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this process when its parent dies, even by `kill -9`.
+
+    A killed parent cannot shut its pool down, and the workers would wait on
+    their task queue forever. On Linux the kernel sends SIGKILL when the parent
+    goes (PR_SET_PDEATHSIG); a thread checking the parent's pid every second
+    covers other systems and a parent thread that exits first.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="sdm-parent-watch", daemon=True).start()
 
 
 def _first_passes(inp: _Input, n: int, work: Path | None, say: Callable[[str], None]) -> list[_Part]:
@@ -498,23 +690,38 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
     t0 = time.perf_counter()
     say = _stage_printer(progress, t0)
     out = Path(cfg.out)
+    # Everything that can be checked is checked before the first byte is written.
+    write.check_inputs_outside(out, {"log": log, "items table": cfg.items, "users table": cfg.users})
     write.check_out_dir(out, cfg.overwrite)
     inp = _open(cfg, log)
+    cfg = inp.cfg  # with defaulted side features
     n = cfg.buckets
 
     say(f"reading {inp.log}" + (f" in {n} buckets" if n > 1 else ""))
-    work = Path(tempfile.mkdtemp(prefix=".sdm-work-", dir=out.parent if out.parent.exists() else None)) if n > 1 else None
+    for note in inp.notes:
+        say(note)
+    work = None
+    created = not out.exists()
+    if n > 1:
+        # spill inside the output directory, so an interrupted run leaves nothing
+        # beside it; a rerun removes what a killed one left (write.remove_stale_work)
+        out.mkdir(parents=True, exist_ok=True)
+        write.remove_stale_work(out)
+        work = Path(tempfile.mkdtemp(prefix=write.WORK_PREFIX, dir=out))
+    done = False
     try:
         parts = _first_passes(inp, n, work, say)
         plan = make_plan(inp, parts)
         rows_kept = plan.rows_in - sum(plan.dropped.values())
         say(f"sessionized {rows_kept} events ({plan.rows_in - rows_kept} dropped); vocabularies done")
         if cfg.plan_only:
-            write.clear_out_dir(out)
+            write.clear_out_dir(out, keep=work)
+            done = True
             return partial.write_plan(cfg, inp.log, plan, out, time.perf_counter() - t0)
 
         # Only now touch the output: bad input above leaves an old directory intact.
-        write.clear_out_dir(out)
+        write.clear_out_dir(out, keep=work)
+        done = True
         jobs = [(cfg, inp.log, plan, b, parts[b], out) for b in range(n)]
         if cfg.workers > 1 and n > 1:
             results = _map(_second_pass_job, jobs, cfg.workers)
@@ -528,6 +735,8 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+        if created and not done and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused input: leave no empty directory behind
     shards = {name: [s for r in results for s in r[name]] for name in core.SPLITS}
     return finish(cfg, plan, out, shards, t0, say)
 
@@ -549,6 +758,7 @@ def finish(
     write.write_table(plan.items_table, out / "items.parquet")
     write.write_table(plan.users_table.drop(USER), out / "users.parquet")
     save_config(cfg, out / "config.json")
+    files = write.file_table(out)
 
     config = cfg.model_dump(mode="json")
     vocab_sizes = {name: vocab.height + 2 for name, vocab in plan.vocabs.items()}
@@ -568,6 +778,10 @@ def finish(
         "rows_kept": plan.rows_in - sum(plan.dropped.values()),
         "dropped": plan.dropped,
         "splits": splits,
+        "side_tables": plan.side_tables,
+        "notes": plan.notes,
+        "warnings": plan.warnings,
+        "files": files,
         "config": config,
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -1,6 +1,6 @@
 """The sessionizer's transforms (SPEC sections 2-4), each `LazyFrame -> LazyFrame`.
 
-Events arrive normalised by `io.to_events`: `_row` (input order), `_user`,
+Events arrive normalised by `io.to_events`: `ROW` (input order), `_user`,
 `_item`, `_ts` (int64 us UTC), `_sid` (back-end session id or null) and one
 `_f_<name>` column per item side feature. All per-user logic is window
 expressions (`.over(_user)`) on the frame sorted by (user, time, input row):
@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
-from sdm.sessionize.io import ROW, SID, TS, USER, to_utc_us
+from sdm.sessionize.io import ROW, SID, TS, USER, from_us, to_utc_us
 
 SESS = "sess_id"
 IDX = "_idx"          # position of the event in its user's timeline (0..)
@@ -44,7 +44,7 @@ def sessionize(events: pl.LazyFrame, gap_us: int, max_len: int) -> pl.LazyFrame:
     first = pl.col("_first_of_user")
     return (
         events
-        # ties in time keep input order: _row breaks them
+        # ties in time keep input order: ROW breaks them
         .sort([USER, TS, ROW])
         .with_columns(
             pl.int_range(pl.len(), dtype=pl.Int64).alias("_g"),
@@ -122,7 +122,7 @@ def compute_cutoffs(cfg: SessionizeConfig, starts: pl.Series, max_ts: int) -> Cu
         if valid_start > test_start:
             raise SdmError(
                 f"valid_start {cfg.valid_start.isoformat()} is after the test cutoff "
-                f"(computed {test_start} us); choose an earlier valid_start"
+                f"({from_us(test_start)}); choose an earlier valid_start"
             )
     elif cfg.valid_days is not None:
         valid_start = test_start - round(cfg.valid_days * 86_400_000_000)

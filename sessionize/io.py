@@ -17,10 +17,19 @@ import polars as pl
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 
-# Normalised column names used by the rest of the package. The leading
-# underscore keeps them apart from whatever the user's log calls its columns.
-ROW, USER, ITEM, TS, SID, DROP = "_row", "_user", "_item", "_ts", "_sid", "_drop"
+# Normalised column names used by the rest of the package. `ROW` and `DROP` are
+# added next to the log's own columns, so they carry a prefix no log uses
+# (`RESERVED_PREFIX`, refused in a log); the others only exist after the log's
+# columns were selected away (`to_events`), so any log column name is fine.
+RESERVED_PREFIX = "__sdm_"
+ROW, DROP = RESERVED_PREFIX + "row", RESERVED_PREFIX + "drop"
+USER, ITEM, TS, SID = "_user", "_item", "_ts", "_sid"
 DROP_REASONS = ("null_user", "null_item", "null_timestamp", "behavior", "duplicate")
+MIN_US = -62_135_596_800_000_000
+"""0001-01-01T00:00:00Z in us since epoch: the earliest time a Python datetime holds."""
+MAX_US = 253_402_300_799_999_999
+"""9999-12-31T23:59:59.999999Z in us since epoch: the latest."""
+_CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
 
 
 def feat_col(name: str) -> str:
@@ -28,12 +37,29 @@ def feat_col(name: str) -> str:
     return f"_f_{name}"
 
 
-def scan_table(path: Path, what: str) -> tuple[pl.LazyFrame, pl.Schema]:
-    """Open a Parquet (or, by suffix `.csv`, CSV) table lazily and read its schema.
+def table_format(path: Path, fmt: str | None = None, delimiter: str | None = None) -> tuple[str, str]:
+    """(kind, delimiter) of an input table: "csv" or "parquet".
+
+    `fmt` "csv"/"parquet" wins; otherwise (None or "auto") the suffix decides:
+    `.csv`, `.tsv` and `.txt` are CSV (tab-separated for `.tsv`), anything else
+    Parquet. `delimiter` overrides the CSV separator.
+    """
+    suffix = Path(path).suffix.lower()
+    kind = fmt if fmt in ("csv", "parquet") else ("csv" if suffix in _CSV_SUFFIXES else "parquet")
+    sep = delimiter if delimiter is not None else _CSV_SUFFIXES.get(suffix, ",")
+    return kind, sep
+
+
+def scan_table(
+    path: Path, what: str, fmt: str | None = None, delimiter: str | None = None
+) -> tuple[pl.LazyFrame, pl.Schema]:
+    """Open a Parquet or CSV table lazily and read its schema (see `table_format`).
 
     Args:
         path: the file.
         what: what the file is ("log", "items table", ...), for error messages.
+        fmt: "csv", "parquet", or None/"auto" (by suffix).
+        delimiter: CSV field separator (default "," or tab for `.tsv`).
 
     Returns:
         The lazy frame and its schema.
@@ -46,20 +72,28 @@ def scan_table(path: Path, what: str) -> tuple[pl.LazyFrame, pl.Schema]:
         raise SdmError(f"{path}: {what} file not found")
     if path.is_dir():
         raise SdmError(f"{path}: {what} is a directory, expected a Parquet or CSV file")
-    is_csv = path.suffix.lower() == ".csv"
+    kind, sep = table_format(path, fmt, delimiter)
+    is_csv = kind == "csv"
     try:
         if is_csv:
             # try_parse_dates turns ISO timestamps into Datetime columns; epoch
             # numbers stay integers and then need --time-unit.
-            lf = pl.scan_csv(path, try_parse_dates=True)
+            lf = pl.scan_csv(path, try_parse_dates=True, separator=sep)
         else:
             lf = pl.scan_parquet(path)
         schema = lf.collect_schema()
     except (pl.exceptions.PolarsError, OSError) as exc:
-        kind = "CSV" if is_csv else "Parquet"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdmError(f"{path}: not a readable {kind} file ({first})") from None
+        raise SdmError(f"{path}: not a readable {'CSV' if is_csv else 'Parquet'} file ({_first_line(exc)})") from None
     return lf, schema
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (polars errors run over many lines)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if first.startswith("could not parse `\""):
+        first += " (an unterminated quote?)"
+    return first
 
 
 @dataclass(frozen=True)
@@ -91,17 +125,27 @@ def _found(schema: pl.Schema) -> str:
     return ", ".join(schema.names()) or "(none)"
 
 
-def timestamp_expr(cfg: SessionizeConfig, dtype: pl.DataType, path: Path) -> pl.Expr:
+def timestamp_expr(cfg: SessionizeConfig, dtype: pl.DataType, path: Path, sample: str | None = None) -> pl.Expr:
     """Expression turning the log's time column into int64 microseconds since epoch, UTC.
 
     Naive datetimes are taken as UTC; zoned ones are converted to UTC
     (`dt.epoch` does both). Dates are midnight UTC. Integers are epoch seconds or
-    milliseconds as declared by `cfg.time_unit`.
+    milliseconds as declared by `cfg.time_unit`. Strings are parsed with
+    `cfg.time_format` (strftime codes; a value that does not match is an error).
+
+    Args:
+        sample: a value of a string column, shown in the error when no
+            time_format is given.
 
     Raises:
-        SdmError: a column of any other type, or an integer column without time_unit.
+        SdmError: a column of any other type, an integer column without
+            time_unit, or a string column without time_format.
     """
     col = pl.col(cfg.time_col)
+    if dtype == pl.String and cfg.time_format is not None:
+        return col.str.to_datetime(cfg.time_format, time_unit="us", strict=True).dt.epoch("us")
+    if cfg.time_format is not None:
+        raise SdmError(f"{path}: --time-format is for a string time column; {cfg.time_col!r} is {dtype}")
     if isinstance(dtype, pl.Datetime):
         return col.dt.epoch("us")
     if dtype == pl.Date:
@@ -114,10 +158,88 @@ def timestamp_expr(cfg: SessionizeConfig, dtype: pl.DataType, path: Path) -> pl.
             )
         factor = 1_000_000 if cfg.time_unit == "s" else 1_000
         return col.cast(pl.Int64) * factor
+    if dtype == pl.String:
+        shown = f" such as {sample!r}" if sample is not None else ""
+        raise SdmError(
+            f"{path}: column {cfg.time_col!r} holds strings{shown}, not timestamps; pass --time-format "
+            "with their strftime pattern (e.g. '%Y-%m-%d %H:%M:%S UTC'), or use integer epochs with --time-unit s|ms"
+        )
     raise SdmError(
         f"{path}: column {cfg.time_col!r} has type {dtype}; expected a timestamp "
-        "(datetime) or an integer epoch with --time-unit s|ms"
+        "(datetime), an integer epoch with --time-unit s|ms, or a string with --time-format"
     )
+
+
+def check_time_range(df: pl.DataFrame, cfg: SessionizeConfig, dtype: pl.DataType, ts: pl.Expr, path: Path) -> None:
+    """Refuse timestamps a datetime cannot hold (before year 1 or after 9999), before anything is written.
+
+    Integer epochs are checked before they are scaled to microseconds (where
+    int64 would wrap around silently).
+
+    Raises:
+        SdmError: naming the value and what it would be.
+    """
+    if df.height == 0:
+        return
+    col = pl.col(cfg.time_col)
+    if dtype.is_integer() and cfg.time_unit is not None:
+        factor = 1_000_000 if cfg.time_unit == "s" else 1_000
+        lo, hi = df.select(col.cast(pl.Int64).min().alias("lo"), col.cast(pl.Int64).max().alias("hi")).row(0)
+        for v in (lo, hi):
+            if v is not None and not MIN_US <= v * factor <= MAX_US:
+                hint = " (milliseconds read as seconds? try --time-unit ms)" if cfg.time_unit == "s" else ""
+                raise SdmError(
+                    f"{path}: {cfg.time_col!r} value {v} is outside years 1-9999 as epoch "
+                    f"{'seconds' if cfg.time_unit == 's' else 'milliseconds'}{hint}"
+                )
+        return
+    lo, hi = df.select(ts.min().alias("lo"), ts.max().alias("hi")).row(0)
+    for v in (lo, hi):
+        if v is not None and not MIN_US <= v <= MAX_US:
+            raise SdmError(f"{path}: {cfg.time_col!r} holds a time outside years 1-9999 ({v} us since 1970)")
+
+
+_CATEGORICAL = (pl.String, pl.Categorical, pl.Enum, pl.Boolean)
+
+
+def _categorical(dtype: pl.DataType) -> bool:
+    return dtype.is_integer() or isinstance(dtype, _CATEGORICAL) or dtype == pl.String
+
+
+def resolve_features(
+    cfg: SessionizeConfig, items_schema: pl.Schema | None, users_schema: pl.Schema | None
+) -> tuple[SessionizeConfig, list[str]]:
+    """Default side features to the tables' columns when a table is given without a feature list.
+
+    `--items T` without `--item-features` takes every categorical (integer,
+    string, boolean) column of T except its key; the same for `--users` and
+    `--user-features`. Other columns (floats, lists, ...) are left out and
+    named in the returned notes. An explicit list, even an empty one, is kept.
+
+    Returns:
+        The config with the features filled in, and one note per table
+        defaulted (for the summary line and the manifest).
+    """
+    notes, update = [], {}
+    reserved = {"item", "user"}
+    for kind, schema, key, table in (
+        ("item", items_schema, cfg.item_col, cfg.items),
+        ("user", users_schema, cfg.user_col, cfg.users),
+    ):
+        field_name = f"{kind}_features"
+        if schema is None or field_name in cfg.model_fields_set:
+            continue
+        cols = [c for c in schema.names() if c != key and c not in reserved and not c.startswith(RESERVED_PREFIX)]
+        used = [c for c in cols if _categorical(schema[c])]
+        skipped = [c for c in cols if c not in used]
+        if kind == "user":  # a name already an item feature would collide (see check_log)
+            used = [c for c in used if c not in update.get("item_features", cfg.item_features)]
+        update[field_name] = used
+        note = f"{kind} features from {table}: {', '.join(used) or 'none'}"
+        if skipped:
+            note += f" (not categorical, left out: {', '.join(skipped)})"
+        notes.append(note)
+    return (cfg.model_copy(update=update) if update else cfg), notes
 
 
 def check_log(
@@ -131,14 +253,24 @@ def check_log(
 
     The user is the user column when the log has one; otherwise, when the log
     has the session column, each session id is its own user (so the long-term
-    window is empty). Item features are looked up in the log first, then in the
-    items table (the log wins when both have the column). Profile features come
-    from the users table only.
+    window is empty). That fallback applies to the default column names only:
+    a `user_col` or `session_col` the user named (flag or config file) must
+    exist. Item features are looked up in the log first, then in the items
+    table (the log wins when both have the column). Profile features come from
+    the users table only.
 
     Raises:
         SdmError: naming the missing column(s) and the columns found.
     """
     names = set(schema.names())
+    reserved = sorted(c for c in names if c.startswith(RESERVED_PREFIX))
+    if reserved:
+        raise SdmError(f"{path}: column name(s) {reserved} start with {RESERVED_PREFIX!r}, reserved for the sessionizer; rename them")
+    explicit = cfg.model_fields_set
+    for key, flag in (("user_col", "--user-col"), ("session_col", "--session-col")):
+        col = getattr(cfg, key)
+        if key in explicit and col not in names and not (key == "session_col" and col == ""):
+            raise SdmError(f"{path}: {flag} {col!r} is not a column of the log; found: {_found(schema)}")
     missing = [c for c in (cfg.item_col, cfg.time_col) if c not in names]
     if cfg.user_col not in names and cfg.session_col not in names:
         missing.insert(0, f"{cfg.user_col} (or a session column {cfg.session_col})")
@@ -148,10 +280,12 @@ def check_log(
     user_key = cfg.session_col if user_from_session else cfg.user_col
     session_key = cfg.session_col if cfg.session_col in names else None
 
-    if items_schema is not None and cfg.item_col not in items_schema.names():
-        raise SdmError(
-            f"{cfg.items}: items table has no key column {cfg.item_col!r}; found: {_found(items_schema)}"
-        )
+    if items_schema is not None:
+        if cfg.item_col not in items_schema.names():
+            raise SdmError(
+                f"{cfg.items}: items table has no key column {cfg.item_col!r}; found: {_found(items_schema)}"
+            )
+        _check_key_type(cfg.items, "items table", cfg.item_col, items_schema[cfg.item_col], schema[cfg.item_col], path)
     if users_schema is not None:
         if user_from_session:
             raise SdmError(
@@ -162,12 +296,18 @@ def check_log(
             raise SdmError(
                 f"{cfg.users}: users table has no key column {cfg.user_col!r}; found: {_found(users_schema)}"
             )
+        _check_key_type(cfg.users, "users table", cfg.user_col, users_schema[cfg.user_col], schema[cfg.user_col], path)
 
+    roles = {user_key: "the user column", cfg.item_col: "the item column", cfg.time_col: "the time column"}
+    if session_key:
+        roles[session_key] = "the session column"
     log_feats, table_feats = [], []
     for f in cfg.item_features:
-        if f in names and f not in (cfg.item_col, cfg.user_col, cfg.time_col):
+        if f in roles:
+            raise SdmError(f"item feature {f!r} is {roles[f]} of the log, not a side feature")
+        if f in names:
             log_feats.append(f)
-        elif items_schema is not None and f in items_schema.names() and f != cfg.item_col:
+        elif items_schema is not None and f in items_schema.names():
             table_feats.append(f)
         else:
             where = f"the log {path}"
@@ -176,7 +316,9 @@ def check_log(
     for f in cfg.user_features:
         if users_schema is None:
             raise SdmError(f"user feature column {f!r} needs a users table (--users); none was given")
-        if f not in users_schema.names() or f == cfg.user_col:
+        if f == cfg.user_col:
+            raise SdmError(f"{cfg.users}: user feature {f!r} is the users table's key column, not a profile feature")
+        if f not in users_schema.names():
             raise SdmError(
                 f"{cfg.users}: user feature column {f!r} not found; found: {_found(users_schema)}"
             )
@@ -202,21 +344,48 @@ def check_log(
     )
 
 
+def _check_key_type(table: Path | None, what: str, key: str, dtype: pl.DataType, log_dtype: pl.DataType, log: Path) -> None:
+    """A side table's key must compare with the log's column: both integers, or both strings.
+
+    Raises:
+        SdmError: naming the table, the key and both types.
+    """
+    def kind(t: pl.DataType) -> str:
+        if t.is_integer():
+            return "integer"
+        if t == pl.String or isinstance(t, (pl.Categorical, pl.Enum)):
+            return "string"
+        return str(t)
+
+    if kind(dtype) != kind(log_dtype):
+        raise SdmError(
+            f"{table}: {what} key {key!r} is {dtype} but the log's {key!r} is {log_dtype} "
+            f"({log}); store both as integers or both as strings"
+        )
+
+
 def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Expr) -> pl.LazyFrame:
-    """Add the drop reason (null when the row is kept); `lf` already carries the row index `_row`.
+    """Add the drop reason (null when the row is kept); `lf` already carries the row index `ROW`.
 
     `lf` is read twice (the copies are found in a separate filter): pass a
     collected frame's `.lazy()`, not a scan.
 
-    Reasons, first match wins: null_user, null_item, null_timestamp, behavior
+    Reasons, first match wins: null_user, null_item (null or NaN ids), null_timestamp, behavior
     (not among cfg.behaviors), duplicate (an exact copy, over all the log's
     columns, of an earlier row; the first copy is kept; not checked with
     cfg.keep_duplicates).
     """
     behaviors = [str(b) for b in (cfg.behaviors or [])]
+    schema = lf.collect_schema()
+
+    def missing(name: str) -> pl.Expr:
+        # a float id column's NaN is as missing as a null
+        col = pl.col(name)
+        return (col.is_null() | col.is_nan()) if schema[name].is_float() else col.is_null()
+
     reason = (
-        pl.when(pl.col(spec.user_key).is_null()).then(pl.lit("null_user"))
-        .when(pl.col(cfg.item_col).is_null()).then(pl.lit("null_item"))
+        pl.when(missing(spec.user_key)).then(pl.lit("null_user"))
+        .when(missing(cfg.item_col)).then(pl.lit("null_item"))
         .when(ts.is_null()).then(pl.lit("null_timestamp"))
     )
     if spec.behavior:

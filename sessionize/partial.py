@@ -126,12 +126,14 @@ def run_partition(cfg: SessionizeConfig, log: Path, progress: bool = True) -> di
     plan, meta = read_plan(cfg.plan)  # type: ignore[arg-type]
     if meta["buckets"] != n:
         raise SdmError(f"{cfg.plan}: the plan has {meta['buckets']} buckets, --bucket asks for {cfg.bucket}")
+    out = Path(cfg.out)
+    write.check_inputs_outside(out, {"log": log, "items table": cfg.items, "users table": cfg.users, "plan": cfg.plan})
+    write.check_out_dir(out, cfg.overwrite)
+    inp = _open(cfg, log)
+    cfg = inp.cfg  # side features defaulted as in the plan's run
     if meta["config"] != _output_config(cfg):
         diff = sorted(k for k, v in _output_config(cfg).items() if meta["config"].get(k) != v)
         raise SdmError(f"{cfg.plan}: the plan was made with another config (differs in {', '.join(diff)})")
-    out = Path(cfg.out)
-    write.check_out_dir(out, cfg.overwrite)
-    inp = _open(cfg, log)
     say(f"partition {i}/{n} of {inp.log}")
     part = _first_pass(inp, i, n, None)
     write.clear_out_dir(out)
@@ -177,6 +179,7 @@ def combine(plan_dir: Path, parts: list[Path], out: Path, overwrite: bool = Fals
     t0 = time.perf_counter()
     say = _stage_printer(progress, t0)
     plan_dir, out = Path(plan_dir), Path(out)
+    write.check_inputs_outside(out, {"plan": plan_dir, **{f"partition {d}": Path(d) for d in parts}})
     plan, meta = read_plan(plan_dir)
     pid = _plan_id(plan_dir)
     found: dict[int, tuple[Path, dict[str, Any]]] = {}

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +26,78 @@ ROW_GROUP = 8192
 """Shard rows (user timelines) per Parquet row group."""
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output directory unless `overwrite` (nothing is deleted here).
+WORK_PREFIX = ".sdm-work-"
+"""Spill folders of a bucketed run live inside the output directory under this prefix."""
+
+
+def _is_work(path: Path) -> bool:
+    return path.name.startswith(WORK_PREFIX) and path.is_dir()
+
+
+def check_inputs_outside(out: Path, inputs: dict[str, Path | None]) -> None:
+    """Refuse an output directory that is, or contains, one of the inputs (it would be deleted).
+
+    Args:
+        out: the output directory.
+        inputs: what each input is ("log", "items table", ...) -> its path (None: not given).
 
     Raises:
-        SdmError: `out` is a file, or a non-empty directory without overwrite.
+        SdmError: naming the input and the output.
     """
+    o = Path(out).resolve()
+    for what, p in inputs.items():
+        if p is None:
+            continue
+        r = Path(p).resolve()
+        if r == o or o in r.parents:
+            raise SdmError(
+                f"{p}: the {what} is inside the output directory {out}, whose contents are replaced; "
+                "choose another --out or move the input"
+            )
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an unusable output directory (nothing is deleted here).
+
+    Stale spill folders of an interrupted run (`.sdm-work-*`) do not count as
+    content. The nearest existing ancestor must be a directory we can write
+    to: a probe folder is created there and removed.
+
+    Raises:
+        SdmError: `out` is a file, cannot be created or written, or is a
+            non-empty directory without overwrite.
+    """
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise SdmError(f"{out}: output path exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(not _is_work(c) for c in out.iterdir()) and not overwrite:
         raise SdmError(f"{out}: output directory is not empty; pass --overwrite to replace it")
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise SdmError(f"{out}: cannot create the output directory: {base} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sdm-probe-", dir=base))
+    except OSError as exc:
+        raise SdmError(f"{out}: cannot write the output directory in {base} ({exc.strerror})") from None
 
 
-def clear_out_dir(out: Path) -> None:
-    """Empty `out`, deleting the old manifest FIRST so a half-deleted directory never looks complete."""
+def remove_stale_work(out: Path) -> None:
+    """Delete spill folders (`.sdm-work-*`) that an interrupted run left in `out`."""
+    if out.is_dir():
+        for child in out.iterdir():
+            if _is_work(child):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def clear_out_dir(out: Path, keep: Path | None = None) -> None:
+    """Empty `out` (except `keep`), deleting the old manifest FIRST so a half-deleted directory never looks complete."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     for child in out.iterdir():
+        if keep is not None and child == keep:
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -111,6 +167,22 @@ def fingerprint(out: Path, splits: dict[str, Any], vocab_sizes: dict[str, int], 
     ]
     blob = json.dumps({"shards": shards, "vocab_sizes": vocab_sizes, "config": config}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content, read in blocks."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def file_table(out: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a shard directory but the manifest (`sdm check` verifies them)."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_file() and rel != MANIFEST and not rel.startswith(WORK_PREFIX):
+            files[rel] = {"size": path.stat().st_size, "sha256": file_digest(path)}
+    return files
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:

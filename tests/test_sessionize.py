@@ -128,12 +128,14 @@ def test_window_edges_exactly_seven_days(tmp_path):
         (1, 2, at(0)),  # exactly T - 7d: in
         (1, 3, at(T - 60)),  # in
         (1, 4, at(T)),  # session start T
-        (1, 5, at(T)),  # same time T, cut into its own session: d is at T, so out of e's window
+        (1, 5, at(T)),
+        (1, 6, at(T)),  # same time T, cut into its own session: 4 and 5 are at T, so out of its window
     ]
-    _, ss = go(tmp_path, log(rows, sid=False), max_session_len=1)
+    # a 1 s gap parts every event above but the ties; the cut at 2 puts 6 alone
+    _, ss = go(tmp_path, log(rows, sid=False), max_session_len=2, gap="1s")
     by_item = {raw_items(tmp_path, [s])[0][0]: raw_items(tmp_path, [s], "long_items")[0] for s in ss}
     assert by_item[4] == [2, 3]
-    assert by_item[5] == [2, 3]
+    assert by_item[6] == [2, 3]
     assert by_item[3] == [1, 2]  # T-1h - 7d is before item 1: both in
     assert by_item[1] == []
 
@@ -475,7 +477,7 @@ def test_error_no_user_and_no_session_column(tmp_path):
 
 def test_error_timestamp_string(tmp_path):
     df = pl.DataFrame({"user_id": [1], "item_id": [2], "timestamp": ["2024-01-01"]})
-    with pytest.raises(SdmError, match=r"l\.parquet: column 'timestamp' has type String"):
+    with pytest.raises(SdmError, match=r"l\.parquet: column 'timestamp' holds strings such as '2024-01-01'.*--time-format"):
         run(_cfg(tmp_path), write_log(df, tmp_path / "l.parquet"), progress=False)
 
 

@@ -70,7 +70,7 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
         },
     ),
     # OTTO "sessions" last weeks: use them as users and cut by the 10-minute gap
-    "otto": ("otto_sample", "interactions.parquet", {"user_col": "session_id", "session_col": "no_session_column"}),
+    "otto": ("otto_sample", "interactions.parquet", {"user_col": "session_id", "session_col": ""}),
 }
 
 

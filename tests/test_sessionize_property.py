@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 import reference_sessionizer as ref
 from conftest import read_sessions, us
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdm.config import SessionizeConfig
+from sdm.errors import SdmError
 from sdm.sessionize import run
 
 BASE = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
@@ -51,7 +53,7 @@ def logs(draw: st.DrawFn) -> dict[str, Any]:
     return {
         "rows": rows,
         "with_sid": draw(st.booleans()),
-        "max_session_len": draw(st.integers(1, 4)),
+        "max_session_len": draw(st.integers(2, 4)),  # 1 is refused: no session would give a sample
         "max_long_len": draw(st.integers(1, 5)),
         "split": split,
         "fractions": (draw(st.sampled_from([0.0, 0.1, 0.25, 0.5])), draw(st.sampled_from([0.0, 0.1, 0.3]))),
@@ -108,6 +110,12 @@ def _check(case: dict[str, Any], user_from_session: bool) -> None:
             min_shards=2,
             **opts,
         )
+        if not any(s.split == "train" for s in sessions):
+            # settings that leave no training session are refused before anything is written
+            with pytest.raises(SdmError, match="the training split is empty"):
+                run(cfg, log, progress=False)
+            assert not (Path(tmp) / "out").exists()
+            return
         manifest = run(cfg, log, progress=False)
         got = read_sessions(Path(tmp) / "out")
 
