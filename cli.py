@@ -23,6 +23,7 @@ from sdm.config import (
     DemoConfig,
     EvaluateConfig,
     ExportConfig,
+    RecommendConfig,
     SessionizeConfig,
     SynthConfig,
     TrainConfig,
@@ -259,14 +260,48 @@ def evaluate(cfg: EvaluateConfig, config: ConfigOpt = None, quiet: QuietOpt = Fa
 @app.command()
 @_with_config_flags(ExportConfig, "export")
 def export(cfg: ExportConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
-    """Write item vectors (Parquet + faiss index) and the user tower (torch.export) for serving."""
-    from sdm.pipeline.export import export as run_export
+    """Write item vectors (Parquet + faiss index) and the user tower (torch.export + ONNX) for serving."""
+    from sdm.serve.export import export as run_export
 
     s = run_export(cfg, progress=not quiet)
     typer.echo(
         f"exported {s['variant']}: {s['items']:,} item vectors of dim {s['dim']}, user tower, "
-        f"faiss: {s['faiss']}; {s['seconds']:.1f}s -> {s['out']}"
+        f"faiss: {s['faiss']}; onnx: {s['onnx']}; {s['seconds']:.1f}s -> {s['out']}"
     )
+
+
+@app.command()
+@_with_config_flags(RecommendConfig, "recommend")
+def recommend(
+    cfg: RecommendConfig,
+    log: Annotated[Path, _existing_file("Interaction log (the schema sessionize read), e.g. today's events.")],
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Top-K items for every user of LOG, from the user's latest session before --at (Parquet out)."""
+    from sdm.serve.recommend import recommend as run_recommend
+
+    s = run_recommend(cfg, log, progress=not quiet)
+    typer.echo(
+        f"recommended {s['k']} items to {s['users']:,} users ({s['index']}, {s['buckets']} bucket(s)); "
+        f"{s['seconds']:.1f}s -> {s['out']}"
+    )
+
+
+@app.command("inspect")
+def inspect_dir(
+    path: Annotated[Path, typer.Argument(metavar="DIR", help="A shard, model or export directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """What a shard directory, model directory or export directory holds."""
+    from sdm.serve.inspect import inspect_path
+
+    try:
+        text = inspect_path(path, as_json=as_json)
+    except SdmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(text)
 
 
 # Data tooling: synth / convert / download.

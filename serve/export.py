@@ -5,15 +5,20 @@ and writes to the output directory:
 
 - `item_vectors.parquet`: `item_id` (raw), `index` (int32), `vector`
   (fixed_size_list<float32>[D]) for every real item index 2..V-1, in index order.
-- `items.faiss`: `faiss.IndexFlatIP` over the same vectors, faiss row i =
-  parquet row i (only when faiss is installed and `faiss` is on).
+- `items.faiss` + `index.json`: a `serve.index.FaissIndex` over the same vectors
+  (exact below 50,000 items, IVF with tuned nprobe above; faiss row i = parquet
+  row i), and its parameters (only when faiss is installed and `faiss` is on).
 - `user_tower.pt2`: a `torch.export` program (`UserTower`) taking the batch
   tensors as flat positional inputs and returning the user vector after the
   last valid session position, (B, D): the query vector for the item index.
+- `user_tower.onnx`: the same tower as ONNX (same inputs, names and output), for
+  ONNX Runtime / Triton (only when the `onnx` extra is installed and `onnx` is on).
 - `user_tower.json`: input names, order, shapes and vocab files, dims, how to
   call it, and the manifest fingerprint.
-- `vocab/<feature>.parquet`, `items.parquet`, `users.parquet`: copies of the
-  lookup tables serving needs to turn raw ids into the tower's indices.
+- `lookups.json`: the training run's sessionize config, features and length caps:
+  what `serve.sessions` needs to build a user's session like training did.
+- `vocab/<name>.parquet`, `items.parquet`, `users.parquet`: copies of every
+  vocabulary and of the item and user tables, to turn raw ids into the tower's indices.
 - `config.json`: the resolved `ExportConfig`, written LAST; its absence means
   the export did not finish.
 """
@@ -43,11 +48,17 @@ from sdm.pipeline.dataset import read_manifest, user_column
 EXPORT_VERSION = 1
 ITEM_VECTORS = "item_vectors.parquet"
 FAISS_INDEX = "items.faiss"
+INDEX_SPEC = "index.json"
 USER_TOWER = "user_tower.pt2"
+ONNX_TOWER = "user_tower.onnx"
+LOOKUPS = "lookups.json"
 TOWER_SPEC = "user_tower.json"
 CONFIG = "config.json"
 # Everything `export` writes; `--overwrite` deletes these (and nothing else).
-OUTPUTS = (CONFIG, ITEM_VECTORS, FAISS_INDEX, USER_TOWER, TOWER_SPEC, "items.parquet", "users.parquet", "vocab")
+OUTPUTS = (
+    CONFIG, ITEM_VECTORS, FAISS_INDEX, INDEX_SPEC, USER_TOWER, ONNX_TOWER, TOWER_SPEC, LOOKUPS,
+    "items.parquet", "users.parquet", "vocab",
+)  # fmt: skip
 ITEM_CHUNK = 65_536
 
 
@@ -160,6 +171,43 @@ def export_user_tower(model: SDM, path: Path) -> dict[str, Any]:
     return {"batch": [1, None], "T": [1, tower.max_len], "L": [1, None]}
 
 
+def export_onnx(model: SDM, path: Path) -> str:
+    """Write the user tower as ONNX to `path`; returns the path, or why it was skipped.
+
+    Same positional inputs (named as in `UserTower.input_names()`) and output
+    `user_vector` (B, D) as the torch.export program; B, T and L are dynamic axes.
+    Uses the TorchScript-based exporter: it maps `nn.LSTM` to ONNX's LSTM operator
+    (the torch.export-based one unrolls it over max_session_len steps, ~15x slower
+    to export and larger), and it is what torch 2.13 still ships.
+    """
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return "skipped: onnx is not installed (pip install 'sdm[onnx]')"
+    tower = UserTower(model).cpu()
+    names = tower.input_names()
+    nf, nu = len(tower.item_features), len(tower.user_features)
+    item2 = model.item_table[2].cpu()
+    t_ex = min(2, tower.max_len)
+    seq = [item2[j].expand(2, t_ex).clone() for j in range(nf)]
+    long = [item2[j].expand(2, 2).clone() for j in range(nf)]
+    users = [torch.ones(2, dtype=torch.long) for _ in range(nu)]
+    args = (*seq, torch.tensor([t_ex, 1]), *long, torch.tensor([2, 1]), *users)
+    axes: dict[str, dict[int, str]] = {}
+    for name, a in zip(names, args):
+        axes[name] = {0: "B"} if a.dim() == 1 else {0: "B", 1: "T" if name.startswith("seq_") else "L"}
+    axes["user_vector"] = {0: "B"}
+    tmp = path.with_suffix(".onnx.tmp")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and LSTM batch-size notes
+        torch.onnx.export(
+            tower, args, str(tmp), input_names=names, output_names=["user_vector"], dynamic_axes=axes,
+            opset_version=17, dynamo=False,
+        )  # fmt: skip
+    tmp.replace(path)
+    return str(path)
+
+
 def item_vectors(model: SDM) -> Tensor:
     """(V - 2, D) float32 vectors of item indices 2..V-1 (padding and OOV left out), in chunks."""
     num_items = int(model.item_table.shape[0])
@@ -201,16 +249,21 @@ def write_item_vectors(path: Path, raw: pa.Array, vectors: Tensor) -> None:
     pq.write_table(table, path)
 
 
-def write_faiss(path: Path, vectors: Tensor) -> str:
-    """Write an exact inner-product index (row i = item index i + 2); returns what happened."""
+def write_faiss(path: Path, vectors: Tensor, progress: bool = False) -> str:
+    """Write a `FaissIndex` (row i = item index i + 2) and its parameters (`index.json`); returns what happened."""
     try:
-        import faiss
+        import faiss  # noqa: F401
     except ImportError:
         return "skipped: faiss is not installed (pip install 'sdm[faiss]')"
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
-    faiss.write_index(index, str(path))
-    return str(path)
+    from sdm.serve.index import FaissIndex, describe
+
+    padded = torch.cat([vectors.new_zeros(2, vectors.shape[1]), vectors])  # rows 0, 1: padding, OOV
+    index = FaissIndex(padded, announce=progress)
+    tmp = path.with_suffix(".faiss.tmp")
+    index.save(str(tmp))
+    tmp.replace(path)
+    (path.parent / INDEX_SPEC).write_text(json.dumps(index.params, indent=2) + "\n")
+    return f"{path} ({describe(index.params)})"
 
 
 def _copy_lookups(data_dir: Path, out: Path, model: SDM) -> dict[str, str | None]:
@@ -219,14 +272,14 @@ def _copy_lookups(data_dir: Path, out: Path, model: SDM) -> dict[str, str | None
     Returns feature -> vocab path relative to `out` (None when the data has no such file).
     """
     vocab: dict[str, str | None] = {}
-    for f in [*model.item_features, *model.user_features]:
-        src = data_dir / "vocab" / f"{f}.parquet"
-        if src.is_file():
-            (out / "vocab").mkdir(exist_ok=True)
+    # Every vocabulary, not only the tower's: building a session (`serve.sessions`)
+    # encodes every item feature of the training log.
+    if (data_dir / "vocab").is_dir():
+        (out / "vocab").mkdir(exist_ok=True)
+        for src in sorted((data_dir / "vocab").glob("*.parquet")):
             shutil.copy2(src, out / "vocab" / src.name)
-            vocab[f] = f"vocab/{src.name}"
-        else:
-            vocab[f] = None
+    for f in [*model.item_features, *model.user_features]:
+        vocab[f] = f"vocab/{f}.parquet" if (out / "vocab" / f"{f}.parquet").is_file() else None
     for name in ("items.parquet", "users.parquet"):
         if (data_dir / name).is_file():
             shutil.copy2(data_dir / name, out / name)
@@ -286,6 +339,12 @@ def _tower_spec(
     }
 
 
+def lookups_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What `serve.sessions.Lookups` reads from a data manifest, for an export directory."""
+    keys = ("fingerprint", "item_features", "user_features", "max_session_len", "max_long_len", "num_items", "config")
+    return {"format": "sdm-lookups", "version": EXPORT_VERSION, **{k: manifest.get(k) for k in keys}}
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty `out` unless overwrite; then delete only the files export writes."""
     if out.exists() and not out.is_dir():
@@ -324,14 +383,17 @@ def export(cfg: ExportConfig, progress: bool = False) -> dict[str, Any]:
     _say(progress, "item vectors")
     vectors = item_vectors(model)  # (V - 2, D)
     write_item_vectors(cfg.out / ITEM_VECTORS, raw_item_ids(cfg.data, int(manifest["num_items"])), vectors)
-    faiss_status = write_faiss(cfg.out / FAISS_INDEX, vectors) if cfg.faiss else "skipped: --no-faiss"
+    faiss_status = write_faiss(cfg.out / FAISS_INDEX, vectors, progress) if cfg.faiss else "skipped: --no-faiss"
     _say(progress, f"faiss: {faiss_status}")
 
     _say(progress, "exporting the user tower (torch.export)")
     dims = export_user_tower(model, cfg.out / USER_TOWER)
+    onnx_status = export_onnx(model, cfg.out / ONNX_TOWER) if cfg.onnx else "skipped: --no-onnx"
+    _say(progress, f"onnx: {onnx_status}")
     vocab = _copy_lookups(Path(cfg.data), cfg.out, model)
     spec = _tower_spec(model, manifest, vocab, dims)
     (cfg.out / TOWER_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    (cfg.out / LOOKUPS).write_text(json.dumps(lookups_spec(manifest), indent=2) + "\n")
     save_config(cfg, cfg.out / CONFIG)  # last: marks a finished export
     return {
         "out": str(cfg.out),
@@ -339,5 +401,6 @@ def export(cfg: ExportConfig, progress: bool = False) -> dict[str, Any]:
         "dim": int(vectors.shape[1]),
         "variant": model.config.variant,
         "faiss": faiss_status,
+        "onnx": onnx_status,
         "seconds": time.time() - t0,
     }

@@ -21,7 +21,7 @@ from sdm.cli import app
 from sdm.config import ExportConfig, TrainConfig
 from sdm.model.sdm import SDM
 from sdm.pipeline.dataset import SessionDataset, load_item_table, read_manifest
-from sdm.pipeline.export import UserTower, export, export_user_tower, tower_inputs
+from sdm.serve.export import UserTower, export, export_user_tower, tower_inputs
 from sdm.pipeline.train import build_model_config, model_features
 
 from shard_builder import build_shards
@@ -138,7 +138,7 @@ def test_item_vectors_parquet(exported: dict[str, Any]) -> None:
 
 def test_faiss_index_matches_exact_search(exported: dict[str, Any]) -> None:
     faiss = pytest.importorskip("faiss")
-    assert exported["summary"]["faiss"].endswith("items.faiss")
+    assert "items.faiss (flat over 20 items)" in exported["summary"]["faiss"]
     index = faiss.read_index(str(exported["out"] / "items.faiss"))
     table = pq.read_table(exported["out"] / "item_vectors.parquet")
     vecs = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
@@ -152,7 +152,7 @@ def test_faiss_index_matches_exact_search(exported: dict[str, Any]) -> None:
 
 def test_faiss_off_is_skipped(exported: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The tower export is not what this checks; skip its cost.
-    monkeypatch.setattr("sdm.pipeline.export.export_user_tower", lambda model, path: {})
+    monkeypatch.setattr("sdm.serve.export.export_user_tower", lambda model, path: {})
     cfg = ExportConfig(data=exported["data"], model=exported["model_dir"], out=tmp_path / "x", faiss=False)
     summary = export(cfg)
     assert summary["faiss"].startswith("skipped") and not (cfg.out / "items.faiss").exists()

@@ -1,0 +1,27 @@
+"""Serving: from a trained model to recommendations.
+
+- `export`: `sdm export` — item vectors, the user tower (torch.export and ONNX), the index.
+- `sessions`: a user's latest session and its long-term window from raw events,
+  built by the sessionizer's own stage functions and the training vocabularies.
+- `recommend`: `sdm recommend LOG` — batch top-K for every user of a log.
+- `api`: `Recommender.load(export_dir).recommend(events, k=...)` for services.
+- `rank`: the one function that turns user vectors (and optional per-candidate
+  extra scores) into a top-K list over an item index.
+- `index`: exact and faiss indexes (parameters chosen from the catalogue size).
+- `inspect`: `sdm inspect DIR` — what a shard, model or export directory holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Recommender"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import sdm.serve.index` must not pull in polars, onnxruntime or the model.
+    if name == "Recommender":
+        from sdm.serve.api import Recommender
+
+        return Recommender
+    raise AttributeError(name)

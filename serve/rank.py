@@ -1,0 +1,77 @@
+"""The final ranking of serving, in one function: index top-K merged with re-scored history candidates.
+
+SDM scores item j for user vector u by u . v_j. A repeat ("copy") head adds,
+for the user's own history items only, a copy logit R_j: their score becomes
+logaddexp(u . v_j, R_j), every other item keeps u . v_j. So the top-K over the
+whole catalogue is the top-K of (the index's best K + C non-candidates) merged
+with (the C candidates, re-scored) — one index search, whatever the repeat head
+does. `rank` is that merge; the API (`serve.api`) and `sdm recommend --index faiss`
+call it, so a change of the repeat term only has to reach the candidate scores.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class ItemIndex(Protocol):
+    """What `rank` needs from an index (`serve.index.ExactIndex`, `serve.index.FaissIndex`)."""
+
+    def search_scores(self, user_vecs: Tensor, k: int, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
+
+
+def rank(
+    user_vecs: Tensor | np.ndarray,
+    index: ItemIndex,
+    k: int,
+    exclude: Tensor | None = None,
+    candidates: Tensor | None = None,
+    candidate_logits: Tensor | None = None,
+    item_vecs: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Top-k items per query: u . v_j for every item, logaddexp(u . v_j, R_j) for candidates.
+
+    Args:
+        user_vecs: (Q, D) user vectors.
+        index: item index over items 2..V-1 (`search_scores`).
+        k: list length.
+        exclude: (Q, X) item indices never to return (0 = nothing), e.g. the session with
+            `--exclude-seen`.
+        candidates: (Q, C) history item indices whose score changes (0 = none; repeats are
+            merged, the first kept), or None for a plain dot-product ranking.
+        candidate_logits: (Q, C) copy logits R of the candidates (a very negative value,
+            e.g. `NO_COPY`, leaves the dot product); needs `item_vecs`.
+        item_vecs: (V, D) item vectors, rows indexed by item index, to re-score candidates.
+
+    Returns:
+        (scores (Q, k) float32, items (Q, k) long), best first; (-inf, 0) where fewer
+        than k items are left.
+    """
+    u = torch.as_tensor(user_vecs).float()
+    if candidates is None:
+        return index.search_scores(u, k, exclude)
+    if candidate_logits is None or item_vecs is None:
+        raise ValueError("candidates need candidate_logits and item_vecs")
+    cand = candidates.long().cpu()
+    C = cand.shape[1]
+    # K + C from the index: after dropping up to C candidates, K non-candidates remain.
+    s_idx, i_idx = index.search_scores(u, k + C, exclude)
+    valid = cand > 1  # padding and OOV are never recommended
+    same = cand.unsqueeze(2) == cand.unsqueeze(1)  # (Q, C, C)
+    earlier = torch.ones(C, C, dtype=torch.bool).tril(-1)
+    valid &= ~(same & earlier).any(2)  # a repeated candidate counts once
+    if exclude is not None:
+        valid &= ~(cand.unsqueeze(2) == exclude.long().cpu().unsqueeze(1)).any(2)
+    s_idx = s_idx.masked_fill((i_idx.unsqueeze(2) == torch.where(valid, cand, -1).unsqueeze(1)).any(2), float("-inf"))
+    vecs = item_vecs.float().cpu()[cand.clamp(0, item_vecs.shape[0] - 1)]  # (Q, C, D)
+    dot = torch.einsum("qd,qcd->qc", u, vecs)
+    s_cand = torch.logaddexp(dot, candidate_logits.float().cpu()).masked_fill(~valid, float("-inf"))
+    scores = torch.cat([s_idx, s_cand], 1)
+    items = torch.cat([i_idx, cand], 1)
+    top_s, pos = scores.topk(min(k, scores.shape[1]), dim=1)
+    top_i = torch.where(torch.isneginf(top_s), 0, items.gather(1, pos))
+    return top_s, top_i

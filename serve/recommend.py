@@ -1,0 +1,222 @@
+"""`sdm recommend LOG`: top-K items for every user of a log, from the user's latest session.
+
+For each user: the latest session starting before `--at` (events at or after it
+are ignored) and its long-term window, built by the sessionizer's own code with
+the training vocabularies (`serve.sessions`), then scored by **the code of
+`sdm evaluate`**: `pipeline.dataset.collate` makes the batch,
+`pipeline.evaluate.ModelScorer` gives the user vectors and the score function
+(whatever it adds to the dot product, e.g. a repeat head), and
+`pipeline.metrics.chunked_topk` takes the top K with the same masking. So the
+list for a session prefix is the list `sdm evaluate --dump-topk` gives for the
+query at its end (tested). With `--index faiss` the user vectors go through
+`serve.rank.rank` over a `serve.index.FaissIndex` instead.
+
+Memory: users are hash-partitioned into buckets of about `bucket_events`
+events (the sessionizer's `bucket_expr`), each bucket is sessionized on its own
+and scored in batches of `batch_size` users, and the output is streamed to a
+temporary Parquet file renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from sdm.config import RecommendConfig, save_config
+from sdm.errors import SdmError
+from sdm.pipeline.dataset import collate, move_batch, read_manifest
+from sdm.pipeline.device import pick_device
+from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK, ModelScorer, _raw_items, load_model
+from sdm.pipeline.metrics import chunked_topk
+from sdm.sessionize.io import to_utc_us
+from sdm.serve.sessions import Lookups, Served, bucketed, open_log, take
+
+SCHEMA_NOTE = "user_id (the log's type), session_start (timestamp UTC), items (raw ids, best first), scores (float32)"
+
+
+def session_queries_last(batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """(qb, qp, prefix): one query per session, at its last event; prefix = the whole session."""
+    items = batch["seq"]["item"]
+    seq_len = batch["seq_len"]
+    qb = torch.arange(items.shape[0], device=items.device)
+    qp = (seq_len - 1).clamp(min=0)
+    pos = torch.arange(items.shape[1], device=items.device)
+    prefix = torch.where(pos.unsqueeze(0) <= qp.unsqueeze(1), items, torch.zeros_like(items))
+    return qb, qp, prefix
+
+
+def gather_scores(fn: Any, topk: Tensor, num_items: int, chunk_items: int) -> Tensor:
+    """Scores of the chosen items, from the same score function (one more pass over the chunks)."""
+    out = torch.full(topk.shape, float("-inf"), device=topk.device)
+    for start in range(0, num_items, chunk_items):
+        end = min(start + chunk_items, num_items)
+        sel = (topk >= start) & (topk < end) & (topk > 1)
+        if not bool(sel.any()):
+            continue
+        s = fn(start, end).float().to(topk.device)  # (Q, C)
+        out = torch.where(sel, s.gather(1, (topk - start).clamp(0, end - start - 1)), out)
+    return out
+
+
+def history_candidates(state: Any, qb: Tensor, qp: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(items, copy logits) of the repeat head for each query, or None for a model without one."""
+    if isinstance(state, tuple) and len(state) > 1 and state[1] is not None:
+        from sdm.model.sdm import copy_scores
+
+        return copy_scores(state[1], qb, qp)
+    return None
+
+
+def score_batch(
+    scorer: ModelScorer, batch: dict[str, Any], k: int, num_items: int, exclude_seen: bool, faiss_index: Any = None
+) -> tuple[Tensor, Tensor]:
+    """(items (B, k), scores (B, k)) for the last position of every session of a batch."""
+    qb_all, qp_all, prefix_all = session_queries_last(batch)
+    state = scorer.begin_batch(batch)
+    items, scores = [], []
+    for start in range(0, len(qb_all), QUERY_CHUNK):
+        sl = slice(start, start + QUERY_CHUNK)
+        qb, qp, prefix = qb_all[sl], qp_all[sl], prefix_all[sl]
+        exclude = prefix if exclude_seen else None
+        if faiss_index is not None:
+            from sdm.serve.rank import rank
+
+            hist = history_candidates(state, qb, qp)
+            u = scorer.query_vectors(state, qb, qp)
+            if hist is None:
+                s, top = rank(u, faiss_index, k, exclude)
+            else:
+                s, top = rank(u, faiss_index, k, exclude, hist[0], hist[1], scorer.items)
+        else:
+            fn = scorer.score_fn(state, qb, qp, prefix)
+            chunk_items = max(1024, MAX_SCORES // len(qb))
+            top = chunked_topk(fn, num_items, k, chunk_items, exclude).to(qb.device)
+            s = gather_scores(fn, top, num_items, chunk_items)
+        items.append(top.cpu())
+        scores.append(s.float().cpu())
+    return torch.cat(items), torch.cat(scores)
+
+
+class _Writer:
+    """Streams the output rows into `path`.tmp; `close` renames it into place (atomic)."""
+
+    def __init__(self, path: Path, raw_items: pa.Array, user_type: pa.DataType) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.raw = raw_items
+        self.schema = pa.schema(
+            [
+                ("user_id", user_type),
+                ("session_start", pa.timestamp("us", tz="UTC")),
+                ("items", pa.list_(raw_items.type)),
+                ("scores", pa.list_(pa.float32())),
+            ]
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        self.rows = 0
+
+    def write(self, served: Served, items: Tensor, scores: Tensor) -> None:
+        top = items.numpy()
+        keep = top > 1  # 0 = "no item" (fewer than k left), at the end of a row
+        counts = keep.sum(1)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        flat_items = self.raw.take(pa.array(top[keep]))
+        flat_scores = pa.array(scores.numpy()[keep].astype(np.float32))
+        cols = [
+            served.user_id.to_arrow().cast(self.schema.field("user_id").type),
+            pa.array(served.session_start, pa.timestamp("us", tz="UTC")),
+            pa.ListArray.from_arrays(offsets, flat_items),
+            pa.ListArray.from_arrays(offsets, flat_scores),
+        ]
+        self.writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=self.schema))
+        self.rows += len(top)
+
+    def close(self, ok: bool) -> None:
+        self.writer.close()
+        if ok:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def recommend(cfg: RecommendConfig, log: Path, progress: bool = False) -> dict[str, Any]:
+    """Write the top-`cfg.k` items of every user of `log` to `cfg.out` (see the module docstring).
+
+    Returns:
+        Summary: out, users, k, index, buckets, seconds.
+
+    Raises:
+        SdmError: missing or foreign model, a log the training config cannot read, K
+            beyond the catalogue, an existing output without overwrite, faiss missing.
+    """
+    t0 = time.time()
+    manifest = read_manifest(cfg.data)
+    num_items = int(manifest["num_items"])
+    if cfg.k > num_items - 2:
+        raise SdmError(f"--k {cfg.k} is larger than the catalogue of {cfg.data} ({num_items - 2} items)")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise SdmError(f"{out}: output exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise SdmError(f"{out}: output path is a directory, expected a Parquet file name")
+    device = pick_device(cfg.device)
+    model = load_model(cfg.model, cfg.data, manifest, device)
+    lookups = Lookups.load(cfg.data)
+    inp, missing = open_log(lookups, Path(log), cfg.items)
+    at_us = to_utc_us(cfg.at) if cfg.at is not None else None
+    try:
+        n_rows = inp.lf.select(pl.len()).collect().item()
+    except pl.exceptions.PolarsError as exc:
+        raise SdmError(f"{log}: {str(exc).strip().splitlines()[0]}") from None
+    buckets = max(1, math.ceil(n_rows / cfg.bucket_events))
+
+    with torch.no_grad():
+        scorer = ModelScorer(model)
+        faiss_index = None
+        if cfg.index == "faiss":
+            from sdm.serve.index import FaissIndex
+
+            faiss_index = FaissIndex(scorer.items, announce=progress)
+        user_type = pa.string()
+        if inp.spec.user_key in inp.schema:
+            user_type = pl.DataFrame(schema={"u": inp.schema[inp.spec.user_key]}).to_arrow().schema.field("u").type
+        writer = _Writer(out, _raw_items(cfg.data, num_items), user_type)
+        ok = False
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="recommend", unit="user", dynamic_ncols=True)
+        try:
+            for served in bucketed(inp, lookups, missing, at_us, buckets):
+                for start in range(0, len(served), cfg.batch_size):
+                    part = take(served, slice(start, start + cfg.batch_size))
+                    batch = move_batch(collate(part.arrays, model.item_features, model.user_features), device)
+                    items, scores = score_batch(scorer, batch, cfg.k, num_items, cfg.exclude_seen, faiss_index)
+                    writer.write(part, items, scores)
+                    if bar is not None:
+                        bar.update(len(part))
+            ok = True
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close(ok)
+    save_config(cfg, out.with_name(out.stem + ".config.json"))
+    return {
+        "out": str(out),
+        "users": writer.rows,
+        "k": cfg.k,
+        "index": cfg.index if faiss_index is None else f"faiss {faiss_index.params['kind']}",
+        "buckets": buckets,
+        "seconds": time.time() - t0,
+    }

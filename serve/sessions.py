@@ -1,0 +1,297 @@
+"""A user's latest session and its long-term window, from raw events, exactly as training built them.
+
+Serving must not re-implement the sessionizer: everything here calls its own
+stage functions (`sessionize.io.check_log`, `timestamp_expr`, `tag_drops`,
+`to_events`, `sessionize.core.sessionize`, `sessions_table`, `long_windows`,
+`rows_table`, `timelines`, `encode`) with the training run's resolved config
+and vocabularies, then reads the result with the trainer's own
+`pipeline.dataset.sessions_from_record_batch`. Only two steps are serving's:
+keeping each user's *latest* session (before `at`), and taking user profiles
+(and, for side features the events lack, item features) from the encoded
+`users.parquet` / `items.parquet` of the data or export directory.
+
+`Lookups` holds what is needed: a data directory (`manifest.json`) or an export
+directory (`lookups.json`, written by `sdm export`) both work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from sdm.config import SessionizeConfig
+from sdm.errors import SdmError
+from sdm.pipeline.dataset import sessions_from_record_batch, user_column
+from sdm.sessionize import _bucket_input, _Input, _open, bucket_expr, core  # noqa: F401 - the training code itself
+from sdm.sessionize.io import DROP, ITEM, ROW, SID, TS, USER, check_log, feat_col, tag_drops, timestamp_expr, to_events
+
+SPLIT_SERVE = 2  # the split label of served sessions (unused downstream; core.sessions_table carries it)
+
+
+@dataclass
+class Lookups:
+    """The training run's sessionize config, vocabularies and encoded item / user tables.
+
+    Attributes:
+        root: the data or export directory.
+        config: the sessionize config of the training data (as written in its manifest).
+        item_features: side features of the data (without "item").
+        user_features: profile features of the data (without "user").
+        max_session_len / max_long_len: the data's caps.
+        num_items: item vocabulary size (with padding and OOV).
+        vocabs: name -> vocabulary frame (raw, index, count).
+        users: users.parquet (user_id as string, user, profile features encoded).
+        item_table: (num_items, 1 + F) int64 numpy: item index and each side feature's index.
+    """
+
+    root: Path
+    config: dict[str, Any]
+    item_features: list[str]
+    user_features: list[str]
+    max_session_len: int
+    max_long_len: int
+    num_items: int
+    vocabs: dict[str, pl.DataFrame]
+    users: pl.DataFrame
+    item_table: np.ndarray
+    fingerprint: str | None = None
+
+    @classmethod
+    def load(cls, root: Path) -> Lookups:
+        """From a data directory (manifest.json) or an export directory (lookups.json).
+
+        Raises:
+            SdmError: neither file, or a vocabulary / table missing.
+        """
+        root = Path(root)
+        if (root / "lookups.json").is_file():
+            meta = json.loads((root / "lookups.json").read_text())
+        elif (root / "manifest.json").is_file():
+            from sdm.pipeline.dataset import read_manifest
+
+            meta = read_manifest(root)
+        else:
+            raise SdmError(f"{root}: neither a data directory (manifest.json) nor an export (lookups.json)")
+        item_feats = [f for f in meta["item_features"] if f != "item"]
+        user_feats = [f for f in meta["user_features"] if f != "user"]
+        vocabs = {}
+        for name in ["item", *item_feats]:
+            path = root / "vocab" / f"{name}.parquet"
+            if not path.is_file():
+                raise SdmError(f"{path}: vocabulary not found")
+            vocabs[name] = pl.read_parquet(path)
+        users_path = root / "users.parquet"
+        users = pl.read_parquet(users_path) if users_path.is_file() else pl.DataFrame({"user_id": [], "user": []})
+        num_items = int(meta["num_items"])
+        table = np.zeros((num_items, 1 + len(item_feats)), dtype=np.int64)
+        table[:, 0] = np.arange(num_items)
+        table[1, 1:] = 1
+        items_path = root / "items.parquet"
+        if items_path.is_file() and item_feats:
+            items = pl.read_parquet(items_path)
+            idx = items.get_column("item").to_numpy().astype(np.int64)
+            for j, f in enumerate(item_feats):
+                table[idx, 1 + j] = items.get_column(f).to_numpy().astype(np.int64)
+        return cls(
+            root=root,
+            config=dict(meta.get("config") or {}),
+            item_features=item_feats,
+            user_features=user_feats,
+            max_session_len=int(meta["max_session_len"]),
+            max_long_len=int(meta["max_long_len"]),
+            num_items=num_items,
+            vocabs=vocabs,
+            users=users,
+            item_table=table,
+            fingerprint=meta.get("fingerprint"),
+        )
+
+    def session_config(self, columns: list[str], items: Path | None) -> tuple[SessionizeConfig, list[str]]:
+        """The training sessionize config for a log with `columns`; side features it cannot read.
+
+        Item features come from the log, else from the raw items table `items` (if
+        it exists), else (returned as the second value) from the encoded items.parquet.
+        Profiles always come from users.parquet, so no users table is read.
+        """
+        base = {k: v for k, v in self.config.items() if k in SessionizeConfig.model_fields}
+        raw_items = Path(items) if items is not None else None
+        if raw_items is None and base.get("items") and Path(base["items"]).is_file():
+            raw_items = Path(base["items"])
+        table_cols: list[str] = []
+        if raw_items is not None:
+            from sdm.sessionize.io import scan_table
+
+            _, schema = scan_table(raw_items, "items table", None, base.get("delimiter"))
+            table_cols = schema.names()
+        reserved = {base.get("item_col", "item_id"), base.get("user_col", "user_id"), base.get("time_col", "timestamp")}
+        in_log = [f for f in self.item_features if f in columns and f not in reserved]
+        in_table = [f for f in self.item_features if f not in in_log and f in table_cols]
+        missing = [f for f in self.item_features if f not in in_log and f not in in_table]
+        base.update(
+            items=raw_items if in_table else None, users=None, item_features=in_log + in_table, user_features=[],
+            buckets=1, workers=1, bucket=None, plan=None, plan_only=False, overwrite=True,
+        )  # fmt: skip
+        for key in ("bucket", "plan", "plan_only", "workers"):
+            if key not in SessionizeConfig.model_fields:
+                base.pop(key, None)
+        return SessionizeConfig(**base), missing
+
+
+@dataclass
+class Served:
+    """Latest sessions of a group of users, as the trainer's session arrays.
+
+    Attributes:
+        arrays: `sessions_from_record_batch` output (seq_<f>, long_<f>, seq_len, long_len, user_<f>, ...).
+        user_id: raw user ids (the log's type), one per session.
+        session_start: (S,) session start, us since epoch UTC.
+    """
+
+    arrays: dict[str, np.ndarray]
+    user_id: pl.Series
+
+    @property
+    def session_start(self) -> np.ndarray:
+        return self.arrays["start_ts"]
+
+    def __len__(self) -> int:
+        return int(self.arrays["seq_len"].shape[0])
+
+
+def open_log(lookups: Lookups, log: Path, items: Path | None = None) -> tuple[_Input, list[str]]:
+    """Open a log file with the training config (`sessionize._open`: formats, checks, timestamps)."""
+    from sdm.sessionize.io import scan_table
+
+    _, schema = scan_table(Path(log), "log", lookups.config.get("format"), lookups.config.get("delimiter"))
+    cfg, missing = lookups.session_config(schema.names(), items)
+    return _open(cfg, Path(log)), missing
+
+
+def open_frame(lookups: Lookups, frame: pl.DataFrame, items: Path | None = None) -> tuple[_Input, list[str]]:
+    """The same as `open_log` for events already in memory (the API)."""
+    source = Path("<events>")
+    schema = frame.schema
+    cfg, missing = lookups.session_config(schema.names(), items)
+    items_lf, items_schema = None, None
+    if cfg.items is not None:
+        from sdm.sessionize.io import scan_table
+
+        items_lf, items_schema = scan_table(cfg.items, "items table", None, cfg.delimiter)
+    spec = check_log(cfg, source, schema, items_schema, None)
+    dtype = schema[cfg.time_col]
+    sample = None
+    if dtype == pl.String:
+        values = frame.get_column(cfg.time_col).drop_nulls()
+        sample = values[0] if len(values) else None
+    ts = timestamp_expr(cfg, dtype, source, sample)
+    inp = _Input(cfg=cfg, log=source, lf=frame.lazy(), schema=schema, items_lf=items_lf, users_lf=None, spec=spec, ts=ts)
+    return inp, missing
+
+
+def latest_sessions(
+    inp: _Input, lookups: Lookups, missing: list[str], at_us: int | None, raw: pl.DataFrame | None = None
+) -> Served:
+    """Every user's latest session starting before `at_us` (events at or after it ignored), with its window.
+
+    Args:
+        inp: the opened log (`open_log` / `open_frame`).
+        lookups: vocabularies and tables.
+        missing: side features to take from items.parquet (second value of `open_*`).
+        at_us: cut time in us since epoch UTC, or None for the whole log.
+        raw: the raw rows to use (with `_row`), default all of `inp.lf`.
+    """
+    cfg = inp.cfg
+    if raw is None:
+        raw = inp.lf.with_row_index(ROW).collect()
+    if at_us is not None:
+        raw = raw.filter(inp.ts < at_us)
+    tagged = tag_drops(raw.lazy(), cfg, inp.spec, inp.ts)
+    events = to_events(
+        tagged.filter(pl.col(DROP).is_null()), cfg, inp.spec, inp.ts, inp.items_lf, inp.schema[cfg.item_col]
+    )
+    gap_us = cfg.gap_td // _US
+    ev = (
+        core.sessionize(events, gap_us, cfg.max_session_len)
+        .drop(SID)
+        .with_columns(pl.lit(SPLIT_SERVE, dtype=pl.Int8).alias(core.SPLIT))
+        .collect()
+    )
+    sessions = (
+        core.sessions_table(ev.lazy())
+        # serving's own step: the user's latest session only
+        .filter(pl.col(core.SESS) == pl.col(core.SESS).max().over(USER))
+    )
+    window_us = cfg.long_window_td // _US
+    sessions = core.long_windows(sessions, ev.lazy(), window_us, cfg.max_long_len)
+    rows = core.rows_table(sessions).collect()
+
+    enc = core.encode(ev.lazy(), ITEM, lookups.vocabs["item"], "seq_item")
+    read = [f for f in lookups.item_features if f not in missing]
+    for f in read:
+        enc = core.encode(enc, feat_col(f), lookups.vocabs[f], f"seq_{f}")
+    enc_df = enc.select(pl.col(TS), pl.col("seq_item"), *[pl.col(f"seq_{f}") for f in read]).collect()
+    if missing:
+        idx = enc_df.get_column("seq_item").to_numpy().astype(np.int64)
+        enc_df = enc_df.with_columns(
+            pl.Series(f"seq_{f}", lookups.item_table[idx, 1 + lookups.item_features.index(f)], dtype=pl.Int32)
+            for f in missing
+        )
+    seq_cols = ["seq_item"] + [f"seq_{f}" for f in lookups.item_features]
+    rows = core.timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})
+    arrays = _to_arrays(rows, lookups, seq_cols)
+    return Served(arrays, rows.get_column(USER).gather(arrays["row"]))
+
+
+_US = __import__("datetime").timedelta(microseconds=1)
+
+
+def _to_arrays(rows: pl.DataFrame, lookups: Lookups, seq_cols: list[str]) -> dict[str, np.ndarray]:
+    """Shard-format rows (one per user) -> the trainer's session arrays."""
+    profile = ["user", *lookups.user_features]
+    users = lookups.users.select(
+        pl.col("user_id").cast(pl.String), *[pl.col(c).cast(pl.Int64) for c in profile if c in lookups.users.columns]
+    )
+    frame = rows.with_columns(pl.col(USER).cast(pl.String).alias("user_id")).join(
+        users, on="user_id", how="left", maintain_order="left"
+    )
+    user_cols = {}
+    for f in profile:
+        col = frame.get_column(f) if f in frame.columns else pl.Series(f, [None] * frame.height, dtype=pl.Int64)
+        user_cols[user_column(f)] = col.fill_null(1).cast(pl.Int64).to_arrow()  # unknown user / profile: OOV
+    table = pa.table(
+        {
+            "user_id": frame.get_column("user_id").to_arrow(),
+            "ts": frame.get_column("ts").to_arrow(),
+            "sess_id": frame.get_column(core.SESS).to_arrow(),
+            "sess_start": frame.get_column("sess_start").to_arrow(),
+            "sess_len": frame.get_column("sess_len").to_arrow(),
+            "long_start": frame.get_column("long_start").to_arrow(),
+            "long_end": frame.get_column("long_end").to_arrow(),
+            **{c: frame.get_column(c).to_arrow() for c in seq_cols},
+            **user_cols,
+        }
+    )
+    rb = table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
+    return sessions_from_record_batch(
+        rb, ["item", *lookups.item_features], profile, lookups.max_session_len, lookups.max_long_len, min_len=1
+    )
+
+
+def bucketed(inp: _Input, lookups: Lookups, missing: list[str], at_us: int | None, buckets: int) -> Iterator[Served]:
+    """`latest_sessions` one hash bucket of users at a time (the sessionizer's `bucket_expr`): bounded memory."""
+    for b in range(buckets):
+        raw = _bucket_input(inp, b, buckets, None)
+        if raw.height:
+            yield latest_sessions(inp, lookups, missing, at_us, raw)
+
+
+def take(served: Served, sl: slice) -> Served:
+    """The sessions in `sl`."""
+    return Served({k: v[sl] for k, v in served.arrays.items()}, served.user_id[sl])
