@@ -258,12 +258,14 @@ class TrainConfig(_Base):
     eval_k: int = 50
     eval_every: int | None = None
     """Validate every this many steps as well as after each epoch."""
+    checkpoint_every: int | None = None
+    """Also write last.pt every this many steps, so a killed run resumes mid-epoch (exactly, as at an epoch end)."""
     log_every: int = 20
     amp: bool = True
     """Mixed precision (bf16) on GPU; ignored on CPU."""
 
     _positive = field_validator(
-        "epochs", "batch_size", "embedding_dim", "lstm_layers", "num_heads", "num_targets", "eval_k"
+        "epochs", "batch_size", "embedding_dim", "lstm_layers", "num_heads", "num_targets", "eval_k", "checkpoint_every"
     )(classmethod(lambda cls, v: _at_least_one(v)))
 
     _norm_features = field_validator("item_features", "user_features", mode="before")(

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sdm.config import EvaluateConfig, save_config
 from sdm.errors import SdmError
+from sdm.pipeline.checkpoint import read_checkpoint
 from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.model.sdm import History, copy_scores
@@ -338,14 +339,7 @@ def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device
     path = model_dir / "best.pt"
     if not path.is_file():
         raise SdmError(f"{model_dir}: no best.pt; the training run that wrote it did not finish")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdmError(f"{path}: not a readable checkpoint ({first})") from None
-    missing = [k for k in ("model", "model_config", "data_fingerprint") if k not in ckpt]
-    if missing:
-        raise SdmError(f"{path}: not an sdm checkpoint (missing {missing})")
+    ckpt = read_checkpoint(path)
     if ckpt["data_fingerprint"] != manifest.get("fingerprint"):
         raise SdmError(
             f"{path}: model trained on another dataset (fingerprint {str(ckpt['data_fingerprint'])[:12]}... "
@@ -353,10 +347,18 @@ def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device
         )
     from sdm.model.sdm import SDM, ModelConfig
 
-    model_cfg = ModelConfig(**ckpt["model_config"])
+    try:
+        model_cfg = ModelConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{path}: invalid model config in the checkpoint ({first})") from None
     item_table = load_item_table(data_dir, manifest, list(model_cfg.item_vocab))
-    model = SDM(model_cfg, item_table)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = SDM(model_cfg, item_table)
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{path}: checkpoint does not fit its model config or this data ({first[:300]})") from None
     return model.to(device).eval()
 
 

@@ -1,11 +1,16 @@
 """`sdm train`: one plain training loop over the streaming dataset.
 
-Reads top to bottom: set up (distributed, device, data, model), then per
-epoch: batches -> lr from `get_lr(step)` -> forward/loss -> backward -> clip ->
-step -> log; after each epoch validate HR@K with the same code as
-`sdm evaluate`, keep the best checkpoint, stop early when validation stops
-improving. Runs in one process or under `torchrun` (DDP: gloo on CPU, NCCL on
-GPU; each rank reads its own shards; rank 0 alone validates and writes).
+`train` reads as its named steps: `build_run` (distributed, device, data,
+model, optimizer, step plan), `start` (a fresh run clears the old files; a
+resumed one loads last.pt), then per epoch `train_epoch` (batches -> lr from
+`get_lr(step)` -> forward/loss -> backward -> clip -> step -> log, last.pt
+every `checkpoint_every` steps) and `end_epoch` (validate HR@K with the same
+code as `sdm evaluate`, keep best.pt, early stop), and `summarise`.
+
+Runs in one process or under `torchrun` (DDP: gloo on CPU, NCCL on GPU). Each
+rank reads its own shards; every rank runs the same number of steps per epoch
+(the smallest rank's, from `plan_epoch_steps`), so no rank waits for or
+diverges from another; rank 0 alone validates and writes.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -30,16 +37,16 @@ from sdm.config import TrainConfig, save_config
 from sdm.errors import SdmError
 from sdm.model.loss import NegativeSampler, sdm_loss
 from sdm.model.sdm import SDM, ModelConfig
-from sdm.pipeline.device import pick_device
+from sdm.pipeline.checkpoint import CHECKPOINT_VERSION, RESUME_KEYS, atomic_save, read_checkpoint
 from sdm.pipeline.dataset import (
     SessionDataset,
+    assign_shards,
     load_item_counts,
     load_item_table,
     move_batch,
     read_manifest,
 )
-
-CHECKPOINT_VERSION = 1
+from sdm.pipeline.device import pick_device
 NO_SIDE_INFO_VARIANTS = ("PSDMMAL-NoS",)
 
 
@@ -156,17 +163,6 @@ def train_step(
     return loss.detach(), grad_norm
 
 
-def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _log(fh: Any, record: dict[str, Any]) -> None:
-    if fh is not None:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-
 
 def _setup_distributed(device_name: str) -> tuple[int, int]:
     """Join the process group when launched by torchrun; (rank, world_size)."""
@@ -181,204 +177,386 @@ def _setup_distributed(device_name: str) -> tuple[int, int]:
     return 0, 1
 
 
-def _load_resume(cfg: TrainConfig, manifest: dict[str, Any], model_cfg: ModelConfig) -> dict[str, Any] | None:
+# -- the step plan -------------------------------------------------------------------
+
+
+def trainable_sessions(data: Path, manifest: dict[str, Any]) -> list[int]:
+    """Per training shard, the sessions that yield a sample (at least 2 events): the
+    loader skips the others, so they must not count as steps."""
+    counts = []
+    for shard in manifest["splits"]["train"]["shards"]:
+        lengths = pq.read_table(Path(data) / shard["path"], columns=["sess_len"]).column("sess_len")
+        counts.append(int(sum((lst.values.to_numpy() >= 2).sum() for lst in lengths.chunks)))
+    return counts
+
+
+def plan_epoch_steps(counts: list[int], batch_size: int, world: int, num_workers: int, seed: int, epoch: int) -> int:
+    """Optimizer steps of one epoch, the same on every rank.
+
+    Each loader worker yields ceil(sessions of its shards / batch_size) batches (the
+    shards it reads are `assign_shards`'s pure function of rank, worker, seed and
+    epoch); a rank's steps are the sum over its workers, and every rank stops after the
+    smallest rank's count, so DDP ranks take the same steps with the same learning rate.
+    """
+    per_rank = []
+    for rank in range(world):
+        steps = 0
+        for worker in range(max(num_workers, 1)):
+            shards = assign_shards(len(counts), rank, world, worker, num_workers, seed, epoch)
+            steps += math.ceil(sum(counts[s] for s in shards) / batch_size)
+        per_rank.append(steps)
+    return min(per_rank)
+
+
+# -- one run's objects and progress ----------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where a run is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    """Batches of `epoch` already trained (a resume replays the loader past them)."""
+    best: float = -1.0
+    bad_epochs: int = 0
+
+
+@dataclass
+class Run:
+    """What the loop holds fixed for a whole run."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    manifest: dict[str, Any]
+    model_cfg: ModelConfig
+    model: SDM
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sampler: NegativeSampler
+    gen: torch.Generator
+    loss_kind: str
+    dataset: SessionDataset
+    loader: DataLoader
+    epoch_steps: list[int]
+    t0: float
+    log: Any = None
+    bar: Any = None
+    window: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.epoch_steps)
+
+
+def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
+    """Data, model, optimizer, loader and step plan, after checking that training can start.
+
+    Raises:
+        SdmError: an empty training split, more loader workers than shards.
+    """
+    manifest = read_manifest(cfg.data)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    model_cfg = build_model_config(cfg, manifest)
+    if rank == 0 and cfg.variant not in NO_SIDE_INFO_VARIANTS and len(model_cfg.item_vocab) == 1:
+        print(f"note: {cfg.data} has no item side info; {cfg.variant} uses item ids only", file=sys.stderr)
+    counts = trainable_sessions(cfg.data, manifest)
+    if not sum(counts):
+        raise SdmError(
+            f"{cfg.data}: the training split has no session of 2 or more events, so there is nothing to learn "
+            "(check the split cutoffs and --max-session-len of sessionize)"
+        )
+    workers = world * max(cfg.num_workers, 1)
+    if len(counts) < workers:
+        raise SdmError(
+            f"{cfg.data}: {len(counts)} training shards for {world} rank(s) x {max(cfg.num_workers, 1)} loader "
+            f"worker(s); use --num-workers {max(len(counts) // world - 1, 0)} or sessionize with --min-shards {workers}"
+        )
+    epoch_steps = [plan_epoch_steps(counts, cfg.batch_size, world, cfg.num_workers, cfg.seed, e) for e in range(cfg.epochs)]
+    if not sum(epoch_steps):
+        raise SdmError(f"{cfg.data}: some rank gets no training batch; sessionize with more --min-shards")
+
+    model = SDM(model_cfg, load_item_table(cfg.data, manifest, list(model_cfg.item_vocab))).to(device)
+    sampler = NegativeSampler(load_item_counts(cfg.data, manifest), cfg.num_negatives, cfg.neg_power).to(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed * 1000 + rank)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    items, users = model_features(manifest, cfg)
+    dataset = SessionDataset(
+        cfg.data, "train", cfg.batch_size, items, users, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed, rank=rank, world_size=world, manifest=manifest,
+    )  # fmt: skip
+    # A private generator: creating a DataLoader iterator otherwise draws from the
+    # global RNG, which would shift dropout masks after a resume.
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+    return Run(
+        cfg, rank, world, device, manifest, model_cfg, model, net, opt, sampler, gen,
+        resolve_loss(cfg.loss, int(manifest["num_items"])), dataset, loader, epoch_steps, t0,
+    )  # fmt: skip
+
+
+# -- checkpoints ----------------------------------------------------------------------
+
+# Settings a resumed run may change: they do not alter what the next step computes.
+RESUME_FREE = {"resume", "epochs", "max_steps", "patience", "eval_every", "log_every", "checkpoint_every", "device",
+               "out", "data"}  # fmt: skip
+# Settings that decide which batch comes next: changing them breaks the replay of the data position.
+RESUME_FIXED = ("batch_size", "seed", "num_workers", "shuffle_buffer")
+
+
+def checkpoint(run: Run, state: Progress) -> dict[str, Any]:
+    """The checkpoint dict of the run at `state`."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "model_config": run.model_cfg.model_dump(mode="json"),
+        "config": run.cfg.model_dump(mode="json"),
+        "data_fingerprint": run.manifest["fingerprint"],
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "best_metric": state.best,
+        "bad_epochs": state.bad_epochs,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "sampler": run.gen.get_state(),
+            **({"cuda": torch.cuda.get_rng_state(run.device)} if run.device.type == "cuda" else {}),
+        },
+    }
+
+
+def save(run: Run, state: Progress, name: str) -> None:
+    """Write last.pt or best.pt (rank 0 only; atomically)."""
+    if run.rank == 0:
+        atomic_save(checkpoint(run, state), run.cfg.out / name)
+
+
+def start(run: Run) -> Progress:
+    """A fresh run (old best.pt, last.pt, log removed) or the state of last.pt with `resume`.
+
+    Raises:
+        SdmError: no or unreadable last.pt, another model config or dataset, changed data-order settings.
+    """
+    cfg, out = run.cfg, run.cfg.out
     if not cfg.resume:
-        return None
-    path = cfg.out / "last.pt"
+        if run.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("best.pt", "last.pt", "train_log.jsonl"):  # a fresh run never mixes with older files
+                (out / name).unlink(missing_ok=True)
+            save_config(cfg, out / "config.json")
+        return Progress()
+    path = out / "last.pt"
     if not path.is_file():
         raise SdmError(f"{path}: --resume given but there is no checkpoint to resume from")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("data_fingerprint") != manifest["fingerprint"]:
+    ckpt = read_checkpoint(path, RESUME_KEYS)
+    if ckpt["data_fingerprint"] != run.manifest["fingerprint"]:
         raise SdmError(f"{path}: checkpoint was trained on another data manifest than {cfg.data}")
-    if ckpt.get("model_config") != model_cfg.model_dump(mode="json"):
+    if ckpt["model_config"] != run.model_cfg.model_dump(mode="json"):
         raise SdmError(f"{path}: checkpoint has another model config (variant/dimensions) than this run")
-    return ckpt
+    before, now = ckpt["config"], cfg.model_dump(mode="json")
+    fixed = [k for k in RESUME_FIXED if before.get(k) != now.get(k)]
+    if fixed:
+        raise SdmError(
+            f"{path}: --resume with another " + ", ".join(f"--{k.replace('_', '-')} ({before.get(k)} -> {now.get(k)})" for k in fixed)
+            + ": the data order would not continue where the run stopped"
+        )
+    changed = [k for k in now if k not in RESUME_FREE and k not in RESUME_FIXED and before.get(k) != now.get(k)]
+    if changed and run.rank == 0:
+        print("note: resuming with changed " + ", ".join(f"{k} {before.get(k)} -> {now.get(k)}" for k in changed),
+              file=sys.stderr)  # fmt: skip
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        run.gen.set_state(ckpt["rng"]["sampler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{path}: damaged checkpoint ({first})") from None
+    if run.device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    state = Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_metric"], ckpt["bad_epochs"])
+    if run.rank == 0:
+        _truncate_log(out / "train_log.jsonl", state.step)
+        save_config(cfg, out / "config.json")
+    return state
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records after `step` (steps a killed run logged past its last checkpoint,
+    which the resumed run trains and logs again) and old summaries."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if isinstance(rec, dict) and "summary" not in rec and rec.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
+# -- the loop -------------------------------------------------------------------------
+
+
+def _log(run: Run, record: dict[str, Any]) -> None:
+    if run.log is not None:
+        run.log.write(json.dumps(record) + "\n")
+        run.log.flush()
+
+
+@torch.no_grad()
+def validate(run: Run, state: Progress) -> float:
+    """Validation HR@eval_k, computed on rank 0 with `sdm evaluate`'s code and shared with every rank."""
+    from sdm.pipeline.evaluate import evaluate_model
+
+    value = [0.0]
+    if run.rank == 0:
+        run.model.eval()
+        m = evaluate_model(run.model, run.cfg.data, "valid", [run.cfg.eval_k], 512, run.device)
+        run.model.train()
+        value = [m.get(f"hr@{run.cfg.eval_k}", 0.0) if m["queries"] else 0.0]
+        valid = {k: v for k, v in m.items() if k != "table"}
+        _log(run, {"step": state.step, "epoch": state.epoch, "seconds": time.time() - run.t0, "valid": valid})
+    if run.world > 1:
+        dist.broadcast_object_list(value, src=0)
+    return float(value[0])
+
+
+def train_epoch(run: Run, state: Progress) -> str | None:
+    """Train the rest of epoch `state.epoch`; returns "nan" or "max_steps" when the run must stop there."""
+    cfg = run.cfg
+    run.dataset.set_epoch(state.epoch)
+    run.model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and run.device.type == "cuda" else nullcontext()
+    planned = run.epoch_steps[state.epoch]
+    seen = 0
+    for batch in run.loader:
+        if seen >= planned:
+            break  # the planned steps are done (DDP: a larger rank drops its extra batches)
+        seen += 1
+        if seen <= state.batch_in_epoch:  # resuming inside the epoch: replay the data position
+            continue
+        lr = get_lr(state.step, cfg, run.total_steps)
+        batch = move_batch(batch, run.device)
+        loss, grad_norm = train_step(run.model, run.net, run.opt, batch, run.sampler, run.gen, cfg, lr, autocast,
+                                     run.loss_kind)  # fmt: skip
+        if not torch.isfinite(grad_norm):
+            return "nan"
+        state.step += 1
+        state.batch_in_epoch = seen
+        _report(run, state, batch, loss, lr)
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            save(run, state, "last.pt")
+        if cfg.max_steps is not None and state.step >= cfg.max_steps:
+            return "max_steps"
+        if cfg.eval_every and state.step % cfg.eval_every == 0:
+            validate(run, state)
+    return None
+
+
+def _report(run: Run, state: Progress, batch: dict[str, Any], loss: torch.Tensor, lr: float) -> None:
+    """Log every `log_every` steps, and move the progress bar."""
+    w = run.window
+    w["samples"] = w.get("samples", 0) + int((batch["seq_len"] - 1).clamp(min=0).sum())
+    w.setdefault("t", time.time())
+    if state.step % run.cfg.log_every == 0:
+        sps = w["samples"] * run.world / max(time.time() - w["t"], 1e-9)
+        _log(run, {"step": state.step, "epoch": state.epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps})
+        if run.bar is not None:
+            run.bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{sps:,.0f}")
+        run.window = {}
+    if run.bar is not None:
+        run.bar.update(1)
+
+
+def end_epoch(run: Run, state: Progress) -> bool:
+    """Validate, keep best.pt, write last.pt; True when early stopping says stop."""
+    hr = validate(run, state)
+    if hr > state.best:
+        state.best, state.bad_epochs = hr, 0
+        save(run, state, "best.pt")
+    else:
+        state.bad_epochs += 1
+    save(run, state, "last.pt")
+    return state.bad_epochs >= run.cfg.patience
+
+
+def end_cut_run(run: Run, state: Progress) -> None:
+    """A run cut by max_steps is validated too, and last.pt is written after best.pt so
+    that it carries the best metric a resumed run must beat."""
+    hr = validate(run, state)
+    if hr > state.best or not (run.cfg.out / "best.pt").exists():
+        state.best = max(hr, state.best)
+        save(run, state, "best.pt")
+    save(run, state, "last.pt")
+
+
+def summarise(run: Run, state: Progress, reason: str) -> dict[str, Any]:
+    summary = {
+        "rank": run.rank,
+        "steps": state.step,
+        "epochs": state.epoch,
+        "best_metric": max(state.best, 0.0),
+        "stopped": reason,
+        "seconds": time.time() - run.t0,
+        "checkpoint": str(run.cfg.out / "best.pt"),
+    }
+    _log(run, {"summary": summary})
+    return summary
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train a model; returns a summary (steps, epochs, best metric, checkpoint path).
 
     Raises:
-        SdmError: bad data directory, incompatible checkpoint, unusable device.
+        SdmError: bad data directory, incompatible checkpoint, unusable device, NaN loss.
     """
-    from sdm.pipeline.evaluate import evaluate_model  # shares the full-ranking protocol
-
     t0 = time.time()
     rank, world = _setup_distributed(cfg.device)
+    run = None
     try:
-        manifest = read_manifest(cfg.data)
-        device = pick_device(cfg.device)
-        torch.manual_seed(cfg.seed + rank)
-        random.seed(cfg.seed + rank)
-        model_cfg = build_model_config(cfg, manifest)
-        if rank == 0 and cfg.variant not in NO_SIDE_INFO_VARIANTS and len(model_cfg.item_vocab) == 1:
-            print(f"note: {cfg.data} has no item side info; {cfg.variant} uses item ids only", file=sys.stderr)
-        resume = _load_resume(cfg, manifest, model_cfg)
+        run = build_run(cfg, rank, world, t0)
+        state = start(run)
         if rank == 0:
-            cfg.out.mkdir(parents=True, exist_ok=True)
-            if resume is None:  # a fresh run replaces an earlier run's files, never mixes with them
-                for name in ("best.pt", "last.pt", "train_log.jsonl"):
-                    (cfg.out / name).unlink(missing_ok=True)
-            save_config(cfg, cfg.out / "config.json")
+            run.log = open(cfg.out / "train_log.jsonl", "a")
+            if progress:
+                from tqdm import tqdm
 
-        item_table = load_item_table(cfg.data, manifest, list(model_cfg.item_vocab))
-        counts = load_item_counts(cfg.data, manifest)
-        model = SDM(model_cfg, item_table).to(device)
-        loss_kind = resolve_loss(cfg.loss, int(manifest["num_items"]))
-        sampler = NegativeSampler(counts, num_negatives=cfg.num_negatives, power=cfg.neg_power).to(device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed * 1000 + rank)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else None
-        net = ddp if ddp is not None else model
-
-        items, users = model_features(manifest, cfg)
-        ds = SessionDataset(
-            cfg.data, "train", cfg.batch_size, items, users, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
-            seed=cfg.seed, rank=rank, world_size=world, manifest=manifest,
-        )  # fmt: skip
-        # A private generator: creating a DataLoader iterator otherwise draws from the
-        # global RNG, which would shift dropout masks after a resume.
-        loader_gen = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, generator=loader_gen)
-        train_sessions = manifest["splits"]["train"]["sessions"]
-        steps_per_epoch = max(1, math.ceil(train_sessions / (cfg.batch_size * world)))
-        total_steps = cfg.epochs * steps_per_epoch  # the schedule ignores max_steps, so resume is exact
-
-        step, epoch, skip, best, bad_epochs = 0, 0, 0, -1.0, 0
-        if resume is not None:
-            model.load_state_dict(resume["model"])
-            opt.load_state_dict(resume["optimizer"])
-            step, epoch, skip = resume["step"], resume["epoch"], resume["batch_in_epoch"]
-            best, bad_epochs = resume["best_metric"], resume["bad_epochs"]
-            torch.set_rng_state(resume["rng"]["torch"])
-            if device.type == "cuda" and "cuda" in resume["rng"]:
-                torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
-            gen.set_state(resume["rng"]["sampler"])
-
-        def checkpoint(batch_in_epoch: int, ep: int) -> dict[str, Any]:
-            return {
-                "version": CHECKPOINT_VERSION,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "model_config": model_cfg.model_dump(mode="json"),
-                "config": cfg.model_dump(mode="json"),
-                "data_fingerprint": manifest["fingerprint"],
-                "step": step,
-                "epoch": ep,
-                "batch_in_epoch": batch_in_epoch,
-                "best_metric": best,
-                "bad_epochs": bad_epochs,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "sampler": gen.get_state(),
-                    **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                },
-            }
-
-        log_fh = open(cfg.out / "train_log.jsonl", "a") if rank == 0 else None
-        amp = cfg.amp and device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
-        bar = None
-        if progress and rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.max_steps or total_steps, initial=step, unit="step", dynamic_ncols=True)
-
-        def validate() -> float:
-            """Validation HR@eval_k on rank 0, shared with every rank."""
-            value = [0.0]
-            if rank == 0:
-                model.eval()
-                with torch.no_grad():
-                    m = evaluate_model(model, cfg.data, "valid", [cfg.eval_k], 512, device)
-                model.train()
-                value = [m.get(f"hr@{cfg.eval_k}", 0.0) if m["queries"] else 0.0]
-                valid = {k: v for k, v in m.items() if k != "table"}
-                _log(log_fh, {"step": step, "epoch": epoch, "seconds": time.time() - t0, "valid": valid})
-            if world > 1:
-                dist.broadcast_object_list(value, src=0)
-            return float(value[0])
-
-        stop, reason, nan = False, "epochs", False
-        window_samples, window_t = 0, time.time()
-        while epoch < cfg.epochs and not stop:
-            ds.set_epoch(epoch)
-            model.train()
-            batch_in_epoch = 0
-            with Join([ddp]) if ddp is not None else nullcontext():
-                for batch in loader:
-                    if batch_in_epoch < skip:  # resuming inside an epoch: replay the data position
-                        batch_in_epoch += 1
-                        continue
-                    lr = get_lr(step, cfg, total_steps)
-                    batch = move_batch(batch, device)
-                    loss, grad_norm = train_step(model, net, opt, batch, sampler, gen, cfg, lr, autocast, loss_kind)
-                    if not torch.isfinite(grad_norm):
-                        nan, stop, reason = True, True, "nan"
-                        break
-                    step += 1
-                    batch_in_epoch += 1
-                    window_samples += int((batch["seq_len"] - 1).clamp(min=0).sum())
-                    if step % cfg.log_every == 0:
-                        sps = window_samples * world / max(time.time() - window_t, 1e-9)
-                        _log(log_fh, {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps})
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{sps:,.0f}")
-                        window_samples, window_t = 0, time.time()
-                    if bar is not None:
-                        bar.update(1)
-                    if rank == 0 and cfg.max_steps is not None and step >= cfg.max_steps:
-                        _atomic_save(checkpoint(batch_in_epoch, epoch), cfg.out / "last.pt")
-                    if cfg.max_steps is not None and step >= cfg.max_steps:
-                        stop, reason = True, "max_steps"
-                        break
-                    if cfg.eval_every and step % cfg.eval_every == 0:
-                        validate()
-            skip = 0
-            if nan:
+                total = min(cfg.max_steps or run.total_steps, run.total_steps)
+                run.bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True)
+        reason = "epochs"
+        while state.epoch < cfg.epochs:
+            stop = train_epoch(run, state)
+            if stop == "nan":
+                raise SdmError(
+                    f"loss became NaN at step {state.step}; stopped. The last good checkpoint is "
+                    f"{cfg.out / 'last.pt'} (try a lower --lr)"
+                )
+            if stop == "max_steps":
+                reason = "max_steps"
+                end_cut_run(run, state)
                 break
-            if reason == "max_steps":
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if end_epoch(run, state):
+                reason = "early_stop"
                 break
-            epoch += 1
-            hr = validate()
-            if hr > best:
-                best, bad_epochs = hr, 0
-                if rank == 0:
-                    _atomic_save(checkpoint(0, epoch), cfg.out / "best.pt")
-            else:
-                bad_epochs += 1
-            if rank == 0:
-                _atomic_save(checkpoint(0, epoch), cfg.out / "last.pt")
-            if bad_epochs >= cfg.patience:
-                stop, reason = True, "early_stop"
-        if reason == "max_steps":
-            # A run cut by max_steps is validated too, so best.pt is its best model.
-            hr = validate()
-            if hr > best or not (cfg.out / "best.pt").exists():
-                best = max(hr, best)
-                if rank == 0:
-                    _atomic_save(checkpoint(0, epoch), cfg.out / "best.pt")
-        if bar is not None:
-            bar.close()
-        summary = {
-            "rank": rank,
-            "steps": step,
-            "epochs": epoch,
-            "best_metric": max(best, 0.0),
-            "stopped": reason,
-            "seconds": time.time() - t0,
-            "checkpoint": str(cfg.out / "best.pt"),
-        }
-        _log(log_fh, {"summary": summary})
-        if log_fh is not None:
-            log_fh.close()
-        if nan:
-            raise SdmError(
-                f"loss became NaN at step {step}; stopped. The last good checkpoint is {cfg.out / 'last.pt'} "
-                "(try a lower --lr)"
-            )
-        return summary
+        return summarise(run, state, reason)
     finally:
+        if run is not None and run.bar is not None:
+            run.bar.close()
+        if run is not None and run.log is not None:
+            run.log.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -152,3 +152,95 @@ def test_feature_selection_and_missing_feature_error(data, tmp_path):
     r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--item-features", "brand,category"])
     assert r.exit_code == 1
     assert "item feature(s) ['brand'] are not in the data (it has: ['item', 'category'])" in r.output
+
+
+def test_steps_per_epoch_count_only_sessions_with_a_sample(data, tmp_path):
+    """16 users x 4 sessions of length 1 + (u + s) % 5: 51 of 64 have 2+ events -> ceil(51 / 8) = 7
+    batches of 8 per epoch (not ceil(64 / 8) = 8), and the cosine schedule ends at its floor."""
+    from sdm.pipeline.dataset import read_manifest
+    from sdm.pipeline.train import plan_epoch_steps, trainable_sessions
+
+    counts = trainable_sessions(data, read_manifest(data))
+    assert sum(counts) == sum((u + s) % 5 != 0 for u in range(16) for s in range(4)) == 51
+    out = tmp_path / "m"
+    summary = train(cfg(data, out, epochs=3, lr=1.0, warmup_steps=1, patience=9), progress=False)
+    planned = [plan_epoch_steps(counts, 8, 1, 0, 0, e) for e in range(3)]
+    assert planned == [7, 7, 7] and summary["steps"] == 21
+    lrs = [x["lr"] for x in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "lr" in x]
+    assert len(lrs) == summary["steps"] and lrs[-1] == pytest.approx(get_lr(summary["steps"] - 1, cfg(data, out, lr=1.0, warmup_steps=1), summary["steps"]))
+    assert lrs[-1] < 0.11
+
+
+def test_plan_is_the_same_for_every_rank_and_never_above_any_ranks_batches():
+    from sdm.pipeline.train import plan_epoch_steps
+
+    counts = [10, 3, 7, 0, 9, 4]
+    for world in (1, 2, 3):
+        for workers in (0, 2):
+            steps = plan_epoch_steps(counts, 4, world, workers, seed=1, epoch=2)
+            assert steps >= 1
+            if world == 1 and workers == 0:
+                assert steps == 9  # ceil(33 / 4)
+
+
+def test_checkpoint_every_resumes_mid_epoch_exactly_and_log_has_no_repeats(data, tmp_path):
+    full = tmp_path / "full"
+    train(cfg(data, full, epochs=2), progress=False)
+    cut = tmp_path / "cut"
+    train(cfg(data, cut, epochs=2, max_steps=4, checkpoint_every=2), progress=False)
+    ckpt = torch.load(cut / "last.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["batch_in_epoch"] > 0  # cut inside the first epoch
+    # a kill after step 4 that had logged steps 5 and 6: the resume must not log them twice
+    with open(cut / "train_log.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 5, "loss": 0.0}) + "\n" + json.dumps({"step": 6, "loss": 0.0}) + "\n{broken")
+    train(cfg(data, cut, epochs=2, resume=True, checkpoint_every=2), progress=False)
+    a, b = params(full / "last.pt"), params(cut / "last.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    steps = [x["step"] for x in map(json.loads, (cut / "train_log.jsonl").read_text().splitlines()) if "loss" in x]
+    assert steps == sorted(set(steps)) and steps == list(range(1, len(steps) + 1))
+
+
+def test_resume_after_max_steps_keeps_the_best_metric(data, tmp_path):
+    out = tmp_path / "m"
+    train(cfg(data, out, epochs=4, max_steps=5), progress=False)
+    best = torch.load(out / "best.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["best_metric"] == best["best_metric"] >= 0
+    summary = train(cfg(data, out, epochs=4, resume=True), progress=False)
+    assert summary["best_metric"] >= best["best_metric"]
+    assert torch.load(out / "best.pt", weights_only=True)["best_metric"] == summary["best_metric"]
+
+
+def test_resume_refuses_changed_data_order_and_notes_changed_lr(data, tmp_path, capsys):
+    out = tmp_path / "m"
+    train(cfg(data, out, max_steps=2), progress=False)
+    with pytest.raises(SdmError, match=r"--resume with another --batch-size \(8 -> 4\)"):
+        train(cfg(data, out, max_steps=4, batch_size=4, resume=True), progress=False)
+    train(cfg(data, out, max_steps=4, lr=1e-4, resume=True), progress=False)
+    assert "note: resuming with changed lr 0.005 -> 0.0001" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle at all", "tensor"])
+def test_resume_from_a_bad_last_pt_is_one_line(data, tmp_path, content):
+    out = tmp_path / "m"
+    train(cfg(data, out, max_steps=2), progress=False)
+    if content == "tensor":
+        torch.save(torch.zeros(3), out / "last.pt")
+    else:
+        (out / "last.pt").write_bytes(content)
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--resume", "--embedding-dim", "16",
+                                 "--batch-size", "8", "--num-negatives", "8", "-q"])  # fmt: skip
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "last.pt" in r.output, r.output
+
+
+def test_train_refuses_an_empty_training_split_before_any_step(tmp_path):
+    data = build_shards(tmp_path / "data", n_users=8, session_len=1)  # every session has one event
+    with pytest.raises(SdmError, match="training split has no session of 2 or more events"):
+        train(cfg(data, tmp_path / "m"), progress=False)
+    assert not (tmp_path / "m" / "best.pt").exists()
+
+
+def test_more_loader_workers_than_shards_is_one_line(data, tmp_path):
+    with pytest.raises(SdmError, match=r"4 training shards for 1 rank\(s\) x 5 loader worker\(s\)"):
+        train(cfg(data, tmp_path / "m", num_workers=5), progress=False)
