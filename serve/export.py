@@ -77,7 +77,11 @@ class UserTower(nn.Module):
     so every variant has the same calling convention.
 
     Returns the vector after reading the whole session so far, (B, D): position
-    `seq_len - 1` (clamped to [0, T - 1]).
+    `seq_len - 1` (clamped to [0, T - 1]). A model with a repeat head (`model.repeat`)
+    also returns its history candidates at that position, as `copy_scores` gives
+    them: `history_items` (B, C) int64 (distinct items, 0 = none) and
+    `history_logits` (B, C) float32 copy logits R, C = max_session_len + L; the final
+    score of a history item j is logaddexp(u . v_j, R_j) (`serve.rank.rank`).
 
     `nn.LSTM` unrolls over time when exported, which fixes T; so the wrapper right-pads
     the session to `max_session_len` itself. Every encoder is causal, so the padding
@@ -97,6 +101,15 @@ class UserTower(nn.Module):
         # mode with dropout switched on, even when the inner model is in eval mode.
         self.eval()
 
+    @property
+    def has_history(self) -> bool:
+        """Whether the tower also outputs history candidates (the model has a repeat head)."""
+        return getattr(self.model, "repeat", None) is not None
+
+    def output_names(self) -> list[str]:
+        """Names of the outputs, in order."""
+        return ["user_vector", "history_items", "history_logits"] if self.has_history else ["user_vector"]
+
     def input_names(self) -> list[str]:
         """Names of the positional inputs, in order."""
         return (
@@ -107,8 +120,8 @@ class UserTower(nn.Module):
             + [user_column(u) for u in self.user_features]
         )
 
-    def forward(self, *inputs: Tensor) -> Tensor:
-        """Args: the tensors of `input_names()`, in order. Returns: (B, D)."""
+    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Args: the tensors of `input_names()`, in order. Returns: (B, D) (and the history, see above)."""
         nf = len(self.item_features)
         seq_in, seq_len = inputs[:nf], inputs[nf]
         long_in, long_len = inputs[nf + 1 : 2 * nf + 1], inputs[2 * nf + 1]
@@ -122,9 +135,16 @@ class UserTower(nn.Module):
             "long_len": long_len,
             "user": dict(zip(self.user_features, user_in)),
         }
-        vecs = self.model(batch)  # (B, T_max, D)
         last = (seq_len - 1).clamp(0, T - 1)  # (B,)
-        return vecs.gather(1, last.view(-1, 1, 1).expand(-1, 1, vecs.shape[-1])).squeeze(1)  # (B, D)
+        if not self.has_history:
+            vecs = self.model(batch)  # (B, T_max, D)
+            return vecs.gather(1, last.view(-1, 1, 1).expand(-1, 1, vecs.shape[-1])).squeeze(1)  # (B, D)
+        from sdm.model.sdm import copy_scores
+
+        vecs, history = self.model(batch, with_history=True)
+        user = vecs.gather(1, last.view(-1, 1, 1).expand(-1, 1, vecs.shape[-1])).squeeze(1)  # (B, D)
+        items, logits = copy_scores(history, torch.arange(vecs.shape[0], device=vecs.device), last)  # (B, C)
+        return user, items, logits.float()
 
 
 def tower_inputs(batch: dict[str, Any], tower: UserTower) -> tuple[Tensor, ...]:
@@ -196,12 +216,13 @@ def export_onnx(model: SDM, path: Path) -> str:
     axes: dict[str, dict[int, str]] = {}
     for name, a in zip(names, args):
         axes[name] = {0: "B"} if a.dim() == 1 else {0: "B", 1: "T" if name.startswith("seq_") else "L"}
-    axes["user_vector"] = {0: "B"}
+    for name in tower.output_names():
+        axes[name] = {0: "B"} if name == "user_vector" else {0: "B", 1: "C"}
     tmp = path.with_suffix(".onnx.tmp")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and LSTM batch-size notes
         torch.onnx.export(
-            tower, args, str(tmp), input_names=names, output_names=["user_vector"], dynamic_axes=axes,
+            tower, args, str(tmp), input_names=names, output_names=tower.output_names(), dynamic_axes=axes,
             opset_version=17, dynamo=False,
         )  # fmt: skip
     tmp.replace(path)
@@ -318,6 +339,19 @@ def _tower_spec(
         "max_long_len": cfg.max_long_len,
         "inputs": inputs,
         "output": {"name": "user_vector", "shape": ["B", cfg.embedding_dim], "dtype": "float32"},
+        "outputs": [
+            {"name": "user_vector", "shape": ["B", cfg.embedding_dim], "dtype": "float32"},
+            *(
+                [
+                    {"name": "history_items", "shape": ["B", "C"], "dtype": "int64",
+                     "meaning": "distinct items of the session and long-term window (0 = none)"},
+                    {"name": "history_logits", "shape": ["B", "C"], "dtype": "float32",
+                     "meaning": "copy logit R: final score of history item j = logaddexp(u . v_j, R_j)"},
+                ]
+                if tower.has_history
+                else []
+            ),
+        ],  # fmt: skip
         "dynamic_dims": dims,
         "item_vectors": ITEM_VECTORS,
         "call": (

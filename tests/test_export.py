@@ -75,6 +75,11 @@ def last_position(model: SDM, batch: dict[str, Any]) -> torch.Tensor:
     return vecs[torch.arange(vecs.shape[0]), batch["seq_len"] - 1]  # (B, D)
 
 
+def user_vector(out: Any) -> torch.Tensor:
+    """The tower's first output (a model with a repeat head also returns its history)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Shards, a checkpoint, and an export through the library API."""
@@ -93,7 +98,7 @@ def test_user_tower_matches_pytorch_on_ragged_batch(exported: dict[str, Any]) ->
     tower = UserTower(model)
     batch = ragged_batch(data, model)
     assert len(set(batch["seq_len"].tolist())) > 1 and len(set(batch["long_len"].tolist())) > 1
-    got = program(*tower_inputs(batch, tower))
+    got = user_vector(program(*tower_inputs(batch, tower)))
     torch.testing.assert_close(got, last_position(model, batch), atol=1e-5, rtol=0)
 
     # Dynamic dims: one session, cut to one event, with a one-event long-term window.
@@ -104,7 +109,7 @@ def test_user_tower_matches_pytorch_on_ragged_batch(exported: dict[str, Any]) ->
         "long_len": torch.tensor([1]),
         "user": {f: v[:1] for f, v in batch["user"].items()},
     }
-    torch.testing.assert_close(program(*tower_inputs(one, tower)), last_position(model, one), atol=1e-5, rtol=0)
+    torch.testing.assert_close(user_vector(program(*tower_inputs(one, tower))), last_position(model, one), atol=1e-5, rtol=0)
 
 
 def test_user_tower_spec(exported: dict[str, Any]) -> None:
@@ -165,7 +170,7 @@ def test_other_variant_without_user_or_long_inputs(exported: dict[str, Any], tmp
     tower = UserTower(model)
     assert tower.input_names() == ["seq_item", "seq_category", "seq_len", "long_item", "long_category", "long_len"]
     batch = ragged_batch(exported["data"], model)
-    got = torch.export.load(str(tmp_path / "t.pt2")).module()(*tower_inputs(batch, tower))
+    got = user_vector(torch.export.load(str(tmp_path / "t.pt2")).module()(*tower_inputs(batch, tower)))
     torch.testing.assert_close(got, last_position(model, batch), atol=1e-5, rtol=0)
 
 
@@ -220,3 +225,28 @@ def test_model_features_agree_with_tower(exported: dict[str, Any]) -> None:
     manifest = read_manifest(exported["data"])
     tower = UserTower(exported["model"])
     assert (tower.item_features, tower.user_features) == model_features(manifest, TrainConfig(data=exported["data"], variant="PSDMMAL-N"))
+
+
+def test_tower_history_outputs_match_the_repeat_head(exported: dict[str, Any]) -> None:
+    """With a repeat head the tower also returns copy_scores' candidates at the last position."""
+    from sdm.model.sdm import copy_scores
+
+    model, data = exported["model"], exported["data"]
+    tower = UserTower(model)
+    if not tower.has_history:
+        pytest.skip("the default model has no repeat head")
+    assert tower.output_names() == ["user_vector", "history_items", "history_logits"]
+    batch = ragged_batch(data, model)
+    program = torch.export.load(str(exported["out"] / "user_tower.pt2")).module()
+    _, items, logits = program(*tower_inputs(batch, tower))
+    with torch.no_grad():
+        _, history = model(batch, with_history=True)
+    want_items, want_logits = copy_scores(history, torch.arange(len(batch["seq_len"])), batch["seq_len"] - 1)
+    # The tower pads the session to max_session_len: same candidates, in the same order, plus padding.
+    for b in range(len(batch["seq_len"])):
+        got = {int(i): float(r) for i, r in zip(items[b], logits[b]) if i > 1}
+        want = {int(i): float(r) for i, r in zip(want_items[b], want_logits[b]) if i > 1}
+        assert got.keys() == want.keys() and got
+        assert max(abs(got[i] - want[i]) for i in got) < 1e-4
+    spec = json.loads((exported["out"] / "user_tower.json").read_text())
+    assert [o["name"] for o in spec["outputs"]] == tower.output_names()

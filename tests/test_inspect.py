@@ -1,0 +1,80 @@
+"""`sdm inspect DIR` on a shard, a model and an export directory, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_export import make_data, make_model, write_checkpoint
+from typer.testing import CliRunner
+
+from sdm.cli import app
+from sdm.config import ExportConfig
+from sdm.pipeline.dataset import read_manifest
+from sdm.serve.export import export
+from sdm.serve.inspect import inspect_dir
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inspect")
+    data = make_data(root / "data")
+    model = make_model(data)
+    model_dir = write_checkpoint(model, root / "model", read_manifest(data)["fingerprint"])
+    (model_dir / "train_log.jsonl").write_text(json.dumps({"step": 5, "valid_hr@50": 0.25}) + "\n")
+    mp = pytest.MonkeyPatch()
+    mp.setattr("sdm.serve.export.export_user_tower", lambda model, path: {})  # the tower is not what this checks
+    mp.setattr("sdm.serve.export.export_onnx", lambda model, path: "skipped: test")
+    export(ExportConfig(data=data, model=model_dir, out=root / "export"))
+    mp.undo()
+    return {"data": data, "model": model_dir, "export": root / "export", "root": root}
+
+
+def test_data_dir(dirs: dict[str, Path]) -> None:
+    s = inspect_dir(dirs["data"])
+    assert s["kind"] == "data" and s["fingerprint"] == "test-fingerprint"
+    assert s["splits"]["test"]["sessions"] > 0 and s["splits"]["train"]["shards"] == 4
+    assert "category" in s["item_features"]
+    out = CliRunner().invoke(app, ["inspect", str(dirs["data"])])
+    assert out.exit_code == 0, out.output
+    assert "| train |" in out.output and "item features: item" in out.output
+
+
+def test_model_dir(dirs: dict[str, Path]) -> None:
+    s = inspect_dir(dirs["model"])
+    assert s["kind"] == "model" and s["variant"] == "PSDMMAL-N"
+    assert s["checkpoints"]["best.pt"]["parameters"] > 0
+    assert s["validations"] == 1 and s["last_validation"]["valid_hr@50"] == 0.25
+    out = CliRunner().invoke(app, ["inspect", str(dirs["model"])])
+    assert out.exit_code == 0 and "PSDMMAL-N" in out.output and "best.pt: step" in out.output
+
+
+def test_export_dir_and_json(dirs: dict[str, Path]) -> None:
+    out = CliRunner().invoke(app, ["inspect", str(dirs["export"]), "--json"])
+    assert out.exit_code == 0, out.output
+    s = json.loads(out.output)
+    assert s["kind"] == "export" and s["finished"] and s["inputs"][0] == "seq_item"
+    assert "item_vectors.parquet" in s["files"]
+    text = CliRunner().invoke(app, ["inspect", str(dirs["export"])]).output
+    assert "export directory" in text and "index:" in text
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda root: root / "missing", "not found"),
+        (lambda root: (root / "empty").mkdir() or root / "empty", "not a shard, model or export directory"),
+        (lambda root: (root / "f.txt").write_text("x") and root / "f.txt", "not a directory"),
+    ],
+)
+def test_bad_paths_are_one_line(tmp_path: Path, make: Any, needle: str) -> None:
+    result = CliRunner().invoke(app, ["inspect", str(make(tmp_path))])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
+
+
+def test_help() -> None:
+    assert "shard directory" in CliRunner().invoke(app, ["inspect", "--help"]).output
