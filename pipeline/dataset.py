@@ -271,6 +271,9 @@ def sessions_from_record_batch(
         _, vals = _list_parts(t.column(f"seq_{f}"))
         out[f"seq_{f}"] = _gather(vals, g_start, s_len, max_session_len)
         out[f"long_{f}"] = _gather(vals, g_long, l_len, max_long_len)
+    if "seq_oov" in t.column_names:  # evaluation only: the raw identity of OOV events
+        _, vals = _list_parts(t.column("seq_oov"))
+        out["seq_oov"] = _gather(vals, g_start, s_len, max_session_len)
     for f in user_features:
         out[f"user_{f}"] = t.column(user_column(f)).to_numpy().astype(np.int64)[row]
     return out
@@ -295,6 +298,7 @@ def collate(chunk: dict[str, np.ndarray], item_features: list[str], user_feature
         "user": {f: torch.from_numpy(chunk[f"user_{f}"]) for f in user_features},
         "sess_id": torch.from_numpy(chunk["sess_id"]),
         "start_ts": torch.from_numpy(chunk["start_ts"]),
+        **({"seq_oov": torch.from_numpy(np.ascontiguousarray(chunk["seq_oov"][:, :t_max]))} if "seq_oov" in chunk else {}),
     }
 
 
@@ -367,7 +371,10 @@ class SessionDataset(IterableDataset):
 
     def _columns(self) -> list[str]:
         cols = ["user_id", "ts", "sess_id", "sess_start", "sess_len", "long_start", "long_end"]
-        return cols + [f"seq_{f}" for f in self.item_features] + [user_column(f) for f in self.user_features]
+        cols += [f"seq_{f}" for f in self.item_features] + [user_column(f) for f in self.user_features]
+        if not self.shuffle and self.shards and "seq_oov" in pq.read_schema(self.shards[0]).names:
+            cols.append("seq_oov")  # evaluation order: keep unknown targets apart (older shards lack it)
+        return cols
 
     def iter_sessions(self, shard_ids: list[int]) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
         """(session arrays, raw user ids of the record batch) per record batch, in shard order."""

@@ -98,6 +98,7 @@ class Queries:
         target: (Q,) next item y = item at qp + 1.
         targets: (Q, T) target set G: items at positions qp+1 .. len-1, 0 elsewhere.
         prefix: (Q, T) prefix items at positions 0 .. qp, 0 elsewhere.
+        target_oov: (Q,) raw-identity hash of an OOV next item (0 when known or not recorded).
     """
 
     qb: Tensor
@@ -105,21 +106,25 @@ class Queries:
     target: Tensor
     targets: Tensor
     prefix: Tensor
+    target_oov: Tensor
 
     def __len__(self) -> int:
         return int(self.qb.shape[0])
 
     def take(self, sl: slice) -> Queries:
         """The queries in `sl`."""
-        return Queries(self.qb[sl], self.qp[sl], self.target[sl], self.targets[sl], self.prefix[sl])
+        return Queries(self.qb[sl], self.qp[sl], self.target[sl], self.targets[sl], self.prefix[sl], self.target_oov[sl])
 
 
-def session_queries(items: Tensor, seq_len: Tensor) -> Queries:
+def session_queries(items: Tensor, seq_len: Tensor, oov: Tensor | None = None) -> Queries:
     """Every query of a batch, vectorised (no Python loop over sessions or positions).
 
     Args:
         items: (B, T) item indices, right-padded with 0.
         seq_len: (B,) session lengths.
+        oov: optional (B, T) raw-identity hash of OOV events (0 elsewhere; the shards'
+            `seq_oov`): distinct unknown items then stay distinct in the target set G
+            (as negative keys, which no top-K list holds), instead of all being index 1.
 
     Returns:
         The batch's `Queries`, ordered by session then position.
@@ -127,7 +132,8 @@ def session_queries(items: Tensor, seq_len: Tensor) -> Queries:
     T = items.shape[1]
     pos = torch.arange(T, device=items.device)
     qb, qp = (pos.unsqueeze(0) < (seq_len - 1).unsqueeze(1)).nonzero(as_tuple=True)  # p + 1 < len
-    rows = items[qb]  # (Q, T)
+    keyed = items if oov is None else torch.where(oov > 0, -oov, items.long())  # (B, T)
+    rows = keyed[qb]  # (Q, T)
     in_session = pos.unsqueeze(0) < seq_len[qb].unsqueeze(1)
     after = pos.unsqueeze(0) > qp.unsqueeze(1)
     zero = torch.zeros_like(rows)
@@ -136,7 +142,8 @@ def session_queries(items: Tensor, seq_len: Tensor) -> Queries:
         qp=qp,
         target=items[qb, qp + 1],
         targets=torch.where(after & in_session, rows, zero),
-        prefix=torch.where(~after, rows, zero),
+        prefix=torch.where(~after, items[qb], torch.zeros_like(items[qb])),
+        target_oov=(-keyed[qb, qp + 1]).clamp(min=0),
     )
 
 
@@ -159,6 +166,7 @@ class _TopkWriter:
                 ("session_start", pa.timestamp("us", tz="UTC")),
                 ("position", pa.int32()),
                 ("target", raw.type),
+                ("target_oov", pa.int64()),
                 ("topk", pa.list_(raw.type)),
             ]
         )
@@ -175,6 +183,7 @@ class _TopkWriter:
             pa.array(batch["start_ts"].cpu().numpy()[qb], pa.timestamp("us", tz="UTC")),
             pa.array((q.qp.cpu().numpy() + 2).astype(np.int32)),
             self.raw.take(pa.array(q.target.cpu().numpy())),
+            pa.array(q.target_oov.cpu().numpy(), mask=q.target_oov.cpu().numpy() == 0),
             pa.ListArray.from_arrays(offsets, self.raw.take(flat)),
         ]
         self.writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=self.schema))
@@ -292,7 +301,7 @@ def _run(
     try:
         for batch in batches:
             batch = move_batch(batch, device)
-            queries = session_queries(batch["seq"]["item"], batch["seq_len"])
+            queries = session_queries(batch["seq"]["item"], batch["seq_len"], batch.get("seq_oov"))
             counts["sessions"] += int(batch["seq_len"].shape[0])
             seen_users.update(batch["user_id"])
             if not len(queries):

@@ -148,6 +148,9 @@ def _peek(lf: pl.LazyFrame, column: str, log: Path, cfg: SessionizeConfig) -> st
     kind = table_format(log, cfg.format, cfg.delimiter)[0]
     try:
         head = lf.select(pl.col(column)).head(1000).collect()
+        if head.height == 0 and kind == "csv":
+            # polars' head of a CSV whose quote never closes is silently empty; a full read raises
+            head = lf.collect().select(pl.col(column))
     except pl.exceptions.PolarsError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if first.startswith("could not parse `\""):
@@ -374,7 +377,7 @@ def make_plan(inp: _Input, parts: list[_Part]) -> Plan:
     side = _side_tables(inp, events, per_user)
     for what, st in side.items():
         if st["log_keys_found"] == 0:
-            warnings.append(f"no {what[:-6]} of the log is in the {what} {st['path']}: every side feature from it is OOV (wrong key column?)")
+            warnings.append(f"no {what.split()[0][:-1]} of the log is in the {what} {st['path']}: every side feature from it is OOV (wrong key column?)")
     return Plan(
         buckets=len(parts),
         cut=cut,
@@ -521,7 +524,12 @@ def _second_pass(inp: _Input, plan: Plan, b: int, part: _Part, out: Path) -> dic
     enc = core.encode(enc, ITEM, plan.vocabs["item"].lazy(), "seq_item")
     for f in plan.item_features:
         enc = core.encode(enc, feat_col(f), plan.vocabs[f].lazy(), f"seq_{f}")
-    seq_cols = ["seq_item"] + [f"seq_{f}" for f in plan.item_features]
+    # OOV events keep their identity as a hash (0 for known items), so evaluation can
+    # count distinct unknown targets instead of collapsing them into index 1.
+    enc = enc.with_columns(
+        pl.when(pl.col("seq_item") == 1).then((pl.col(ITEM).hash(7) // 4).cast(pl.Int64) + 1).otherwise(0).alias("seq_oov")
+    )
+    seq_cols = ["seq_item"] + [f"seq_{f}" for f in plan.item_features] + ["seq_oov"]
     enc_df = _collect(enc.select(pl.col(TS), *[pl.col(c) for c in seq_cols]))
     del ev
     rows = core.timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})

@@ -40,6 +40,7 @@ def write_session_shards(root: Path, sessions: Sessions, fingerprint: str = "fp-
             ("user", pa.int32()),
             ("ts", pa.list_(pa.int64())),
             ("seq_item", pa.list_(pa.int32())),
+            ("seq_oov", pa.list_(pa.int64())),
             ("sess_id", pa.list_(pa.int64())),
             ("sess_start", pa.list_(pa.int32())),
             ("sess_len", pa.list_(pa.int32())),
@@ -54,7 +55,7 @@ def write_session_shards(root: Path, sessions: Sessions, fingerprint: str = "fp-
     for split_no, split in enumerate(("train", "valid", "test")):
         rows = []
         for user, user_sessions in sessions.get(split, []):
-            ts, items, starts, lens, ids = [], [], [], [], []
+            ts, items, oov, starts, lens, ids = [], [], [], [], [], []
             for s_no, sess in enumerate(user_sessions):
                 starts.append(len(items))
                 lens.append(len(sess))
@@ -63,8 +64,9 @@ def write_session_shards(root: Path, sessions: Sessions, fingerprint: str = "fp-
                 for j, raw in enumerate(sess):
                     ts.append((split_no * 1000 + s_no * 10) * HOUR_US + j * MINUTE_US)
                     items.append(vocab.get(raw, 1))
+                    oov.append(0 if raw in vocab else 1000 + ord(raw[0]))  # any distinct id per unknown raw item
             rows.append(
-                {"user_id": user, "user": user_index[user], "ts": ts, "seq_item": items, "sess_id": ids,
+                {"user_id": user, "user": user_index[user], "ts": ts, "seq_item": items, "seq_oov": oov, "sess_id": ids,
                  "sess_start": starts, "sess_len": lens, "long_start": starts, "long_end": starts}
             )  # fmt: skip
         path = f"{split}/part-00000.parquet"

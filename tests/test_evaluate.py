@@ -38,6 +38,7 @@ SESSIONS = {
         ("u1", [["a", "b", "x", "a"], ["c", "d"]]),
         ("u2", [["b", "b", "c", "y", "e"]]),
         ("u4", [["g", "f", "a"]]),
+        ("u5", [["c", "x", "z", "d"]]),  # two distinct OOV targets: |G| of the first query is 3, not 2
     ],
 }
 KS = [1, 3, 5]
@@ -52,7 +53,7 @@ def _sdm_checkpoint(model_dir: Path, fingerprint: str = "fp-test") -> torch.nn.M
     from sdm.model.sdm import SDM, ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(variant="PSDMMAL-N", item_vocab={"item": 9}, user_vocab={"user": 6}, embedding_dim=8)
+    cfg = ModelConfig(variant="PSDMMAL-N", item_vocab={"item": 9}, user_vocab={"user": 7}, embedding_dim=8)
     model = SDM(cfg).eval()
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -64,19 +65,25 @@ def _sdm_checkpoint(model_dir: Path, fingerprint: str = "fp-test") -> torch.nn.M
 
 
 def recompute(topk_path: Path, ks: list[int]) -> dict[str, Any]:
-    """Every SPEC-6 metric from the dump alone (null target = OOV, one distinct value)."""
+    """Every SPEC-6 metric from the dump alone, in plain Python sets: the target set of a query is
+    the distinct next items of its session from its position on, an OOV one named by its `target_oov`
+    (distinct unknown items count apart, and never hit)."""
     rows = pq.read_table(topk_path).to_pylist()
     by_session: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         by_session[(r["user_id"], r["session_start"])].append(r)
     sums: dict[str, float] = defaultdict(float)
     for r in rows:
-        goal = {o["target"] for o in by_session[(r["user_id"], r["session_start"])] if o["position"] >= r["position"]}
+        goal = {
+            o["target"] if o["target"] is not None else ("oov", o["target_oov"])
+            for o in by_session[(r["user_id"], r["session_start"])]
+            if o["position"] >= r["position"]
+        }
         y = r["target"]
         for k in ks:
             p = r["topk"][:k]
             rank = p.index(y) + 1 if y is not None and y in p else None
-            hits = len(set(p) & goal - {None})
+            hits = len(set(p) & goal)
             prec, rec = hits / k, hits / len(goal)
             sums[f"hr@{k}"] += rank is not None
             sums[f"ndcg@{k}"] += 1 / math.log2(rank + 1) if rank else 0
@@ -114,9 +121,9 @@ def test_baseline_metrics_match_the_dump(data: Path, tmp_path: Path, baseline: s
     cfg = EvaluateConfig(data=data, out=tmp_path / "eval", k=KS, baseline=baseline, dump_topk=True)
     result = evaluate(cfg)
     metrics = _check_against_dump(cfg.out)
-    # [a b x a] 3 + [c d] 1 + [b b c y e] 4 + [g f a] 2 queries; x and y are OOV targets.
-    assert (metrics["queries"], metrics["sessions"], metrics["users"]) == (10, 4, 3)
-    assert metrics["oov_target_share"] == pytest.approx(0.2)
+    # [a b x a] 3 + [c d] 1 + [b b c y e] 4 + [g f a] 2 + [c x z d] 3 queries; x, y, x, z are OOV targets.
+    assert (metrics["queries"], metrics["sessions"], metrics["users"]) == (13, 5, 4)
+    assert metrics["oov_target_share"] == pytest.approx(4 / 13)
     assert metrics["name"] == baseline and metrics["split"] == "test" and metrics["fingerprint"] == "fp-test"
     assert "| K |" in result["table"] and result["table"] == (cfg.out / "report.md").read_text().strip()
     assert (cfg.out / "report.png").read_bytes()[:4] == b"\x89PNG"
@@ -140,7 +147,7 @@ def test_exclude_seen_never_recommends_the_prefix(data: Path, tmp_path: Path) ->
         order = sorted(starts[r["user_id"]]).index(r["session_start"])
         items = [s for u, ss in SESSIONS["test"] if u == r["user_id"] for s in ss if len(s) >= 2][order]
         assert not set(items[: r["position"] - 1]) & set(r["topk"]), (r, items)
-    assert len(rows) == 10
+    assert len(rows) == 13
 
 
 def test_repeat_aware_beats_classic_on_revisits(data: Path, tmp_path: Path) -> None:
@@ -182,7 +189,7 @@ def test_model_with_faiss_reports_recall_against_exact(data: Path, tmp_path: Pat
 def test_evaluate_model_restores_training_mode_and_tolerates_large_k(data: Path, tmp_path: Path) -> None:
     model = _sdm_checkpoint(tmp_path / "model").train()
     m = evaluate_model(model, data, "test", [50], 512, "cpu")  # the trainer's call
-    assert model.training and m["queries"] == 10 and 0 <= m["hr@50"] <= 1
+    assert model.training and m["queries"] == 13 and 0 <= m["hr@50"] <= 1
     assert evaluate_model(model, data, "valid", [5], 512, "cpu")["queries"] == 0
 
 
@@ -222,7 +229,7 @@ def test_cli_good_and_bad(data: Path, tmp_path: Path) -> None:
     ok = runner.invoke(app, ["evaluate", "--data", str(data), "--baseline", "popularity", "--k", "1,3",
                              "--out", str(out), "--quiet"])  # fmt: skip
     assert ok.exit_code == 0, ok.output
-    assert "**popularity** on test: 10 queries" in ok.output and (out / "metrics.json").is_file()
+    assert "**popularity** on test: 13 queries" in ok.output and (out / "metrics.json").is_file()
     bad = runner.invoke(app, ["evaluate", "--data", str(data), "--model", str(tmp_path / "nope"), "--k", "3", "--quiet"])
     assert bad.exit_code == 1
     assert "model directory not found" in bad.output

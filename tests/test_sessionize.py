@@ -375,6 +375,7 @@ def test_output_layout_and_shards(tmp_path):
             "user": pl.Int32,
             "ts": pl.List(pl.Int64),
             "seq_item": pl.List(pl.Int32),
+            "seq_oov": pl.List(pl.Int64),
             "sess_id": pl.List(pl.Int64),
             "sess_start": pl.List(pl.Int32),
             "sess_len": pl.List(pl.Int32),
@@ -547,3 +548,16 @@ def test_keep_duplicates_keeps_exact_copies_as_events(tmp_path):
     m, ss = go(tmp_path / "keep", df, keep_duplicates=True)
     assert m["dropped"]["duplicate"] == 0 and m["rows_kept"] == 3
     assert raw_items(tmp_path / "keep", ss) == [[7, 7, 8]]
+
+
+def test_oov_events_keep_a_distinct_identity_for_evaluation(tmp_path):
+    df = pl.DataFrame(
+        {"user_id": [1, 1, 1, 1, 1], "item_id": [5, 6, 8, 9, 8], "timestamp": [at(0), at(1), at(days=2), at(days=2, minutes=1), at(days=2, minutes=2)]}
+    )
+    go(tmp_path, df, test_start=at(days=1), valid_start=at(days=1))
+    test = pl.read_parquet(next((tmp_path / "out" / "test").glob("*.parquet")))
+    items, oov = test["seq_item"][0].to_list(), test["seq_oov"][0].to_list()
+    assert items[-3:] == [1, 1, 1]  # 8, 9, 8: unknown to the training vocabulary
+    assert oov[-3] == oov[-1] != oov[-2] and min(oov[-3:]) > 0
+    train = pl.read_parquet(next((tmp_path / "out" / "train").glob("*.parquet")))
+    assert set(train["seq_oov"].explode().to_list()) == {0}
