@@ -185,7 +185,7 @@ def sessionize(
     for line in m.get("warnings", []):
         typer.echo(f"warning: {line}", err=True)
     side = "".join(
-        f"; {t['log_keys_found']:.1%} of {what[:-6]}s in the {what}" + (f" ({t['duplicate_keys']:,} duplicate keys)" if t["duplicate_keys"] else "")
+        f"; {t['log_keys_found']:.1%} of {what.split()[0]} in the {what}" + (f" ({t['duplicate_keys']:,} duplicate keys)" if t["duplicate_keys"] else "")
         for what, t in m.get("side_tables", {}).items()
     )
     typer.echo(

@@ -61,7 +61,7 @@ from typing import Any
 import polars as pl
 
 from sdm.errors import SdmError
-from sdm.pipeline.synth import side_paths
+from sdm.pipeline.synth import check_targets, side_paths
 
 FORMATS = ("taobao", "diginetica", "yoochoose", "movielens", "rees46", "otto")
 
@@ -512,10 +512,7 @@ def convert(fmt: str, raw_paths: Sequence[Path], out: Path | None = None, overwr
         raise SdmError(f"{files[0]}: could not read as {fmt} ({first})") from None
     items_path, users_path = side_paths(out)
     targets = {out: tables.log, items_path: tables.items, users_path: tables.users}
-    for p, lf in targets.items():
-        if lf is not None and p.exists() and not overwrite:
-            raise SdmError(f"{p}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_targets(list(targets), files, overwrite)
     tmp = {p: p.with_name(p.name + ".tmp") for p in targets}
     try:
         for p, lf in targets.items():

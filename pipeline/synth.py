@@ -71,7 +71,10 @@ under a temporary name and renamed when complete. Same config, same bytes.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,6 +375,33 @@ def side_paths(out: Path) -> tuple[Path, Path]:
     return out.parent / "items.parquet", out.parent / "users.parquet"
 
 
+def check_targets(targets: Sequence[Path], inputs: Sequence[Path], overwrite: bool) -> None:
+    """The overwrite rule shared by `sdm convert` and `sdm synth`, checked before anything is written.
+
+    Every output file (the log and both side tables, even one this dataset
+    does not write: a stale table from another dataset beside the new log
+    would be misleading) must be absent, or `overwrite` given; none may be an
+    input; the folder must be creatable and writable. Creates the folder.
+
+    Raises:
+        SdmError: naming the file.
+    """
+    raw = {Path(f).resolve() for f in inputs}
+    for p in targets:
+        if p.resolve() in raw:
+            raise SdmError(f"{p}: is also an input file; choose another --out")
+        if p.is_dir():
+            raise SdmError(f"{p}: is a directory, expected a file path")
+        if p.exists() and not overwrite:
+            raise SdmError(f"{p}: already exists (pass --overwrite to replace it)")
+    parent = Path(targets[0]).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".sdm-probe-", dir=parent))
+    except OSError as exc:
+        raise SdmError(f"{parent}: cannot create or write the output folder ({exc.strerror})") from None
+
+
 def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     """Write a synthetic log and its items / users tables (see the module docstring).
 
@@ -389,12 +419,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     items_path, users_path = side_paths(out)
-    for p in (out, items_path, users_path):
-        if p.exists() and not cfg.overwrite:
-            raise SdmError(f"{p}: already exists (pass --overwrite to replace it)")
-        if p.is_dir():
-            raise SdmError(f"{p}: is a directory, expected a file path")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_targets([out, items_path, users_path], [], cfg.overwrite)
 
     cat = build_catalogue(cfg)
     counts = user_event_counts(cfg)
