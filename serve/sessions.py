@@ -120,7 +120,11 @@ class Lookups:
         it exists), else (returned as the second value) from the encoded items.parquet.
         Profiles always come from users.parquet, so no users table is read.
         """
-        base = {k: v for k, v in self.config.items() if k in SessionizeConfig.model_fields}
+        # Only the keys training changed from the defaults: a key passed explicitly means
+        # "the user asked for it" to the sessionizer's checks (e.g. an explicit session
+        # column must exist), and serving events may lack optional columns.
+        defaults = SessionizeConfig().model_dump(mode="json")
+        base = {k: v for k, v in self.config.items() if k in SessionizeConfig.model_fields and v != defaults.get(k)}
         raw_items = Path(items) if items is not None else None
         if raw_items is None and base.get("items") and Path(base["items"]).is_file():
             raw_items = Path(base["items"])
