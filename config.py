@@ -209,7 +209,7 @@ class SessionizeConfig(_Base):
         return int(i), int(n)
 
 
-Variant = Literal["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN"]
+Variant = Literal["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN", "SASRec"]
 
 
 class TrainConfig(_Base):
@@ -234,6 +234,8 @@ class TrainConfig(_Base):
     embedding_dim: int = 64
     lstm_layers: int = 1
     num_heads: int = 2
+    num_blocks: int = 2
+    """Transformer blocks of the SASRec variant (a baseline trained by the same trainer)."""
     dropout: float = 0.2
     num_targets: int = 5
     """N of PSDMMAL-N (next N items); the other variants use 1."""
@@ -265,7 +267,7 @@ class TrainConfig(_Base):
     """Mixed precision (bf16) on GPU; ignored on CPU."""
 
     _positive = field_validator(
-        "epochs", "batch_size", "embedding_dim", "lstm_layers", "num_heads", "num_targets", "eval_k", "checkpoint_every"
+        "epochs", "batch_size", "embedding_dim", "lstm_layers", "num_heads", "num_blocks", "num_targets", "eval_k", "checkpoint_every"
     )(classmethod(lambda cls, v: _at_least_one(v)))
 
     _norm_features = field_validator("item_features", "user_features", mode="before")(

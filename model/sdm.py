@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import Tensor
 
-Variant = Literal["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN"]
+Variant = Literal["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN", "SASRec"]
 Batch = Mapping[str, Mapping[str, Tensor] | Tensor]
 
 # Vocabulary index 0 is padding and 1 is out-of-vocabulary (docs/FORMAT.md).
@@ -49,6 +49,8 @@ class ModelConfig(BaseModel):
     embedding_dim: int = 64
     lstm_layers: int = 1
     num_heads: int = 2
+    num_blocks: int = 2
+    """Transformer blocks of the SASRec variant."""
     dropout: float = 0.2
     num_targets: int = 5
     """N of PSDMMAL-N; the loss uses it, the model does not."""
@@ -58,7 +60,7 @@ class ModelConfig(BaseModel):
     """Add the repeat (copy) head: items of the session prefix and of the long-term window
     get a learned extra score (`RepeatHead`); off = the paper's model."""
 
-    @field_validator("embedding_dim", "lstm_layers", "num_heads", "num_targets", "max_session_len", "max_long_len")
+    @field_validator("embedding_dim", "lstm_layers", "num_heads", "num_blocks", "num_targets", "max_session_len", "max_long_len")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -100,8 +102,8 @@ class ModelConfig(BaseModel):
 
     @property
     def user_features(self) -> list[str]:
-        """User features the variant reads (NoS: the user id only, when known; SDMMA: none)."""
-        if self.variant == "SDMMA":
+        """User features the variant reads (NoS: the user id only, when known; SDMMA, SASRec: none)."""
+        if self.variant in ("SDMMA", "SASRec"):
             return []
         if self.variant == "PSDMMAL-NoS":
             return [f for f in self.user_vocab if f == "user"]
@@ -438,6 +440,51 @@ def copy_scores(history: History, qb: Tensor, qp: Tensor) -> tuple[Tensor, Tenso
     return torch.where(first, items, torch.zeros_like(items)), torch.where(first, total, torch.full_like(total, NO_COPY))
 
 
+class SASRecEncoder(nn.Module):
+    """SASRec (Kang & McAuley, ICDM 2018) as a baseline inside the project: learned
+    positions, `num_blocks` pre-LN causal transformer blocks, a final layer norm.
+    Trained by the same trainer, it is SASRec with a full or sampled softmax
+    cross-entropy (Klenitskiy & Vasilev, RecSys 2023) rather than the original BCE.
+
+    Args:
+        dim: D.
+        num_blocks: transformer blocks.
+        num_heads: attention heads.
+        dropout: embedding, attention and feed-forward dropout.
+        max_len: positions (max_session_len).
+    """
+
+    def __init__(self, dim: int, num_blocks: int, num_heads: int, dropout: float, max_len: int) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(max_len, dim)
+        nn.init.normal_(self.pos.weight, std=dim**-0.5)
+        self.blocks = nn.ModuleList(_Block(dim, num_heads, dropout) for _ in range(num_blocks))
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Args: x: (B, T, D) item inputs. Returns: (B, T, D), causal."""
+        T = x.shape[1]
+        h = self.dropout(x + self.pos(torch.arange(T, device=x.device)))  # (B, T, D)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, num_heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
 # ---------------------------------------------------------------------------
 # The model
 
@@ -454,6 +501,7 @@ class SDM(nn.Module):
     | PSDMMAL(-N)  | LSTM + self-attention      | yes            | yes                |
     | PSDMMAL-NoS  | as PSDMMAL, item id and user id only                            |
     | DNN          | mean-pooled history + e_u -> MLP                                |
+    | SASRec       | causal transformer over the session (a baseline, not SDM)      |
 
     Parts a variant does not use are not built, so every parameter gets a gradient
     (DistributedDataParallel needs no `find_unused_parameters`).
@@ -483,7 +531,7 @@ class SDM(nn.Module):
         self.input_dropout = nn.Dropout(config.dropout)
 
         # User side: e_u = concat of profile embeddings, or a learned vector without profile.
-        self.uses_user = config.variant != "SDMMA"
+        self.uses_user = config.variant not in ("SDMMA", "SASRec")
         self.user_emb = EmbeddingBank({f: config.user_vocab[f] for f in self.user_features}, D)
         self.user_default = nn.Parameter(torch.randn(D) * D**-0.5) if self.uses_user and not self.user_features else None
         U = D * max(len(self.user_features), 1)
@@ -492,8 +540,11 @@ class SDM(nn.Module):
         self.long_term: LongTermEncoder | None = None
         self.fusion: GatedFusion | None = None
         self.dnn: DNNEncoder | None = None
+        self.sasrec: SASRecEncoder | None = None
         if config.variant == "DNN":
             self.dnn = DNNEncoder(D, U, config.dropout)
+        elif config.variant == "SASRec":
+            self.sasrec = SASRecEncoder(D, config.num_blocks, config.num_heads, config.dropout, config.max_session_len)
         else:
             self.short_term = ShortTermEncoder(
                 D, config.lstm_layers, config.num_heads, config.dropout, U if self.uses_user else None
@@ -599,6 +650,8 @@ class SDM(nn.Module):
 
         if self.dnn is not None:
             o = self.dnn(x, long_x, long_mask, e_u)  # (B, T, D)
+        elif self.sasrec is not None:
+            o = self.sasrec(x)  # (B, T, D)
         else:
             o = self.short_term(x, e_u)  # (B, T, D)
             if self.long_term is not None:

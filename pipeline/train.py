@@ -108,6 +108,7 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
         embedding_dim=cfg.embedding_dim,
         lstm_layers=cfg.lstm_layers,
         num_heads=cfg.num_heads,
+        num_blocks=cfg.num_blocks,
         dropout=cfg.dropout,
         num_targets=cfg.num_targets if cfg.variant == "PSDMMAL-N" else 1,
         max_session_len=int(manifest["max_session_len"]),

@@ -16,7 +16,7 @@ from sdm.model import (
     UserAttention,
 )
 
-VARIANTS = ["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN"]
+VARIANTS = ["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN", "SASRec"]
 ITEM_VOCAB = {"item": 12, "category": 5, "brand": 4}
 USER_VOCAB = {"user": 7, "age": 4}
 B, T, L, D = 4, 6, 5, 8

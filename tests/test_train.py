@@ -43,7 +43,7 @@ def test_get_lr_warmup_then_cosine():
     assert get_lr(500, c, 110) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("variant", ["PSDMMAL-N", "SDMMA", "DNN", "PSDMMAL-NoS"])
+@pytest.mark.parametrize("variant", ["PSDMMAL-N", "SDMMA", "DNN", "PSDMMAL-NoS", "SASRec"])
 def test_train_writes_checkpoints_and_log(data, tmp_path, variant):
     out = tmp_path / "model"
     summary = train(cfg(data, out, variant=variant), progress=False)
