@@ -68,6 +68,9 @@ def write_plan(cfg: SessionizeConfig, log: Path, plan: Any, out: Path, seconds: 
         "item_features": plan.item_features,
         "user_features": plan.user_features,
         "vocabs": list(plan.vocabs),
+        "warnings": plan.warnings,
+        "side_tables": plan.side_tables,
+        "notes": plan.notes,
         "config": _output_config(cfg),
         "seconds": round(seconds, 3),
     }
@@ -105,6 +108,9 @@ def read_plan(plan_dir: Path) -> tuple[Any, dict[str, Any]]:
         users_table=pl.read_parquet(plan_dir / "users.parquet"),
         item_features=meta["item_features"],
         user_features=meta["user_features"],
+        warnings=meta.get("warnings", []),
+        side_tables=meta.get("side_tables", {}),
+        notes=meta.get("notes", []),
     )
     return plan, meta
 

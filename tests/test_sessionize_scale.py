@@ -65,7 +65,7 @@ def _same_output(a: Path, b: Path, ma: dict[str, Any], mb: dict[str, Any]) -> No
         assert pl.read_parquet(a / "vocab" / f"{name}.parquet").equals(pl.read_parquet(b / "vocab" / f"{name}.parquet"))
     for table in ("items.parquet", "users.parquet"):
         assert pl.read_parquet(a / table).equals(pl.read_parquet(b / table))
-    for key in ("rows_in", "rows_kept", "dropped", "vocab_sizes", "cutoffs", "num_items"):
+    for key in ("rows_in", "rows_kept", "dropped", "vocab_sizes", "cutoffs", "num_items", "side_tables", "warnings"):
         assert ma[key] == mb[key], key
     for split in ("train", "valid", "test"):
         for key in ("users", "sessions", "events", "samples"):
