@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
@@ -291,10 +292,525 @@ class _Entries:
         return self.rows[lo:hi], self.cols[lo:hi], self.vals[lo:hi]
 
 
-BASELINES = ("popularity", "itemcf", "itemcf-repeat")
+# -- session-kNN: STAN and V-SKNN ------------------------------------------------
+
+DAY_US = 86_400 * 1_000_000
+# Bounds on the work of one group of queries (memory stays O(budget), whatever the batch).
+PAIR_BUDGET = 1 << 22  # (query, prefix item, candidate session) triples before grouping
+TRIPLE_BUDGET = 1 << 23  # (query, neighbour session, item) triples scored at once
 
 
-def build_baseline(name: str, data_dir: Path, manifest: dict[str, Any] | None = None) -> Popularity | ItemCF:
+def training_session_events(data_dir: Path, manifest: dict[str, Any]) -> pl.DataFrame:
+    """(sess_id, start_ts, item, pos): every in-vocabulary event of every training session.
+
+    `start_ts` is the session's first event time (us since epoch) and `pos` the
+    0-based position of the event in its session (repeats and OOV events keep
+    their positions).
+    """
+    paths = [str(Path(data_dir) / s["path"]) for s in manifest["splits"]["train"]["shards"]]
+    if not paths:
+        raise SdmError(f"{data_dir}: no training shards to build session-kNN from")
+    return (
+        pl.scan_parquet(paths)
+        .select("ts", "seq_item", "sess_id", "sess_start", "sess_len")
+        .explode(["sess_id", "sess_start", "sess_len"])
+        .filter(pl.col("sess_id").is_not_null())
+        .select(
+            pl.col("sess_id").cast(pl.Int64),
+            pl.col("ts").list.get(pl.col("sess_start")).cast(pl.Int64).alias("start_ts"),
+            pl.col("seq_item").list.slice(pl.col("sess_start"), pl.col("sess_len")).alias("item"),
+        )
+        .with_columns(pl.int_ranges(0, pl.col("item").list.len()).alias("pos"))
+        .explode(["item", "pos"])
+        .filter(pl.col("item") >= 2)
+        .select("sess_id", "start_ts", pl.col("item").cast(pl.Int64), pl.col("pos").cast(pl.Int64))
+        .collect(engine="streaming")
+    )
+
+
+def _t(series: pl.Series) -> Tensor:
+    return torch.from_numpy(series.to_numpy().astype(np.int64, copy=True))
+
+
+def _ptr(owner: Tensor, n: int) -> Tensor:
+    """CSR row pointer (n + 1,) of entries sorted by `owner`."""
+    ptr = torch.zeros(n + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(torch.bincount(owner, minlength=n), 0)
+    return ptr
+
+
+def _ranges(starts: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
+    """For ranges [starts[e], starts[e] + lens[e]): (owner e, index) of every element, range by range."""
+    owner = torch.repeat_interleave(torch.arange(lens.shape[0]), lens)
+    first = torch.cumsum(lens, 0) - lens
+    return owner, starts[owner] + torch.arange(owner.shape[0]) - first[owner]
+
+
+def _rank_in_group(group: Tensor, n_groups: int) -> Tensor:
+    """0-based rank of each element within its group, for elements sorted by group."""
+    counts = torch.bincount(group, minlength=n_groups)
+    first = torch.cumsum(counts, 0) - counts
+    return torch.arange(group.shape[0]) - first[group]
+
+
+def _group_max(values: Tensor, group: Tensor, n_groups: int) -> Tensor:
+    return torch.zeros(n_groups, dtype=values.dtype).scatter_reduce_(0, group, values, "amax", include_self=False)
+
+
+def _aligned(mats: list[Tensor], n_rows: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(row, col, [values of each]) of sparse CSR products that share one sparsity pattern.
+
+    Products of operands with the same patterns come out in the same entry order;
+    if they ever do not, they are brought into (row, col) order.
+    """
+    crow, col = mats[0].crow_indices(), mats[0].col_indices()
+    if all(torch.equal(m.crow_indices(), crow) and torch.equal(m.col_indices(), col) for m in mats[1:]):
+        row = torch.repeat_interleave(torch.arange(n_rows), crow[1:] - crow[:-1])
+        return row, col, [m.values() for m in mats]
+    coo = [m.to_sparse_coo().coalesce() for m in mats]
+    idx = coo[0].indices()
+    if not all(torch.equal(c.indices(), idx) for c in coo[1:]):
+        raise RuntimeError("sparse products with one pattern gave different patterns")
+    return idx[0], idx[1], [c.values() for c in coo]
+
+
+def _top_per_row(key: Tensor, row: Tensor, n_rows: int, k: int) -> Tensor:
+    """Indices of the (at most) k entries of largest `key` (>= 0) of each row, row by row.
+
+    `row` must be sorted; keys of one row must be distinct for a deterministic choice.
+    """
+    if row.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    counts = torch.bincount(row, minlength=n_rows)
+    width = int(counts.max())
+    if width <= k:
+        return torch.arange(row.shape[0])
+    first = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(row.shape[0]) - first[row]
+    dense = torch.full((n_rows, width), -1, dtype=torch.long)
+    dense[row, pos] = key
+    top, at = dense.topk(k, dim=1)
+    return (first.unsqueeze(1) + at)[top >= 0]
+
+
+class SessionIndex:
+    """Training sessions ranked by recency, with session -> items and item -> sessions maps.
+
+    Sessions are ranked 0.. by start time, most recent first (ties: larger
+    `sess_id` first). Each session keeps its distinct items with the position of
+    their LAST occurrence; each item keeps its sessions in rank order, truncated
+    to the `sample_size` most recent (exact for "the m most recent sessions
+    sharing an item with the query": such a session is among the m most recent
+    of every item it shares).
+
+    Args:
+        events: (sess_id, start_ts, item, pos) in-vocabulary training events.
+        num_items: V, the catalogue size including padding and OOV.
+        sample_size: sessions kept per item (None or 0: all).
+    """
+
+    def __init__(self, events: pl.DataFrame, num_items: int, sample_size: int | None = None) -> None:
+        self.num_items = num_items
+        self.sample_size = sample_size or None
+        item_events = events.group_by("item").agg(pl.len().alias("n"))
+        self.item_events = torch.zeros(num_items, dtype=torch.long)
+        self.item_events[_t(item_events["item"])] = _t(item_events["n"])
+        last = events.group_by("sess_id", "item").agg(pl.col("start_ts").first(), pl.col("pos").max())
+        sessions = (
+            last.group_by("sess_id")
+            .agg(pl.col("start_ts").first(), pl.len().alias("size"))
+            .sort(["start_ts", "sess_id"], descending=True)
+            .with_row_index("rank")
+        )
+        self.num_sessions = sessions.height
+        self.start_ts = _t(sessions["start_ts"])  # (N,) by rank
+        self.size = _t(sessions["size"])  # (N,) distinct items per session
+        last = last.join(sessions.select("sess_id", pl.col("rank").cast(pl.Int64)), on="sess_id")
+        by_sess = last.sort("rank", "item")
+        self.sess_ptr = _ptr(_t(by_sess["rank"]), self.num_sessions)
+        self.sess_item, self.sess_pos = _t(by_sess["item"]), _t(by_sess["pos"])
+        by_item = last.sort("item", "rank")
+        if sample_size:
+            by_item = by_item.filter(pl.int_range(pl.len()).over("item") < sample_size)
+        self.item_ptr = _ptr(_t(by_item["item"]), num_items)
+        self.post_rank, self.post_pos = _t(by_item["rank"]), _t(by_item["pos"])
+        n = max(self.num_sessions, 1)
+        with _quiet_sparse():
+            # (V, N) item -> sessions maps: 1, and 2^(last position of the item in the session).
+            self.post_one = torch.sparse_csr_tensor(
+                self.item_ptr, self.post_rank, torch.ones(self.post_rank.shape[0], dtype=torch.float64), (num_items, n),
+                check_invariants=False,
+            )
+            self.post_exp2 = torch.sparse_csr_tensor(
+                self.item_ptr, self.post_rank, torch.exp2(self.post_pos.double()), (num_items, n),
+                check_invariants=False,
+            )
+
+
+def distinct_prefix_items(qp: Tensor, prefix: Tensor, num_items: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each query's distinct prefix items (OOV included) and the position of their last occurrence.
+
+    Returns:
+        (query, item, last position), sorted by query then item.
+    """
+    pos = torch.arange(prefix.shape[1])
+    valid = (pos.unsqueeze(0) <= qp.unsqueeze(1)) & (prefix != 0)
+    q, p = valid.nonzero(as_tuple=True)
+    key, inv = torch.unique(q * num_items + prefix[q, p].long(), return_inverse=True)
+    last = torch.full((key.shape[0],), -1, dtype=torch.long).scatter_reduce_(0, inv, p, "amax")
+    return key // num_items, key % num_items, last
+
+
+class _SessionKNN:
+    """Shared machinery of STAN and V-SKNN (module docs of each).
+
+    For a query (the prefix of a held-out session) the candidate neighbours are
+    the `sample_size` most recent training sessions that share an item with the
+    prefix; each gets a similarity (`_similarity`), the `k` most similar are the
+    neighbours (ties: the more recent first), and every item j of a neighbour n
+    scores sum_n pair_weight(n) * item_weight(n, j) (`_pair_weight`,
+    `_item_weight`), times `_item_factor(j)`. Scores are divided by the query's
+    largest, so they lie in (0, 1]; items of no neighbour get a popularity score
+    in (-1, 0) (ranked below every neighbour item, among themselves by
+    training count, like item-CF's fallback).
+
+    Vectorised over queries: the (query, prefix item, session) pairs of a group
+    of queries are expanded from the item -> sessions map and grouped by
+    (query, session) with one sort; neighbours are expanded into (query, item)
+    scores the same way. No Python loop over queries or sessions.
+    """
+
+    name = "session-knn"
+    uses_q_pos = False  # needs the most recent prefix position shared with each candidate
+    uses_n_pos = False  # needs the last position in each candidate of a shared item
+
+    def __init__(self, index: SessionIndex, counts: Tensor, k: int, sample_size: int | None) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if sample_size is not None and sample_size < 0:
+            raise ValueError(f"sample_size must be >= 0 (0: all), got {sample_size}")
+        if index.sample_size is not None and (sample_size is None or sample_size > index.sample_size):
+            raise ValueError(f"the index keeps {index.sample_size} sessions per item, fewer than sample_size")
+        self.index = index
+        self.num_items = index.num_items
+        self.k = k
+        self.sample_size = sample_size or None
+        self.fallback = popularity_scores(counts.cpu())
+
+    # Hooks: position weights of the prefix, similarity, neighbour and item weights.
+    def _prefix_weights(self, last: Tensor, qp: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _similarity(self, raw: Tensor, q: Tensor, rank: Tensor, ctx: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _pair_weight(self, sim: Tensor, q: Tensor, pairs: dict[str, Tensor], ctx: dict[str, Tensor]) -> Tensor:
+        return sim
+
+    def _item_weight(self, pos: Tensor, owner: Tensor, pairs: dict[str, Tensor]) -> Tensor | None:
+        return None
+
+    def _item_factor(self, items: Tensor) -> Tensor | None:
+        return None
+
+    def begin_batch(self, batch: dict[str, Any]) -> Tensor | None:
+        """Session start times (B,) of the batch (STAN's recency), or None."""
+        ts = batch.get("start_ts")
+        return ts.cpu() if ts is not None else None
+
+    def score_fn(self, state: Tensor | None, qb: Tensor, qp: Tensor, prefix: Tensor) -> ScoreFn:
+        """Scores of an item chunk for Q queries (dense only per chunk)."""
+        t_q = state[qb.cpu()] if state is not None else None
+        entries = self.query_scores(qp, prefix, t_q)
+        q = prefix.shape[0]
+
+        def score(start: int, end: int) -> Tensor:
+            out = self.fallback[start:end].expand(q, end - start).clone()  # (Q, C)
+            r, c, v = entries.in_range(start, end)
+            out[r, c - start] = v
+            return out
+
+        return score
+
+    def query_scores(self, qp: Tensor, prefix: Tensor, t_q: Tensor | None = None) -> _Entries:
+        """Sparse neighbour scores (rows, cols, values in (0, 1]) of Q queries, each (row, col) once.
+
+        Args:
+            qp: (Q,) last prefix position.
+            prefix: (Q, T) prefix item indices, 0 after qp.
+            t_q: (Q,) start time of each query's session (us), or None (no recency decay).
+        """
+        qp, prefix = qp.cpu().long(), prefix.cpu()
+        ix = self.index
+        uq, ui, last = distinct_prefix_items(qp, prefix, self.num_items)
+        lens = ix.item_ptr[ui + 1] - ix.item_ptr[ui]
+        per_query = torch.zeros(qp.shape[0], dtype=torch.long).index_add_(0, uq, lens)
+        cum = torch.cumsum(per_query, 0)
+        mean_size = float(ix.size.double().mean()) if ix.num_sessions else 1.0
+        max_queries = max(1, int(TRIPLE_BUDGET // (self.k * max(mean_size, 1.0))))
+        rows, cols, vals = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)], [torch.empty(0)]
+        q0, n = 0, qp.shape[0]
+        while q0 < n:
+            done = int(cum[q0 - 1]) if q0 else 0
+            q1 = int(torch.searchsorted(cum, done + PAIR_BUDGET, right=True))
+            q1 = min(max(q1, q0 + 1), q0 + max_queries, n)
+            e0, e1 = torch.searchsorted(uq, torch.tensor([q0, q1])).tolist()
+            t = None if t_q is None else t_q[q0:q1].cpu().long()
+            r, c, v = self._group_scores(uq[e0:e1] - q0, ui[e0:e1], last[e0:e1], qp[q0:q1], t)
+            rows.append(r + q0)
+            cols.append(c)
+            vals.append(v)
+            q0 = q1
+        return _Entries(torch.cat(rows), torch.cat(cols), torch.cat(vals))
+
+    def _group_scores(
+        self, uq: Tensor, ui: Tensor, last: Tensor, qp: Tensor, t_q: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(local query, item, score) of one group of G queries; `uq` local query of each prefix item."""
+        ix = self.index
+        g, v = qp.shape[0], self.num_items
+        n_sess = max(ix.num_sessions, 1)
+        w = self._prefix_weights(last, qp[uq])  # (E,) float64
+        ctx = {
+            "qp": qp,
+            "t_q": t_q if t_q is not None else torch.empty(0, dtype=torch.long),
+            "w2": torch.zeros(g, dtype=torch.float64).index_add_(0, uq, w * w),
+            "distinct": torch.bincount(uq, minlength=g),
+        }
+        crow = _ptr(uq, g)
+
+        def prefix_rows(values: Tensor) -> Tensor:  # (G, V) CSR over the distinct prefix items
+            return torch.sparse_csr_tensor(crow, ui, values, (g, v), dtype=torch.float64, check_invariants=False)
+
+        # Candidates: the sessions sharing an item with the prefix, by sparse products with
+        # the item -> sessions map. Sums of distinct powers of two carry maxima: the binary
+        # exponent of sum 2^(p_i - L) is the most recent shared prefix position, that of
+        # sum 2^pos_n(i) the last position in n of a shared item (distinct items have
+        # distinct last positions, so the sums are exact for sessions up to 53 events).
+        with _quiet_sparse():
+            mats = [torch.sparse.mm(prefix_rows(w), ix.post_one)]
+            if self.uses_q_pos:
+                mats.append(torch.sparse.mm(prefix_rows(torch.exp2((last - qp[uq]).double())), ix.post_one))
+            if self.uses_n_pos:
+                mats.append(torch.sparse.mm(prefix_rows(torch.ones_like(w)), ix.post_exp2))
+        cq, rank, vals = _aligned(mats, g)
+        raw = vals[0]
+        pairs: dict[str, Tensor] = {}
+        if self.uses_q_pos:
+            pairs["q_pos"] = qp[cq] + torch.frexp(vals[1]).exponent.long() - 1
+        if self.uses_n_pos:
+            pairs["n_pos"] = torch.frexp(vals[-1]).exponent.long() - 1
+        # The sample_size most recent candidates of each query (a padded (G, width) top-k).
+        if self.sample_size is not None:
+            keep = _top_per_row(n_sess - 1 - rank, cq, g, self.sample_size)
+            cq, rank, raw = cq[keep], rank[keep], raw[keep]
+            pairs = {name: x[keep] for name, x in pairs.items()}
+        sim = self._similarity(raw, cq, rank, ctx)
+        # The k most similar: similarities compared at float32 precision relative to the query's
+        # best (sums taken in another order stay ties), ties -> the more recent session.
+        rel = (sim / _group_max(sim, cq, g)[cq]).float().clamp(min=0)
+        key = (rel.view(torch.int32).long() << n_sess.bit_length()) | (n_sess - 1 - rank)
+        sel = _top_per_row(key, cq, g, self.k)
+        nq, nrank = cq[sel], rank[sel]
+        pairs = {name: x[sel] for name, x in pairs.items()}
+        nw = self._pair_weight(sim[sel], nq, pairs, ctx)
+        # Neighbours -> (query, item) scores: (G, pairs) x (pairs, V), a pair's row holding
+        # its session's items with their item weights.
+        sizes = ix.sess_ptr[nrank + 1] - ix.sess_ptr[nrank]
+        owner, idx = _ranges(ix.sess_ptr[nrank], sizes)
+        iw = self._item_weight(ix.sess_pos[idx], owner, pairs)
+        n_pairs = nq.shape[0]
+        left = torch.sparse_csr_tensor(
+            _ptr(nq, g), torch.arange(n_pairs), nw, (g, n_pairs), dtype=torch.float64, check_invariants=False
+        )
+        p_crow = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
+        p_val = iw if iw is not None else torch.ones(idx.shape[0], dtype=torch.float64)
+        right = torch.sparse_csr_tensor(
+            p_crow, ix.sess_item[idx], p_val, (n_pairs, v), dtype=torch.float64, check_invariants=False
+        )
+        with _quiet_sparse():
+            rq, item, (score,) = _aligned([torch.sparse.mm(left, right)], g)
+        factor = self._item_factor(item)
+        if factor is not None:
+            score = score * factor
+        score = score / _group_max(score, rq, g)[rq]
+        return rq, item, score.float()
+
+
+class STAN(_SessionKNN):
+    """STAN, Sequence and Time Aware Neighbourhood (Garg et al., SIGIR 2019), full ranking.
+
+    For a query with prefix i_1 .. i_L (L = t - 1 events, repeats and OOV
+    included) and each distinct prefix item i with last position p_i (1-based):
+
+        w_i = exp((p_i - L) / lambda_spw)                           (lambda 1)
+
+    A candidate neighbour n (one of the `sample_size` most recent training
+    sessions sharing an item with the prefix; distinct items I_n) has
+
+        sim(s, n) = sum_{i in s & I_n} w_i / (sqrt(sum_{i in s} w_i^2) sqrt(|I_n|))
+                    * exp(-(t_s - t_n) / lambda_snh)                (lambda 2)
+
+    with t_s, t_n the start times of the query's and the neighbour's sessions
+    (t_s - t_n clamped at 0; lambda_snh in days). The `k` most similar are the
+    neighbours, and item j scores
+
+        score(j) = sum_{n: j in n} sim(s, n) * exp(-|pos_n(j) - pos_n(i*)| / lambda_inh)   (lambda 3)
+
+    where pos_n(x) is the last position of x in n and i* the shared item
+    occurring last in n (as in the reference implementation of session-rec).
+    Prefix items are scored too ("reminders": re-visits are common).
+
+    Args:
+        index: the training sessions (`SessionIndex`).
+        counts: (V,) training counts (fallback order).
+        k: neighbours (default 500).
+        sample_size: most recent candidate sessions per query (default 5000; 0/None: all).
+        lambda_spw: lambda 1, position decay in the query session (events; default 1.02).
+        lambda_snh: lambda 2, recency decay of the neighbour session (days; default 5; None: off).
+        lambda_inh: lambda 3, decay around the matching item in the neighbour (events; default 2.05).
+    """
+
+    name = "stan"
+    uses_n_pos = True
+
+    def __init__(
+        self,
+        index: SessionIndex,
+        counts: Tensor,
+        k: int = 500,
+        sample_size: int | None = 5000,
+        lambda_spw: float = 1.02,
+        lambda_snh: float | None = 5.0,
+        lambda_inh: float = 2.05,
+    ) -> None:
+        super().__init__(index, counts, k, sample_size)
+        for what, v in (("lambda_spw", lambda_spw), ("lambda_inh", lambda_inh), ("lambda_snh", lambda_snh or 1)):
+            if not v > 0:
+                raise ValueError(f"{what} must be > 0, got {v}")
+        self.lambda_spw, self.lambda_snh, self.lambda_inh = lambda_spw, lambda_snh, lambda_inh
+
+    @classmethod
+    def from_data(cls, data_dir: Path, manifest: dict[str, Any] | None = None, **params: Any) -> STAN:
+        """Build from the training shards of a shard directory; `params` as the constructor's."""
+        manifest = manifest or read_manifest(data_dir)
+        events = training_session_events(data_dir, manifest)
+        index = SessionIndex(events, int(manifest["num_items"]), params.get("sample_size", 5000))
+        return cls(index, load_item_counts(data_dir, manifest), **params)
+
+    def _prefix_weights(self, last: Tensor, qp: Tensor) -> Tensor:
+        return torch.exp((last - qp).double() / self.lambda_spw)
+
+    def _similarity(self, raw: Tensor, q: Tensor, rank: Tensor, ctx: dict[str, Tensor]) -> Tensor:
+        sim = raw / (ctx["w2"][q].sqrt() * self.index.size[rank].double().sqrt())
+        if self.lambda_snh is not None and ctx["t_q"].numel():
+            dt = (ctx["t_q"][q] - self.index.start_ts[rank]).clamp(min=0).double()
+            sim = sim * torch.exp(-dt / (self.lambda_snh * DAY_US))
+        return sim
+
+    def _item_weight(self, pos: Tensor, owner: Tensor, pairs: dict[str, Tensor]) -> Tensor:
+        return torch.exp(-(pos - pairs["n_pos"][owner]).abs().double() / self.lambda_inh)
+
+
+class VSKNN(_SessionKNN):
+    """V-SKNN, vector multiplication session-kNN (Ludewig & Jannach 2018; session-rec's VMContextKNN).
+
+    For a query with prefix i_1 .. i_L and each distinct prefix item i with last
+    position p_i (1-based), the position weight (`weighting`) is
+
+        div (linear decay, default): p_i / L;   same: 1;   quadratic: (p_i / L)^2;
+        log: 1 / log10(L - p_i + 1.7)
+
+    A candidate neighbour n (one of the `sample_size` most recent training
+    sessions sharing an item with the prefix) has the dot product
+
+        sim(s, n) = sum_{i in s & n} w_i / |distinct items of s|
+
+    and the `k` most similar are the neighbours. With d(n) = 1 + L - max{p_i: i in n}
+    (1 = the last prefix item is in n) and the score decay (`weighting_score`)
+    div: 1/d (default), same: 1, quadratic: 1/d^2, log: 1/log10(d + 1.7), item j scores
+
+        score(j) = (1 + idf_weighting * idf(j)) * sum_{n: j in n} sim(s, n) * decay(d(n))
+
+    with idf(j) = max(log(N / n_j), 0), N training sessions and n_j training
+    events of j. Prefix items are scored too (reminders).
+
+    Args:
+        index: the training sessions (`SessionIndex`).
+        counts: (V,) training counts (fallback order).
+        k: neighbours (default 100).
+        sample_size: most recent candidate sessions per query (default 500; 0/None: all).
+        weighting: position weight of prefix items (default "div").
+        weighting_score: neighbour decay by its most recent match (default "div").
+        idf_weighting: weight of the idf boost (default 1; 0: off).
+    """
+
+    name = "vsknn"
+    uses_q_pos = True
+    WEIGHTINGS = ("div", "same", "quadratic", "log")
+
+    def __init__(
+        self,
+        index: SessionIndex,
+        counts: Tensor,
+        k: int = 100,
+        sample_size: int | None = 500,
+        weighting: str = "div",
+        weighting_score: str = "div",
+        idf_weighting: float = 1.0,
+    ) -> None:
+        super().__init__(index, counts, k, sample_size)
+        for what, v in (("weighting", weighting), ("weighting_score", weighting_score)):
+            if v not in self.WEIGHTINGS:
+                raise ValueError(f"{what} must be one of {self.WEIGHTINGS}, got {v!r}")
+        if idf_weighting < 0:
+            raise ValueError(f"idf_weighting must be >= 0, got {idf_weighting}")
+        self.weighting, self.weighting_score, self.idf_weighting = weighting, weighting_score, idf_weighting
+        n = max(index.num_sessions, 1)
+        idf = torch.log(n / index.item_events.clamp(min=1).double()).clamp(min=0)
+        self.factor = 1 + idf_weighting * idf  # (V,)
+
+    @classmethod
+    def from_data(cls, data_dir: Path, manifest: dict[str, Any] | None = None, **params: Any) -> VSKNN:
+        """Build from the training shards of a shard directory; `params` as the constructor's."""
+        manifest = manifest or read_manifest(data_dir)
+        events = training_session_events(data_dir, manifest)
+        index = SessionIndex(events, int(manifest["num_items"]), params.get("sample_size", 500))
+        return cls(index, load_item_counts(data_dir, manifest), **params)
+
+    def _prefix_weights(self, last: Tensor, qp: Tensor) -> Tensor:
+        p, n = (last + 1).double(), (qp + 1).double()
+        if self.weighting == "div":
+            return p / n
+        if self.weighting == "quadratic":
+            return (p / n) ** 2
+        if self.weighting == "log":
+            return 1 / torch.log10(n - p + 1.7)
+        return torch.ones_like(p)
+
+    def _similarity(self, raw: Tensor, q: Tensor, rank: Tensor, ctx: dict[str, Tensor]) -> Tensor:
+        return raw / ctx["distinct"][q].double()
+
+    def _pair_weight(self, sim: Tensor, q: Tensor, pairs: dict[str, Tensor], ctx: dict[str, Tensor]) -> Tensor:
+        d = (ctx["qp"][q] - pairs["q_pos"] + 1).double()
+        if self.weighting_score == "div":
+            return sim / d
+        if self.weighting_score == "quadratic":
+            return sim / (d * d)
+        if self.weighting_score == "log":
+            return sim / torch.log10(d + 1.7)
+        return sim
+
+    def _item_factor(self, items: Tensor) -> Tensor | None:
+        return self.factor[items] if self.idf_weighting else None
+
+
+BASELINES = ("popularity", "itemcf", "itemcf-repeat", "stan", "vsknn")
+
+
+def build_baseline(
+    name: str, data_dir: Path, manifest: dict[str, Any] | None = None
+) -> Popularity | ItemCF | STAN | VSKNN:
     """The named baseline, fitted on the training split of `data_dir`.
 
     Raises:
@@ -304,4 +820,8 @@ def build_baseline(name: str, data_dir: Path, manifest: dict[str, Any] | None = 
         return Popularity.from_data(data_dir, manifest)
     if name in ("itemcf", "itemcf-repeat"):
         return ItemCF.from_data(data_dir, repeat=name == "itemcf-repeat", manifest=manifest)
+    if name == "stan":
+        return STAN.from_data(data_dir, manifest)
+    if name == "vsknn":
+        return VSKNN.from_data(data_dir, manifest)
     raise SdmError(f"unknown baseline {name!r}; expected one of {BASELINES}")
