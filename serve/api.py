@@ -70,6 +70,8 @@ class _OnnxTower:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # Idle pool threads spin by default, stealing the cores the index search needs next.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
 
@@ -142,10 +144,10 @@ class Recommender:
             raise SdmError(f"{root}: runtime onnx needs user_tower.onnx and onnxruntime (pip install 'sdm[onnx]')")
         if runtime not in ("auto", "onnx", "torch"):
             raise SdmError(f"unknown runtime {runtime!r}; expected auto, onnx or torch")
+        torch.set_num_threads(threads)  # the torch tower and the exact index search
         if use_onnx:
             tower: Any = _OnnxTower(onnx_path, threads)
         else:
-            torch.set_num_threads(threads)
             tower = _TorchTower(root / "user_tower.pt2", names)
 
         table = pq.read_table(root / "item_vectors.parquet")
