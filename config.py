@@ -90,6 +90,10 @@ class SessionizeConfig(_Base):
     """Keep exact duplicate rows (same value in every column) as events; by default they are dropped and counted as `duplicate`."""
     item_features: list[str] = []
     """Item side-info columns (from the log or the items table), comma-separated."""
+    multi_valued: list[str] = []
+    """Item features whose strings hold several values ('Comedy|Romance'): the model gets the first, items.parquet all (`<f>_values`)."""
+    value_sep: str = "|"
+    """Separator of the values of a `multi_valued` feature."""
     user_features: list[str] = []
     """User profile columns from the users table, comma-separated."""
     time_unit: Literal["s", "ms"] | None = None
@@ -128,7 +132,7 @@ class SessionizeConfig(_Base):
     plan_only: bool = False
     """Only run the first pass over the whole log and write its plan (cutoffs, vocabularies, offsets) to `out`/plan."""
 
-    _norm_lists = field_validator("behaviors", "item_features", "user_features", mode="before")(
+    _norm_lists = field_validator("behaviors", "item_features", "user_features", "multi_valued", mode="before")(
         classmethod(lambda cls, v: _split_list(v))
     )
 

@@ -64,6 +64,7 @@ from sdm.sessionize.io import (
     check_time_range,
     feat_col,
     from_us,
+    values_col,
     resolve_features,
     scan_table,
     table_format,
@@ -363,7 +364,9 @@ def make_plan(inp: _Input, parts: list[_Part]) -> Plan:
     item_feats = list(cfg.item_features)
     vocabs: dict[str, pl.DataFrame] = {"item": _collect(core.build_vocab(train.select(pl.col(ITEM).alias("raw"))))}
     for f in item_feats:
-        vocabs[f] = _collect(core.build_vocab(train.select(pl.col(feat_col(f)).alias("raw"))))
+        # a multi-valued feature's vocabulary counts every value, not only the first
+        col = pl.col(values_col(f)).explode() if f in cfg.multi_valued else pl.col(feat_col(f))
+        vocabs[f] = _collect(core.build_vocab(train.select(col.alias("raw"))))
     vocabs["user"] = _collect(core.build_vocab(train.select(pl.col(USER).alias("raw"))))
     profiles = _profiles(cfg, inp.users_lf, inp.schema[spec.user_key])
     train_users = train.select(pl.col(USER)).unique()
@@ -373,7 +376,7 @@ def make_plan(inp: _Input, parts: list[_Part]) -> Plan:
             str(cfg.users),
         )
     users_table = _users_table(per_user.lazy(), profiles, vocabs, spec.user_features)
-    items_table = _items_table(train, vocabs, item_feats)
+    items_table = _items_table(train, vocabs, item_feats, list(cfg.multi_valued))
     side = _side_tables(inp, events, per_user)
     for what, st in side.items():
         if st["log_keys_found"] == 0:
@@ -787,6 +790,7 @@ def finish(
         "dropped": plan.dropped,
         "splits": splits,
         "side_tables": plan.side_tables,
+        "multi_valued": {f: {"sep": cfg.value_sep, "items_column": f"{f}_values"} for f in cfg.multi_valued},
         "notes": plan.notes,
         "warnings": plan.warnings,
         "files": files,
@@ -831,21 +835,32 @@ def _users_table(
     )
 
 
-def _items_table(train: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], features: list[str]) -> pl.DataFrame:
+def _items_table(
+    train: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], features: list[str], multi: list[str] | None = None
+) -> pl.DataFrame:
     """items.parquet: every item index 2.., its raw id, and each feature of its last training event.
 
     The last event is the one with the largest (time, input row); two window
-    maxima find it without sorting the training events.
+    maxima find it without sorting the training events. A multi-valued
+    feature f also gets `f_values`: the indices of all its values (a multi-hot
+    as an index list; OOV values are 1).
     """
+    multi = multi or []
     last = (
         train
-        .select(pl.col(ITEM), pl.col(TS), pl.col(ROW), *[pl.col(feat_col(f)) for f in features])
+        .select(
+            pl.col(ITEM), pl.col(TS), pl.col(ROW), *[pl.col(feat_col(f)) for f in features],
+            *[pl.col(values_col(f)) for f in multi],
+        )
         .filter(pl.col(TS) == pl.col(TS).max().over(ITEM))
         .filter(pl.col(ROW) == pl.col(ROW).max().over(ITEM))
-    )
+    )  # fmt: skip
     for f in features:
         last = last.pipe(core.encode, feat_col(f), vocabs[f].lazy(), f)
-    last = last.select(pl.col(ITEM), *[pl.col(f) for f in features])
+    last = _collect(last.select(pl.col(ITEM), *[pl.col(f) for f in features], *[pl.col(values_col(f)) for f in multi]))
+    for f in multi:
+        last = last.with_columns(_encode_values(last.get_column(values_col(f)), vocabs[f]).alias(f"{f}_values"))
+    last = last.select(pl.col(ITEM), *[pl.col(f) for f in features], *[pl.col(f"{f}_values") for f in multi]).lazy()
     if not features:
         last = last.head(0)  # nothing to look up: skip the scan
     return (
@@ -853,6 +868,19 @@ def _items_table(train: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], features:
         .select(pl.col("index").alias("item"), pl.col("raw").alias("item_id"))
         .join(last, left_on="item_id", right_on=ITEM, how="left", maintain_order="left")
         .with_columns(*[pl.col(f).fill_null(1).cast(pl.Int32) for f in features])
+        .with_columns(*[pl.col(f"{f}_values").fill_null(pl.lit([], dtype=pl.List(pl.Int32))) for f in multi])
         .sort("item")
         .pipe(_collect, "items table")
+    )
+
+
+def _encode_values(lists: pl.Series, vocab: pl.DataFrame) -> pl.Series:
+    """Each list of raw values as a list of vocabulary indices (1 = OOV), order kept.
+
+    `replace_strict` inside the lists: fine for the small vocabularies of
+    multi-valued features (genres, tags), unlike item ids (see core.encode).
+    """
+    raw = vocab.get_column("raw").cast(pl.String)
+    return lists.list.eval(
+        pl.element().replace_strict(raw, vocab.get_column("index"), default=1, return_dtype=pl.Int32)
     )

@@ -37,6 +37,11 @@ def feat_col(name: str) -> str:
     return f"_f_{name}"
 
 
+def values_col(name: str) -> str:
+    """Normalised column of the value list of a multi-valued item feature `name`."""
+    return f"_m_{name}"
+
+
 def table_format(path: Path, fmt: str | None = None, delimiter: str | None = None) -> tuple[str, str]:
     """(kind, delimiter) of an input table: "csv" or "parquet".
 
@@ -323,6 +328,12 @@ def check_log(
                 f"{cfg.users}: user feature column {f!r} not found; found: {_found(users_schema)}"
             )
 
+    for f in cfg.multi_valued:
+        if f not in cfg.item_features:
+            raise SdmError(f"multi-valued feature {f!r} is not an item feature (add it to --item-features)")
+        dtype = schema[f] if f in log_feats else items_schema[f]  # type: ignore[index]
+        if dtype != pl.String:
+            raise SdmError(f"multi-valued feature {f!r} is {dtype}; it must be a string column ('a{cfg.value_sep}b')")
     both = sorted(set(cfg.item_features) & set(cfg.user_features))
     if both:
         raise SdmError(f"feature name(s) {both} used as both item and user features; vocabularies would collide")
@@ -457,6 +468,17 @@ def to_events(
             .unique(subset=[ITEM], keep="first", maintain_order=True)
         )
         out = out.join(table, on=ITEM, how="left", maintain_order="left")
+    for f in cfg.multi_valued:
+        # 'Comedy| Romance' -> ['Comedy', 'Romance']; the single-valued feature is the first value
+        values = (
+            pl.col(feat_col(f))
+            .str.split(cfg.value_sep)
+            .list.eval(pl.element().str.strip_chars())
+            .list.eval(pl.element().filter(pl.element() != ""))
+        )
+        out = out.with_columns(values.alias(values_col(f))).with_columns(
+            pl.col(values_col(f)).list.first().alias(feat_col(f))
+        )
     return out
 
 

@@ -410,3 +410,28 @@ def test_duplicate_user_keys_counted(tmp_path):
     assert code == 0, lines
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["side_tables"]["users table"]["duplicate_keys"] == 1 and m["side_tables"]["users table"]["log_keys_found"] == 1.0
+
+
+def test_multi_valued_feature_is_split(tmp_path):
+    log = good_log(tmp_path / "l.parquet")
+    genres = ["Comedy|Romance", "Drama", " Comedy | Horror |", None, "Romance"]
+    items = write_log(pl.DataFrame({"item_id": list(range(10, 15)), "genres": genres, "year": [1, 2, 3, 4, 5]}), tmp_path / "i.parquet")
+    outs = []
+    for buckets in (1, 2):
+        out = tmp_path / f"o{buckets}"
+        code, lines = sessionize(log, out, "--items", items, "--item-features", "genres,year", "--multi-valued", "genres", "--buckets", buckets)
+        assert code == 0, lines
+        outs.append(out)
+    vocab = dict(pl.read_parquet(outs[0] / "vocab" / "genres.parquet").select("raw", "index").iter_rows())
+    assert set(vocab) == {"Comedy", "Romance", "Drama", "Horror"}  # values, not combinations
+    table = pl.read_parquet(outs[0] / "items.parquet").sort("item_id")
+    assert table["genres_values"].to_list() == [
+        [vocab["Comedy"], vocab["Romance"]], [vocab["Drama"]], [vocab["Comedy"], vocab["Horror"]], [], [vocab["Romance"]],
+    ]
+    # the model's single-valued input is the first value
+    assert table["genres"].to_list() == [vocab["Comedy"], vocab["Drama"], vocab["Comedy"], 1, vocab["Romance"]]
+    m = json.loads((outs[0] / "manifest.json").read_text())
+    assert m["multi_valued"] == {"genres": {"sep": "|", "items_column": "genres_values"}}
+    assert pl.read_parquet(outs[1] / "items.parquet").equals(pl.read_parquet(outs[0] / "items.parquet"))
+    one_error(*sessionize(log, tmp_path / "x", "--items", items, "--item-features", "year", "--multi-valued", "genres"), "'genres' is not an item feature")
+    one_error(*sessionize(log, tmp_path / "y", "--items", items, "--item-features", "year", "--multi-valued", "year"), "must be a string column")
