@@ -52,6 +52,9 @@ def table_format(path: Path, fmt: str | None = None, delimiter: str | None = Non
     suffix = Path(path).suffix.lower()
     kind = fmt if fmt in ("csv", "parquet") else ("csv" if suffix in _CSV_SUFFIXES else "parquet")
     sep = delimiter if delimiter is not None else _CSV_SUFFIXES.get(suffix, ",")
+    sep = {"\\t": "\t", "tab": "\t"}.get(sep, sep)  # `--delimiter '\t'` from a shell is two characters
+    if len(sep.encode()) != 1:
+        raise SdmError(f"--delimiter {delimiter!r}: a CSV separator is one single-byte character (e.g. ',', ';', '\\t')")
     return kind, sep
 
 

@@ -371,7 +371,10 @@ def test_time_format_for_string_timestamps(tmp_path):
     one_error(*sessionize(log, tmp_path / "o2", "--time-format", "%Y-%m-%d"), "l.csv")
 
 
-@pytest.mark.parametrize("name, flags", [("l.tsv", []), ("l.txt", ["--format", "csv", "--delimiter", "\t"]), ("l.dat", ["--format", "csv", "--delimiter", "\t"])])
+@pytest.mark.parametrize(
+    "name, flags",
+    [("l.tsv", []), ("l.txt", ["--delimiter", "\t"]), ("l.dat", ["--format", "csv", "--delimiter", "\\t"])],
+)
 def test_csv_with_other_suffix_and_delimiter(tmp_path, name, flags):
     df = pl.read_parquet(good_log(tmp_path / "g.parquet"))
     log = tmp_path / name
@@ -379,6 +382,8 @@ def test_csv_with_other_suffix_and_delimiter(tmp_path, name, flags):
     code, lines = sessionize(log, tmp_path / "o", *flags)
     assert code == 0, lines
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["rows_kept"] == df.height
+    fmt = flags[:2] if flags[:1] == ["--format"] else []
+    one_error(*sessionize(log, tmp_path / "o2", *fmt, "--delimiter", ";;"), "--delimiter ';;'")
 
 
 def test_seconds_given_as_milliseconds_warn(tmp_path):
