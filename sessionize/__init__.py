@@ -675,7 +675,7 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
 
     With `cfg.buckets` = N > 1 the users are hash-partitioned into N buckets:
     a first pass sessionizes bucket by bucket (spilling each to a work
-    directory next to `out`) and derives what needs the whole log (cutoffs,
+    directory `.sdm-work-*` inside `out`) and derives what needs the whole log (cutoffs,
     vocabularies, sess_id offsets, shard layout); a second pass writes each
     bucket's shards. The sessions, windows, splits and vocabularies equal the
     one-bucket output; only which shard holds which user differs.
