@@ -83,3 +83,15 @@ def test_api_errors(pipe: dict[str, Any], tmp_path: Path) -> None:
         Recommender.load(tmp_path)
     empty = rec.recommend(pl.read_parquet(pipe["log"]).head(0), k=3)
     assert empty.height == 0 and empty.columns == ["user_id", "session_start", "items", "scores"]
+
+
+def test_readme_example_runs(pipe: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's `Recommender` example, pointed at this export, runs as written."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Python API: `Recommender`") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code.replace('"runs/export"', repr(str(pipe["export"]))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith("[") and len(eval(printed)) == 10
