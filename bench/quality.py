@@ -8,16 +8,22 @@ column mappings and side features) and, for each dataset:
    rows kept as events (the protocol of `TARGETS.md`); a dataset without
    `user_col` treats each session as its own user, so its log is read without
    any user column;
-2. trains `sdm train` with its defaults (or `--train-args`) for every seed;
+2. trains every model of `--methods` for every seed: `sdm` is `sdm train` with
+   its defaults, `sdm-paper` the paper's PSDMMAL-N (no repeat head, no user
+   residual), the paper's other variants (SDMMA ... DNN) likewise as the paper
+   has them, and `SASRec` (full-softmax CE, the same trainer); `--train-args`
+   goes on top of each;
 3. evaluates `best.pt` (chosen on the validation split by the trainer) on
    `--split` (test by default; `valid` for choosing defaults) with the SPEC-6
-   protocol, and any `--baselines` on the same split;
+   protocol, and the baselines of `--methods` (popularity, itemcf,
+   itemcf-repeat, stan, vsknn) on the same split;
 4. prints mean and spread (min..max) over the seeds of HR@50 and NDCG@50 beside
    the best row of `TARGETS.md` for that dataset and column, with the training
    time of each run.
 
-    python bench/quality.py                          # all five, 3 seeds, test split
+    python bench/quality.py                          # all five, 3 seeds, test split, the default model
     python bench/quality.py --split valid --datasets movielens_100k --train-args '{"epochs": 20}'
+    python bench/quality.py --seeds 0 --methods sdm,sdm-paper,SDMMA,PSDMMA,PSDMMAL,SASRec,stan,vsknn,itemcf-repeat
 
 `shared/` is found at `$SDM_SHARED` or `../shared` beside the repository; when
 absent the script says so and exits 0 without running anything. Writes
@@ -41,13 +47,23 @@ from typing import Any
 import polars as pl
 
 from sdm.config import SessionizeConfig, TrainConfig
-from sdm.pipeline.baselines import build_baseline
+from sdm.pipeline.baselines import BASELINES, build_baseline
 from sdm.pipeline.dataset import read_manifest
 from sdm.pipeline.evaluate import evaluate_model, load_model, pick_device
 
 HERE = Path(__file__).resolve().parent
 KS = [20, 50, 100]
 HEADLINE = ("hr@50", "ndcg@50")
+PAPER = {"repeat": False, "user_residual": False}
+"""What makes a variant the paper's own: none of the changes beyond the paper."""
+PRESETS: dict[str, dict[str, Any]] = {
+    "sdm": {},
+    "sdm-paper": PAPER,
+    **{v: {"variant": v, **PAPER} for v in ("SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-NoS", "DNN")},
+    "SASRec": {"variant": "SASRec", "repeat": False},
+    "SASRec+repeat": {"variant": "SASRec"},
+}
+"""Model rows of the table: training settings over the defaults."""
 
 
 def shared_dir() -> Path:
@@ -168,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="training seeds (default 0,1,2)")
     p.add_argument("--split", choices=["test", "valid"], default="test")
     p.add_argument("--train-args", type=json.loads, default={}, help='JSON over the training defaults, e.g. \'{"epochs": 20}\'')
-    p.add_argument("--label", default="sdm", help="name of the model row (default sdm)")
-    p.add_argument("--baselines", default="", help="comma list of `sdm evaluate --baseline` names to add")
+    p.add_argument("--methods", default="sdm", help=f"comma list of models ({', '.join(PRESETS)}) and baselines "
+                   f"({', '.join(BASELINES)}); default sdm")  # fmt: skip
+    p.add_argument("--tag", default="", help="suffix of the result files (quality_<split>_<tag>.md)")
     p.add_argument("--work", type=Path, default=HERE / "out" / "quality")
     p.add_argument("--results", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
@@ -187,24 +204,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown dataset(s) {unknown}; quality.toml has {list(sets)}", file=sys.stderr)
         return 1
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in PRESETS and m not in BASELINES]
+    if bad:
+        print(f"error: unknown method(s) {bad}; models: {list(PRESETS)}; baselines: {list(BASELINES)}", file=sys.stderr)
+        return 1
     results: dict[str, Any] = {}
     for name in names:
         data = sessionize_dataset(name, sets[name], args.work)
-        runs = []
-        for seed in seeds:
-            runs.append(run_model(data, args.work / name / f"model-{seed}", seed, args.split, args.train_args))
-            r = runs[-1]
-            print(f"{name} {args.label} seed {seed}: hr@50 {r['hr@50']:.4f} ndcg@50 {r['ndcg@50']:.4f} "
-                  f"({r['train_seconds']:.0f}s, {r['epochs']} epochs)", file=sys.stderr, flush=True)  # fmt: skip
-        results[name] = {args.label: runs}
-        for b in [b for b in args.baselines.split(",") if b]:
-            results[name][b] = [run_baseline(data, b, args.split)]
+        results[name] = {}
+        for method in methods:
+            if method in BASELINES:
+                results[name][method] = [run_baseline(data, method, args.split)]
+                continue
+            runs = results[name][method] = []
+            for seed in seeds:
+                out = args.work / name / f"{method}-{seed}"
+                runs.append(run_model(data, out, seed, args.split, {**PRESETS[method], **args.train_args}))
+                r = runs[-1]
+                print(f"{name} {method} seed {seed}: hr@50 {r['hr@50']:.4f} ndcg@50 {r['ndcg@50']:.4f} "
+                      f"({r['train_seconds']:.0f}s, {r['epochs']} epochs)", file=sys.stderr, flush=True)  # fmt: skip
     md = table(results, targets, args.split)
     print(md)
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"quality_{args.split}"
+    stem = args.results / (f"quality_{args.split}" + (f"_{args.tag}" if args.tag else ""))
     stem.with_suffix(".md").write_text(md + "\n")
-    meta = {"split": args.split, "seeds": seeds, "train_args": args.train_args,
+    meta = {"split": args.split, "seeds": seeds, "methods": methods, "train_args": args.train_args,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
     return 0

@@ -56,6 +56,9 @@ class ModelConfig(BaseModel):
     """N of PSDMMAL-N; the loss uses it, the model does not."""
     max_session_len: int = 50
     max_long_len: int = 50
+    user_residual: bool = False
+    """Short-term output s_p = h_p + user attention (instead of the attention alone): keeps the
+    position's own state, which pure attention pooling over h_0..h_p dilutes."""
     repeat: bool = False
     """Add the repeat (copy) head: items of the session prefix and of the long-term window
     get a learned extra score (`RepeatHead`); off = the paper's model."""
@@ -219,10 +222,14 @@ class ShortTermEncoder(nn.Module):
         dropout: between layers and in the attention.
         user_dim: U; None switches user attention off (SDMMA): the output is the
             self-attention output.
+        residual: add h_p to the user-attention output (`ModelConfig.user_residual`).
     """
 
-    def __init__(self, dim: int, lstm_layers: int, num_heads: int, dropout: float, user_dim: int | None) -> None:
+    def __init__(
+        self, dim: int, lstm_layers: int, num_heads: int, dropout: float, user_dim: int | None, residual: bool = False
+    ) -> None:
         super().__init__()
+        self.residual = residual
         self.lstms = nn.ModuleList(nn.LSTM(dim, dim, batch_first=True) for _ in range(lstm_layers))
         self.attn = CausalSelfAttention(dim, num_heads, dropout)
         self.norm = nn.LayerNorm(dim)
@@ -245,7 +252,8 @@ class ShortTermEncoder(nn.Module):
             return h
         T = h.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()  # (T, T) query p reads keys <= p
-        return self.user_attn(user, h, causal.expand(h.shape[0], T, T))  # (B, T, D)
+        s = self.user_attn(user, h, causal.expand(h.shape[0], T, T))  # (B, T, D)
+        return h + s if self.residual else s
 
 
 class LongTermEncoder(nn.Module):
@@ -547,7 +555,8 @@ class SDM(nn.Module):
             self.sasrec = SASRecEncoder(D, config.num_blocks, config.num_heads, config.dropout, config.max_session_len)
         else:
             self.short_term = ShortTermEncoder(
-                D, config.lstm_layers, config.num_heads, config.dropout, U if self.uses_user else None
+                D, config.lstm_layers, config.num_heads, config.dropout, U if self.uses_user else None,
+                config.user_residual,
             )
         if config.variant in ("PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS"):
             self.long_term = LongTermEncoder(len(self.item_features), D, U)

@@ -113,6 +113,7 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
         num_targets=cfg.num_targets if cfg.variant == "PSDMMAL-N" else 1,
         max_session_len=int(manifest["max_session_len"]),
         max_long_len=int(manifest["max_long_len"]),
+        user_residual=cfg.user_residual,
         repeat=cfg.repeat,
     )
 
@@ -553,7 +554,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if end_epoch(run, state):
                 reason = "early_stop"
                 break
-        return summarise(run, state, reason)
+        summary = summarise(run, state, reason)
+        if world > 1:
+            dist.barrier()  # no rank tears the group down while another still talks to it
+        return summary
     finally:
         if run is not None and run.bar is not None:
             run.bar.close()
