@@ -303,7 +303,7 @@ class EvaluateConfig(_Base):
     out: Path = Path("runs/eval")
     split: Literal["test", "valid"] = "test"
     k: list[int] = [20, 50, 100]
-    baseline: Literal["popularity", "itemcf", "itemcf-repeat"] | None = None
+    baseline: Literal["popularity", "itemcf", "itemcf-repeat", "stan", "vsknn"] | None = None
     """Evaluate a non-neural baseline instead of the model checkpoint."""
     exclude_seen: bool = False
     """Never recommend items already in the query's session prefix."""
