@@ -12,7 +12,8 @@ Measured, after `Recommender.load` (timed once):
   each runtime (ONNX Runtime, torch.export) and index (exact, faiss IVF), and the
   time split into sessions (the sessionizer's stages), tower and ranking;
 * batch throughput: one `recommend` call over `--batch` users, users/s, against
-  the single-user calls' users/s (the ratio is what batching buys).
+  the single-user calls' users/s (the ratio is what batching buys);
+* `sdm recommend` over every user of the log (users/s).
 
 Writes `bench/results/serve.json`.
 
@@ -156,6 +157,17 @@ def main(argv: list[str] | None = None) -> int:
                    "batch_vs_single_throughput": round(out.height / batch_s / single["users_per_s"], 2)}  # fmt: skip
             print(json.dumps(row), file=sys.stderr)
             results["configs"].append(row)
+    # `sdm recommend` over every user of the log (exact scoring, evaluate's code path).
+    from sdm.config import RecommendConfig
+    from sdm.serve.recommend import recommend
+
+    t0 = time.perf_counter()
+    s = recommend(RecommendConfig(data=args.work / "data", model=args.work / "model", out=args.work / "recs.parquet",
+                                  overwrite=True, k=args.k, device="cpu"), log_path)  # fmt: skip
+    sec = time.perf_counter() - t0
+    results["sdm_recommend"] = {"users": s["users"], "events": log.height, "seconds": round(sec, 1),
+                                "users_per_s": round(s["users"] / sec, 1), "buckets": s["buckets"]}  # fmt: skip
+    print(json.dumps(results["sdm_recommend"]), file=sys.stderr)
     base = results["configs"][0]["single"]["p50_ms"]
     for row in results["configs"]:
         row["p50_vs_onnx_faiss"] = round(row["single"]["p50_ms"] / base, 2)

@@ -208,3 +208,27 @@ def test_recommend_config_rejects_bad_values() -> None:
         from sdm.config import build_config
 
         build_config(RecommendConfig, None, "recommend", {"index": "annoy"})
+
+
+def test_side_features_fall_back_to_the_encoded_item_table(tmp_path: Path) -> None:
+    """Without the raw items table, side features come from items.parquet: same lists for known items."""
+    p = build_pipeline(tmp_path / "p", seed=11)
+    base = dict(data=p["data"], model=p["model"], k=10, device="cpu")
+    recommend(RecommendConfig(**base, out=tmp_path / "with.parquet"), p["log"])
+    items_table = p["log"].parent / "items.parquet"
+    items_table.rename(tmp_path / "moved.parquet")  # training's items table is gone
+    recommend(RecommendConfig(**base, out=tmp_path / "without.parquet"), p["log"])
+    a = pl.read_parquet(tmp_path / "with.parquet").sort("user_id")
+    b = pl.read_parquet(tmp_path / "without.parquet").sort("user_id")
+    vocab = set(pl.read_parquet(p["data"] / "vocab" / "item.parquet")["raw"].to_list())
+    log = pl.read_parquet(p["log"])
+    latest_known = {
+        u: set(g.sort("timestamp")["item_id"].to_list()[-8:]) <= vocab
+        for (u,), g in log.group_by("user_id")
+    }  # fmt: skip
+    same = [x == y for x, y, u in zip(a["items"].to_list(), b["items"].to_list(), a["user_id"].to_list())
+            if latest_known[u]]  # fmt: skip
+    assert same and all(same)
+    # an explicit --items gives back the table's features
+    recommend(RecommendConfig(**base, out=tmp_path / "explicit.parquet", items=tmp_path / "moved.parquet"), p["log"])
+    assert pl.read_parquet(tmp_path / "explicit.parquet").sort("user_id")["items"].to_list() == a["items"].to_list()
