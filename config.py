@@ -243,8 +243,8 @@ class TrainConfig(_Base):
     dropout: float = 0.2
     num_targets: int = 5
     """N of PSDMMAL-N (next N items); the other variants use 1."""
-    user_residual: bool = False
-    """Short-term output h_p + user attention instead of the attention alone (beyond the paper)."""
+    user_residual: bool = True
+    """Short-term output h_p + user attention instead of the attention alone (beyond the paper; --no-user-residual is the paper's)."""
     repeat: bool = True
     """Repeat head: items of the session and of the 7-day window get a learned re-visit score (beyond the paper; --no-repeat is the paper's model)."""
     target_decay: float = 0.3

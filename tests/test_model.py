@@ -140,9 +140,10 @@ def test_forward_backward_every_variant(variant: str) -> None:
         assert torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.parametrize("extras", [{}, {"user_residual": True, "repeat": True}])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_one_pass_equals_each_prefix(variant: str) -> None:
-    model = make_model(variant, lstm_layers=2).eval()
+def test_one_pass_equals_each_prefix(variant: str, extras: dict) -> None:
+    model = make_model(variant, lstm_layers=2, **extras).eval()
     batch = make_batch()
     with torch.no_grad():
         full = model(batch)
@@ -274,3 +275,16 @@ def test_item_table_checks() -> None:
     shuffled[[2, 3]] = shuffled[[3, 2]]
     with pytest.raises(ValueError, match=r"column 0 must be the item id"):
         SDM(config, shuffled)
+
+
+def test_user_residual_adds_the_positions_own_state() -> None:
+    """s_p = h_p + user attention: at position 0 (one key, attention weight 1) that is 2 h_0."""
+    torch.manual_seed(0)
+    enc = ShortTermEncoder(D, 1, 2, 0.0, user_dim=D).eval()
+    res = ShortTermEncoder(D, 1, 2, 0.0, user_dim=D, residual=True).eval()
+    res.load_state_dict(enc.state_dict())
+    x, u = torch.randn(2, 4, D), torch.randn(2, D)
+    with torch.no_grad():
+        plain, with_res = enc(x, u), res(x, u)
+    torch.testing.assert_close(with_res[:, 0], 2 * plain[:, 0])
+    assert not torch.allclose(with_res[:, 1:], plain[:, 1:])
