@@ -152,7 +152,7 @@ def test_vsknn_idf_boost(knn_data: Path) -> None:
 
 
 def test_stan_by_hand(knn_data: Path) -> None:
-    stan = STAN.from_data(knn_data, lambda_spw=1.0, lambda_inh=1.0)
+    stan = STAN.from_data(knn_data, lambda_spw=1.0, lambda_inh=1.0, matching="neighbour")
     # Prefix [a, b]: w_a = e^-1, w_b = 1, norm sqrt(1 + e^-2).
     e1 = math.exp(-1)
     norm = math.sqrt(1 + e1 * e1)
@@ -166,6 +166,15 @@ def test_stan_by_hand(knn_data: Path) -> None:
     # Every neighbour started at the same time: the recency decay is the same for all.
     assert _knn_scores(stan, ["a", "b"]) == pytest.approx({i: v / best for i, v in raw.items()})
     assert _knn_rank(stan, ["a", "b"]) == ["b", "a", "c", "d", "e"]
+    # The paper's matching item (the most recent prefix item the neighbour holds) is the same here
+    # (b, b, a); with prefix [b, a] it is a in S0 (position 1): b, c move one step further from it.
+    paper = STAN.from_data(knn_data, lambda_spw=1.0, lambda_inh=1.0, matching="session")
+    assert _knn_scores(paper, ["a", "b"]) == pytest.approx({i: v / best for i, v in raw.items()})
+    t0 = (1 + e1) / (norm * math.sqrt(3))  # [b, a]: w_b = e^-1, w_a = 1
+    t1, t2 = e1 / (norm * math.sqrt(2)), 1 / (norm * math.sqrt(2))
+    raw = {"a": t0 + t2, "b": t0 * e1 + t1, "c": t0 * e1 * e1, "d": t1 * e1, "e": t2 * e1}
+    best = max(raw.values())
+    assert _knn_scores(paper, ["b", "a"]) == pytest.approx({i: v / best for i, v in raw.items()})
 
 
 def test_knn_samples_the_most_recent_sessions(knn_data: Path) -> None:
@@ -232,8 +241,11 @@ def _reference_knn(method: str, sessions, prefix, t_q, params):  # type: ignore[
     for s in neighbours:
         items = sessions[s][2]
         pos = {it: p + 1 for p, it in enumerate(items)}  # last position in the neighbour
-        if method == "stan":
+        if method == "stan" and params["matching"] == "neighbour":  # shared item occurring last in n
             star = max(pos[i] for i in set(items) & set(prefix))
+        elif method == "stan":  # position in n of the most recent prefix item that n holds
+            star = pos[next(it for it in reversed(prefix) if it in pos)]
+        if method == "stan":
             for it, p in pos.items():
                 scores[it] = scores.get(it, 0.0) + sims[s] * math.exp(-abs(p - star) / params["lambda_inh"])
         else:
@@ -252,7 +264,7 @@ def _reference_knn(method: str, sessions, prefix, t_q, params):  # type: ignore[
 
 
 @pytest.mark.parametrize("method", ["stan", "vsknn"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_knn_matches_brute_force(method: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import random
 
@@ -273,7 +285,7 @@ def test_knn_matches_brute_force(method: str, seed: int, monkeypatch: pytest.Mon
     k = rng.choice([3, 8, 100])
     if method == "stan":
         params = {"k": k, "sample_size": sample_size, "lambda_spw": 1.3, "lambda_snh": rng.choice([None, 0.2]),
-                  "lambda_inh": 0.9}  # fmt: skip
+                  "lambda_inh": 0.9, "matching": rng.choice(["neighbour", "session"])}  # fmt: skip
     else:
         params = {"k": k, "sample_size": sample_size, "idf_weighting": rng.choice([0, 1, 2])}
     index = bl.SessionIndex(events, n_items, sample_size)
