@@ -17,7 +17,11 @@ what `serve.rank.rank` calls; `search(u, k, exclude)` returns the indices only
   power of two (clamped to 64..65536), k-means on at most 64 vectors per list,
   and nprobe the smallest power of two whose recall@100 against exact search on
   `tune_queries` (default: 512 item vectors as queries) reaches
-  `target_recall` + 0.01. The choice is in `params` (callers print it).
+  `target_recall` + 0.01. If that takes more than 1/8 of the lists (vectors with
+  little cluster structure, e.g. random ones), IVF would scan so much of the
+  catalogue that it is no faster than exact search: "auto" then falls back to the
+  exact `IndexFlatIP` and says so in `params["fallback"]`. The choice is in
+  `params` (callers print it).
 
 `kind="hnsw"` keeps the older HNSW graph (M = `m`, efSearch = `ef_search`).
 """
@@ -145,7 +149,8 @@ class FaissIndex:
         if n < 1:
             raise SdmError("cannot index an empty catalogue")
         self.num_items = n + 2
-        if kind == "auto":
+        auto = kind == "auto"
+        if auto:
             kind = "flat" if n < FLAT_BELOW else "ivf"
         self.kind = kind
         self.ef_search = ef_search
@@ -160,8 +165,19 @@ class FaissIndex:
             self.params.update(m=m, ef_search=ef_search)
         elif kind == "ivf":
             self._build_ivf(vecs, nlist, seed)
-            self.index.nprobe = nprobe if nprobe is not None else self._tune(vecs, tune_queries, target_recall, seed)
-            self.params.update(nlist=int(self.index.nlist), nprobe=int(self.index.nprobe), max_norm=self.max_norm)
+            limit = max(1, int(self.index.nlist) // 8) if auto else None
+            if nprobe is None:
+                nprobe = self._tune(vecs, tune_queries, target_recall, seed, limit)
+            if nprobe is None:  # auto, and IVF would need more than 1/8 of the lists
+                self.kind = "flat"
+                self.params = {"kind": "flat", "items": n, "fallback": (
+                    f"IVF with {int(self.index.nlist)} lists needs nprobe > {limit} for recall@100 "
+                    f">= {target_recall + 0.01:.2f}; exact search is as fast")}  # fmt: skip
+                self.index = faiss.IndexFlatIP(d)
+                self.index.add(vecs)
+            else:
+                self.index.nprobe = nprobe
+                self.params.update(nlist=int(self.index.nlist), nprobe=int(nprobe), max_norm=self.max_norm)
         else:
             raise SdmError(f"unknown faiss index kind {kind!r}; expected auto, flat, ivf or hnsw")
         if announce:
@@ -190,8 +206,13 @@ class FaissIndex:
         index.add(aug)
         self.index = index
 
-    def _tune(self, vecs: np.ndarray, queries: Tensor | np.ndarray | None, target: float, seed: int) -> int:
-        """Smallest power-of-two nprobe with mean recall@100 >= target + 0.01 on the tuning queries."""
+    def _tune(
+        self, vecs: np.ndarray, queries: Tensor | np.ndarray | None, target: float, seed: int, limit: int | None
+    ) -> int | None:
+        """Smallest power-of-two nprobe with mean recall@100 >= target + 0.01 on the tuning queries.
+
+        None when `limit` is given and that needs more than `limit` lists.
+        """
         if queries is None:
             rng = np.random.default_rng(seed + 1)
             queries = vecs[rng.choice(len(vecs), min(512, len(vecs)), replace=False)]
@@ -208,6 +229,8 @@ class FaissIndex:
             if recall >= target + 0.01 or nprobe >= self.index.nlist:
                 self.params["tuned_recall@100"] = round(recall, 4)
                 return min(nprobe, int(self.index.nlist))
+            if limit is not None and nprobe * 2 > limit:
+                return None
             nprobe *= 2
 
     # -- search -------------------------------------------------------------------

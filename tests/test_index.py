@@ -109,3 +109,17 @@ def _has_faiss() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("faiss") is not None
+
+
+def test_auto_falls_back_to_exact_when_ivf_would_scan_too_much(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random vectors (no clusters) need most IVF lists for recall: "auto" keeps exact search."""
+    pytest.importorskip("faiss")
+    monkeypatch.setattr("sdm.serve.index.FLAT_BELOW", 1000)  # small catalogues, same rule
+    g = torch.Generator().manual_seed(9)
+    rand = torch.randn(5002, 32, generator=g)
+    index = FaissIndex(rand)
+    assert index.params["kind"] == "flat" and "exact search is as fast" in index.params["fallback"]
+    u = torch.randn(20, 32, generator=g)
+    assert torch.equal(index.search(u, 10), topk_scores(u, rand, 10))
+    kept = FaissIndex(clustered(5000, 32, 10))
+    assert kept.params["kind"] == "ivf" and kept.params["nprobe"] <= kept.params["nlist"] // 8
