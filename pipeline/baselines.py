@@ -33,7 +33,20 @@ chunked top-K, masking and metrics apply to models and baselines alike.
   recommended first (most recent / most frequent first), then the classic
   neighbours. On real session logs a large share of next items are re-visits.
 
-Scoring is a sparse (Q, V) x (V, V) CSR product per query chunk, on CPU.
+- `STAN` (Garg et al., SIGIR 2019) and `VSKNN` (V-SKNN, Ludewig & Jannach 2018):
+  session-kNN. A query's neighbours are the k most similar of the most recent
+  training sessions that share an item with its prefix (neighbours only ever
+  come from the training split); every item of a neighbour is scored by the
+  neighbour's similarity (STAN: position- and time-weighted cosine, items
+  weighted by their distance to the matching item; V-SKNN: linearly
+  position-weighted dot product, neighbours decayed by how far back the match
+  is, an idf boost). Formulas, defaults and how they were chosen: the class
+  docstrings. Scores are divided by the query's best, so they lie in (0, 1];
+  items of no neighbour get the popularity fallback in (-1, 0) as in item-CF.
+
+Item-CF scoring is a sparse (Q, V) x (V, V) CSR product per query chunk, on CPU;
+session-kNN scoring two sparse products per group of queries (prefix x
+item -> sessions, then neighbours x session -> items), also on CPU.
 """
 
 from __future__ import annotations
