@@ -192,16 +192,18 @@ def test_knn_unknown_prefix_falls_back_to_popularity(knn_data: Path) -> None:
         assert _knn_rank(scorer, ["zz"]) == ["a", "b", "c", "d", "e"]  # popularity order
 
 
-def test_knn_evaluate_end_to_end(knn_data: Path) -> None:
-    from sdm.pipeline.evaluate import evaluate_model
+def test_knn_evaluate_end_to_end(knn_data: Path, tmp_path: Path) -> None:
+    from sdm.config import EvaluateConfig
+    from sdm.pipeline.evaluate import evaluate
 
-    for name in ("stan", "vsknn"):
-        m = evaluate_model(build_baseline(name, knn_data), knn_data, "test", [1, 2])
-        # Test session [a, b, c]: after [a] the best is a itself (re-visit), after [a, b] b; both miss.
-        assert m["queries"] == 2
-        assert m["hr@1"] == 0.0
-        # Top 2 after [a]: a, then b (S0) ahead of e (S2)... or c; after [a, b]: b, a: miss.
-        assert 0.0 <= m["hr@2"] <= 0.5
+    # Test session [a, b, c]: queries [a] -> b and [a, b] -> c, defaults throughout.
+    # V-SKNN after [a]: S0, S2 (sim 1, d = 1); with 1 + idf (a, b: 1 + log 1.5; c, e: 1 + log 3)
+    # a 2.81 > c = e 2.10 > b 1.41: miss. After [a, b] (test_vsknn_idf_boost): b 1.76, c 1.57: hit at 2.
+    # STAN after [a]: a, then e (S2 is shorter than S0): miss; after [a, b]: b 1.41, a 0.70, c 0.46: miss.
+    expected = {"vsknn": 0.5, "stan": 0.0}
+    for name, hr2 in expected.items():
+        m = evaluate(EvaluateConfig(data=knn_data, out=tmp_path / name, k=[1, 2], baseline=name))
+        assert (m["name"], m["queries"], m["hr@1"], m["hr@2"]) == (name, 2, 0.0, hr2)
 
 
 # -- brute force: a plain-Python transcription of the definitions -------------------------
