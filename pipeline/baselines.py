@@ -311,6 +311,7 @@ DAY_US = 86_400 * 1_000_000
 # Bounds on the work of one group of queries (memory stays O(budget), whatever the batch).
 PAIR_BUDGET = 1 << 22  # (query, prefix item, candidate session) triples before grouping
 TRIPLE_BUDGET = 1 << 23  # (query, neighbour session, item) triples scored at once
+DENSE_BUDGET = 1 << 24  # queries x widest candidate row: the padded top-k matrices
 
 
 def training_session_events(data_dir: Path, manifest: dict[str, Any]) -> pl.DataFrame:
@@ -357,13 +358,6 @@ def _ranges(starts: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
     owner = torch.repeat_interleave(torch.arange(lens.shape[0]), lens)
     first = torch.cumsum(lens, 0) - lens
     return owner, starts[owner] + torch.arange(owner.shape[0]) - first[owner]
-
-
-def _rank_in_group(group: Tensor, n_groups: int) -> Tensor:
-    """0-based rank of each element within its group, for elements sorted by group."""
-    counts = torch.bincount(group, minlength=n_groups)
-    first = torch.cumsum(counts, 0) - counts
-    return torch.arange(group.shape[0]) - first[group]
 
 
 def _group_max(values: Tensor, group: Tensor, n_groups: int) -> Tensor:
@@ -448,6 +442,7 @@ class SessionIndex:
             by_item = by_item.filter(pl.int_range(pl.len()).over("item") < sample_size)
         self.item_ptr = _ptr(_t(by_item["item"]), num_items)
         self.post_rank, self.post_pos = _t(by_item["rank"]), _t(by_item["pos"])
+        self.post_pos = self.post_pos.clamp(max=1000)  # 2^pos stays finite
         n = max(self.num_sessions, 1)
         with _quiet_sparse():
             # (V, N) item -> sessions maps: 1, and 2^(last position of the item in the session).
@@ -488,10 +483,18 @@ class _SessionKNN:
     in (-1, 0) (ranked below every neighbour item, among themselves by
     training count, like item-CF's fallback).
 
-    Vectorised over queries: the (query, prefix item, session) pairs of a group
-    of queries are expanded from the item -> sessions map and grouped by
-    (query, session) with one sort; neighbours are expanded into (query, item)
-    scores the same way. No Python loop over queries or sessions.
+    Vectorised over queries, on CPU: for a group of queries the candidate
+    (query, session) pairs and their similarity sums are one sparse product of
+    the (G, V) prefix weights with the (V, N) item -> sessions map; the most
+    recent and the most similar candidates are a top-k over a padded
+    (G, widest row) matrix; the item scores are a second sparse product of the
+    (G, pairs) neighbour weights with the (pairs, V) item weights of each
+    neighbour. No Python loop over queries or sessions; the group size bounds
+    memory (`PAIR_BUDGET`, `TRIPLE_BUDGET`, `DENSE_BUDGET`). Maxima over shared
+    items (the most recent shared prefix position) are read from the binary
+    exponent of sums of distinct powers of two: exact for sessions of up to 53
+    events (the default cut is 50); beyond, a contrived case could be one
+    position off.
     """
 
     name = "session-knn"
@@ -569,6 +572,8 @@ class _SessionKNN:
             done = int(cum[q0 - 1]) if q0 else 0
             q1 = int(torch.searchsorted(cum, done + PAIR_BUDGET, right=True))
             q1 = min(max(q1, q0 + 1), q0 + max_queries, n)
+            while q1 - q0 > 1 and (q1 - q0) * int(per_query[q0:q1].max()) > DENSE_BUDGET:
+                q1 = q0 + max(1, DENSE_BUDGET // int(per_query[q0:q1].max()))
             e0, e1 = torch.searchsorted(uq, torch.tensor([q0, q1])).tolist()
             t = None if t_q is None else t_q[q0:q1].cpu().long()
             r, c, v = self._group_scores(uq[e0:e1] - q0, ui[e0:e1], last[e0:e1], qp[q0:q1], t, prefix[q0:q1])
@@ -605,7 +610,8 @@ class _SessionKNN:
         with _quiet_sparse():
             mats = [torch.sparse.mm(prefix_rows(w), ix.post_one)]
             if self.uses_q_pos:
-                mats.append(torch.sparse.mm(prefix_rows(torch.exp2((last - qp[uq]).double())), ix.post_one))
+                back = (last - qp[uq]).clamp(min=-1000).double()  # no underflow to 0
+                mats.append(torch.sparse.mm(prefix_rows(torch.exp2(back)), ix.post_one))
             if self.uses_n_pos:
                 mats.append(torch.sparse.mm(prefix_rows(torch.ones_like(w)), ix.post_exp2))
         cq, rank, vals = _aligned(mats, g)

@@ -277,7 +277,8 @@ def test_knn_matches_brute_force(method: str, seed: int, monkeypatch: pytest.Mon
     sessions = []  # (sess_id, start_ts, items)
     for s in range(40):
         length = rng.randint(1, 7)
-        sessions.append((s, rng.choice([0, 1, 2, 3, 5, 8]) * 3_600_000_000, [rng.randint(2, 13) for _ in range(length)]))
+        start = rng.choice([0, 1, 2, 3, 5, 8]) * 3_600_000_000  # ties in start time too
+        sessions.append((s, start, [rng.randint(2, 13) for _ in range(length)]))
     events = pl.DataFrame(
         [(s, t, it, p) for s, t, items in sessions for p, it in enumerate(items)],
         schema=["sess_id", "start_ts", "item", "pos"],
@@ -306,6 +307,7 @@ def test_knn_matches_brute_force(method: str, seed: int, monkeypatch: pytest.Mon
     # Small budgets: queries are scored in several groups.
     monkeypatch.setattr(bl, "PAIR_BUDGET", 40)
     monkeypatch.setattr(bl, "TRIPLE_BUDGET", 400)
+    monkeypatch.setattr(bl, "DENSE_BUDGET", 60)
     entries = scorer.query_scores(qp, prefix, t_q)
     got: dict[int, dict[int, float]] = {}
     for r, c, v in zip(entries.rows.tolist(), entries.cols.tolist(), entries.vals.tolist(), strict=True):
