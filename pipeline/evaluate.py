@@ -78,6 +78,17 @@ class ModelScorer:
         """(Q, D) user vector of each query."""
         return state[0][qb, qp]
 
+    def index_topk(self, index: Any, state: tuple[Tensor, History | None], q: Queries, k: int,
+                   exclude: Tensor | None) -> Tensor:  # fmt: skip
+        """(Q, k) top-k from an item index, merged with the repeat head's candidates as serving does."""
+        from sdm.serve.rank import rank
+
+        u = self.query_vectors(state, q.qb, q.qp)
+        if state[1] is None:
+            return rank(u, index, k, exclude)[1]
+        items, extra = copy_scores(state[1], q.qb, q.qp)
+        return rank(u, index, k, exclude, items, extra, self.items)[1]
+
     def score_fn(self, state: tuple[Tensor, History | None], qb: Tensor, qp: Tensor, prefix: Tensor) -> ScoreFn:
         """Scores u_q · v_j of an item chunk; with a repeat head, the query's history items
         get logaddexp(u_q · v_j, R_qj) (`copy_scores`)."""
@@ -314,8 +325,7 @@ def _run(
                 chunk_items = max(1024, MAX_SCORES // len(q))
                 topk = chunked_topk(fn, num_items, k_max, chunk_items, exclude).to(q.target.device)
                 if faiss_index is not None:
-                    approx = faiss_index.search(scorer.query_vectors(state, q.qb, q.qp), k_max, exclude)
-                    approx = approx.to(topk.device)
+                    approx = scorer.index_topk(faiss_index, state, q, k_max, exclude).to(topk.device)
                     for k in ks:
                         key = f"faiss_recall@{k}"
                         sums[key] = sums.get(key, 0.0) + float(overlap_at_k(approx[:, :k], topk[:, :k]).sum())

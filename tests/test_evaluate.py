@@ -49,11 +49,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_session_shards(tmp_path_factory.mktemp("eval") / "data", SESSIONS)
 
 
-def _sdm_checkpoint(model_dir: Path, fingerprint: str = "fp-test") -> torch.nn.Module:
+def _sdm_checkpoint(model_dir: Path, fingerprint: str = "fp-test", **kw: Any) -> torch.nn.Module:
     from sdm.model.sdm import SDM, ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(variant="PSDMMAL-N", item_vocab={"item": 9}, user_vocab={"user": 7}, embedding_dim=8)
+    cfg = ModelConfig(variant="PSDMMAL-N", item_vocab={"item": 9}, user_vocab={"user": 7}, embedding_dim=8, **kw)
     model = SDM(cfg).eval()
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -177,9 +177,18 @@ def test_model_topk_equals_brute_force(data: Path, tmp_path: Path) -> None:
     assert [[raw[i] for i in row] for row in expected] == pq.read_table(cfg.out / "topk.parquet")["topk"].to_pylist()
 
 
-def test_model_with_faiss_reports_recall_against_exact(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("repeat", [False, True])
+def test_model_with_faiss_reports_recall_against_exact(data: Path, tmp_path: Path, repeat: bool) -> None:
+    """With the repeat head the index's top-K is merged with the history candidates as serving does,
+    so a 7-item index still equals exact scoring (which adds the copy scores chunk by chunk)."""
     pytest.importorskip("faiss")
-    _sdm_checkpoint(tmp_path / "model")
+    model = _sdm_checkpoint(tmp_path / "model", repeat=repeat)
+    if repeat:  # make the copy scores matter: a strong gate
+        with torch.no_grad():
+            model.repeat.gate.bias.fill_(5.0)
+        ckpt = torch.load(tmp_path / "model" / "best.pt", weights_only=True)
+        ckpt["model"] = model.state_dict()
+        torch.save(ckpt, tmp_path / "model" / "best.pt")
     cfg = EvaluateConfig(data=data, model=tmp_path / "model", out=tmp_path / "eval", k=KS, index="faiss")
     metrics = evaluate(cfg)
     assert metrics["faiss_recall@5"] == pytest.approx(1.0)  # 7 items: HNSW is exact
