@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     faiss = import_faiss()
     torch.set_grad_enabled(False)
-    faiss_args = {"m": args.hnsw_m, "ef_search": args.ef_search}
+    faiss_args = {"kind": "hnsw", "m": args.hnsw_m, "ef_search": args.ef_search}  # the HNSW graph this bench measures
     queries = unit_vectors(args.queries, args.dim, torch.Generator().manual_seed(args.seed))
     rows: list[dict[str, Any]] = []
     for n in sorted(args.sizes):

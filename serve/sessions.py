@@ -74,6 +74,8 @@ class Lookups:
                 self.user_values[:, j] = self.users.get_column(c).fill_null(1).cast(pl.Int64).to_numpy()
         self._configs: dict[tuple[tuple[str, ...], str | None], tuple[SessionizeConfig, list[str]]] = {}
         self.raw_items: dict[str, pl.DataFrame] = {}  # raw items tables read by serving, by path
+        self.opened: dict[Any, Any] = {}  # open_frame's checks and expressions, by schema
+        self.row_of: dict[int, dict[Any, int]] = {}  # large table -> {raw key: row}, built on first use
 
     @classmethod
     def load(cls, root: Path) -> Lookups:
@@ -201,18 +203,23 @@ def open_frame(lookups: Lookups, frame: pl.DataFrame, items: Path | None = None)
     source = Path("<events>")
     schema = frame.schema
     cfg, missing = lookups.session_config(schema.names(), items)
-    items_lf, items_schema = None, None
-    if cfg.items is not None:
-        from sdm.sessionize.io import scan_table
-
-        items_lf, items_schema = scan_table(cfg.items, "items table", None, cfg.delimiter)
-    spec = check_log(cfg, source, schema, items_schema, None)
-    dtype = schema[cfg.time_col]
+    time_col = cfg.time_col if cfg.time_col in schema else None
     sample = None
-    if dtype == pl.String:
-        values = frame.get_column(cfg.time_col).drop_nulls()
+    if time_col is not None and schema[time_col] == pl.String:
+        values = frame.get_column(time_col).drop_nulls()
         sample = values[0] if len(values) else None
-    ts = timestamp_expr(cfg, dtype, source, sample)
+    # The checks and expressions depend on the schema only: once per schema, not per request.
+    key = (tuple((n, str(t)) for n, t in schema.items()), None if items is None else str(items), sample)
+    if key not in lookups.opened:
+        items_lf, items_schema = None, None
+        if cfg.items is not None:
+            from sdm.sessionize.io import scan_table
+
+            items_lf, items_schema = scan_table(cfg.items, "items table", None, cfg.delimiter)
+        spec = check_log(cfg, source, schema, items_schema, None)
+        ts = timestamp_expr(cfg, schema[cfg.time_col], source, sample)
+        lookups.opened[key] = (items_lf, spec, ts)
+    items_lf, spec, ts = lookups.opened[key]
     inp = _Input(cfg=cfg, log=source, lf=frame.lazy(), schema=schema, items_lf=items_lf, users_lf=None, spec=spec, ts=ts)
     return inp, missing
 
@@ -253,10 +260,10 @@ def latest_sessions(
     window_us = cfg.long_window_td // _US
     sessions = core.long_windows(sessions, ev, window_us, cfg.max_long_len)
 
-    enc = core.encode(ev, ITEM, _vocab_for(lookups.vocabs["item"], raw, cfg.item_col), "seq_item")
+    enc = core.encode(ev, ITEM, _vocab_for(lookups, lookups.vocabs["item"], raw, cfg.item_col), "seq_item")
     read = [f for f in lookups.item_features if f not in missing]
     for f in read:
-        vocab = _vocab_for(lookups.vocabs[f], raw, f) if f in inp.spec.log_item_features else lookups.vocabs[f]
+        vocab = _vocab_for(lookups, lookups.vocabs[f], raw, f) if f in inp.spec.log_item_features else lookups.vocabs[f]
         enc = core.encode(enc, feat_col(f), vocab, f"seq_{f}")
     enc = enc.select(pl.col(TS), pl.col("seq_item"), *[pl.col(f"seq_{f}") for f in read])
     # One query plan for both (the sessionized events are computed once), on the
@@ -294,12 +301,11 @@ def _items_for(inp: _Input, lookups: Lookups, raw: pl.DataFrame) -> pl.LazyFrame
     col = inp.cfg.item_col
     if raw.height * 4 >= table.height or col not in table.columns:
         return table.lazy()
-    values = raw.get_column(col).drop_nulls().unique()
-    return table.filter(pl.col(col).cast(values.dtype, strict=False).is_in(values.implode())).lazy()
+    return _rows_for(lookups, table, col, raw.get_column(col)).lazy()
 SMALL_VOCAB = 10_000
 
 
-def _vocab_for(vocab: pl.DataFrame, raw: pl.DataFrame, column: str) -> pl.DataFrame:
+def _vocab_for(lookups: Lookups, vocab: pl.DataFrame, raw: pl.DataFrame, column: str) -> pl.DataFrame:
     """The rows of a large vocabulary whose raw value occurs in `raw[column]` (the rest cannot match).
 
     `core.encode` joins events to the vocabulary; for one user's few events, hashing a
@@ -307,8 +313,20 @@ def _vocab_for(vocab: pl.DataFrame, raw: pl.DataFrame, column: str) -> pl.DataFr
     """
     if vocab.height <= SMALL_VOCAB or column not in raw.columns:
         return vocab
-    values = raw.get_column(column).drop_nulls().unique()
-    return vocab.filter(pl.col("raw").cast(values.dtype, strict=False).is_in(values.implode()))
+    return _rows_for(lookups, vocab, "raw", raw.get_column(column))
+
+
+def _rows_for(lookups: Lookups, table: pl.DataFrame, key: str, values: pl.Series) -> pl.DataFrame:
+    """Rows of `table` whose `key` is one of `values` (a dict lookup when the types agree, else a filter)."""
+    values = values.drop_nulls().unique()
+    if table.schema[key] != values.dtype:
+        # encode / to_events cast the table's key to the log's type: filter the same way
+        return table.filter(pl.col(key).cast(values.dtype, strict=False).is_in(values.implode()))
+    index = lookups.row_of.get(id(table))
+    if index is None:
+        index = lookups.row_of[id(table)] = {v: i for i, v in enumerate(table.get_column(key).to_list())}
+    rows = [index[v] for v in values.to_list() if v in index]
+    return table[np.array(sorted(rows), dtype=np.int64)] if rows else table.clear()
 
 
 def _to_arrays(rows: pl.DataFrame, lookups: Lookups, seq_cols: list[str]) -> dict[str, np.ndarray]:

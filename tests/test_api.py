@@ -95,3 +95,18 @@ def test_readme_example_runs(pipe: dict[str, Any], capsys: pytest.CaptureFixture
     exec(compile(code.replace('"runs/export"', repr(str(pipe["export"]))), "README.md", "exec"), {})
     printed = capsys.readouterr().out.strip()
     assert printed.startswith("[") and len(eval(printed)) == 10
+
+
+def test_single_user_requests_equal_the_batch(pipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One user's request cuts the vocabularies and the items table to its items: same lists as the whole log."""
+    monkeypatch.setattr("sdm.serve.sessions.SMALL_VOCAB", 0)  # the cut applies to every vocabulary here
+    rec = Recommender.load(pipe["export"], runtime="torch", index="exact")
+    log = pl.read_parquet(pipe["log"])
+    batch = rec.recommend(log, k=10).sort("user_id")
+    for user in batch["user_id"].to_list()[:12]:
+        one = rec.recommend(log.filter(pl.col("user_id") == user), k=10)
+        want = batch.filter(pl.col("user_id") == user)
+        assert one["items"].to_list() == want["items"].to_list(), user
+    # ids of another integer width are cast like the sessionizer does (the filter path)
+    narrow = log.with_columns(pl.col("item_id").cast(pl.Int32)).filter(pl.col("user_id") == batch["user_id"][0])
+    assert rec.recommend(narrow, k=10)["items"].to_list() == batch.head(1)["items"].to_list()
