@@ -238,8 +238,8 @@ def test_tower_history_outputs_match_the_repeat_head(exported: dict[str, Any]) -
     assert tower.output_names() == ["user_vector", "history_items", "history_logits"]
     batch = ragged_batch(data, model)
     program = torch.export.load(str(exported["out"] / "user_tower.pt2")).module()
-    _, items, logits = program(*tower_inputs(batch, tower))
     with torch.no_grad():
+        _, items, logits = program(*tower_inputs(batch, tower))
         _, history = model(batch, with_history=True)
     want_items, want_logits = copy_scores(history, torch.arange(len(batch["seq_len"])), batch["seq_len"] - 1)
     # The tower pads the session to max_session_len: same candidates, in the same order, plus padding.
