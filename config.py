@@ -247,10 +247,10 @@ class TrainConfig(_Base):
     """Short-term output h_p + user attention instead of the attention alone (beyond the paper; --no-user-residual is the paper's)."""
     repeat: bool = True
     """Repeat head: items of the session and of the 7-day window get a learned re-visit score (beyond the paper; --no-repeat is the paper's model)."""
-    target_decay: float = 0.3
+    target_decay: float = 0.1
     """PSDMMAL-N: weight decay ** k for the target k items ahead (1.0 = all N alike, as the paper)."""
     loss: Literal["auto", "sampled", "inbatch", "full"] = "auto"
-    """auto: full softmax up to 20,000 items, sampled softmax (log-Q corrected) above."""
+    """auto: full softmax while batch_size x max_session_len x items <= 2^28 (1 GiB of logits; 83,886 items at the defaults), sampled softmax (log-Q corrected) above."""
     num_negatives: int = 1000
     neg_power: float = 0.75
     """Negatives drawn with probability proportional to count ** neg_power."""

@@ -81,7 +81,7 @@ class Setup:
         self.sampler = NegativeSampler(load_item_counts(cfg.data, m), cfg.num_negatives, cfg.neg_power)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.items, self.users = model_features(m, cfg)
-        self.loss = resolve_loss(cfg.loss, int(m["num_items"]))
+        self.loss = resolve_loss(cfg.loss, int(m["num_items"]), cfg.batch_size, int(m["max_session_len"]))
 
     def dataset(self) -> SessionDataset:
         c = self.cfg

@@ -118,17 +118,20 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
     )
 
 
-FULL_SOFTMAX_MAX_ITEMS = 20_000
+FULL_SOFTMAX_MAX_LOGITS = 1 << 28
+"""`auto` picks the full softmax while a batch's logits matrix (positions x items) can never
+pass 2^28 float32 = 1 GiB: batch_size x max_session_len x num_items <= 2^28 (with the default
+64 x 50, catalogues up to 83,886 items)."""
 
 
-def resolve_loss(loss: str, num_items: int) -> str:
-    """`auto`: the full softmax for catalogues up to 20,000 items (exact, and it
-    learned better than 1,000 sampled negatives on MovieLens-100K), else sampled
-    softmax with log-Q correction (the paper's choice, memory independent of the
-    catalogue)."""
+def resolve_loss(loss: str, num_items: int, batch_size: int = 64, max_session_len: int = 50) -> str:
+    """`auto`: the full softmax while its worst-case logits fit FULL_SOFTMAX_MAX_LOGITS (exact,
+    and on the validation splits it beat 1,000 log-Q-corrected samples, e.g. Taobao's 75k items:
+    NDCG@50 0.0226 vs 0.0155), else the sampled softmax with log-Q correction (the paper's
+    choice; memory independent of the catalogue)."""
     if loss != "auto":
         return loss
-    return "full" if num_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled"
+    return "full" if batch_size * max_session_len * num_items <= FULL_SOFTMAX_MAX_LOGITS else "sampled"
 
 
 def train_step(
@@ -300,7 +303,8 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
                         generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     return Run(
         cfg, rank, world, device, manifest, model_cfg, model, net, opt, sampler, gen,
-        resolve_loss(cfg.loss, int(manifest["num_items"])), dataset, loader, epoch_steps, t0,
+        resolve_loss(cfg.loss, int(manifest["num_items"]), cfg.batch_size, int(manifest["max_session_len"])),
+        dataset, loader, epoch_steps, t0,
     )  # fmt: skip
 
 

@@ -244,3 +244,12 @@ def test_train_refuses_an_empty_training_split_before_any_step(tmp_path):
 def test_more_loader_workers_than_shards_is_one_line(data, tmp_path):
     with pytest.raises(SdmError, match=r"4 training shards for 1 rank\(s\) x 5 loader worker\(s\)"):
         train(cfg(data, tmp_path / "m", num_workers=5), progress=False)
+
+
+def test_auto_loss_is_full_while_the_logits_fit_one_gib():
+    from sdm.pipeline.train import resolve_loss
+
+    assert resolve_loss("auto", 83_886) == "full"  # 64 x 50 x 83,886 = 268.4M <= 2^28
+    assert resolve_loss("auto", 83_887) == "sampled"
+    assert resolve_loss("auto", 75_384, batch_size=128) == "sampled"  # Taobao's catalogue with twice the batch
+    assert resolve_loss("sampled", 10) == "sampled" and resolve_loss("full", 10**7) == "full"
