@@ -12,9 +12,10 @@ query at its end (tested). With `--index faiss` the user vectors go through
 `serve.rank.rank` over a `serve.index.FaissIndex` instead.
 
 Memory: users are hash-partitioned into buckets of about `bucket_events`
-events (the sessionizer's `bucket_expr`), each bucket is sessionized on its own
-and scored in batches of `batch_size` users, and the output is streamed to a
-temporary Parquet file renamed into place at the end.
+events (the sessionizer's `bucket_expr`; the log is split by bucket in one
+streaming pass, `split_log`, into a scratch directory next to the output), each
+bucket is sessionized on its own and scored in batches of `batch_size` users, and
+the output is streamed to a temporary Parquet file renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def recommend(cfg: RecommendConfig, log: Path, progress: bool = False) -> dict[s
 
             bar = tqdm(desc="recommend", unit="user", dynamic_ncols=True)
         try:
-            for served in bucketed(inp, lookups, missing, at_us, buckets):
+            for served in bucketed(inp, lookups, missing, at_us, buckets, out.parent):
                 for start in range(0, len(served), cfg.batch_size):
                     part = take(served, slice(start, start + cfg.batch_size))
                     batch = move_batch(collate(part.arrays, model.item_features, model.user_features), device)

@@ -358,12 +358,32 @@ def _to_arrays(rows: pl.DataFrame, lookups: Lookups, seq_cols: list[str]) -> dic
     )
 
 
-def bucketed(inp: _Input, lookups: Lookups, missing: list[str], at_us: int | None, buckets: int) -> Iterator[Served]:
-    """`latest_sessions` one hash bucket of users at a time (the sessionizer's `bucket_expr`): bounded memory."""
-    for b in range(buckets):
-        raw = _bucket_input(inp, b, buckets, None)
-        if raw.height:
-            yield latest_sessions(inp, lookups, missing, at_us, raw)
+def bucketed(
+    inp: _Input, lookups: Lookups, missing: list[str], at_us: int | None, buckets: int, work: Path | None = None
+) -> Iterator[Served]:
+    """`latest_sessions` one hash bucket of users at a time (the sessionizer's `bucket_expr`): bounded memory.
+
+    With `work` (a scratch directory) and several buckets, the log is first split by
+    bucket in one streaming pass (the sessionizer's `split_log`), so each bucket reads
+    its own file instead of filtering the whole log again.
+    """
+    import shutil
+    import tempfile
+
+    from sdm.sessionize import split_log
+
+    split = None
+    if work is not None and buckets > 1:
+        split = Path(tempfile.mkdtemp(prefix=".sdm-recommend-", dir=work))
+        split_log(inp, buckets, split / "input")
+    try:
+        for b in range(buckets):
+            raw = _bucket_input(inp, b, buckets, None if split is None else split / "input")
+            if raw.height:
+                yield latest_sessions(inp, lookups, missing, at_us, raw)
+    finally:
+        if split is not None:
+            shutil.rmtree(split, ignore_errors=True)
 
 
 def take(served: Served, sl: slice) -> Served:

@@ -128,6 +128,7 @@ def test_every_user_once_and_buckets_agree(pipe: dict[str, Any], tmp_path: Path)
     assert a["items"].to_list() == b["items"].to_list()
     assert a.schema["user_id"] == pl.Int64  # the log's own type
     assert not (tmp_path / "one.parquet.tmp").exists()
+    assert not list(tmp_path.glob(".sdm-recommend-*"))  # the bucket split is cleaned up
 
 
 def test_exclude_seen_and_faiss_agree_with_exact(pipe: dict[str, Any], tmp_path: Path) -> None:
