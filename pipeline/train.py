@@ -532,6 +532,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     rank, world = _setup_distributed(cfg.device)
     run = None
+    # Bit-identical runs whatever the thread count and load: the backward of an index with
+    # repeated rows (the N targets share a position's row; the copy logits of a position are
+    # read once per target) otherwise accumulates in thread order on CPU.
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         run = build_run(cfg, rank, world, t0)
         state = start(run)
@@ -567,5 +572,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             run.bar.close()
         if run is not None and run.log is not None:
             run.log.close()
+        torch.use_deterministic_algorithms(was_deterministic)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

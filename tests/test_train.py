@@ -253,3 +253,22 @@ def test_auto_loss_is_full_while_the_logits_fit_one_gib():
     assert resolve_loss("auto", 83_887) == "sampled"
     assert resolve_loss("auto", 75_384, batch_size=128) == "sampled"  # Taobao's catalogue with twice the batch
     assert resolve_loss("sampled", 10) == "sampled" and resolve_loss("full", 10**7) == "full"
+
+
+@pytest.mark.parametrize("loss", ["sampled", "inbatch"])
+def test_identical_runs_at_once_are_bit_identical(data, tmp_path, loss):
+    """Three identical 2-thread runs started together on a busy 2-core machine: the same parameters."""
+    script = (
+        "import sys, torch; torch.set_num_threads(2)\n"
+        "from sdm.config import TrainConfig; from sdm.pipeline.train import train\n"
+        f"train(TrainConfig(data=sys.argv[1], out=sys.argv[2], batch_size=8, embedding_dim=16, num_negatives=8, "
+        f"epochs=2, loss={loss!r}), progress=False)\n"
+    )
+    outs = [tmp_path / f"run{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(data), str(o)]) for o in outs]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    ref = params(outs[0] / "last.pt")
+    for o in outs[1:]:
+        other = params(o / "last.pt")
+        for k in ref:
+            torch.testing.assert_close(ref[k], other[k], rtol=0, atol=0, msg=k)
