@@ -364,21 +364,25 @@ def _group_max(values: Tensor, group: Tensor, n_groups: int) -> Tensor:
     return torch.zeros(n_groups, dtype=values.dtype).scatter_reduce_(0, group, values, "amax", include_self=False)
 
 
-def _aligned(mats: list[Tensor], n_rows: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """(row, col, [values of each]) of sparse CSR products that share one sparsity pattern.
+def _coo(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Sparse COO matrix of entries already sorted by (row, col), each once."""
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), values, shape, dtype=torch.float64, is_coalesced=True, check_invariants=False
+    )
 
-    Products of operands with the same patterns come out in the same entry order;
-    if they ever do not, they are brought into (row, col) order.
+
+def _spmm(mats: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(row, col, [values of each]) of sparse products a @ b that share one sparsity pattern.
+
+    COO products (CSR ones leak their output on CPU in this torch) come out
+    coalesced: entries sorted by (row, col), so the products line up.
     """
-    crow, col = mats[0].crow_indices(), mats[0].col_indices()
-    if all(torch.equal(m.crow_indices(), crow) and torch.equal(m.col_indices(), col) for m in mats[1:]):
-        row = torch.repeat_interleave(torch.arange(n_rows), crow[1:] - crow[:-1])
-        return row, col, [m.values() for m in mats]
-    coo = [m.to_sparse_coo().coalesce() for m in mats]
-    idx = coo[0].indices()
-    if not all(torch.equal(c.indices(), idx) for c in coo[1:]):
+    with _quiet_sparse():
+        outs = [torch.sparse.mm(x, y).coalesce() for x, y in mats]
+    idx = outs[0].indices()
+    if not all(torch.equal(o.indices(), idx) for o in outs[1:]):
         raise RuntimeError("sparse products with one pattern gave different patterns")
-    return idx[0], idx[1], [c.values() for c in coo]
+    return idx[0], idx[1], [o.values() for o in outs]
 
 
 def _top_per_row(key: Tensor, row: Tensor, n_rows: int, k: int) -> Tensor:
@@ -443,17 +447,11 @@ class SessionIndex:
         self.item_ptr = _ptr(_t(by_item["item"]), num_items)
         self.post_rank, self.post_pos = _t(by_item["rank"]), _t(by_item["pos"])
         self.post_pos = self.post_pos.clamp(max=1000)  # 2^pos stays finite
-        n = max(self.num_sessions, 1)
-        with _quiet_sparse():
-            # (V, N) item -> sessions maps: 1, and 2^(last position of the item in the session).
-            self.post_one = torch.sparse_csr_tensor(
-                self.item_ptr, self.post_rank, torch.ones(self.post_rank.shape[0], dtype=torch.float64), (num_items, n),
-                check_invariants=False,
-            )
-            self.post_exp2 = torch.sparse_csr_tensor(
-                self.item_ptr, self.post_rank, torch.exp2(self.post_pos.double()), (num_items, n),
-                check_invariants=False,
-            )
+        # (V, N) item -> sessions maps: 1, and 2^(last position of the item in the session).
+        post_item = torch.repeat_interleave(torch.arange(num_items), self.item_ptr[1:] - self.item_ptr[:-1])
+        shape = (num_items, max(self.num_sessions, 1))
+        self.post_one = _coo(post_item, self.post_rank, torch.ones(self.post_rank.shape[0], dtype=torch.float64), shape)
+        self.post_exp2 = _coo(post_item, self.post_rank, torch.exp2(self.post_pos.double()), shape)
 
 
 def distinct_prefix_items(qp: Tensor, prefix: Tensor, num_items: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -485,9 +483,10 @@ class _SessionKNN:
 
     Vectorised over queries, on CPU: for a group of queries the candidate
     (query, session) pairs and their similarity sums are one sparse product of
-    the (G, V) prefix weights with the (V, N) item -> sessions map; the most
-    recent and the most similar candidates are a top-k over a padded
-    (G, widest row) matrix; the item scores are a second sparse product of the
+    the (G, V) prefix weights with the (V, N) item -> sessions map (sorted by
+    recency, so the most recent candidates are the first of each row); the most
+    similar are a top-k over a padded (G, widest row) matrix; the item scores
+    are a second sparse product of the
     (G, pairs) neighbour weights with the (pairs, V) item weights of each
     neighbour. No Python loop over queries or sessions; the group size bounds
     memory (`PAIR_BUDGET`, `TRIPLE_BUDGET`, `DENSE_BUDGET`). Maxima over shared
@@ -597,33 +596,33 @@ class _SessionKNN:
             "w2": torch.zeros(g, dtype=torch.float64).index_add_(0, uq, w * w),
             "distinct": torch.bincount(uq, minlength=g),
         }
-        crow = _ptr(uq, g)
 
-        def prefix_rows(values: Tensor) -> Tensor:  # (G, V) CSR over the distinct prefix items
-            return torch.sparse_csr_tensor(crow, ui, values, (g, v), dtype=torch.float64, check_invariants=False)
+        def prefix_rows(values: Tensor) -> Tensor:  # (G, V) over the distinct prefix items
+            return _coo(uq, ui, values, (g, v))
 
         # Candidates: the sessions sharing an item with the prefix, by sparse products with
-        # the item -> sessions map. Sums of distinct powers of two carry maxima: the binary
-        # exponent of sum 2^(p_i - L) is the most recent shared prefix position, that of
-        # sum 2^pos_n(i) the last position in n of a shared item (distinct items have
-        # distinct last positions, so the sums are exact for sessions up to 53 events).
-        with _quiet_sparse():
-            mats = [torch.sparse.mm(prefix_rows(w), ix.post_one)]
-            if self.uses_q_pos:
-                back = (last - qp[uq]).clamp(min=-1000).double()  # no underflow to 0
-                mats.append(torch.sparse.mm(prefix_rows(torch.exp2(back)), ix.post_one))
-            if self.uses_n_pos:
-                mats.append(torch.sparse.mm(prefix_rows(torch.ones_like(w)), ix.post_exp2))
-        cq, rank, vals = _aligned(mats, g)
+        # the item -> sessions map, in (query, rank) order. Sums of distinct powers of two
+        # carry maxima: the binary exponent of sum 2^(p_i - L) is the most recent shared
+        # prefix position, that of sum 2^pos_n(i) the last position in n of a shared item
+        # (distinct items have distinct last positions, so the sums are exact for sessions
+        # of up to 53 events).
+        mats = [(prefix_rows(w), ix.post_one)]
+        if self.uses_q_pos:
+            back = (last - qp[uq]).clamp(min=-1000).double()  # no underflow to 0
+            mats.append((prefix_rows(torch.exp2(back)), ix.post_one))
+        if self.uses_n_pos:
+            mats.append((prefix_rows(torch.ones_like(w)), ix.post_exp2))
+        cq, rank, vals = _spmm(mats)
         raw = vals[0]
         pairs: dict[str, Tensor] = {}
         if self.uses_q_pos:
             pairs["q_pos"] = qp[cq] + torch.frexp(vals[1]).exponent.long() - 1
         if self.uses_n_pos:
             pairs["n_pos"] = torch.frexp(vals[-1]).exponent.long() - 1
-        # The sample_size most recent candidates of each query (a padded (G, width) top-k).
+        # The sample_size most recent candidates of each query: the first of its row.
         if self.sample_size is not None:
-            keep = _top_per_row(n_sess - 1 - rank, cq, g, self.sample_size)
+            counts = torch.bincount(cq, minlength=g)
+            keep = torch.arange(cq.shape[0]) - (torch.cumsum(counts, 0) - counts)[cq] < self.sample_size
             cq, rank, raw = cq[keep], rank[keep], raw[keep]
             pairs = {name: x[keep] for name, x in pairs.items()}
         sim = self._similarity(raw, cq, rank, ctx)
@@ -646,16 +645,10 @@ class _SessionKNN:
         owner, idx = _ranges(ix.sess_ptr[nrank], sizes)
         iw = self._item_weight(ix.sess_pos[idx], owner, pairs)
         n_pairs = nq.shape[0]
-        left = torch.sparse_csr_tensor(
-            _ptr(nq, g), torch.arange(n_pairs), nw, (g, n_pairs), dtype=torch.float64, check_invariants=False
-        )
-        p_crow = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])
+        left = _coo(nq, torch.arange(n_pairs), nw, (g, n_pairs))
         p_val = iw if iw is not None else torch.ones(idx.shape[0], dtype=torch.float64)
-        right = torch.sparse_csr_tensor(
-            p_crow, ix.sess_item[idx], p_val, (n_pairs, v), dtype=torch.float64, check_invariants=False
-        )
-        with _quiet_sparse():
-            rq, item, (score,) = _aligned([torch.sparse.mm(left, right)], g)
+        right = _coo(owner, ix.sess_item[idx], p_val, (n_pairs, v))
+        rq, item, (score,) = _spmm([(left, right)])
         factor = self._item_factor(item)
         if factor is not None:
             score = score * factor
