@@ -44,7 +44,7 @@ chunked top-K, masking and metrics apply to models and baselines alike.
   docstrings. Scores are divided by the query's best, so they lie in (0, 1];
   items of no neighbour get the popularity fallback in (-1, 0) as in item-CF.
 
-Item-CF scoring is a sparse (Q, V) x (V, V) CSR product per query chunk, on CPU;
+Item-CF scoring is a sparse (Q, V) x (V, V) product per query chunk, on CPU;
 session-kNN scoring two sparse products per group of queries (prefix x
 item -> sessions, then neighbours x session -> items), also on CPU.
 """
@@ -210,6 +210,8 @@ class ItemCF:
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.sim = sim.cpu()
+        # Products with the COO form: torch's CPU CSR x CSR product leaks its output.
+        self.sim_coo = self.sim.to_sparse_coo().coalesce()
         self.num_items = sim.shape[0]
         self.fallback = popularity_scores(counts.cpu())  # (V,) in (-1, 0), below every cf score
         self.repeat = repeat
@@ -255,10 +257,9 @@ class ItemCF:
             torch.stack([rows, prefix[keep]]), w[keep], (q, self.num_items), check_invariants=False
         ).coalesce()  # sums the weights of an item seen twice in the prefix
         with _quiet_sparse():
-            cf = torch.sparse.mm(weights.to_sparse_csr(), self.sim)  # (Q, V) CSR, one entry per (q, j)
-        crow = cf.crow_indices()
-        cf_rows = torch.repeat_interleave(torch.arange(q), crow[1:] - crow[:-1])
-        cf_entries = _Entries(cf_rows, cf.col_indices(), cf.values())
+            cf = torch.sparse.mm(weights, self.sim_coo).coalesce()  # (Q, V), one entry per (q, j)
+        cf_rows, cf_cols = cf.indices()
+        cf_entries = _Entries(cf_rows, cf_cols, cf.values())
         bonus = None
         if self.repeat:
             r, c = weights.indices()
