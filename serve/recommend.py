@@ -41,7 +41,6 @@ from sdm.pipeline.metrics import chunked_topk
 from sdm.sessionize.io import to_utc_us
 from sdm.serve.sessions import Lookups, Served, bucketed, open_log, take
 
-SCHEMA_NOTE = "user_id (the log's type), session_start (timestamp UTC), items (raw ids, best first), scores (float32)"
 
 
 def session_queries_last(batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:

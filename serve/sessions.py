@@ -29,7 +29,7 @@ import pyarrow as pa
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 from sdm.pipeline.dataset import sessions_from_record_batch, user_column
-from sdm.sessionize import _bucket_input, _Input, _open, bucket_expr, core  # noqa: F401 - the training code itself
+from sdm.sessionize import _bucket_input, _Input, _open, core  # the training code itself
 from sdm.sessionize.io import DROP, ITEM, ROW, SID, TS, USER, check_log, feat_col, tag_drops, timestamp_expr, to_events
 
 SPLIT_SERVE = 2  # the split label of served sessions (unused downstream; core.sessions_table carries it)

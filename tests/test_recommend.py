@@ -146,7 +146,6 @@ def test_exclude_seen_and_faiss_agree_with_exact(pipe: dict[str, Any], tmp_path:
     for sa, sb in zip(a["scores"].to_list(), b["scores"].to_list()):
         assert max(abs(x - y) for x, y in zip(sa, sb)) < 1e-4
     # exclude_seen: no item of the user's latest session comes back
-    log = pl.read_parquet(pipe["log"]).sort("user_id", "timestamp")
     last = read_latest_items(pipe["data"], a)
     for user, items in zip(a["user_id"].to_list(), a["items"].to_list()):
         assert not set(items) & last[user]
