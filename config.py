@@ -258,6 +258,8 @@ class TrainConfig(_Base):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: bool = False
     """Continue from `out`/last.pt."""
+    overwrite: bool = False
+    """Replace the checkpoints and log of an earlier run in `out` (without it a fresh run there is refused)."""
     num_workers: int = 0
     shuffle_buffer: int = 2048
     """Sessions held in the shuffle buffer (memory bound)."""
@@ -303,6 +305,9 @@ class EvaluateConfig(_Base):
     out: Path = Path("runs/eval")
     split: Literal["test", "valid"] = "test"
     k: list[int] = [20, 50, 100]
+    """Cut-offs K; the default list is capped at the catalogue size (with a note), an explicit K above it is an error."""
+    overwrite: bool = False
+    """Replace the reports of an earlier evaluation in `out` (without it a non-empty `out` is refused)."""
     baseline: Literal["popularity", "itemcf", "itemcf-repeat", "stan", "vsknn"] | None = None
     """Evaluate a non-neural baseline instead of the model checkpoint."""
     exclude_seen: bool = False

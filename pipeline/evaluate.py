@@ -15,6 +15,7 @@ through the same top-K, masking, metric and dump code.
 from __future__ import annotations
 
 import json
+import sys
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -417,6 +418,39 @@ def plot_report(metrics: dict[str, Any], ks: list[int], path: Path) -> None:
     plt.close(fig)
 
 
+REPORTS = ("metrics.json", "report.md", "report.png", "config.json", "topk.parquet")
+
+
+def _cutoffs(cfg: EvaluateConfig, catalogue: int) -> list[int]:
+    """cfg.k, the default list capped at the catalogue size (with a note); an explicit K above it is an error."""
+    if max(cfg.k) <= catalogue:
+        return list(cfg.k)
+    if "k" in cfg.model_fields_set:
+        raise SdmError(f"--k {max(cfg.k)} is larger than the catalogue of {cfg.data} ({catalogue} items)")
+    ks = sorted({min(k, catalogue) for k in cfg.k})
+    print(f"note: the catalogue of {cfg.data} has {catalogue} items; K capped to {','.join(map(str, ks))}",
+          file=sys.stderr)  # fmt: skip
+    return ks
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory unless overwrite (checked before anything is read or removed)."""
+    if out.exists() and not out.is_dir():
+        raise SdmError(f"{out}: --out exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SdmError(f"{out}: output directory is not empty; pass --overwrite to replace its reports")
+
+
+def _clear_out(out: Path) -> None:
+    """Remove only evaluate's own earlier reports, then make sure `out` exists."""
+    try:
+        for name in REPORTS:
+            (out / name).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SdmError(f"{out}: cannot write the output directory ({exc.strerror or exc})") from None
+
+
 def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
     """Evaluate the checkpoint in `cfg.model` (or `cfg.baseline`) and write the reports to `cfg.out`.
 
@@ -431,9 +465,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
             foreign model, faiss requested but not installed.
     """
     manifest = read_manifest(cfg.data)
-    catalogue = int(manifest["num_items"]) - 2
-    if max(cfg.k) > catalogue:
-        raise SdmError(f"--k {max(cfg.k)} is larger than the catalogue of {cfg.data} ({catalogue} items)")
+    ks = _cutoffs(cfg, int(manifest["num_items"]) - 2)
+    _check_out(cfg.out, cfg.overwrite)
     split_info = manifest["splits"].get(cfg.split, {})
     if not split_info.get("samples", 1):
         raise SdmError(
@@ -455,17 +488,17 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
     else:
         scorer = load_model(cfg.model, cfg.data, manifest, device)
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    _clear_out(cfg.out)
     metrics = evaluate_model(
-        scorer, cfg.data, cfg.split, cfg.k, cfg.batch_size, device, exclude_seen=cfg.exclude_seen,
+        scorer, cfg.data, cfg.split, ks, cfg.batch_size, device, exclude_seen=cfg.exclude_seen,
         dump_topk=cfg.out / "topk.parquet" if cfg.dump_topk else None, progress=progress, index=cfg.index,
     )  # fmt: skip
     if metrics["queries"] == 0:
         raise SdmError(f"{cfg.data}: split {cfg.split!r} has no queries: no sessions of length >= 2 after the cutoff")
     metrics["exclude_seen"] = cfg.exclude_seen
-    table = markdown_table(metrics, cfg.k)
+    table = markdown_table(metrics, ks)
     save_config(cfg, cfg.out / "config.json")
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (cfg.out / "report.md").write_text(table + "\n")
-    plot_report(metrics, cfg.k, cfg.out / "report.png")
+    plot_report(metrics, ks, cfg.out / "report.png")
     return {**metrics, "table": table}

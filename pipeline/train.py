@@ -345,6 +345,9 @@ def save(run: Run, state: Progress, name: str) -> None:
         atomic_save(checkpoint(run, state), run.cfg.out / name)
 
 
+RUN_FILES = ("best.pt", "last.pt", "train_log.jsonl")
+
+
 def start(run: Run) -> Progress:
     """A fresh run (old best.pt, last.pt, log removed) or the state of last.pt with `resume`.
 
@@ -352,12 +355,22 @@ def start(run: Run) -> Progress:
         SdmError: no or unreadable last.pt, another model config or dataset, changed data-order settings.
     """
     cfg, out = run.cfg, run.cfg.out
+    if out.exists() and not out.is_dir():
+        raise SdmError(f"{out}: --out exists and is not a directory")
     if not cfg.resume:
+        earlier = [n for n in RUN_FILES if (out / n).exists()]
+        if earlier and not cfg.overwrite:
+            raise SdmError(
+                f"{out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it or --resume to continue it"
+            )
         if run.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            for name in ("best.pt", "last.pt", "train_log.jsonl"):  # a fresh run never mixes with older files
-                (out / name).unlink(missing_ok=True)
-            save_config(cfg, out / "config.json")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                for name in RUN_FILES:  # a fresh run never mixes with older files
+                    (out / name).unlink(missing_ok=True)
+                save_config(cfg, out / "config.json")
+            except OSError as exc:
+                raise SdmError(f"{out}: cannot write the model directory ({exc.strerror or exc})") from None
         return Progress()
     path = out / "last.pt"
     if not path.is_file():

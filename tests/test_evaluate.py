@@ -242,3 +242,23 @@ def test_cli_good_and_bad(data: Path, tmp_path: Path) -> None:
     bad = runner.invoke(app, ["evaluate", "--data", str(data), "--model", str(tmp_path / "nope"), "--k", "3", "--quiet"])
     assert bad.exit_code == 1
     assert "model directory not found" in bad.output
+
+
+def test_default_k_is_capped_at_the_catalogue_with_a_note(data: Path, tmp_path: Path, capsys) -> None:
+    metrics = evaluate(EvaluateConfig(data=data, out=tmp_path / "eval", baseline="popularity"))  # K 20,50,100; 7 items
+    assert "K capped to 7" in capsys.readouterr().err
+    assert "hr@7" in metrics and "hr@20" not in metrics
+
+
+def test_out_rules_same_as_every_command(data: Path, tmp_path: Path) -> None:
+    cfg = EvaluateConfig(data=data, out=tmp_path / "eval", k=KS, baseline="popularity")
+    evaluate(cfg)
+    keep = cfg.out / "notes.txt"
+    keep.write_text("mine")
+    with pytest.raises(SdmError, match="output directory is not empty; pass --overwrite"):
+        evaluate(cfg)
+    evaluate(cfg.model_copy(update={"overwrite": True}))
+    assert keep.read_text() == "mine"  # --overwrite replaces evaluate's own reports only
+    (tmp_path / "file").write_text("x")
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--out", str(tmp_path / "file"), "--baseline", "popularity"])
+    assert r.exit_code == 1 and "exists and is not a directory" in r.output

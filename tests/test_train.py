@@ -272,3 +272,16 @@ def test_identical_runs_at_once_are_bit_identical(data, tmp_path, loss):
         other = params(o / "last.pt")
         for k in ref:
             torch.testing.assert_close(ref[k], other[k], rtol=0, atol=0, msg=k)
+
+
+def test_fresh_run_over_an_earlier_one_needs_overwrite(data, tmp_path):
+    out = tmp_path / "m"
+    train(cfg(data, out, max_steps=2), progress=False)
+    with pytest.raises(SdmError, match=r"holds an earlier run \(best.pt, last.pt, train_log.jsonl\); pass --overwrite"):
+        train(cfg(data, out, max_steps=2), progress=False)
+    first = params(out / "best.pt")
+    train(cfg(data, out, max_steps=3, overwrite=True, seed=1), progress=False)
+    assert any(not torch.equal(first[k], v) for k, v in params(out / "best.pt").items())
+    (tmp_path / "file").write_text("x")
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "file")])
+    assert r.exit_code == 1 and "exists and is not a directory" in r.output
