@@ -138,7 +138,7 @@ def epoch_seconds(data: Path, variant: str, args: argparse.Namespace) -> tuple[f
 def time_to_best(data: Path, work: Path, args: argparse.Namespace) -> dict:
     """`sdm train` with default settings: wall time to the best validation HR@50, against item-CF."""
     out = work / "model_default"
-    summary = train(TrainConfig(data=data, out=out, **args.train_args), progress=False)
+    summary = train(TrainConfig(data=data, out=out, overwrite=True, **args.train_args), progress=False)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     vals = [x for x in log if "valid" in x]
     best = max(vals, key=lambda x: x["valid"]["hr@50"])
