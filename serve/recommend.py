@@ -99,8 +99,22 @@ def score_batch(
         else:
             fn = scorer.score_fn(state, qb, qp, prefix)
             chunk_items = max(1024, MAX_SCORES // len(qb))
-            top = chunked_topk(fn, num_items, k, chunk_items, exclude).to(qb.device)
-            s = gather_scores(fn, top, num_items, chunk_items)
+            kept: list[Tensor] = []
+
+            def keep(start: int, end: int, fn: Any = fn) -> Tensor:
+                out = fn(start, end)
+                if start == 0 and end == num_items:
+                    kept.append(out)  # the whole catalogue in one chunk: its scores are all there
+                return out
+
+            top = chunked_topk(keep, num_items, k, chunk_items, exclude).to(qb.device)
+            if kept:
+                # chunked_topk masks padding / excluded items in place; the chosen ones keep their scores
+                s = kept[0].float().to(top.device).gather(1, top)
+                s = torch.where(top > 1, s, torch.full_like(s, float("-inf")))
+            else:
+                s = gather_scores(fn, top, num_items, chunk_items)  # a second pass over the chunks
+            del kept
         items.append(top.cpu())
         scores.append(s.float().cpu())
     return torch.cat(items), torch.cat(scores)

@@ -232,3 +232,22 @@ def test_side_features_fall_back_to_the_encoded_item_table(tmp_path: Path) -> No
     # an explicit --items gives back the table's features
     recommend(RecommendConfig(**base, out=tmp_path / "explicit.parquet", items=tmp_path / "moved.parquet"), p["log"])
     assert pl.read_parquet(tmp_path / "explicit.parquet").sort("user_id")["items"].to_list() == a["items"].to_list()
+
+
+def test_scores_with_one_or_several_chunks_agree(pipe: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores read from the single score chunk equal the second pass over several chunks."""
+    base = dict(data=pipe["data"], model=pipe["model"], k=12, device="cpu", exclude_seen=True)
+    recommend(RecommendConfig(**base, out=tmp_path / "one.parquet"), pipe["log"])
+    monkeypatch.setattr("sdm.serve.recommend.chunked_topk", _small_chunks)
+    recommend(RecommendConfig(**base, out=tmp_path / "many.parquet"), pipe["log"])
+    a = pl.read_parquet(tmp_path / "one.parquet").sort("user_id")
+    b = pl.read_parquet(tmp_path / "many.parquet").sort("user_id")
+    assert a["items"].to_list() == b["items"].to_list()
+    for x, y in zip(a["scores"].to_list(), b["scores"].to_list()):
+        assert max(abs(p - q) for p, q in zip(x, y)) < 1e-5
+
+
+def _small_chunks(fn: Any, num_items: int, k: int, chunk_items: int, exclude: Any = None) -> Any:
+    from sdm.pipeline.metrics import chunked_topk
+
+    return chunked_topk(fn, num_items, k, 37, exclude)  # several chunks even for this small catalogue
