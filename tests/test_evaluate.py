@@ -262,3 +262,29 @@ def test_out_rules_same_as_every_command(data: Path, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     r = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--out", str(tmp_path / "file"), "--baseline", "popularity"])
     assert r.exit_code == 1 and "exists and is not a directory" in r.output
+
+
+@pytest.mark.parametrize("damage", ["empty", "tensor", "pickle", "shapes", "config"])
+def test_bad_checkpoint_is_one_line(data: Path, tmp_path: Path, damage: str) -> None:
+    import pickle
+
+    model_dir = tmp_path / "model"
+    _sdm_checkpoint(model_dir)
+    path = model_dir / "best.pt"
+    ckpt = torch.load(path, weights_only=True)
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "tensor":
+        torch.save(torch.zeros(2), path)
+    elif damage == "pickle":
+        path.write_bytes(pickle.dumps({"model": object()}))
+    elif damage == "shapes":
+        ckpt["model"] = {k: v[..., :1] if v.dim() else v for k, v in ckpt["model"].items()}
+        torch.save(ckpt, path)
+    else:
+        ckpt["model_config"]["embedding_dim"] = -3
+        torch.save(ckpt, path)
+    r = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--model", str(model_dir), "--out", str(tmp_path / "e"),
+                                 "--k", "1,3", "-q"])  # fmt: skip
+    assert r.exit_code == 1, r.output
+    assert r.output.count("\n") == 1 and str(path) in r.output and "Traceback" not in r.output, r.output
