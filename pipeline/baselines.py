@@ -683,9 +683,10 @@ class STAN(_SessionKNN):
     n (session-rec's reference code). Prefix items are scored too ("reminders":
     re-visits are common).
 
-    Defaults: k, sample_size, lambda 1 and lambda 3 as session-rec's STAN; lambda 2 =
-    100 days and the paper's matching item were chosen on the validation splits
-    of the five shared logs (`bench/knn_bench.py --quality`): with lambda 2 = 5 days
+    Defaults: sample_size, lambda 1 and lambda 3 are session-rec's STAN defaults,
+    k = 500 one of its tuned values; lambda 2 = 100 days and the paper's matching
+    item were chosen on the validation splits of the five shared logs
+    (`bench/knn_bench.py --quality --split valid` reports them): with lambda 2 = 5 days
     and session-rec's matching item MovieLens-100K's validation HR@50 was 0.269
     against 0.384 (its training sessions span months, so a 5-day decay keeps only
     the last week's sessions as neighbours); on the four short logs (hours) both
