@@ -80,31 +80,10 @@ def time_baseline(name: str, data: Path, split: str) -> dict[str, Any]:
     }
 
 
-def target_rows(path: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """{dataset: {method row: {column: value}}} of TARGETS.md."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    dataset, cols = None, []
-    for line in path.read_text().splitlines():
-        if line.startswith("## "):
-            dataset, cols = line[3:].strip(), []
-        elif dataset and line.startswith("| method"):
-            cols = [c.strip().lower() for c in line.strip("|").split("|")]
-        elif dataset and cols and line.startswith("| ") and not line.startswith("|---"):
-            cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
-            row = {}
-            for col, cell in zip(cols[1:], cells[1:], strict=False):
-                try:
-                    row[col] = float(cell)
-                except ValueError:
-                    pass
-            out.setdefault(dataset, {})[cells[0]] = row
-    return out
-
-
 def quality(split: str, datasets: list[str] | None) -> dict[str, Any]:
     """Evaluate stan and vsknn on the shared logs; print the table beside TARGETS.md."""
     sys.path.insert(0, str(HERE))
-    from quality import load_benchmarks, sessionize_dataset, shared_dir
+    from quality import load_benchmarks, sessionize_dataset, shared_dir, target_rows
 
     shared = shared_dir()
     toml = shared / "benchmarks" / "quality.toml"

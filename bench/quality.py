@@ -84,9 +84,9 @@ def load_benchmarks(path: Path) -> dict[str, dict[str, Any]]:
     return sets
 
 
-def parse_targets(path: Path) -> dict[str, dict[str, tuple[float, str]]]:
-    """Best value and method of each `TARGETS.md` column, per dataset: {ds: {"hr@50": (v, method)}}."""
-    out: dict[str, dict[str, tuple[float, str]]] = {}
+def target_rows(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Every number of `TARGETS.md`: {dataset: {method row: {column: value}}} (bold marks dropped)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
     dataset, cols = None, []
     for line in path.read_text().splitlines():
         if line.startswith("## "):
@@ -94,15 +94,21 @@ def parse_targets(path: Path) -> dict[str, dict[str, tuple[float, str]]]:
         elif dataset and line.startswith("| method"):
             cols = [c.strip().lower() for c in line.strip("|").split("|")]
         elif dataset and cols and line.startswith("| ") and not line.startswith("|---"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            for col, cell in zip(cols[1:], cells[1:], strict=False):
-                value = cell.strip("*")
-                if not re.fullmatch(r"[0-9.]+", value):
-                    continue
-                best = out.setdefault(dataset, {}).get(col)
-                if best is None or float(value) > best[0]:
-                    out[dataset][col] = (float(value), cells[0])
+            cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+            values = {col: float(v) for col, v in zip(cols[1:], cells[1:], strict=False) if re.fullmatch(r"[0-9.]+", v)}
+            out.setdefault(dataset, {})[cells[0]] = values
     return out
+
+
+def parse_targets(path: Path) -> dict[str, dict[str, tuple[float, str]]]:
+    """Best value and method of each `TARGETS.md` column, per dataset: {ds: {"hr@50": (v, method)}}."""
+    best: dict[str, dict[str, tuple[float, str]]] = {}
+    for dataset, rows in target_rows(path).items():
+        for method, values in rows.items():
+            for col, v in values.items():
+                if col not in best.setdefault(dataset, {}) or v > best[dataset][col][0]:
+                    best[dataset][col] = (v, method)
+    return best
 
 
 def sessionize_dataset(name: str, spec: dict[str, Any], work: Path) -> Path:
