@@ -311,7 +311,7 @@ def inspect_dir(
 @_with_config_flags(SynthConfig, "synth")
 def synth(cfg: SynthConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
     """Generate a synthetic e-commerce log (+ items and users tables) with planted sequential structure."""
-    from sdm.pipeline.synth import generate
+    from sdm.logs.synth import generate
 
     s = generate(cfg, progress=not quiet)
     typer.echo(
@@ -332,7 +332,7 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
 ) -> None:
     """Convert a public dataset's raw files to the SDM log; then `sdm sessionize LOG --config data/FORMAT.toml`."""
-    from sdm.pipeline.convert import convert as run_convert
+    from sdm.logs.convert import convert as run_convert
 
     try:
         s = run_convert(fmt, raw, out, overwrite=overwrite)
@@ -356,8 +356,8 @@ def download(
     quiet: QuietOpt = False,
 ) -> None:
     """Download a public dataset with a stable address, verify its checksum and extract it."""
-    from sdm.pipeline.download import DATASETS
-    from sdm.pipeline.download import download as run_download
+    from sdm.logs.download import DATASETS
+    from sdm.logs.download import download as run_download
 
     if list_ or not name:
         for key, ds in DATASETS.items():

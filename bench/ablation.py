@@ -2,7 +2,7 @@
 
 Steps, all through the library (the same code as the `sdm` commands):
 
-1. optionally convert a public dataset's raw files (`sdm.pipeline.convert`);
+1. optionally convert a public dataset's raw files (`sdm.logs.convert`);
 2. sessionize the log with `--config data/<name>.toml` (its `[sessionize]`
    section) and/or `--sessionize-args` JSON into `<out>/data`;
 3. train each variant of SPEC section 7 (`sdm.pipeline.train.train`) with the
@@ -69,7 +69,7 @@ def prepare_log(out: Path, log: Path | None = None, convert: Sequence[str] | Non
         if not Path(log).is_file():
             raise SdmError(f"{log}: log file not found")
         return {"log": Path(log), "items": None, "users": None}
-    from sdm.pipeline.convert import convert as run_convert
+    from sdm.logs.convert import convert as run_convert
 
     fmt, *raw = convert  # type: ignore[misc]
     if not raw:

@@ -44,7 +44,7 @@ TARGET_ROWS = {"stan": "STAN", "vsknn": "V-SKNN"}
 def synth_shards(events: int) -> Path:
     """Shards of a synthetic log of `events` events (default sessionize rules), built once."""
     from sdm.config import SessionizeConfig, SynthConfig
-    from sdm.pipeline.synth import generate
+    from sdm.logs.synth import generate
     from sdm.sessionize import run
 
     root = OUT / "knn" / f"synth_{events}"

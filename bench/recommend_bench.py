@@ -31,7 +31,7 @@ def prepare(work: Path, events: int, items: int, seed: int) -> tuple[Path, Path,
     from sdm.config import SessionizeConfig, SynthConfig, TrainConfig
     from sdm.model.sdm import SDM
     from sdm.pipeline.dataset import load_item_table, read_manifest
-    from sdm.pipeline.synth import generate
+    from sdm.logs.synth import generate
     from sdm.pipeline.train import build_model_config
     from sdm.sessionize import run as sessionize
 

@@ -3,7 +3,7 @@
     python bench/sessionize_bench.py --sizes 1m,10m          # then
     python bench/sessionize_bench.py --sizes 100m --systems ours,ours_b4,floor
 
-Logs come from `sdm.pipeline.synth.generate` under `bench/out/sessionize_<size>/`
+Logs come from `sdm.logs.synth.generate` under `bench/out/sessionize_<size>/`
 (generated once, reused). Every system runs in its own subprocess under
 `/usr/bin/time`, which gives its wall time and peak RSS; the output size is the
 size of what it wrote. Machines are noisy, so the table reports ratios against
@@ -44,7 +44,7 @@ def log_path(size: str) -> Path:
     path = OUT / f"sessionize_{size}" / "log.parquet"
     if not path.exists():
         from sdm.config import SynthConfig
-        from sdm.pipeline.synth import generate
+        from sdm.logs.synth import generate
 
         generate(SynthConfig(out=path, events=SIZES[size], chunk_events=1_000_000), progress=False)
     return path

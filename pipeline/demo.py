@@ -41,7 +41,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     from sdm.pipeline.baselines import build_baseline
     from sdm.pipeline.evaluate import evaluate_model, load_model
     from sdm.pipeline.dataset import read_manifest
-    from sdm.pipeline.synth import generate
+    from sdm.logs.synth import generate
     from sdm.pipeline.train import train
     from sdm.sessionize import run as sessionize
 

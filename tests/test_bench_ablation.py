@@ -10,7 +10,7 @@ import pytest
 
 from sdm.config import SynthConfig, TrainConfig
 from sdm.errors import SdmError
-from sdm.pipeline.synth import generate
+from sdm.logs.synth import generate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ablation.py"
 KS = (20, 50, 100)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from sdm.cli import app
 from sdm.errors import SdmError
-from sdm.pipeline.convert import FORMATS, convert
+from sdm.logs.convert import FORMATS, convert
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SDM_SHARED", REPO.parent / "shared")) / "datasets"

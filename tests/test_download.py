@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from sdm.cli import app
 from sdm.errors import SdmError
-from sdm.pipeline import download as dl
+from sdm.logs import download as dl
 
 
 @pytest.fixture()
@@ -61,7 +61,7 @@ def test_good_checksum_downloads_and_extracts(registered, tmp_path, capsys):
     assert not list((tmp_path / "dl").glob("*.part"))
     assert "ml-test.zip" in capsys.readouterr().err  # the tqdm bar
     # the extracted folder converts
-    from sdm.pipeline.convert import convert
+    from sdm.logs.convert import convert
 
     assert convert("movielens", [folder], tmp_path / "m" / "logs.parquet")["rows"] == 2
 

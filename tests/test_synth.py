@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from sdm.cli import app
 from sdm.config import SynthConfig
 from sdm.errors import SdmError
-from sdm.pipeline.synth import generate
+from sdm.logs.synth import generate
 
 
 def _gen(tmp: Path, name: str = "a", **kw) -> dict:

@@ -61,7 +61,7 @@ from typing import Any
 import polars as pl
 
 from sdm.errors import SdmError
-from sdm.pipeline.synth import check_targets, side_paths
+from sdm.logs.synth import check_targets, side_paths
 
 FORMATS = ("taobao", "diginetica", "yoochoose", "movielens", "rees46", "otto")
 
