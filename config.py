@@ -308,8 +308,8 @@ class EvaluateConfig(_Base):
     """Cut-offs K; the default list is capped at the catalogue size (with a note), an explicit K above it is an error."""
     overwrite: bool = False
     """Replace the reports of an earlier evaluation in `out` (without it a non-empty `out` is refused)."""
-    baseline: Literal["popularity", "itemcf", "itemcf-repeat", "stan", "vsknn"] | None = None
-    """Evaluate a non-neural baseline instead of the model checkpoint."""
+    baseline: list[Literal["popularity", "itemcf", "itemcf-repeat", "stan", "vsknn"]] = []
+    """Baselines to score beside the model, comma-separated (only them when no `model` is given and the default has no best.pt)."""
     exclude_seen: bool = False
     """Never recommend items already in the query's session prefix."""
     dump_topk: bool = False
@@ -317,7 +317,7 @@ class EvaluateConfig(_Base):
     batch_size: int = 256
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    _norm_k = field_validator("k", mode="before")(classmethod(lambda cls, v: _split_list(v)))
+    _norm_k = field_validator("k", "baseline", mode="before")(classmethod(lambda cls, v: _split_list(v)))
 
     @field_validator("k")
     @classmethod

@@ -17,9 +17,10 @@ from typing import Any
 from sdm.config import DemoConfig, SessionizeConfig, SynthConfig, TrainConfig, save_config
 from sdm.errors import SdmError
 
-BASELINES = ("popularity", "itemcf", "itemcf-repeat")
+BASELINES = ("popularity", "itemcf", "itemcf-repeat", "stan", "vsknn")
 # What the demo writes in `out`: --overwrite removes these and nothing else.
-OWN = ("config.json", "logs.parquet", "items.parquet", "users.parquet", "data", "model", "report.md", "metrics.json")
+OWN = ("config.json", "logs.parquet", "items.parquet", "users.parquet", "data", "model", "report.md", "report.png",
+       "metrics.json")  # fmt: skip
 
 
 def _table(rows: list[dict[str, Any]], ks: list[int]) -> str:
@@ -40,6 +41,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """
     from sdm.pipeline.baselines import build_baseline
     from sdm.pipeline.evaluate import evaluate_model, load_model
+    from sdm.pipeline.report import build_report, curve_ks, method_entry, plot_report
     from sdm.pipeline.dataset import read_manifest
     from sdm.logs.synth import generate
     from sdm.pipeline.train import train
@@ -78,10 +80,17 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
     ks = [20, 50]
     manifest = read_manifest(out / "data")
+    curve = curve_ks(int(manifest["num_items"]) - 2)
+    every_k = sorted(set(ks) | set(curve))
     model = load_model(out / "model", out / "data", manifest, "cpu")
-    rows = [{**evaluate_model(model, out / "data", "test", ks), "train_seconds": round(summary["seconds"], 1)}]
+    rows = [{**evaluate_model(model, out / "data", "test", every_k), "train_seconds": round(summary["seconds"], 1)}]
     for name in BASELINES:
-        rows.append(evaluate_model(build_baseline(name, out / "data", manifest), out / "data", "test", ks))
+        rows.append(evaluate_model(build_baseline(name, out / "data", manifest), out / "data", "test", every_k))
+    entries = [method_entry(r, "model" if i == 0 else "baseline", ks, curve,
+                            **({"checkpoint_step": summary["steps"], "train_seconds": r["train_seconds"]} if i == 0 else {}))
+               for i, r in enumerate(rows)]  # fmt: skip
+    metrics = build_report(manifest, rows[0], ks, entries)
+    plot_report(metrics, out / "report.png")
     table = _table(rows, ks)
     q = rows[0]["queries"]
     report = (
@@ -89,5 +98,5 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         f"{time.time() - t0:.0f}s in all.\n\n{table}\n"
     )
     (out / "report.md").write_text(report)
-    (out / "metrics.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "table"} for r in rows], indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # the structure of `sdm evaluate`
     return {"rows": rows, "table": table, "out": str(out), "seconds": time.time() - t0}

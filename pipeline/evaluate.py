@@ -35,6 +35,7 @@ from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, re
 from sdm.pipeline.device import pick_device
 from sdm.model.sdm import History, copy_scores
 from sdm.pipeline.metrics import METRICS, FaissIndex, add_copy_scores, chunked_topk, metric_sums, overlap_at_k
+from sdm.pipeline.report import build_report, curve_ks, markdown_table, method_entry, plot_report
 
 ScoreFn = Callable[[int, int], Tensor]
 
@@ -215,6 +216,7 @@ def evaluate_model(
     dump_topk: Path | None = None,
     progress: bool = False,
     index: str = "exact",
+    dump_k: int | None = None,
 ) -> dict[str, Any]:
     """Mean SPEC-6 metrics of a model or baseline over every query of a split.
 
@@ -226,7 +228,7 @@ def evaluate_model(
         batch_size: sessions per batch (queries are further chunked).
         device: where the model and the scores live (baselines score on CPU).
         exclude_seen: mask each query's prefix items.
-        dump_topk: write one row per query (raw ids, largest K) to this Parquet file.
+        dump_topk: write one row per query (raw ids, the top `dump_k`, default the largest K) to this Parquet file.
         progress: show a progress bar.
         index: "exact" or "faiss" (vector models only; adds `faiss_recall@K`
             against exact search on the same queries).
@@ -257,7 +259,7 @@ def evaluate_model(
             elif index != "exact":
                 raise SdmError(f"unknown index {index!r}; expected 'exact' or 'faiss'")
             sums, counts, users = _run(
-                scorer, data_dir, manifest, split, ks, batch_size, device, exclude_seen, dump_topk, progress,
+                scorer, data_dir, manifest, split, ks, batch_size, device, exclude_seen, dump_topk, dump_k, progress,
                 faiss_index,
             )  # fmt: skip
     finally:
@@ -292,6 +294,7 @@ def _run(
     device: torch.device,
     exclude_seen: bool,
     dump_topk: Path | None,
+    dump_k: int | None,
     progress: bool,
     faiss_index: FaissIndex | None,
 ) -> tuple[dict[str, float], dict[str, int], int]:
@@ -336,7 +339,7 @@ def _run(
                 counts["queries"] += len(q)
                 counts["oov"] += int((q.target == 1).sum())
                 if writer is not None:
-                    writer.write(batch, q, topk)
+                    writer.write(batch, q, topk[:, : dump_k or k_max])
     finally:
         if writer is not None:
             writer.close()
@@ -382,43 +385,8 @@ def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device
     return model.to(device).eval()
 
 
-def markdown_table(metrics: dict[str, Any], ks: list[int]) -> str:
-    """A title line and one table row per K."""
-    title = (
-        f"**{metrics['name']}** on {metrics['split']}: {metrics['queries']:,} queries, "
-        f"{metrics['sessions']:,} sessions, {metrics['users']:,} users, "
-        f"OOV targets {100 * metrics['oov_target_share']:.2f}%"
-    )
-    names = {"hr": "HR", "recall": "Recall", "precision": "Precision", "f1": "F1", "ndcg": "NDCG", "mrr": "MRR"}
-    cols = list(METRICS) + (["faiss_recall"] if f"faiss_recall@{ks[0]}" in metrics else [])
-    header = "| K | " + " | ".join(names.get(c, "faiss recall") for c in cols) + " |"
-    sep = "|---:|" + "---:|" * len(cols)
-    rows = ["| " + f"{k} | " + " | ".join(f"{metrics[f'{c}@{k}']:.4f}" for c in cols) + " |" for k in ks]
-    return "\n".join([title, "", header, sep, *rows])
-
-
-def plot_report(metrics: dict[str, Any], ks: list[int], path: Path) -> None:
-    """HitRate@K and Recall@K against K, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for m, label in (("hr", "HitRate@K"), ("recall", "Recall@K")):
-        ax.plot(ks, [metrics[f"{m}@{k}"] for k in ks], marker="o", label=label)
-    ax.set_xlabel("K")
-    ax.set_ylabel("metric")
-    ax.set_title(f"{metrics['name']} on {metrics['split']} ({metrics['queries']:,} queries)")
-    ax.set_xticks(ks)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 REPORTS = ("metrics.json", "report.md", "report.png", "config.json", "topk.parquet")
+"""evaluate's own files in `out` (and `topk_<baseline>.parquet`), the only ones --overwrite removes."""
 
 
 def _cutoffs(cfg: EvaluateConfig, catalogue: int) -> list[int]:
@@ -446,26 +414,31 @@ def _clear_out(out: Path) -> None:
     try:
         for name in REPORTS:
             (out / name).unlink(missing_ok=True)
+        for old in out.glob("topk_*.parquet"):
+            old.unlink()
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SdmError(f"{out}: cannot write the output directory ({exc.strerror or exc})") from None
 
 
 def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
-    """Evaluate the checkpoint in `cfg.model` (or `cfg.baseline`) and write the reports to `cfg.out`.
+    """Evaluate the checkpoint in `cfg.model` and the baselines of `cfg.baseline`, and write the report.
 
-    Writes `metrics.json`, `report.md`, `report.png`, `config.json` and, with
-    `dump_topk`, `topk.parquet`.
+    Writes `metrics.json` (the structure of `report.py`), `report.md`, `report.png`,
+    `config.json` and, with `dump_topk`, `topk.parquet` (the model) and
+    `topk_<baseline>.parquet`.
 
     Returns:
-        The metrics dict plus "table" (the Markdown report).
+        The first method's metrics (the model when there is one) plus "table" (the
+        Markdown report) and "report" (what metrics.json holds).
 
     Raises:
         SdmError: K beyond the catalogue, a split without queries, a missing or
-            foreign model, faiss requested but not installed.
+            foreign model, faiss requested but not installed or without a model.
     """
     manifest = read_manifest(cfg.data)
-    ks = _cutoffs(cfg, int(manifest["num_items"]) - 2)
+    catalogue = int(manifest["num_items"]) - 2
+    ks = _cutoffs(cfg, catalogue)
     _check_out(cfg.out, cfg.overwrite)
     split_info = manifest["splits"].get(cfg.split, {})
     if not split_info.get("samples", 1):
@@ -473,32 +446,59 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
             f"{cfg.data}: split {cfg.split!r} has no queries: no sessions of length >= 2 after the "
             f"{'test' if cfg.split == 'test' else 'validation'} cutoff"
         )
+    with_model = _with_model(cfg)
     if cfg.index == "faiss":
         from sdm.pipeline.metrics import import_faiss
 
         import_faiss()
-        if cfg.baseline is not None:
+        if not with_model:
             raise SdmError("--index faiss needs a model; baselines are always scored exactly")
-    # Baselines score sparse products on CPU; only the model uses the accelerator.
-    device = pick_device(cfg.device) if cfg.baseline is None else torch.device("cpu")
-    if cfg.baseline is not None:
+    methods = _methods(cfg, manifest, with_model)  # every model and baseline is loaded before anything is written
+    _clear_out(cfg.out)
+    curve = curve_ks(catalogue)
+    entries, first = [], None
+    for name, kind, scorer, device, extra in methods:
+        dump = cfg.out / ("topk.parquet" if kind == "model" else f"topk_{name}.parquet") if cfg.dump_topk else None
+        m = evaluate_model(
+            scorer, cfg.data, cfg.split, sorted(set(ks) | set(curve)), cfg.batch_size, device,
+            exclude_seen=cfg.exclude_seen, dump_topk=dump, dump_k=max(ks), progress=progress,
+            index=cfg.index if kind == "model" else "exact",
+        )  # fmt: skip
+        if m["queries"] == 0:
+            raise SdmError(f"{cfg.data}: split {cfg.split!r} has no queries: no sessions of length >= 2 after the cutoff")
+        first = first or m
+        entries.append(method_entry(m, kind, ks, curve, exclude_seen=cfg.exclude_seen, index=m["index"], **extra))
+    report = build_report(manifest, first, ks, entries)
+    table = markdown_table(report)
+    save_config(cfg, cfg.out / "config.json")
+    (cfg.out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    (cfg.out / "report.md").write_text(table + "\n")
+    plot_report(report, cfg.out / "report.png")
+    return {**{k: v for k, v in first.items() if "@" not in k or int(k.split("@")[1]) in ks}, "table": table,
+            "report": report}  # fmt: skip
+
+
+def _with_model(cfg: EvaluateConfig) -> bool:
+    """Score the model unless only baselines were asked for and the default model directory has none."""
+    if not cfg.baseline or "model" in cfg.model_fields_set:
+        return True
+    if (cfg.model / "best.pt").is_file():
+        return True
+    print(f"note: no model in {cfg.model}; evaluating the baselines only", file=sys.stderr)
+    return False
+
+
+def _methods(cfg: EvaluateConfig, manifest: dict[str, Any], with_model: bool) -> list[tuple[str, str, Any, Any, dict]]:
+    """(name, kind, scorer, device, extra report fields) of the model and each baseline."""
+    methods = []
+    if with_model:
+        device = pick_device(cfg.device)
+        model = load_model(cfg.model, cfg.data, manifest, device)
+        step = read_checkpoint(Path(cfg.model) / "best.pt").get("step")
+        methods.append((model.config.variant, "model", model, device, {"checkpoint_step": step}))
+    if cfg.baseline:
         from sdm.pipeline.baselines import build_baseline
 
-        scorer: Any = build_baseline(cfg.baseline, cfg.data, manifest)
-    else:
-        scorer = load_model(cfg.model, cfg.data, manifest, device)
-
-    _clear_out(cfg.out)
-    metrics = evaluate_model(
-        scorer, cfg.data, cfg.split, ks, cfg.batch_size, device, exclude_seen=cfg.exclude_seen,
-        dump_topk=cfg.out / "topk.parquet" if cfg.dump_topk else None, progress=progress, index=cfg.index,
-    )  # fmt: skip
-    if metrics["queries"] == 0:
-        raise SdmError(f"{cfg.data}: split {cfg.split!r} has no queries: no sessions of length >= 2 after the cutoff")
-    metrics["exclude_seen"] = cfg.exclude_seen
-    table = markdown_table(metrics, ks)
-    save_config(cfg, cfg.out / "config.json")
-    (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (cfg.out / "report.md").write_text(table + "\n")
-    plot_report(metrics, ks, cfg.out / "report.png")
-    return {**metrics, "table": table}
+        for name in dict.fromkeys(cfg.baseline):  # baselines score sparse products on CPU
+            methods.append((name, "baseline", build_baseline(name, cfg.data, manifest), torch.device("cpu"), {}))
+    return methods

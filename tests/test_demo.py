@@ -14,8 +14,11 @@ def test_reduced_demo_full_model_beats_baselines(tmp_path):
     r = CliRunner().invoke(app, ["demo", "--out", str(out), "--events", "40000", "--epochs", "3", "-q"])
     assert r.exit_code == 0, r.output
     assert "| PSDMMAL-N |" in r.output and "demo done" in r.output
-    rows = {row["name"]: row for row in json.loads((out / "metrics.json").read_text())}
-    assert set(rows) == {"PSDMMAL-N", "popularity", "itemcf", "itemcf-repeat"}
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["format"] == "sdm-metrics" and report["split"] == "test"  # the structure of `sdm evaluate`
+    rows = {row["name"]: row for row in report["methods"]}
+    assert set(rows) == {"PSDMMAL-N", "popularity", "itemcf", "itemcf-repeat", "stan", "vsknn"}
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     sdm = rows["PSDMMAL-N"]["hr@50"]
     # Clearly: by at least 5 points of HR@50 over popularity and classic item-CF.
     assert sdm > rows["popularity"]["hr@50"] + 0.05

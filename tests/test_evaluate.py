@@ -100,8 +100,10 @@ def recompute(topk_path: Path, ks: list[int]) -> dict[str, Any]:
 
 
 def _check_against_dump(out: Path) -> dict[str, Any]:
-    metrics = json.loads((out / "metrics.json").read_text())
-    expected = recompute(out / "topk.parquet", KS)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["format"] == "sdm-metrics" and report["ks"] == KS
+    metrics = {**report, **report["methods"][0]}
+    expected = recompute(out / "topk.parquet" if metrics["kind"] == "model" else out / f"topk_{metrics['name']}.parquet", KS)
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-6), key
     return metrics
@@ -127,8 +129,8 @@ def test_baseline_metrics_match_the_dump(data: Path, tmp_path: Path, baseline: s
     assert metrics["name"] == baseline and metrics["split"] == "test" and metrics["fingerprint"] == "fp-test"
     assert "| K |" in result["table"] and result["table"] == (cfg.out / "report.md").read_text().strip()
     assert (cfg.out / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((cfg.out / "config.json").read_text())["baseline"] == baseline
-    dump = pq.read_table(cfg.out / "topk.parquet")
+    assert json.loads((cfg.out / "config.json").read_text())["baseline"] == [baseline]
+    dump = pq.read_table(cfg.out / f"topk_{baseline}.parquet")
     assert str(dump.schema.field("session_start").type) == "timestamp[us, tz=UTC]"
     assert min(dump.column("position").to_pylist()) == 2
     assert all(len(t) == 5 and None not in t for t in dump.column("topk").to_pylist())
@@ -139,7 +141,7 @@ def test_exclude_seen_never_recommends_the_prefix(data: Path, tmp_path: Path) ->
                          exclude_seen=True)  # fmt: skip
     evaluate(cfg)
     _check_against_dump(cfg.out)
-    rows = pq.read_table(cfg.out / "topk.parquet").to_pylist()
+    rows = pq.read_table(cfg.out / "topk_itemcf-repeat.parquet").to_pylist()
     starts = defaultdict(set)
     for r in rows:
         starts[r["user_id"]].add(r["session_start"])
@@ -210,7 +212,6 @@ def test_evaluate_model_restores_training_mode_and_tolerates_large_k(data: Path,
         ({"model": "foreign"}, r"model trained on another dataset"),
         ({"k": [8]}, r"--k 8 is larger than the catalogue .* \(7 items\)"),
         ({"split": "valid"}, r"split 'valid' has no queries: no sessions of length >= 2 after the validation cutoff"),
-        ({"index": "faiss", "baseline": "popularity"}, r"--index faiss needs a model"),
     ],
 )
 def test_bad_input_is_one_line_sdm_error(data: Path, tmp_path: Path, change: dict, message: str) -> None:
@@ -288,3 +289,34 @@ def test_bad_checkpoint_is_one_line(data: Path, tmp_path: Path, damage: str) -> 
                                  "--k", "1,3", "-q"])  # fmt: skip
     assert r.exit_code == 1, r.output
     assert r.output.count("\n") == 1 and str(path) in r.output and "Traceback" not in r.output, r.output
+
+
+def test_model_and_baselines_in_one_run(data: Path, tmp_path: Path) -> None:
+    _sdm_checkpoint(tmp_path / "model")
+    cfg = EvaluateConfig(data=data, model=tmp_path / "model", out=tmp_path / "eval", k=KS,
+                         baseline="popularity,itemcf-repeat", dump_topk=True)  # fmt: skip
+    result = evaluate(cfg)
+    report = json.loads((cfg.out / "metrics.json").read_text())
+    assert [m["name"] for m in report["methods"]] == ["PSDMMAL-N", "popularity", "itemcf-repeat"]
+    assert [m["kind"] for m in report["methods"]] == ["model", "baseline", "baseline"]
+    assert report["methods"][0]["checkpoint_step"] == 0 and report["catalogue"] == 7
+    assert report["fingerprint"] == "fp-test" and report["curve_ks"] == list(range(1, 8))
+    assert all(len(m["curve"]["ndcg"]) == 7 for m in report["methods"])
+    for m in report["methods"]:  # each method's metrics from its own dump, recomputed in plain Python
+        dump = cfg.out / ("topk.parquet" if m["kind"] == "model" else f"topk_{m['name']}.parquet")
+        for key, value in recompute(dump, KS).items():
+            assert {**report, **m}[key] == pytest.approx(value, abs=1e-6), (m["name"], key)
+        # the curve at K is the metric at K
+        assert m["curve"]["hr"][4] == pytest.approx(m["hr@5"])
+    assert result["table"].count("| popularity |") == len(KS)
+    assert (cfg.out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_baselines_alone_when_there_is_no_model(data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # the default runs/model does not exist here
+    evaluate(EvaluateConfig(data=data, out=tmp_path / "eval", k=KS, baseline="popularity"))
+    assert "evaluating the baselines only" in capsys.readouterr().err
+    with pytest.raises(SdmError, match="--index faiss needs a model"):
+        evaluate(EvaluateConfig(data=data, out=tmp_path / "e2", k=KS, baseline="popularity", index="faiss"))
+    with pytest.raises(SdmError, match="model directory not found"):  # an explicit --model must exist
+        evaluate(EvaluateConfig(data=data, model=tmp_path / "nope", out=tmp_path / "e3", k=KS, baseline="popularity"))
