@@ -9,6 +9,7 @@ temporary file that replaces the old one, so a crash never leaves half a file.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -56,3 +57,52 @@ def read_checkpoint(path: Path, keys: tuple[str, ...] = MODEL_KEYS) -> dict[str,
     if missing:
         raise SdmError(f"{path}: not an sdm checkpoint (missing {missing})")
     return ckpt
+
+
+# Settings a resumed run may change: they do not alter what the next step computes.
+RESUME_FREE = {"resume", "overwrite", "epochs", "max_steps", "patience", "eval_every", "log_every", "checkpoint_every",
+               "device", "out", "data"}  # fmt: skip
+# Settings that decide which batch comes next: changing them breaks the replay of the data position.
+RESUME_FIXED = ("batch_size", "seed", "num_workers", "shuffle_buffer")
+
+
+def check_resume(
+    path: Path, ckpt: dict[str, Any], fingerprint: str, model_config: dict[str, Any], config: dict[str, Any]
+) -> list[str]:
+    """Whether `ckpt` (read from `path`) can be continued by a run with this data, model and run config.
+
+    Returns:
+        "name old -> new" of each other setting that changed (applied, worth a note).
+
+    Raises:
+        SdmError: another dataset or model config, or a changed data-order setting.
+    """
+    if ckpt["data_fingerprint"] != fingerprint:
+        raise SdmError(f"{path}: checkpoint was trained on another data manifest than this run's --data")
+    if ckpt["model_config"] != model_config:
+        raise SdmError(f"{path}: checkpoint has another model config (variant/dimensions) than this run")
+    before = ckpt["config"]
+    fixed = [k for k in RESUME_FIXED if before.get(k) != config.get(k)]
+    if fixed:
+        flags = ", ".join(f"--{k.replace('_', '-')} ({before.get(k)} -> {config.get(k)})" for k in fixed)
+        raise SdmError(f"{path}: --resume with another {flags}: the data order would not continue where the run stopped")
+    changed = [k for k in config if k not in RESUME_FREE and k not in RESUME_FIXED and before.get(k) != config.get(k)]
+    return [f"{k} {before.get(k)} -> {config.get(k)}" for k in changed]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log records after `step` (steps a killed run logged past its last checkpoint,
+    which the resumed run trains and logs again) and old summaries."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if isinstance(rec, dict) and "summary" not in rec and rec.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)

@@ -37,7 +37,14 @@ from sdm.config import TrainConfig, save_config
 from sdm.errors import SdmError
 from sdm.model.loss import NegativeSampler, sdm_loss
 from sdm.model.sdm import SDM, ModelConfig
-from sdm.pipeline.checkpoint import CHECKPOINT_VERSION, RESUME_KEYS, atomic_save, read_checkpoint
+from sdm.pipeline.checkpoint import (
+    CHECKPOINT_VERSION,
+    RESUME_KEYS,
+    atomic_save,
+    check_resume,
+    read_checkpoint,
+    truncate_log,
+)
 from sdm.pipeline.dataset import (
     SessionDataset,
     assign_shards,
@@ -310,13 +317,6 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
 
 # -- checkpoints ----------------------------------------------------------------------
 
-# Settings a resumed run may change: they do not alter what the next step computes.
-RESUME_FREE = {"resume", "epochs", "max_steps", "patience", "eval_every", "log_every", "checkpoint_every", "device",
-               "out", "data"}  # fmt: skip
-# Settings that decide which batch comes next: changing them breaks the replay of the data position.
-RESUME_FIXED = ("batch_size", "seed", "num_workers", "shuffle_buffer")
-
-
 def checkpoint(run: Run, state: Progress) -> dict[str, Any]:
     """The checkpoint dict of the run at `state`."""
     return {
@@ -349,48 +349,45 @@ RUN_FILES = ("best.pt", "last.pt", "train_log.jsonl")
 
 
 def start(run: Run) -> Progress:
-    """A fresh run (old best.pt, last.pt, log removed) or the state of last.pt with `resume`.
+    """A fresh run (an earlier run's files replaced only with `overwrite`) or, with `resume`, the state of last.pt.
 
     Raises:
-        SdmError: no or unreadable last.pt, another model config or dataset, changed data-order settings.
+        SdmError: --out a file, an earlier run without --overwrite, no or unreadable last.pt,
+            another model config or dataset, changed data-order settings.
     """
-    cfg, out = run.cfg, run.cfg.out
+    out = run.cfg.out
     if out.exists() and not out.is_dir():
         raise SdmError(f"{out}: --out exists and is not a directory")
-    if not cfg.resume:
-        earlier = [n for n in RUN_FILES if (out / n).exists()]
-        if earlier and not cfg.overwrite:
-            raise SdmError(
-                f"{out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it or --resume to continue it"
-            )
-        if run.rank == 0:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                for name in RUN_FILES:  # a fresh run never mixes with older files
-                    (out / name).unlink(missing_ok=True)
-                save_config(cfg, out / "config.json")
-            except OSError as exc:
-                raise SdmError(f"{out}: cannot write the model directory ({exc.strerror or exc})") from None
-        return Progress()
-    path = out / "last.pt"
+    state = _resume(run) if run.cfg.resume else _fresh(run)
+    if run.rank == 0:
+        save_config(run.cfg, out / "config.json")
+    return state
+
+
+def _fresh(run: Run) -> Progress:
+    out = run.cfg.out
+    earlier = [n for n in RUN_FILES if (out / n).exists()]
+    if earlier and not run.cfg.overwrite:
+        raise SdmError(f"{out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it or --resume to continue it")
+    if run.rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:  # a fresh run never mixes with older files
+                (out / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise SdmError(f"{out}: cannot write the model directory ({exc.strerror or exc})") from None
+    return Progress()
+
+
+def _resume(run: Run) -> Progress:
+    path = run.cfg.out / "last.pt"
     if not path.is_file():
         raise SdmError(f"{path}: --resume given but there is no checkpoint to resume from")
     ckpt = read_checkpoint(path, RESUME_KEYS)
-    if ckpt["data_fingerprint"] != run.manifest["fingerprint"]:
-        raise SdmError(f"{path}: checkpoint was trained on another data manifest than {cfg.data}")
-    if ckpt["model_config"] != run.model_cfg.model_dump(mode="json"):
-        raise SdmError(f"{path}: checkpoint has another model config (variant/dimensions) than this run")
-    before, now = ckpt["config"], cfg.model_dump(mode="json")
-    fixed = [k for k in RESUME_FIXED if before.get(k) != now.get(k)]
-    if fixed:
-        raise SdmError(
-            f"{path}: --resume with another " + ", ".join(f"--{k.replace('_', '-')} ({before.get(k)} -> {now.get(k)})" for k in fixed)
-            + ": the data order would not continue where the run stopped"
-        )
-    changed = [k for k in now if k not in RESUME_FREE and k not in RESUME_FIXED and before.get(k) != now.get(k)]
+    changed = check_resume(path, ckpt, run.manifest["fingerprint"], run.model_cfg.model_dump(mode="json"),
+                           run.cfg.model_dump(mode="json"))  # fmt: skip
     if changed and run.rank == 0:
-        print("note: resuming with changed " + ", ".join(f"{k} {before.get(k)} -> {now.get(k)}" for k in changed),
-              file=sys.stderr)  # fmt: skip
+        print("note: resuming with changed " + ", ".join(changed), file=sys.stderr)
     try:
         run.model.load_state_dict(ckpt["model"])
         run.opt.load_state_dict(ckpt["optimizer"])
@@ -403,27 +400,8 @@ def start(run: Run) -> Progress:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
     state = Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_metric"], ckpt["bad_epochs"])
     if run.rank == 0:
-        _truncate_log(out / "train_log.jsonl", state.step)
-        save_config(cfg, out / "config.json")
+        truncate_log(run.cfg.out / "train_log.jsonl", state.step)
     return state
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records after `step` (steps a killed run logged past its last checkpoint,
-    which the resumed run trains and logs again) and old summaries."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-        if isinstance(rec, dict) and "summary" not in rec and rec.get("step", 0) <= step:
-            keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
 
 
 # -- the loop -------------------------------------------------------------------------
