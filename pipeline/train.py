@@ -369,6 +369,8 @@ def _fresh(run: Run) -> Progress:
     earlier = [n for n in RUN_FILES if (out / n).exists()]
     if earlier and not run.cfg.overwrite:
         raise SdmError(f"{out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it or --resume to continue it")
+    if run.world > 1:
+        dist.barrier()  # every rank has looked before rank 0 writes (all see the same files, so all agree)
     if run.rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
