@@ -80,6 +80,17 @@ def user_vector(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def one_event(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch's first session cut to one event, with a one-event long-term window (dynamic dims)."""
+    return {
+        "seq": {f: v[:1, :1] for f, v in batch["seq"].items()},
+        "seq_len": torch.tensor([1]),
+        "long": {f: v[-1:, :1] for f, v in batch["long"].items()},
+        "long_len": torch.tensor([1]),
+        "user": {f: v[:1] for f, v in batch["user"].items()},
+    }
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Shards, a checkpoint, and an export through the library API."""
@@ -102,13 +113,7 @@ def test_user_tower_matches_pytorch_on_ragged_batch(exported: dict[str, Any]) ->
     torch.testing.assert_close(got, last_position(model, batch), atol=1e-5, rtol=0)
 
     # Dynamic dims: one session, cut to one event, with a one-event long-term window.
-    one = {
-        "seq": {f: v[:1, :1] for f, v in batch["seq"].items()},
-        "seq_len": torch.tensor([1]),
-        "long": {f: v[-1:, :1] for f, v in batch["long"].items()},
-        "long_len": torch.tensor([1]),
-        "user": {f: v[:1] for f, v in batch["user"].items()},
-    }
+    one = one_event(batch)
     torch.testing.assert_close(user_vector(program(*tower_inputs(one, tower))), last_position(model, one), atol=1e-5, rtol=0)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_export import last_position, make_data, make_model, ragged_batch
+from test_export import last_position, make_data, make_model, one_event, ragged_batch
 
 from sdm.serve.export import UserTower, export_onnx, tower_inputs
 
@@ -53,13 +53,7 @@ def test_onnx_tower_matches_pytorch(data: Path, tmp_path: Path, variant: str) ->
         real = ref[1].numpy() > 1
         np.testing.assert_allclose(out[2][real], ref[2].numpy()[real], atol=1e-4, rtol=0)
 
-    one = {
-        "seq": {f: v[:1, :1] for f, v in batch["seq"].items()},
-        "seq_len": torch.tensor([1]),
-        "long": {f: v[-1:, :1] for f, v in batch["long"].items()},
-        "long_len": torch.tensor([1]),
-        "user": {f: v[:1] for f, v in batch["user"].items()},
-    }
+    one = one_event(batch)
     np.testing.assert_allclose(run_onnx(path, tower, one)[0], last_position(model, one).numpy(), atol=1e-4, rtol=0)
 
 
