@@ -249,7 +249,7 @@ def train(cfg: TrainConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -
 @app.command()
 @_with_config_flags(EvaluateConfig, "evaluate")
 def evaluate(cfg: EvaluateConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
-    """Full-ranking HitRate/Recall/NDCG/MRR@K of a checkpoint or baseline on held-out sessions."""
+    """Full-ranking HitRate/Recall/NDCG/MRR@K of the model and any baselines on held-out sessions, in one table."""
     from sdm.pipeline.evaluate import evaluate as run_eval
 
     metrics = run_eval(cfg, progress=not quiet)
