@@ -27,7 +27,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def prepare(work: Path, events: int, items: int, seed: int) -> tuple[Path, Path, Path]:
+def prepare(work: Path, events: int, items: int, seed: int, users: int | None = None) -> tuple[Path, Path, Path]:
     from sdm.config import SessionizeConfig, SynthConfig, TrainConfig
     from sdm.model.sdm import SDM
     from sdm.pipeline.dataset import load_item_table, read_manifest
@@ -38,7 +38,7 @@ def prepare(work: Path, events: int, items: int, seed: int) -> tuple[Path, Path,
     log, data, model = work / "synth" / "logs.parquet", work / "data", work / "model"
     if (model / "best.pt").is_file():
         return log, data, model
-    generate(SynthConfig(out=log, events=events, items=items, seed=seed, overwrite=True), progress=False)
+    generate(SynthConfig(out=log, events=events, items=items, users=users, seed=seed, overwrite=True), progress=False)
     sessionize(SessionizeConfig(out=data, overwrite=True, items=log.parent / "items.parquet",
                                 users=log.parent / "users.parquet", item_features=["category", "brand"],
                                 user_features=["age", "gender"]), log, progress=False)  # fmt: skip
@@ -83,17 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, default=3_000_000)
     p.add_argument("--items", type=int, default=20_000)
+    p.add_argument("--users", type=int, default=None, help="users of the synthetic log (default: synth's own rule)")
+    p.add_argument("--bucketed-only", action="store_true", help="only the bucketed run (for logs too large for one bucket)")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--small", type=int, default=300_000, help="bucket_events of the bucketed run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("/tmp/sdm_recommend_bench"))
     p.add_argument("--out", type=Path, default=RESULTS / "recommend.json")
     args = p.parse_args(argv)
-    log, data, model = prepare(args.work, args.events, args.items, args.seed)
+    log, data, model = prepare(args.work, args.events, args.items, args.seed, args.users)
     import polars as pl
 
     users = pl.scan_parquet(log).select(pl.col("user_id").n_unique()).collect().item()
     small = run_child(log, data, model, args.work / "recs_small.parquet", args.small, args.k)
+    if args.bucketed_only:
+        return _write(args.out, {
+            "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+            "events": args.events, "items": args.items, "users": users, "k": args.k, "bucketed": small,
+            "users_per_s_bucketed": round(users / small["seconds"], 1),
+        })  # fmt: skip
     whole = run_child(log, data, model, args.work / "recs_whole.parquet", 10 * args.events, args.k)
     a = pl.read_parquet(args.work / "recs_small.parquet").sort("user_id")
     b = pl.read_parquet(args.work / "recs_whole.parquet").sort("user_id")
@@ -107,10 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         "users_per_s_bucketed": round(users / small["seconds"], 1),
         "peak_ratio_bucketed_vs_one": round(small["peak_rss_mib"] / whole["peak_rss_mib"], 2),
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
+    return _write(args.out, result)
+
+
+def _write(out: Path, result: dict[str, Any]) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    tmp.replace(out)
     print(json.dumps(result, indent=2), file=sys.stderr)
     return 0
 
