@@ -32,7 +32,7 @@ def prepare(work: Path, events: int, items: int, seed: int, users: int | None = 
     from sdm.model.sdm import SDM
     from sdm.pipeline.dataset import load_item_table, read_manifest
     from sdm.logs.synth import generate
-    from sdm.pipeline.train import build_model_config
+    from sdm.pipeline.modelspec import build_model_config
     from sdm.sessionize import run as sessionize
 
     log, data, model = work / "synth" / "logs.parquet", work / "data", work / "model"

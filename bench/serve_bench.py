@@ -44,7 +44,7 @@ def build_export(work: Path, events: int, items: int, seed: int) -> tuple[Path, 
     from sdm.model.sdm import SDM
     from sdm.pipeline.dataset import load_item_table, read_manifest
     from sdm.logs.synth import generate
-    from sdm.pipeline.train import build_model_config
+    from sdm.pipeline.modelspec import build_model_config
     from sdm.serve.export import export
     from sdm.sessionize import run as sessionize
 

@@ -26,7 +26,7 @@ from sdm.model.sdm import SDM
 from sdm.pipeline.dataset import load_item_table, read_manifest
 from sdm.pipeline.evaluate import evaluate
 from sdm.logs.synth import generate
-from sdm.pipeline.train import build_model_config
+from sdm.pipeline.modelspec import build_model_config
 from sdm.serve.recommend import recommend
 from sdm.sessionize import run as sessionize
 

@@ -138,7 +138,7 @@ def test_torchrun_two_processes(data, tmp_path):
 
 def test_feature_selection_and_missing_feature_error(data, tmp_path):
     from sdm.pipeline.dataset import read_manifest
-    from sdm.pipeline.train import build_model_config
+    from sdm.pipeline.modelspec import build_model_config
 
     m = read_manifest(data)
     mc = build_model_config(cfg(data, tmp_path / "m", item_features=[], user_features="user,age"), m)
@@ -247,7 +247,7 @@ def test_more_loader_workers_than_shards_is_one_line(data, tmp_path):
 
 
 def test_auto_loss_is_full_while_the_logits_fit_one_gib():
-    from sdm.pipeline.train import resolve_loss
+    from sdm.pipeline.modelspec import resolve_loss
 
     assert resolve_loss("auto", 83_886) == "full"  # 64 x 50 x 83,886 = 268.4M <= 2^28
     assert resolve_loss("auto", 83_887) == "sampled"
