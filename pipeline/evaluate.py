@@ -34,7 +34,8 @@ from sdm.pipeline.checkpoint import read_checkpoint
 from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.model.sdm import History, copy_scores
-from sdm.pipeline.metrics import METRICS, FaissIndex, add_copy_scores, chunked_topk, metric_sums, overlap_at_k
+from sdm.pipeline.metrics import METRICS, add_copy_scores, chunked_topk, metric_sums, overlap_at_k
+from sdm.serve.index import FaissIndex, import_faiss
 from sdm.pipeline.report import build_report, curve_ks, markdown_table, method_entry, plot_report
 
 ScoreFn = Callable[[int, int], Tensor]
@@ -448,8 +449,6 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
         )
     with_model = _with_model(cfg)
     if cfg.index == "faiss":
-        from sdm.pipeline.metrics import import_faiss
-
         import_faiss()
         if not with_model:
             raise SdmError("--index faiss needs a model; baselines are always scored exactly")

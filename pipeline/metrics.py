@@ -6,9 +6,10 @@ query (Q,); the evaluator averages them. Conventions (docs/FORMAT.md):
 index 0 is padding and 1 is out-of-vocabulary (OOV). Neither is ever
 recommended, so an OOV next item never counts as a hit. A target set G is a
 (Q, M) tensor padded with 0; duplicates are allowed (G is de-duplicated here).
-OOV targets stay in G, so |G| counts distinct target indices *including* OOV
-(all OOV items share index 1 and so count once): they lower recall but can
-never be retrieved, matching "OOV targets count as misses".
+OOV targets stay in G, so |G| counts them: they lower recall but can never be
+retrieved, matching "OOV targets count as misses". The evaluator gives each
+distinct unknown raw item its own negative key (from the shards' `seq_oov`), so
+two different OOV items count twice; with index 1 alone they would count once.
 
 In `topk`, index 0 means "no candidate" (fewer than K items were left after
 masking); it never matches a target.
@@ -21,8 +22,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from sdm.errors import SdmError
 
 PAD, OOV = 0, 1
 
@@ -291,10 +290,6 @@ def topk_scores(
         return user_vecs @ item_vecs[start:end].T  # (Q, C)
 
     return chunked_topk(score, item_vecs.shape[0], k, chunk_items, exclude)
-
-
-# FaissIndex and import_faiss moved to sdm.serve.index (serving owns the index); kept importable here.
-from sdm.serve.index import FaissIndex, import_faiss  # noqa: E402,F401
 
 
 def overlap_at_k(approx: Tensor, exact: Tensor) -> Tensor:

@@ -10,11 +10,9 @@ import torch
 
 from sdm.errors import SdmError
 from sdm.pipeline.metrics import (
-    FaissIndex,
     chunked_topk,
     f1_at_k,
     hit_rate_at_k,
-    import_faiss,
     metric_sums,
     mrr_at_k,
     ndcg_at_k,
@@ -24,6 +22,7 @@ from sdm.pipeline.metrics import (
     target_set_size,
     topk_scores,
 )
+from sdm.serve.index import FaissIndex, import_faiss
 
 # 4 queries, K = 3. Item 1 is OOV, 0 pads the target sets.
 TOPK = torch.tensor([[2, 3, 4], [5, 6, 7], [9, 2, 3], [4, 5, 6]])
