@@ -369,10 +369,11 @@ class SessionDataset(IterableDataset):
         """Select the epoch's shard order and shuffle (call before iterating)."""
         self.epoch = epoch
 
-    def _columns(self) -> list[str]:
+    def _columns(self, have: list[str]) -> list[str]:
+        """The columns to read from a shard whose columns are `have`."""
         cols = ["user_id", "ts", "sess_id", "sess_start", "sess_len", "long_start", "long_end"]
         cols += [f"seq_{f}" for f in self.item_features] + [user_column(f) for f in self.user_features]
-        if not self.shuffle and self.shards and "seq_oov" in pq.read_schema(self.shards[0]).names:
+        if not self.shuffle and "seq_oov" in have:
             cols.append("seq_oov")  # evaluation order: keep unknown targets apart (older shards lack it)
         return cols
 
@@ -382,7 +383,7 @@ class SessionDataset(IterableDataset):
             path = self.shards[sid]
             try:
                 pf = pq.ParquetFile(path)
-                batches = pf.iter_batches(batch_size=self.read_rows, columns=self._columns())
+                batches = pf.iter_batches(batch_size=self.read_rows, columns=self._columns(pf.schema_arrow.names))
                 for rb in batches:
                     chunk = sessions_from_record_batch(
                         rb, self.item_features, self.user_features, self.max_session_len, self.max_long_len
