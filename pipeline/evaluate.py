@@ -357,6 +357,13 @@ def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device
         SdmError: missing directory or checkpoint, unreadable checkpoint, or a
             model trained on another dataset (fingerprint mismatch).
     """
+    return load_model_and_checkpoint(model_dir, data_dir, manifest, device)[0]
+
+
+def load_model_and_checkpoint(
+    model_dir: Path, data_dir: Path, manifest: dict[str, Any], device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """`load_model`, plus the checkpoint dict it was read from (step, configs), read once."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise SdmError(f"{model_dir}: model directory not found (run `sdm train` first)")
@@ -383,7 +390,7 @@ def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdmError(f"{path}: checkpoint does not fit its model config or this data ({first[:300]})") from None
-    return model.to(device).eval()
+    return model.to(device).eval(), ckpt
 
 
 REPORTS = ("metrics.json", "report.md", "report.png", "config.json", "topk.parquet")
@@ -492,9 +499,8 @@ def _methods(cfg: EvaluateConfig, manifest: dict[str, Any], with_model: bool) ->
     methods = []
     if with_model:
         device = pick_device(cfg.device)
-        model = load_model(cfg.model, cfg.data, manifest, device)
-        step = read_checkpoint(Path(cfg.model) / "best.pt").get("step")
-        methods.append((model.config.variant, "model", model, device, {"checkpoint_step": step}))
+        model, ckpt = load_model_and_checkpoint(cfg.model, cfg.data, manifest, device)
+        methods.append((model.config.variant, "model", model, device, {"checkpoint_step": ckpt.get("step")}))
     if cfg.baseline:
         from sdm.pipeline.baselines import build_baseline
 
