@@ -285,3 +285,18 @@ def test_fresh_run_over_an_earlier_one_needs_overwrite(data, tmp_path):
     (tmp_path / "file").write_text("x")
     r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "file")])
     assert r.exit_code == 1 and "exists and is not a directory" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--checkpoint-every", "0"], "invalid 'checkpoint_every': must be >= 1, got 0"),
+        (["train", "--num-blocks", "0"], "invalid 'num_blocks': must be >= 1, got 0"),
+        (["train", "--variant", "SASrec"], "'variant'"),
+        (["evaluate", "--baseline", "itemcf,bogus"], "(got 'bogus')"),
+    ],
+)
+def test_new_flags_bad_values_are_one_line(tmp_path, args, message):
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and message in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "o").exists()
