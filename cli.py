@@ -57,7 +57,7 @@ class _OneLineErrors(TyperGroup):
         except _click.exceptions.ClickException as exc:
             typer.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(1)
-        except _click.exceptions.Abort:
+        except typer.Abort:
             typer.echo("error: aborted", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -163,7 +163,7 @@ def _existing_file(help_text: str) -> Any:
 @_with_config_flags(SessionizeConfig, "sessionize")
 def sessionize(
     cfg: SessionizeConfig,
-    log: Annotated[Path, _existing_file("Interaction log (Parquet or CSV).")],
+    log: Annotated[Path, _existing_file("Interaction log (Parquet or CSV): a file, a directory of parts, or a quoted glob.")],
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -171,13 +171,6 @@ def sessionize(
     from sdm.sessionize import run
 
     m = run(cfg, log, progress=not quiet)
-    if cfg.plan_only:
-        typer.echo(f"plan for {m['buckets']} buckets of {m['rows_in']:,} events; {m['seconds']:.1f}s -> {cfg.out}/plan")
-        return
-    if cfg.bucket is not None:
-        n = sum(x["sessions"] for shards in m["shards"].values() for x in shards)
-        typer.echo(f"partition {cfg.bucket}: {m['rows_in']:,} events -> {n:,} sessions; {m['seconds']:.1f}s -> {cfg.out}")
-        return
     s = m["splits"]
     dropped = ", ".join(f"{k} {v:,}" for k, v in m["dropped"].items() if v) or "none"
     for line in m.get("notes", []):
@@ -209,26 +202,6 @@ def check(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     typer.echo(f"ok: {data}: {s['files']} files, {s['bytes'] / 1e6:,.1f} MB match the manifest's sizes and sha256")
-
-
-@app.command("sessionize-combine")
-def sessionize_combine(
-    parts: Annotated[list[Path], typer.Argument(help="Partial outputs of `sdm sessionize --bucket i/N`, all N.")],
-    plan: Annotated[Path, typer.Option("--plan", help="The plan directory the partitions used (OUT/plan of --plan-only).")],
-    out: Annotated[Path, typer.Option("--out", help="The combined shard directory.")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Merge the partial outputs of every `--bucket i/N` run into one shard directory (see sessionize/partial.py)."""
-    from sdm.sessionize.partial import combine
-
-    try:
-        m = combine(plan, parts, out, overwrite=overwrite, progress=not quiet)
-    except SdmError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
-    sessions = sum(m["splits"][k]["sessions"] for k in ("train", "valid", "test"))
-    typer.echo(f"combined {len(parts)} partitions: {m['rows_in']:,} events -> {sessions:,} sessions; -> {out}")
 
 
 @app.command()

@@ -125,12 +125,10 @@ class SessionizeConfig(_Base):
     """Hash-partition users into this many buckets, sessionized one at a time: peak memory ~ log / buckets; same output."""
     workers: int = 1
     """Buckets sessionized in parallel processes (each with cores / workers polars threads)."""
-    bucket: str | None = None
-    """Sessionize only user partition i of N ("i/N", 0-based) with the plan in `plan`, as a partial output."""
-    plan: Path | None = None
-    """Plan directory (written by `plan_only`) that a `bucket` run takes cutoffs, vocabularies and offsets from."""
-    plan_only: bool = False
-    """Only run the first pass over the whole log and write its plan (cutoffs, vocabularies, offsets) to `out`/plan."""
+    engine: Literal["local", "ray"] = "local"
+    """Who runs the passes over the buckets: this process ("local") or Ray tasks ("ray", needs the `ray` extra)."""
+    ray_address: str | None = None
+    """Ray cluster to run on with engine "ray" (e.g. "ray://head:10001" or "auto"); default: a Ray started on this machine."""
 
     _norm_lists = field_validator("behaviors", "item_features", "user_features", "multi_valued", mode="before")(
         classmethod(lambda cls, v: _split_list(v))
@@ -148,15 +146,6 @@ class SessionizeConfig(_Base):
     @classmethod
     def _check_duration(cls, v: str) -> str:
         parse_duration(v)
-        return v
-
-    @field_validator("bucket")
-    @classmethod
-    def _check_bucket(cls, v: str | None) -> str | None:
-        if v is not None:
-            m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", v)
-            if not m or not 0 <= int(m[1]) < int(m[2]):
-                raise ValueError(f"bucket must be 'i/N' with 0 <= i < N, got {v!r}")
         return v
 
     _positive = field_validator(
@@ -187,10 +176,6 @@ class SessionizeConfig(_Base):
                 raise ValueError(f"{k} must be >= 0, got {v}")
         if self.valid_start and self.test_start and self.valid_start > self.test_start:
             raise ValueError("valid_start must not be after test_start")
-        if self.bucket is not None and self.plan is None:
-            raise ValueError("bucket needs plan (the plan directory of a plan_only run)")
-        if self.bucket is not None and self.plan_only:
-            raise ValueError("give bucket or plan_only, not both")
         for f in self.item_features + self.user_features:
             if f in ("item", "user"):
                 raise ValueError(f"feature name {f!r} is reserved (rename the column)")
@@ -203,14 +188,6 @@ class SessionizeConfig(_Base):
     @property
     def long_window_td(self) -> dt.timedelta:
         return parse_duration(self.long_window)
-
-    @property
-    def bucket_of(self) -> tuple[int, int] | None:
-        """`bucket` "i/N" as (i, N), or None."""
-        if self.bucket is None:
-            return None
-        i, n = self.bucket.split("/")
-        return int(i), int(n)
 
 
 Variant = Literal["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN", "SASRec"]

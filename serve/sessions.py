@@ -1,9 +1,9 @@
 """A user's latest session and its long-term window, from raw events, exactly as training built them.
 
 Serving must not re-implement the sessionizer: everything here calls its own
-stage functions (`sessionize.io.check_log`, `timestamp_expr`, `tag_drops`,
-`to_events`, `sessionize.core.sessionize`, `sessions_table`, `long_windows`,
-`rows_table`, `timelines`, `encode`) with the training run's resolved config
+stage functions (`sessionize.io.check_log`, `timestamp_expr`,
+`normalise.clean_events`, `sessions.sessionize`, `windows.sessions_table`,
+`long_windows`, `rows_table`, `timelines`, `encode.encode`) with the training run's resolved config
 and vocabularies, then reads the result with the trainer's own
 `pipeline.dataset.sessions_from_record_batch`. Only two steps are serving's:
 keeping each user's *latest* session (before `at`), and taking user profiles
@@ -29,10 +29,18 @@ import pyarrow as pa
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 from sdm.pipeline.dataset import sessions_from_record_batch, user_column
-from sdm.sessionize import _bucket_input, _Input, _open, core  # the training code itself
-from sdm.sessionize.io import DROP, ITEM, ROW, SID, TS, USER, check_log, feat_col, tag_drops, timestamp_expr, to_events
+# the training code itself
+from sdm.sessionize.encode import encode
+from sdm.sessionize.io import ITEM, ROW, SID, TS, USER, check_log, feat_col, timestamp_expr
+from sdm.sessionize.normalise import clean_events
+from sdm.sessionize.read import Input as _Input
+from sdm.sessionize.read import open_input as _open
+from sdm.sessionize.read import read_bucket as _bucket_input
+from sdm.sessionize.sessions import SESS, sessionize
+from sdm.sessionize.split import SPLIT
+from sdm.sessionize.windows import long_windows, rows_table, sessions_table, timelines
 
-SPLIT_SERVE = 2  # the split label of served sessions (unused downstream; core.sessions_table carries it)
+SPLIT_SERVE = 2  # the split label of served sessions (unused downstream; sessions_table carries it)
 
 
 @dataclass
@@ -241,35 +249,33 @@ def latest_sessions(
         raw = inp.lf.with_row_index(ROW).collect()
     if at_us is not None:
         raw = raw.filter(inp.ts < at_us)
-    tagged = tag_drops(raw.lazy(), cfg, inp.spec, inp.ts)
-    events = to_events(
-        tagged.filter(pl.col(DROP).is_null()), cfg, inp.spec, inp.ts, _items_for(inp, lookups, raw),
-        inp.schema[cfg.item_col],
-    )  # fmt: skip
+    events, _ = clean_events(raw, inp, _items_for(inp, lookups, raw))
     gap_us = cfg.gap_td // _US
     ev = (
-        core.sessionize(events, gap_us, cfg.max_session_len)
+        sessionize(events.lazy(), gap_us, cfg.max_session_len)
         .drop(SID)
-        .with_columns(pl.lit(SPLIT_SERVE, dtype=pl.Int8).alias(core.SPLIT))
+        .with_columns(pl.lit(SPLIT_SERVE, dtype=pl.Int8).alias(SPLIT))
+        .collect(engine="in-memory")
     )
     sessions = (
-        core.sessions_table(ev)
+        sessions_table(ev.lazy())
         # serving's own step: the user's latest session only
-        .filter(pl.col(core.SESS) == pl.col(core.SESS).max().over(USER))
+        .filter(pl.col(SESS) == pl.col(SESS).max().over(USER))
     )
     window_us = cfg.long_window_td // _US
-    sessions = core.long_windows(sessions, ev, window_us, cfg.max_long_len)
+    sessions = long_windows(sessions, ev, window_us, cfg.max_long_len)
+    ev = ev.lazy()
 
-    enc = core.encode(ev, ITEM, _vocab_for(lookups, lookups.vocabs["item"], raw, cfg.item_col), "seq_item")
+    enc = encode(ev, ITEM, _vocab_for(lookups, lookups.vocabs["item"], raw, cfg.item_col), "seq_item")
     read = [f for f in lookups.item_features if f not in missing]
     for f in read:
         vocab = _vocab_for(lookups, lookups.vocabs[f], raw, f) if f in inp.spec.log_item_features else lookups.vocabs[f]
-        enc = core.encode(enc, feat_col(f), vocab, f"seq_{f}")
+        enc = encode(enc, feat_col(f), vocab, f"seq_{f}")
     enc = enc.select(pl.col(TS), pl.col("seq_item"), *[pl.col(f"seq_{f}") for f in read])
     # One query plan for both (the sessionized events are computed once), on the
     # in-memory engine as the sessionizer's own collects: for one user's events, planning
     # and the streaming engine's hand-offs cost more than the work (7 ms vs 2.6 ms measured).
-    rows, enc_df = pl.collect_all([core.rows_table(sessions), enc], engine="in-memory")
+    rows, enc_df = pl.collect_all([rows_table(sessions), enc], engine="in-memory")
     if missing:
         idx = enc_df.get_column("seq_item").to_numpy().astype(np.int64)
         enc_df = enc_df.with_columns(
@@ -277,7 +283,7 @@ def latest_sessions(
             for f in missing
         )
     seq_cols = ["seq_item"] + [f"seq_{f}" for f in lookups.item_features]
-    rows = core.timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})
+    rows = timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})
     arrays = _to_arrays(rows, lookups, seq_cols)
     return Served(arrays, rows.get_column(USER).gather(arrays["row"]))
 
@@ -308,7 +314,7 @@ SMALL_VOCAB = 10_000
 def _vocab_for(lookups: Lookups, vocab: pl.DataFrame, raw: pl.DataFrame, column: str) -> pl.DataFrame:
     """The rows of a large vocabulary whose raw value occurs in `raw[column]` (the rest cannot match).
 
-    `core.encode` joins events to the vocabulary; for one user's few events, hashing a
+    `encode` joins events to the vocabulary; for one user's few events, hashing a
     100k-row vocabulary each request cost ~10 ms. The subset gives the same indices.
     """
     if vocab.height <= SMALL_VOCAB or column not in raw.columns:
@@ -343,7 +349,7 @@ def _to_arrays(rows: pl.DataFrame, lookups: Lookups, seq_cols: list[str]) -> dic
         {
             "user_id": frame.get_column("user_id").to_arrow(),
             "ts": frame.get_column("ts").to_arrow(),
-            "sess_id": frame.get_column(core.SESS).to_arrow(),
+            "sess_id": frame.get_column(SESS).to_arrow(),
             "sess_start": frame.get_column("sess_start").to_arrow(),
             "sess_len": frame.get_column("sess_len").to_arrow(),
             "long_start": frame.get_column("long_start").to_arrow(),
@@ -370,7 +376,7 @@ def bucketed(
     import shutil
     import tempfile
 
-    from sdm.sessionize import split_log
+    from sdm.sessionize.read import split_log
 
     split = None
     if work is not None and buckets > 1:

@@ -7,18 +7,22 @@ run leaves no manifest and a reader can tell the directory is unfinished.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import polars as pl
 
+from sdm.config import SessionizeConfig, save_config
 from sdm.errors import SdmError
+from sdm.sessionize.io import from_us
 
 MANIFEST = "manifest.json"
 COMPRESSION = "zstd"
@@ -48,7 +52,10 @@ def check_inputs_outside(out: Path, inputs: dict[str, Path | None]) -> None:
     for what, p in inputs.items():
         if p is None:
             continue
-        r = Path(p).resolve()
+        text = str(p)
+        if any(c in text for c in "*?["):  # a glob: the folder it starts from
+            text = str(Path(text[: min(text.index(c) for c in "*?[" if c in text)]).parent)
+        r = Path(text).resolve()
         if r == o or o in r.parents:
             raise SdmError(
                 f"{p}: the {what} is inside the output directory {out}, whose contents are replaced; "
@@ -190,3 +197,58 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)
+
+
+FORMAT_NAME = "sdm-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+
+
+def finish(
+    cfg: SessionizeConfig,
+    plan: Any,
+    out: Path,
+    shards: dict[str, list[dict[str, Any]]],
+    t0: float,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write vocabularies, side tables, config and (last) the manifest of a shard directory."""
+    splits = {name: split_entry(sorted(shards[name], key=lambda s: s["path"])) for name in SPLITS}
+    for name in SPLITS:
+        say(f"{name}: {splits[name]['sessions']} sessions in {len(splits[name]['shards'])} shards")
+    for name, vocab in plan.vocabs.items():
+        write_table(vocab, out / "vocab" / f"{name}.parquet")
+    write_table(plan.items_table, out / "items.parquet")
+    write_table(plan.users_table.drop("_user"), out / "users.parquet")
+    save_config(cfg, out / "config.json")
+    files = file_table(out)
+
+    config = cfg.model_dump(mode="json")
+    vocab_sizes = {name: vocab.height + 2 for name, vocab in plan.vocabs.items()}
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint(out, splits, vocab_sizes, config),
+        "item_features": ["item", *plan.item_features],
+        "user_features": ["user", *plan.user_features],
+        "vocab_sizes": vocab_sizes,
+        "num_items": vocab_sizes["item"],
+        "max_session_len": cfg.max_session_len,
+        "max_long_len": cfg.max_long_len,
+        "cutoffs": {"valid_start": from_us(plan.cut.valid_start), "test_start": from_us(plan.cut.test_start)},
+        "rows_in": plan.rows_in,
+        "rows_kept": plan.rows_in - sum(plan.dropped.values()),
+        "dropped": plan.dropped,
+        "splits": splits,
+        "side_tables": plan.side_tables,
+        "multi_valued": {f: {"sep": cfg.value_sep, "items_column": f"{f}_values"} for f in cfg.multi_valued},
+        "notes": plan.notes,
+        "warnings": plan.warnings,
+        "files": files,
+        "config": config,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_manifest(out, manifest)
+    say(f"wrote {out} in {manifest['seconds']:.1f}s")
+    return manifest

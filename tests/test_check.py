@@ -145,19 +145,9 @@ def test_old_manifest_without_file_table_still_opens_but_check_says_why(data):
     assert code == 1 and "records no file hashes" in out
 
 
-def test_bucketed_and_combined_outputs_pass_check(tmp_path):
-    from sdm.sessionize import partial
-
+def test_bucketed_outputs_pass_check(tmp_path):
     src = make_data(tmp_path / "one")
     log = tmp_path / "one" / "log.parquet"
     run(SessionizeConfig(out=tmp_path / "b3", buckets=3, min_shards=2), log, progress=False)
     assert check_data_dir(tmp_path / "b3")["files"] == len(manifest(tmp_path / "b3")["files"])
-    run(SessionizeConfig(out=tmp_path / "p", buckets=2, plan_only=True, min_shards=2), log, progress=False)
-    parts = []
-    for i in range(2):
-        cfg = SessionizeConfig(out=tmp_path / f"part{i}", bucket=f"{i}/2", plan=tmp_path / "p" / "plan", min_shards=2)
-        run(cfg, log, progress=False)
-        parts.append(tmp_path / f"part{i}")
-    partial.combine(tmp_path / "p" / "plan", parts, tmp_path / "all", progress=False)
-    check_data_dir(tmp_path / "all")
     assert src.exists()

@@ -260,9 +260,9 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     script = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from sdm.sessionize import _map
+from sdm.sessionize.engine import process_map
 from worker_jobs import sleep_job
-_map(sleep_job, [{str(pids)!r}] * 2, 2)
+process_map(sleep_job, [{str(pids)!r}] * 2, 2)
 """
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:

@@ -1,10 +1,10 @@
-"""Bucketed, partitioned and combined sessionizing equal the one-bucket output.
+"""Bucketed, multi-process and multi-file sessionizing equal the one-bucket output.
 
 Small random logs (ties, nulls, duplicates, session ids, item features, a users
-table) through `run` with several bucket counts, through the plan ->
-partitions -> combine route, and through worker processes; the rebuilt
-sessions, windows, splits, vocabularies, side tables and manifest totals must
-be identical to the one-bucket run.
+table) through `run` with several bucket counts, through worker processes and
+from a directory or glob of parts; the rebuilt sessions, windows, splits,
+vocabularies, side tables and manifest totals must be identical to the
+one-bucket run. The Ray engine's equality test is `test_sessionize_ray.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from sdm.cli import app
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
-from sdm.sessionize import partial, run, write
+from sdm.sessionize import run, write
 
 
 def _random_log(tmp_path: Path, seed: int, n: int = 600) -> tuple[Path, Path]:
@@ -98,65 +98,41 @@ def test_workers_equal_one_process(tmp_path):
     _same_output(tmp_path / "b1", tmp_path / "w", one, m)
 
 
-def test_plan_partitions_combine_equal_one_bucket(tmp_path):
+def test_directory_and_glob_inputs_equal_one_file(tmp_path):
+    """A log given as a directory of Parquet parts, or as a glob, reads as the concatenated file."""
     log, users = _random_log(tmp_path, 3)
     one = run(_cfg(tmp_path / "b1", users), log, progress=False)
-    meta = run(_cfg(tmp_path / "p", users, buckets=3, plan_only=True), log, progress=False)
-    assert meta["buckets"] == 3 and not (tmp_path / "p" / "manifest.json").exists()
-    plan = tmp_path / "p" / "plan"
-    parts = []
-    for i in range(3):
-        pm = run(_cfg(tmp_path / f"part{i}", users, bucket=f"{i}/3", plan=plan), log, progress=False)
-        assert pm["bucket"] == i and (tmp_path / f"part{i}" / "partial-manifest.json").exists()
-        assert not (tmp_path / f"part{i}" / "manifest.json").exists()
-        parts.append(tmp_path / f"part{i}")
-    m = partial.combine(plan, parts[::-1], tmp_path / "all", progress=False)
-    _same_output(tmp_path / "b1", tmp_path / "all", one, m)
-    assert json.loads((tmp_path / "all" / "manifest.json").read_text()) == m
-    with pytest.raises(SdmError, match=r"missing partition\(s\) \[1\]"):
-        partial.combine(plan, [parts[0], parts[2]], tmp_path / "x", progress=False)
-    with pytest.raises(SdmError, match="given twice"):
-        partial.combine(plan, [parts[0], parts[0], parts[1], parts[2]], tmp_path / "y", progress=False)
-    with pytest.raises(SdmError, match="3 buckets"):
-        run(_cfg(tmp_path / "q", users, bucket="0/4", plan=plan), log, progress=False)
-    with pytest.raises(SdmError, match="another config.*max_long_len"):
-        run(_cfg(tmp_path / "q", users, bucket="0/3", plan=plan, max_long_len=9), log, progress=False)
+    df = pl.read_parquet(log)
+    parts = tmp_path / "parts" / "day=1"
+    parts.mkdir(parents=True)
+    bounds = [0, 100, 350, df.height]
+    for k in range(3):
+        df.slice(bounds[k], bounds[k + 1] - bounds[k]).write_parquet(parts / f"part-{k}.parquet")
+    (parts / "_SUCCESS").write_text("")  # marker files of a partitioned write are not parts
+    m = run(_cfg(tmp_path / "dir", users, buckets=2), tmp_path / "parts", progress=False)
+    _same_output(tmp_path / "b1", tmp_path / "dir", one, m)
+    m = run(_cfg(tmp_path / "glob", users), tmp_path / "parts" / "*" / "part-*.parquet", progress=False)
+    _same_output(tmp_path / "b1", tmp_path / "glob", one, m)
+    with pytest.raises(SdmError, match="matches no file"):
+        run(_cfg(tmp_path / "x", users), tmp_path / "parts" / "*.csv", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SdmError, match="holds no .parquet or .csv"):
+        run(_cfg(tmp_path / "x", users), tmp_path / "empty", progress=False)
 
 
-def test_cli_plan_bucket_combine(tmp_path):
-    log, _ = _random_log(tmp_path, 4, n=200)
-    r = CliRunner()
-    res = r.invoke(app, ["sessionize", str(log), "--out", str(tmp_path / "p"), "--buckets", "2", "--plan-only", "-q"])
-    assert res.exit_code == 0, res.output
-    plan = tmp_path / "p" / "plan"
-    for i in range(2):
-        args = ["sessionize", str(log), "--out", str(tmp_path / f"part{i}"), "--bucket", f"{i}/2", "--plan", str(plan), "-q"]
-        res = r.invoke(app, args)
-        assert res.exit_code == 0, res.output
-    res = r.invoke(
-        app,
-        ["sessionize-combine", "--plan", str(plan), "--out", str(tmp_path / "all"), str(tmp_path / "part0"), str(tmp_path / "part1")],
-    )
-    assert res.exit_code == 0, res.output
-    res = r.invoke(app, ["sessionize", str(log), "--out", str(tmp_path / "b1"), "-q"])
-    assert res.exit_code == 0, res.output
-    assert read_sessions(tmp_path / "all") == read_sessions(tmp_path / "b1")
-    res = r.invoke(app, ["sessionize-combine", "--plan", str(plan), "--out", str(tmp_path / "z"), str(tmp_path / "part0")])
-    assert res.exit_code == 1 and "missing partition" in res.output
-
-
-def test_bucket_config_validation():
-    with pytest.raises(ValueError, match="i/N"):
-        SessionizeConfig(bucket="3/3", plan=Path("p"))
-    with pytest.raises(ValueError, match="needs plan"):
-        SessionizeConfig(bucket="0/3")
+def test_engine_config_validation(tmp_path):
+    log, users = _random_log(tmp_path, 4, n=50)
+    with pytest.raises(ValueError, match="local"):
+        SessionizeConfig(engine="spark")
+    with pytest.raises(SdmError, match="--ray-address 'x:1' is for --engine ray"):
+        run(_cfg(tmp_path / "x", users, ray_address="x:1"), log, progress=False)
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match=">= 1"):
         SessionizeConfig(buckets=0)
-    assert SessionizeConfig(bucket="2/16", plan=Path("p")).bucket_of == (2, 16)
 
 
 def test_allocate_shards_over_buckets():
-    from sdm.sessionize import _allocate
+    from sdm.sessionize.plan import allocate as _allocate
 
     # one bucket: the one-bucket rule
     assert _allocate([7], 2, 3) == [(0, 4)]

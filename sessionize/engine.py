@@ -1,0 +1,173 @@
+"""Engines: who runs the two passes over the user buckets. Thin on purpose: every engine calls `passes`.
+
+- `local` (default): in this process, bucket after bucket; with several
+  buckets the log is first split by bucket in one streaming read and every
+  bucket's events are spilled inside the output directory, so peak memory
+  follows one bucket. `workers` > 1 runs buckets in that many processes.
+- `ray`: every pass of every bucket is a Ray task (`ray.init()` on this
+  machine, or the cluster at `ray_address`). A first-pass task reads the
+  log's columns, keeps its bucket's rows and spills its sessionized events to
+  the work folder inside `out`; a second-pass task reads that spill and
+  writes the bucket's shards into `out`. On a cluster `out` (and the log)
+  must be on storage every node sees.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from sdm.config import SessionizeConfig
+from sdm.errors import SdmError
+from sdm.sessionize.passes import first_pass, first_pass_job, second_pass, second_pass_job
+from sdm.sessionize.plan import Part, Plan
+from sdm.sessionize.read import SPLIT_KEY, Input, split_log
+
+Say = Callable[[str], None]
+
+
+def spills(cfg: SessionizeConfig) -> bool:
+    """Whether the first pass spills each bucket's events to the work folder (else they stay in memory)."""
+    return cfg.buckets > 1 or cfg.engine == "ray"
+
+
+def first_passes(inp: Input, work: Path | None, say: Say) -> list[Part]:
+    """The first pass over every bucket, by the config's engine."""
+    cfg, n = inp.cfg, inp.cfg.buckets
+    paths = [None if work is None else work / f"bucket-{b:05d}.parquet" for b in range(n)]
+    if cfg.engine == "ray":
+        say(f"first pass: {n} Ray tasks")
+        return ray_map(first_pass_job, [(cfg, inp.log, b, n, paths[b], None) for b in range(n)], cfg.ray_address)
+    split_dir = None
+    if work is not None and n > 1:
+        split_dir = work / "input"
+        split_log(inp, n, split_dir)
+        say(f"split the log into {n} buckets")
+    try:
+        if cfg.workers > 1 and n > 1:
+            say(f"first pass: {n} buckets in {cfg.workers} processes")
+            return process_map(first_pass_job, [(cfg, inp.log, b, n, paths[b], split_dir) for b in range(n)], cfg.workers)
+        parts = []
+        for b in range(n):
+            parts.append(first_pass(inp, b, n, paths[b], split_dir))
+            if split_dir is not None:
+                # each bucket's input is read once
+                shutil.rmtree(split_dir / f"{SPLIT_KEY}={b}", ignore_errors=True)
+            if n > 1:
+                say(f"first pass: bucket {b + 1}/{n} ({parts[-1].sessions.height} sessions)")
+        return parts
+    finally:
+        if split_dir is not None:
+            shutil.rmtree(split_dir, ignore_errors=True)
+
+
+def second_passes(inp: Input, plan: Plan, parts: list[Any], out: Path, say: Say) -> list[dict[str, list[dict[str, Any]]]]:
+    """The second pass over every bucket (writes the shards), by the config's engine."""
+    cfg, n = inp.cfg, len(parts)
+    jobs = [(cfg, inp.log, plan, b, parts[b], out) for b in range(n)]
+    if cfg.engine == "ray":
+        say(f"second pass: {n} Ray tasks")
+        return ray_map(second_pass_job, jobs, cfg.ray_address)
+    if cfg.workers > 1 and n > 1:
+        return process_map(second_pass_job, jobs, cfg.workers)
+    results = []
+    for b in range(n):
+        results.append(second_pass(inp, plan, b, parts[b], out))
+        parts[b] = None  # free the bucket's events
+        if n > 1:
+            say(f"second pass: bucket {b + 1}/{n}")
+    return results
+
+
+def check_engine(cfg: SessionizeConfig) -> None:
+    """Refuse an engine that cannot run, before anything is read or written.
+
+    Raises:
+        SdmError: `ray` without the `ray` package, or a `ray_address` without `--engine ray`.
+    """
+    if cfg.ray_address is not None and cfg.engine != "ray":
+        raise SdmError(f"--ray-address {cfg.ray_address!r} is for --engine ray (the engine is {cfg.engine!r})")
+    if cfg.engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise SdmError("--engine ray needs Ray: pip install 'sdm[ray]' (or pip install ray)") from None
+        if cfg.workers > 1:
+            raise SdmError("--workers is for the local engine; Ray schedules the tasks itself")
+
+
+def ray_map(fn: Callable, jobs: list[Any], address: str | None) -> list[Any]:
+    """Run `fn` over `jobs` as Ray tasks (one CPU each) and return the results in job order.
+
+    Starts Ray on this machine when no cluster is running and no address is
+    given (`ray.init()`), or joins the cluster at `address`; a Ray that is
+    already initialised in this process is used as it is.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+            raise SdmError(f"cannot start {where}: {str(exc).strip().splitlines()[0]}") from None
+    task = ray.remote(num_cpus=1, max_retries=0)(fn)
+    try:
+        return ray.get([task.remote(j) for j in jobs])
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+        if isinstance(cause, SdmError):
+            raise SdmError(str(cause)) from None
+        raise
+
+
+def process_map(fn: Callable, jobs: list[Any], workers: int) -> list[Any]:
+    """Run jobs in `workers` spawned processes sharing the cores' polars threads."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    old = os.environ.get("POLARS_MAX_THREADS")
+    # read by polars when a child imports it; spawn (not fork) so no parent thread pool is copied
+    os.environ["POLARS_MAX_THREADS"] = str(threads)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
+            return list(pool.map(fn, jobs))
+    finally:
+        if old is None:
+            os.environ.pop("POLARS_MAX_THREADS", None)
+        else:
+            os.environ["POLARS_MAX_THREADS"] = old
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this process when its parent dies, even by `kill -9`.
+
+    A killed parent cannot shut its pool down, and the workers would wait on
+    their task queue forever. On Linux the kernel sends SIGKILL when the parent
+    goes (PR_SET_PDEATHSIG); a thread checking the parent's pid every second
+    covers other systems and a parent thread that exits first.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="sdm-parent-watch", daemon=True).start()

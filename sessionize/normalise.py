@@ -1,0 +1,189 @@
+"""Stage: normalise. Drop unusable rows (counted by reason), rename to the normalised columns.
+
+Events leave this stage as `ROW` (input order), `_user`, `_item`, `_ts` (int64
+us UTC), `_sid` (back-end session id or null) and one `_f_<name>` column per
+item side feature. Exact duplicates are found on the time-sorted events
+(`duplicates`), where copies are neighbours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from sdm.config import SessionizeConfig
+from sdm.sessionize.io import (
+    DROP,
+    DROP_REASONS,
+    ITEM,
+    ROW,
+    SID,
+    TS,
+    USER,
+    LogSpec,
+    check_time_range,
+    collect,
+    feat_col,
+    values_col,
+)
+
+
+def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Expr) -> pl.LazyFrame:
+    """Add the drop reason (null when the row is kept); `lf` already carries the row index `ROW`.
+
+    Reasons, first match wins: null_user, null_item (null or NaN ids),
+    null_timestamp, behavior (not among cfg.behaviors). The last reason,
+    duplicate, is decided later on the sorted events (`copies`).
+    """
+    behaviors = [str(b) for b in (cfg.behaviors or [])]
+    schema = lf.collect_schema()
+
+    def missing(name: str) -> pl.Expr:
+        # a float id column's NaN is as missing as a null
+        col = pl.col(name)
+        return (col.is_null() | col.is_nan()) if schema[name].is_float() else col.is_null()
+
+    reason = (
+        pl.when(missing(spec.user_key)).then(pl.lit("null_user"))
+        .when(missing(cfg.item_col)).then(pl.lit("null_item"))
+        .when(ts.is_null()).then(pl.lit("null_timestamp"))
+    )
+    if spec.behavior:
+        reason = reason.when(
+            ~pl.col(cfg.behavior_col).cast(pl.String).is_in(behaviors).fill_null(False)
+        ).then(pl.lit("behavior"))
+    return lf.with_columns(reason.otherwise(pl.lit(None, dtype=pl.String)).alias(DROP))
+
+
+DUP = "_dup"
+"""Hash of the log columns an event does not carry (behavior, the raw time, ...): the rest of an exact copy."""
+
+
+def read_columns(cfg: SessionizeConfig, spec: LogSpec) -> list[str]:
+    """The log columns the sessionizer reads: all of them when exact duplicates are dropped."""
+    if not cfg.keep_duplicates:
+        return list(spec.log_columns)
+    wanted = {spec.user_key, cfg.item_col, cfg.time_col, spec.session_key, *spec.log_item_features}
+    if spec.behavior:
+        wanted.add(cfg.behavior_col)
+    return [c for c in spec.log_columns if c in wanted]
+
+
+def _dup_key(cfg: SessionizeConfig, spec: LogSpec) -> pl.Expr:
+    """`DUP`: a 64-bit hash of the columns `to_events` does not keep as they are.
+
+    The user, item, session id and single-valued log features are compared
+    exactly on the events; everything else (the raw time, behavior, columns
+    the model does not use, multi-valued strings) through this hash.
+    """
+    exact = {spec.user_key, cfg.item_col, spec.session_key, *[f for f in spec.log_item_features if f not in cfg.multi_valued]}
+    rest = [c for c in spec.log_columns if c not in exact]
+    return pl.struct(rest).hash(seed=11).alias(DUP) if rest else pl.lit(0, dtype=pl.UInt64).alias(DUP)
+
+
+def copies(events: pl.DataFrame, features: list[str]) -> pl.Series:
+    """`ROW` of every exact copy (over all the log's columns) of an earlier row; the first copy is kept.
+
+    `events` are sorted by (user, time, input order) (`sessions.sort_events`)
+    and carry `DUP`. Copies share user and time, so they sit in one tie
+    group of that pair: only the rows of such groups (few) are compared, on
+    every event column and the hash of the rest, in input order.
+    """
+    user, t = pl.col(USER), pl.col(TS)
+    in_tie = (
+        ((user == user.shift(1)) & (t == t.shift(1))).fill_null(False)
+        | ((user == user.shift(-1)) & (t == t.shift(-1))).fill_null(False)
+    )
+    cols = [USER, TS, ITEM, SID, DUP, *[feat_col(f) for f in features]]
+    return (
+        events.lazy()
+        .filter(in_tie)
+        .sort(ROW)
+        .filter(~pl.struct(cols).is_first_distinct())
+        .select(pl.col(ROW))
+        .collect(engine="in-memory")
+        .get_column(ROW)
+    )
+
+
+def clean_events(
+    raw: pl.DataFrame, inp: Any, items: pl.LazyFrame | None = None
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Raw rows (with `ROW`) -> kept events sorted by (user, time, input order), and the drops by reason.
+
+    The one path from rows to events, for the sessionizer and for serving.
+    `inp` is a `read.Input`; `items` overrides its items table.
+    """
+    from sdm.sessionize.sessions import sort_events
+
+    cfg, spec = inp.cfg, inp.spec
+    tagged = collect(tag_drops(raw.lazy(), cfg, spec, inp.ts), str(inp.log))
+    check_time_range(tagged.filter(pl.col(DROP).is_null()), cfg, inp.schema[cfg.time_col], inp.ts, inp.log)
+    counts = dict(tagged.get_column(DROP).drop_nulls().value_counts().iter_rows())
+    dropped = {r: int(counts.get(r, 0)) for r in DROP_REASONS}
+    dedupe = not cfg.keep_duplicates
+    kept = to_events(
+        tagged.lazy().filter(pl.col(DROP).is_null()), cfg, spec, inp.ts,
+        inp.items_lf if items is None else items, inp.schema[cfg.item_col],
+        extra=[_dup_key(cfg, spec)] if dedupe else [],
+    )  # fmt: skip
+    del tagged
+    events = sort_events(collect(kept, str(inp.log)))
+    if dedupe:
+        dup = copies(events, list(cfg.item_features))
+        dropped["duplicate"] = len(dup)
+        events = events.drop(DUP)
+        if len(dup):
+            events = events.filter(~pl.col(ROW).is_in(dup.implode()))
+    return events, dropped
+
+
+def to_events(
+    kept: pl.LazyFrame,
+    cfg: SessionizeConfig,
+    spec: LogSpec,
+    ts: pl.Expr,
+    items: pl.LazyFrame | None,
+    item_dtype: pl.DataType,
+    extra: list[pl.Expr] | None = None,
+) -> pl.LazyFrame:
+    """Normalise kept rows to `_row, _user, _item, _ts, _sid, _f_<feature>...` (+ the `extra` columns).
+
+    Item features missing from the log are joined from the items table on the
+    item column (the table's first row per item wins, so duplicate keys cannot
+    multiply events).
+    """
+    sid = pl.col(spec.session_key) if spec.session_key else pl.lit(None, dtype=pl.String)
+    out = kept.select(
+        pl.col(ROW),
+        pl.col(spec.user_key).alias(USER),
+        pl.col(cfg.item_col).alias(ITEM),
+        ts.cast(pl.Int64).alias(TS),
+        sid.alias(SID),
+        *[pl.col(f).alias(feat_col(f)) for f in spec.log_item_features],
+        *(extra or []),
+    )
+    if spec.table_item_features and items is not None:
+        table = (
+            items
+            .select(
+                # the items table may store the key with another integer width
+                pl.col(cfg.item_col).cast(item_dtype).alias(ITEM),
+                *[pl.col(f).alias(feat_col(f)) for f in spec.table_item_features],
+            )
+            .unique(subset=[ITEM], keep="first", maintain_order=True)
+        )
+        out = out.join(table, on=ITEM, how="left", maintain_order="left")
+    for f in cfg.multi_valued:
+        # 'Comedy| Romance' -> ['Comedy', 'Romance']; the single-valued feature is the first value
+        values = (
+            pl.col(feat_col(f))
+            .str.split(cfg.value_sep)
+            .list.eval(pl.element().str.strip_chars())
+            .list.eval(pl.element().filter(pl.element() != ""))
+        )
+        out = out.with_columns(values.alias(values_col(f))).with_columns(
+            pl.col(values_col(f)).list.first().alias(feat_col(f))
+        )
+    return out

@@ -1,0 +1,79 @@
+"""Stage: sessions (SPEC 2). Order each user's events by time, then number the sessions.
+
+Two consecutive events of a user are one session iff they carry the same
+non-null session id or the second comes less than `gap` after the first; a
+session longer than `max_len` is cut into chunks of at most `max_len`.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from sdm.sessionize.io import SID, TS, USER
+
+SESS = "sess_id"
+IDX = "_idx"          # position of the event in its user's timeline (0..)
+NEW = "_new"          # first event of a (cut) session
+SLEN = "_slen"        # length of the event's session
+START = "_start"      # start time of the event's session
+
+
+def sort_events(events: pl.DataFrame) -> pl.DataFrame:
+    """The events in (user, time, input order): two stable single-key sorts, no multi-key sort.
+
+    A stable sort by time, then a stable sort by user, gives exactly the
+    (user, time, input row) order (ties in time keep input order, SPEC 2). Each
+    is a single-key sort, about twice as fast as one sort on three keys
+    (polars 2.1, 10M events); a log already in time order (as logs are
+    appended) skips the first.
+    """
+    ts = events.get_column(TS)
+    if not ts.is_sorted():
+        events = events.lazy().sort(TS, maintain_order=True).collect(engine="in-memory")
+    return events.lazy().sort(USER, maintain_order=True).collect(engine="in-memory")
+
+
+def sessionize(events: pl.LazyFrame, gap_us: int, max_len: int) -> pl.LazyFrame:
+    """Number sessions of events in (user, time, input order) (`sort_events`).
+
+    Adds `_idx` (position in the user's timeline), `_new` (session start),
+    `sess_id` (0.. over the frame in (user, start time) order), `_slen`
+    (session length) and `_start` (session start time).
+
+    Every user and every session is a contiguous run of the sorted frame, so
+    each per-group quantity is a shift comparison or a forward/backward fill
+    over run starts: no `.over()` hash grouping (about 5x slower at 10M events).
+    """
+    first = pl.col("_first_of_user")
+    g = pl.col("_g")
+    return (
+        events
+        .with_columns(
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("_g"),
+            (pl.col(USER).ne_missing(pl.col(USER).shift(1)) | (pl.int_range(pl.len()) == 0)).alias("_first_of_user"),
+        )
+        .with_columns(
+            (
+                first
+                | ~((pl.col(TS).diff() < gap_us) | (pl.col(SID) == pl.col(SID).shift(1)).fill_null(False))
+            ).alias("_raw_new"),
+            (g - pl.when(first).then(g).forward_fill()).alias(IDX),
+        )
+        # position inside the uncut session decides where the max_len cuts fall
+        .with_columns(((g - pl.when(pl.col("_raw_new")).then(g).forward_fill()) % max_len == 0).alias(NEW))
+        .with_columns(
+            (pl.col(NEW).cum_sum() - 1).cast(pl.Int64).alias(SESS),
+            # length = next session's first position - this session's first position
+            (
+                pl.when(pl.col(NEW)).then(g).shift(-1).backward_fill().fill_null(pl.len())
+                - pl.when(pl.col(NEW)).then(g).forward_fill()
+            ).cast(pl.UInt32).alias(SLEN),
+            pl.when(pl.col(NEW)).then(pl.col(TS)).forward_fill().alias(START),
+        )
+        .drop("_first_of_user", "_raw_new", "_g")
+    )
+
+
+def session_starts(events: pl.DataFrame) -> pl.DataFrame:
+    """One row per session of sessionized events: user, start time, sess_id, length."""
+    return events.filter(pl.col(NEW)).select(pl.col(USER), pl.col(START), pl.col(SESS), pl.col(SLEN))

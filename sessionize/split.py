@@ -1,0 +1,164 @@
+"""Stage: split (SPEC 4). Cutoffs from session start times, each session's split, sanity checks.
+
+Sessions are assigned by their start time: train before the validation cutoff,
+validation up to the test cutoff, test after.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from sdm.config import SessionizeConfig
+from sdm.errors import SdmError
+from sdm.sessionize.io import from_us, to_utc_us
+from sdm.sessionize.sessions import SLEN, START
+
+SPLIT = "_split"      # 0 train, 1 valid, 2 test
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Cutoffs:
+    """Split cutoffs in us since epoch, UTC: train < valid_start <= valid < test_start <= test."""
+
+    valid_start: int
+    test_start: int
+
+
+def _fraction_position(n: int, fraction: float) -> int:
+    """Index (0-based, in start-time order) of the first of the last floor(fraction * n) sessions."""
+    # the epsilon keeps 0.1 * 30 == 3 from becoming 2.9999... -> 2
+    return n - math.floor(fraction * n + 1e-9)
+
+
+def compute_cutoffs(cfg: SessionizeConfig, starts: pl.Series, max_ts: int) -> Cutoffs:
+    """Resolve the split cutoffs from the config and the sorted session start times.
+
+    Test cutoff first: an explicit `test_start`; or `test_days` before the end of
+    the log, where the end is the last timestamp + 1 us (exclusive, so 0 days
+    gives an empty split and 1 day covers exactly the last 24 h); or
+    `test_fraction` f: the start time of the session at 0-based position
+    n - floor(f * n) in start-time order (sessions tying with it go to test too).
+    Then the validation cutoff: explicit `valid_start`; `valid_days` before the
+    test cutoff; or `valid_fraction` f: floor(f * n) sessions just before the
+    test cutoff. With nothing given, valid_fraction = test_fraction = 0.1.
+    An empty test split has test_start = end of the log.
+
+    Raises:
+        SdmError: an explicit valid_start after the computed test cutoff.
+    """
+    n = len(starts)
+    end = max_ts + 1
+    def none_given(name: str) -> bool:
+        return all(getattr(cfg, f"{name}_{k}") is None for k in ("start", "days", "fraction"))
+
+    if cfg.test_start is not None:
+        test_start = to_utc_us(cfg.test_start)
+    elif cfg.test_days is not None:
+        test_start = end - round(cfg.test_days * 86_400_000_000)
+    else:
+        f = 0.1 if none_given("test") else cfg.test_fraction
+        p = _fraction_position(n, f)
+        test_start = int(starts[p]) if p < n else end
+    if cfg.valid_start is not None:
+        valid_start = to_utc_us(cfg.valid_start)
+        if valid_start > test_start:
+            raise SdmError(
+                f"valid_start {cfg.valid_start.isoformat()} is after the test cutoff "
+                f"({from_us(test_start)}); choose an earlier valid_start"
+            )
+    elif cfg.valid_days is not None:
+        valid_start = test_start - round(cfg.valid_days * 86_400_000_000)
+    else:
+        f = 0.1 if none_given("valid") else cfg.valid_fraction
+        p_test = int(starts.search_sorted(test_start, side="left"))
+        p = max(0, p_test - math.floor(f * n + 1e-9))
+        valid_start = int(starts[p]) if p < p_test else test_start
+    return Cutoffs(valid_start=valid_start, test_start=test_start)
+
+
+def split_of(start: pl.Expr, cut: Cutoffs) -> pl.Expr:
+    """The split code (0 train, 1 valid, 2 test) of sessions starting at `start`."""
+    return pl.when(start < cut.valid_start).then(0).when(start < cut.test_start).then(1).otherwise(2).cast(pl.Int8)
+
+
+def assign_split(events: pl.LazyFrame, cut: Cutoffs) -> pl.LazyFrame:
+    """Label each event with the split of its session, by the session's start time (SPEC 4)."""
+    return events.with_columns(split_of(pl.col(START), cut).alias(SPLIT))
+
+
+def split_settings(cfg: SessionizeConfig) -> str:
+    """The split flags in effect, for messages ("--test-days 1000, --valid-fraction 0.1 (default)")."""
+    given = [
+        f"--{k.replace('_', '-')} {v.isoformat() if isinstance(v, dt.datetime) else v}"
+        for k in ("valid_start", "valid_days", "valid_fraction", "test_start", "test_days", "test_fraction")
+        if (v := getattr(cfg, k)) is not None
+    ]
+    for name in ("valid", "test"):
+        if all(getattr(cfg, f"{name}_{k}") is None for k in ("start", "days", "fraction")):
+            given.append(f"--{name}-fraction 0.1 (default)")
+    return ", ".join(given)
+
+
+def check_splits(cfg: SessionizeConfig, log: Path, sessions: pl.DataFrame, cut: Cutoffs, min_ts: int, max_ts: int) -> list[str]:
+    """Refuse a training split with no sample; warn about an empty validation or test split.
+
+    Train needs at least one session of two or more events (a sample, SPEC 5);
+    an empty valid or test split only means nothing to validate or evaluate on,
+    so it is a warning (in the manifest and on stderr), not an error.
+
+    Raises:
+        SdmError: one line naming the split settings and the log's time range.
+    """
+    counts = sessions.group_by(split_of(pl.col(START), cut).alias("s")).agg(
+        pl.len().alias("n"), (pl.col(SLEN).cast(pl.Int64) - 1).sum().alias("samples")
+    )
+    per = {int(r["s"]): (int(r["n"]), int(r["samples"])) for r in counts.iter_rows(named=True)}
+    span = f"the log runs {from_us(min_ts)} to {from_us(max_ts)}"
+    cuts = f"cutoffs valid {from_us(cut.valid_start)}, test {from_us(cut.test_start)}"
+    n_train, train_samples = per.get(0, (0, 0))
+    if n_train == 0:
+        raise SdmError(
+            f"{log}: the training split is empty ({cuts}; {span}; {split_settings(cfg)}); "
+            "choose later cutoffs or smaller valid/test shares"
+        )
+    warnings = []
+    if train_samples == 0:
+        # a warning here (tiny hand-made logs legitimately have them); `sdm train` refuses the data
+        warnings.append(
+            f"no training session has 2 or more events ({n_train:,} sessions of one event; "
+            f"--gap {cfg.gap}): there is no training sample"
+        )
+    for code_, name in ((1, "validation"), (2, "test")):
+        n, samples = per.get(code_, (0, 0))
+        if samples == 0:
+            what = "is empty" if n == 0 else f"has {n:,} sessions but none of 2 or more events"
+            warnings.append(f"the {name} split {what} ({cuts}; {split_settings(cfg)})")
+    return warnings
+
+
+_YEAR_US = 365 * 86_400 * 1_000_000
+_1980_US = 315_532_800_000_000
+
+
+def time_warnings(cfg: SessionizeConfig, starts: pl.Series, min_ts: int, max_ts: int) -> list[str]:
+    """Warnings about timestamps that look misread: all in 1970, or single events centuries away."""
+    warnings = []
+    if cfg.time_unit == "ms" and max_ts < _1980_US:
+        warnings.append(
+            f"every timestamp is before 1980 ({from_us(min_ts)} to {from_us(max_ts)}) with --time-unit ms: "
+            "are they seconds (--time-unit s)?"
+        )
+    median = int(starts[len(starts) // 2])
+    for v, side in ((min_ts, "earliest"), (max_ts, "latest")):
+        if abs(v - median) > 100 * _YEAR_US:
+            warnings.append(
+                f"the {side} event, {from_us(v)}, is over 100 years from the median session start "
+                f"{from_us(median)}: a wrong timestamp? (--*-days cutoffs count from the last event)"
+            )
+    return warnings

@@ -1,0 +1,145 @@
+"""Stage: long-term windows (SPEC 3) and the per-(user, split) timelines they index.
+
+A session starting at T gets the window [T - `long_window`, T) of its user's
+events, the most recent `max_long_len`. Shard rows hold one timeline per
+(user, split) with offsets into it (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from sdm.sessionize.io import MIN_US, TS, USER
+from sdm.sessionize.sessions import IDX, NEW, SESS, SLEN, START
+from sdm.sessionize.split import SPLIT
+
+BASE = "_base"        # frame position of the user's first event
+UC = "_uc"            # user code: 0.. in frame order
+
+
+def sessions_table(events: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per session: sess_id, user, split, start offset, length, start time, long_end, user code.
+
+    `long_end` = number of the user's events strictly before the start time T,
+    i.e. the first timeline position whose time is T (ties with T are not
+    "before T", even when an earlier cut chunk holds them).
+    """
+    return (
+        events
+        # first timeline position of the event's (user, time) tie group: the
+        # frame is sorted by (user, time), so a forward fill finds it
+        .with_columns(
+            pl.when((pl.col(IDX) == 0) | (pl.col(TS) != pl.col(TS).shift(1)))
+            .then(pl.col(IDX))
+            .forward_fill()
+            .alias("long_end"),
+            # frame position of the user's first event: timelines gather by it
+            (pl.int_range(pl.len(), dtype=pl.Int64) - pl.col(IDX)).alias(BASE),
+            ((pl.col(IDX) == 0).cum_sum() - 1).cast(pl.Int64).alias(UC),
+        )
+        .filter(pl.col(NEW))
+        .select(
+            pl.col(SESS),
+            pl.col(USER),
+            pl.col(SPLIT),
+            pl.col(BASE),
+            pl.col(IDX).alias("start_idx"),
+            pl.col(SLEN).alias("len"),
+            pl.col(START).alias("start_ts"),
+            pl.col("long_end"),
+            pl.col(UC),
+        )
+    )
+
+
+def _fused(user_code: pl.Expr, ts: pl.Expr) -> pl.Expr:
+    """One sortable key for (user code, time): code * 2^64 + (time - MIN_US), an Int128.
+
+    Times run from MIN_US to MAX_US (years 1-9999, about 2^58 us each side),
+    so the shifted time always fits in 64 bits and the key orders exactly as
+    the pair does.
+    """
+    return user_code.cast(pl.Int128) * (2**64) + (ts.clip(lower_bound=MIN_US) - MIN_US).cast(pl.Int128)
+
+
+def long_windows(sessions: pl.LazyFrame, events: pl.DataFrame, window_us: int, max_long: int) -> pl.LazyFrame:
+    """Add `long_start` to the sessions table (SPEC 3): the window is [T - window, T), last `max_long`.
+
+    `events` are the sorted events the sessions table was built from. The
+    lower bound is the number of the user's events with time < T - window:
+    one binary search of the fused (user, time) key of T - window in the
+    events' keys (sorted by construction), less the user's first frame
+    position. The upper bound, `long_end`, comes from `sessions_table`.
+    """
+    keys = events.select(_fused(((pl.col(IDX) == 0).cum_sum() - 1), pl.col(TS))).to_series()
+    query = _fused(pl.col(UC), pl.col("start_ts") - window_us)
+    before = pl.lit(keys).search_sorted(query, side="left").cast(pl.Int64) - pl.col(BASE)
+    return sessions.with_columns(pl.max_horizontal(before, pl.col("long_end") - max_long).alias("long_start"))
+
+
+def rows_table(sessions: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per (user, split): session lists with offsets relative to the row's timeline.
+
+    The timeline of a row runs from the earliest long-term event of its
+    sessions (`row_start`) to the end of its last session (`row_end`).
+    """
+    key = [USER, SPLIT]
+    return (
+        sessions
+        .sort(SESS)
+        .with_columns(pl.col("long_start").min().over(key).alias("row_start"))
+        .with_columns(
+            (pl.col("start_idx") - pl.col("row_start")).cast(pl.Int32).alias("sess_start"),
+            pl.col("len").cast(pl.Int32).alias("sess_len"),
+            (pl.col("long_start") - pl.col("row_start")).cast(pl.Int32).alias("long_start_off"),
+            (pl.col("long_end") - pl.col("row_start")).cast(pl.Int32).alias("long_end_off"),
+            (pl.col("start_idx") + pl.col("len")).alias("_end"),
+        )
+        .group_by(key, maintain_order=True)
+        .agg(
+            pl.col(SESS),
+            pl.col("sess_start"),
+            pl.col("sess_len"),
+            pl.col("long_start_off").alias("long_start"),
+            pl.col("long_end_off").alias("long_end"),
+            pl.col("row_start").first(),
+            pl.col("_end").max().alias("row_end"),
+            pl.col(BASE).first(),
+        )
+    )
+
+
+def timelines(rows: pl.DataFrame, events: pl.DataFrame, columns: dict[str, str]) -> pl.DataFrame:
+    """Attach to each (user, split) row the events of its timeline as list columns.
+
+    Eager on purpose: the lists are built straight from Arrow offsets over
+    gathered event columns (one gather per column, no explode/group_by round
+    trip), which is several times cheaper than joining rows to events and
+    aggregating.
+
+    Args:
+        rows: output of `rows_table` (with `row_start`, `row_end`, `_base`).
+        events: the frame the sessions were numbered on, in the same order
+            (`_base` + timeline index = frame position).
+        columns: event column -> output list column (e.g. `_ts` -> `ts`).
+    """
+    lengths = (rows.get_column("row_end") - rows.get_column("row_start")).cast(pl.Int64)
+    first = rows.get_column(BASE) + rows.get_column("row_start")
+    positions = (
+        pl.DataFrame({"a": first, "b": first + lengths})
+        .select(pl.int_ranges(pl.col("a"), pl.col("b"), dtype=pl.Int64).explode().alias("p"))
+        .get_column("p")
+    )
+    if rows.height == 0:
+        positions = positions.clear()
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths.to_numpy())]).astype(np.int64))
+    picked = events.select(*[pl.col(c) for c in columns]).pipe(lambda df: df[positions] if len(positions) else df.clear())
+    lists = {}
+    for src, name in columns.items():
+        values = picked.get_column(src).to_arrow()
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        lists[name] = pl.from_arrow(pa.LargeListArray.from_arrays(offsets, values))
+    return rows.with_columns(**{name: series for name, series in lists.items()})
