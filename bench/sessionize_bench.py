@@ -1,17 +1,22 @@
 """Sessionizer benchmark: ours vs the sort floor, DuckDB SQL and pandas, in one run.
 
-    python bench/sessionize_bench.py --sizes 1m,10m          # then
-    python bench/sessionize_bench.py --sizes 100m --systems ours,ours_b4,floor
+    python bench/sessionize_bench.py --sizes 1m,10m --reps 3        # then
+    python bench/sessionize_bench.py --sizes 100m --reps 1 --systems floor,duckdb,ours,ours_b4
 
 Logs come from `sdm.logs.synth.generate` under `bench/out/sessionize_<size>/`
-(generated once, reused). Every system runs in its own subprocess under
-`/usr/bin/time`, which gives its wall time and peak RSS; the output size is the
-size of what it wrote. Machines are noisy, so the table reports ratios against
-the floor and DuckDB measured in the same run. Results are merged into
-`bench/results/sessionize.json` (keyed by size and system).
+(generated once, reused), rewritten once in time order
+(`sessionize_<size>_time/`): real logs are appended as events happen, while
+synth writes them user by user, which would flatter every sort. Every system
+runs in its own subprocess under `/usr/bin/time`, which gives its wall time and
+peak RSS; the output size is the size of what it wrote. The systems run
+round-robin, `--reps` times; machines are noisy, so the table reports the
+median over reps of each rep's ratio to the floor and to DuckDB of the same
+rep. Results are merged into `bench/results/sessionize.json` (keyed by size).
 
 Systems:
-    ours      `sdm.sessionize.run`, 1 bucket (ours_b4: 4 buckets, ...)
+    ours      `sdm.sessionize.run` with its defaults (ours_b4: 4 buckets, ...;
+              ours_f3: item features category, brand, shop from the items
+              table; ours_ray: the Ray engine on a local Ray, 4 buckets)
     floor     polars: scan the log, sort by (user, time), write Parquet (zstd)
     duckdb    SQL: the same sessions (session id / 10-min gap, 50-cut) and
               7-day long-term window bounds, one row per session with its
@@ -40,24 +45,43 @@ MAX_LEN = 50
 
 
 def log_path(size: str) -> Path:
-    """The synthetic log of `size`, generated when missing (bounded memory, chunked)."""
+    """The synthetic log of `size` in time order, generated when missing (bounded memory, chunked)."""
     path = OUT / f"sessionize_{size}" / "log.parquet"
+    timed = OUT / f"sessionize_{size}_time" / "log.parquet"
     if not path.exists():
         from sdm.config import SynthConfig
         from sdm.logs.synth import generate
 
         generate(SynthConfig(out=path, events=SIZES[size], chunk_events=1_000_000), progress=False)
-    return path
+    if not timed.exists():
+        import polars as pl
+
+        timed.parent.mkdir(parents=True, exist_ok=True)
+        pl.scan_parquet(path).sort("timestamp", maintain_order=True).sink_parquet(timed, row_group_size=1_000_000)
+        shutil.copy(path.parent / "items.parquet", timed.parent / "items.parquet")
+    return timed
 
 
 # --- the systems (each runs in a child process) -------------------------------------
 
 
-def run_ours(log: Path, out: Path, buckets: int) -> None:
+def run_ours(log: Path, out: Path, variant: str) -> None:
     from sdm.config import SessionizeConfig
     from sdm.sessionize import run
 
-    run(SessionizeConfig(out=out, overwrite=True, buckets=buckets), log, progress=False)
+    kw: dict[str, Any] = {}
+    if variant.startswith("b"):
+        kw["buckets"] = int(variant[1:])
+    elif variant == "f3":
+        kw.update(items=log.parent / "items.parquet", item_features=["category", "brand", "shop"])
+    elif variant == "ray":
+        import ray
+
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        kw.update(engine="ray", buckets=4)
+    elif variant:
+        raise SystemExit(f"unknown variant ours_{variant}")
+    run(SessionizeConfig(out=out, overwrite=True, **kw), log, progress=False)
 
 
 def run_floor(log: Path, out: Path) -> None:
@@ -146,7 +170,7 @@ def run_pandas(log: Path, out: Path) -> None:
 def child(system: str, log: Path, out: Path) -> None:
     """Entry point of the child process."""
     if system.startswith("ours"):
-        run_ours(log, out, int(system.split("_b")[1]) if "_b" in system else 1)
+        run_ours(log, out, system.partition("_")[2])
     elif system == "floor":
         run_floor(log, out)
     elif system == "duckdb":
@@ -214,10 +238,45 @@ def check_duckdb_equals_ours(ours: Path, duck: Path) -> bool:
     return a.height == b.height and a.equals(b)
 
 
+def summarise(size: str, reps: list[list[dict[str, Any]]], log: Path) -> list[dict[str, Any]]:
+    """One row per system: median seconds/RSS over reps and the median of per-rep ratios to floor and DuckDB."""
+    import statistics
+
+    input_mb = log.stat().st_size / 2**20
+    rows = []
+    for system in [r["system"] for r in reps[0]]:
+        runs = [next(r for r in rep if r["system"] == system) for rep in reps]
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            rows.append(runs[0])
+            continue
+
+        def ratio(base: str) -> float | None:
+            vals = []
+            for rep in reps:
+                me = next(r for r in rep if r["system"] == system)
+                ref = next((r for r in rep if r["system"] == base and "error" not in r), None)
+                if ref is not None and "error" not in me:
+                    vals.append(me["seconds"] / ref["seconds"])
+            return round(statistics.median(vals), 3) if vals else None
+
+        secs = statistics.median(r["seconds"] for r in ok)
+        x_duck = ratio("duckdb")
+        rows.append({
+            "system": system, "reps": len(ok), "seconds": round(secs, 2), "seconds_all": [r["seconds"] for r in ok],
+            "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in ok), 1),
+            "output_mb": ok[0]["output_mb"], "events_per_s": round(SIZES[size] / secs),
+            "x_floor": ratio("floor"), "x_duckdb": x_duck,
+            "output_over_input": round(ok[0]["output_mb"] / input_mb, 2),
+        })
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1m,10m")
     ap.add_argument("--systems", default=None, help="comma-separated; default: all that fit the size")
+    ap.add_argument("--reps", type=int, default=3, help="round-robin repetitions of every system")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--log", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -226,45 +285,42 @@ def main() -> None:
         child(args.child, args.log, args.out)
         return
 
-    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     import os
 
-    load = os.getloadavg()
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for size in args.sizes.split(","):
         log = log_path(size)
-        default = ["floor", "ours", "duckdb"] + (["pandas"] if size == "1m" else []) + (["ours_b4"] if size == "100m" else [])
+        load = os.getloadavg()
+        default = ["floor", "duckdb", "ours", "ours_f3", "ours_b4"] + (["pandas"] if size == "1m" else [])
         systems = args.systems.split(",") if args.systems else default
-        rows = []
-        for system in systems:
-            r = measure(system, log, OUT / f"run_{size}_{system}")
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-        by = {r["system"]: r for r in rows if "error" not in r}
+        reps = []
+        for k in range(args.reps):
+            rep = []
+            for system in systems:
+                r = measure(system, log, OUT / f"run_{size}_{system}")
+                print(json.dumps({"rep": k, **r}), flush=True)
+                rep.append(r)
+            reps.append(rep)
         check = None
-        if size == "1m" and "ours" in by and "duckdb" in by:
+        if size == "1m" and "ours" in systems and "duckdb" in systems:
             check = check_duckdb_equals_ours(OUT / f"run_{size}_ours", OUT / f"run_{size}_duckdb")
+        rows = summarise(size, reps, log)
         input_mb = log.stat().st_size / 2**20
-        for r in rows:
-            if "error" in r:
-                continue
-            r["events_per_s"] = round(SIZES[size] / r["seconds"])
-            r["x_floor"] = round(r["seconds"] / by["floor"]["seconds"], 2) if "floor" in by else None
-            r["duckdb_over_this"] = round(by["duckdb"]["seconds"] / r["seconds"], 2) if "duckdb" in by else None
-            r["output_over_input"] = round(r["output_mb"] / input_mb, 2)
         results[size] = {
-            "events": SIZES[size], "input_mb": round(input_mb, 1), "load_avg_before": [round(x, 1) for x in load],
-            "cpus": os.cpu_count(), "duckdb_sessions_equal_ours": check, "systems": rows,
-            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "events": SIZES[size], "input_mb": round(input_mb, 1), "log": "time-ordered synth",
+            "load_avg_before": [round(x, 1) for x in load], "cpus": os.cpu_count(),
+            "duckdb_sessions_equal_ours": check, "systems": rows, "date": time.strftime("%Y-%m-%d %H:%M"),
         }
-        print(f"\n### {size} events ({input_mb:.0f} MB input; load avg before {load[0]:.1f}; duckdb == ours: {check})\n")
-        print("| system | seconds | events/s | peak RSS MB | output MB | time / floor | DuckDB time / this | output / input |")
+        print(f"\n### {size} events ({input_mb:.0f} MB input; load avg before {load[0]:.1f}; "
+              f"{args.reps} reps; duckdb == ours: {check})\n")
+        print("| system | seconds (median) | events/s | peak RSS MB | output MB | time / floor | time / DuckDB | output / input |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             if "error" in r:
                 print(f"| {r['system']} | failed: {r['error']} |")
                 continue
             print(f"| {r['system']} | {r['seconds']} | {r['events_per_s']:,} | {r['peak_rss_mb']} | {r['output_mb']} | "
-                  f"{r['x_floor']} | {r['duckdb_over_this']} | {r['output_over_input']} |")
+                  f"{r['x_floor']} | {r['x_duckdb']} | {r['output_over_input']} |")
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 

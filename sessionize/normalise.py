@@ -70,16 +70,27 @@ def read_columns(cfg: SessionizeConfig, spec: LogSpec) -> list[str]:
     return [c for c in spec.log_columns if c in wanted]
 
 
-def _dup_key(cfg: SessionizeConfig, spec: LogSpec) -> pl.Expr:
+def _dup_key(cfg: SessionizeConfig, spec: LogSpec, time_exact: bool) -> pl.Expr:
     """`DUP`: a 64-bit hash of the columns `to_events` does not keep as they are.
 
     The user, item, session id and single-valued log features are compared
-    exactly on the events; everything else (the raw time, behavior, columns
-    the model does not use, multi-valued strings) through this hash.
+    exactly on the events, and so is the raw time when `time_exact` (its
+    microseconds are one-to-one with it: integers, datetimes of us or coarser
+    units); everything else (behavior, columns the model does not use,
+    multi-valued strings, ns or string times) through this hash.
     """
     exact = {spec.user_key, cfg.item_col, spec.session_key, *[f for f in spec.log_item_features if f not in cfg.multi_valued]}
+    if time_exact:
+        exact.add(cfg.time_col)
     rest = [c for c in spec.log_columns if c not in exact]
     return pl.struct(rest).hash(seed=11).alias(DUP) if rest else pl.lit(0, dtype=pl.UInt64).alias(DUP)
+
+
+def _time_exact(dtype: pl.DataType) -> bool:
+    """Whether equal normalised times (int64 us) mean equal raw times for a time column of `dtype`."""
+    if isinstance(dtype, pl.Datetime):
+        return dtype.time_unit in ("us", "ms")
+    return dtype.is_integer() or dtype == pl.Date
 
 
 def copies(events: pl.DataFrame, features: list[str]) -> pl.Series:
@@ -113,7 +124,8 @@ def clean_events(
     """Raw rows (with `ROW`) -> kept events sorted by (user, time, input order), and the drops by reason.
 
     The one path from rows to events, for the sessionizer and for serving.
-    `inp` is a `read.Input`; `items` overrides its items table.
+    `inp` is a `read.Input`; `items`: an items table to join the table
+    features from (serving); the sessionizer gives none.
     """
     from sdm.sessionize.sessions import sort_events
 
@@ -124,19 +136,48 @@ def clean_events(
     dropped = {r: int(counts.get(r, 0)) for r in DROP_REASONS}
     dedupe = not cfg.keep_duplicates
     kept = to_events(
-        tagged.lazy().filter(pl.col(DROP).is_null()), cfg, spec, inp.ts,
-        inp.items_lf if items is None else items, inp.schema[cfg.item_col],
-        extra=[_dup_key(cfg, spec)] if dedupe else [],
+        tagged.lazy().filter(pl.col(DROP).is_null()), cfg, spec, inp.ts, items, inp.schema[cfg.item_col],
+        extra=[_dup_key(cfg, spec, _time_exact(inp.schema[cfg.time_col]))] if dedupe else [],
     )  # fmt: skip
     del tagged
     events = sort_events(collect(kept, str(inp.log)))
     if dedupe:
-        dup = copies(events, list(cfg.item_features))
+        # table features follow the item: comparing the log's own columns is enough
+        dup = copies(events, list(spec.log_item_features))
         dropped["duplicate"] = len(dup)
         events = events.drop(DUP)
         if len(dup):
             events = events.filter(~pl.col(ROW).is_in(dup.implode()))
     return events, dropped
+
+
+def split_values(frame: pl.LazyFrame, cfg: SessionizeConfig, features: list[str]) -> pl.LazyFrame:
+    """Multi-valued features: 'Comedy| Romance' -> `_m_<f>` ['Comedy', 'Romance'], `_f_<f>` the first value."""
+    for f in features:
+        values = (
+            pl.col(feat_col(f))
+            .str.split(cfg.value_sep)
+            .list.eval(pl.element().str.strip_chars())
+            .list.eval(pl.element().filter(pl.element() != ""))
+        )
+        frame = frame.with_columns(values.alias(values_col(f))).with_columns(
+            pl.col(values_col(f)).list.first().alias(feat_col(f))
+        )
+    return frame
+
+
+def item_table(items: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, item_dtype: pl.DataType) -> pl.LazyFrame:
+    """The items table's features as `_item`, `_f_<f>` (and `_m_<f>`): one row per item, the first wins."""
+    table = (
+        items
+        .select(
+            # the items table may store the key with another integer width
+            pl.col(cfg.item_col).cast(item_dtype).alias(ITEM),
+            *[pl.col(f).alias(feat_col(f)) for f in spec.table_item_features],
+        )
+        .unique(subset=[ITEM], keep="first", maintain_order=True)
+    )
+    return split_values(table, cfg, [f for f in cfg.multi_valued if f in spec.table_item_features])
 
 
 def to_events(
@@ -150,9 +191,10 @@ def to_events(
 ) -> pl.LazyFrame:
     """Normalise kept rows to `_row, _user, _item, _ts, _sid, _f_<feature>...` (+ the `extra` columns).
 
-    Item features missing from the log are joined from the items table on the
-    item column (the table's first row per item wins, so duplicate keys cannot
-    multiply events).
+    Item features missing from the log are joined from `items` (the items
+    table) on the item column, when given: the table's first row per item
+    wins, so duplicate keys cannot multiply events. The sessionizer passes
+    None: it looks table features up per item after encoding (`encode`).
     """
     sid = pl.col(spec.session_key) if spec.session_key else pl.lit(None, dtype=pl.String)
     out = kept.select(
@@ -164,26 +206,7 @@ def to_events(
         *[pl.col(f).alias(feat_col(f)) for f in spec.log_item_features],
         *(extra or []),
     )
+    out = split_values(out, cfg, [f for f in cfg.multi_valued if f in spec.log_item_features])
     if spec.table_item_features and items is not None:
-        table = (
-            items
-            .select(
-                # the items table may store the key with another integer width
-                pl.col(cfg.item_col).cast(item_dtype).alias(ITEM),
-                *[pl.col(f).alias(feat_col(f)) for f in spec.table_item_features],
-            )
-            .unique(subset=[ITEM], keep="first", maintain_order=True)
-        )
-        out = out.join(table, on=ITEM, how="left", maintain_order="left")
-    for f in cfg.multi_valued:
-        # 'Comedy| Romance' -> ['Comedy', 'Romance']; the single-valued feature is the first value
-        values = (
-            pl.col(feat_col(f))
-            .str.split(cfg.value_sep)
-            .list.eval(pl.element().str.strip_chars())
-            .list.eval(pl.element().filter(pl.element() != ""))
-        )
-        out = out.with_columns(values.alias(values_col(f))).with_columns(
-            pl.col(values_col(f)).list.first().alias(feat_col(f))
-        )
+        out = out.join(item_table(items, cfg, spec, item_dtype), on=ITEM, how="left", maintain_order="left")
     return out

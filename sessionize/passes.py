@@ -68,7 +68,7 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
             how="horizontal",
         )
     seq_cols = ["seq_item"] + [f"seq_{f}" for f in plan.item_features] + ["seq_oov"]
-    enc = encode.encode_events(ev.lazy(), plan.vocabs, plan.item_features).select(pl.col(TS), *seq_cols)
+    enc = encode.encode_events(ev.lazy(), plan.vocabs, plan.item_features, plan.codes).select(pl.col(TS), *seq_cols)
     rows, enc_df = pl.collect_all([windows.rows_table(sessions), enc], engine="in-memory")
     del ev
     rows = windows.timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})

@@ -17,7 +17,8 @@ import polars as pl
 
 from sdm.errors import SdmError
 from sdm.sessionize import encode, split
-from sdm.sessionize.io import DROP_REASONS, USER
+from sdm.sessionize.io import DROP_REASONS, USER, collect
+from sdm.sessionize.normalise import item_table
 from sdm.sessionize.read import Input
 from sdm.sessionize.sessions import SESS, SLEN, START
 
@@ -66,6 +67,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     side_tables: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    codes: dict[str, pl.DataFrame] = field(default_factory=dict)
+    """Per items-table feature: item -> feature index (`encode.feature_codes`)."""
 
 
 def allocate(rows: list[int], rows_per_shard: int, min_shards: int) -> list[tuple[int, int]]:
@@ -121,9 +124,13 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
     frames = [p.frame() for p in parts]
     trains = [f.filter(pl.col(START) < cut.valid_start) for f in frames]
     profile = encode.profiles(cfg, inp.users_lf, inp.schema[spec.user_key])
-    vocabs = encode.vocabularies(cfg, trains, list(spec.user_features), profile)
+    table = None
+    if spec.table_item_features and inp.items_lf is not None:
+        table = collect(item_table(inp.items_lf, cfg, spec, inp.schema[cfg.item_col]), str(cfg.items))
+    vocabs = encode.vocabularies(cfg, trains, list(spec.user_features), profile, table)
     users_table = encode.users_table(per_user.lazy(), profile, vocabs, spec.user_features)
-    items_table = encode.items_table(trains, vocabs, list(cfg.item_features), list(cfg.multi_valued))
+    items_table = encode.items_table(trains, vocabs, list(cfg.item_features), list(cfg.multi_valued), table)
+    codes = {} if table is None else encode.feature_codes(table, vocabs, list(spec.table_item_features))
     side = encode.side_tables(inp, frames, per_user)
     for what, st in side.items():
         if st["log_keys_found"] == 0:
@@ -143,6 +150,7 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
         warnings=warnings,
         side_tables=side,
         notes=list(inp.notes),
+        codes=codes,
     )
 
 

@@ -163,3 +163,27 @@ def test_empty_buckets_equal_one_bucket(tmp_path):
     for n in (5, 9):
         m = run(_cfg(tmp_path / f"b{n}", users, buckets=n), log, progress=False)
         _same_output(tmp_path / "b1", tmp_path / f"b{n}", one, m)
+
+
+@pytest.mark.parametrize("buckets", [1, 3])
+def test_items_table_feature_equals_the_same_feature_in_the_log(tmp_path, buckets):
+    """A feature looked up per item from the items table gives what the same column in the log gives."""
+    log, users = _random_log(tmp_path, 8)
+    df = pl.read_parquet(log).with_columns((pl.col("item_id") % 4).alias("category"))
+    df.write_parquet(log)
+    items = tmp_path / "items.parquet"
+    # the table also lists items the log lacks, and misses item 0 (its events get OOV)
+    pl.DataFrame({"item_id": list(range(1, 40)), "category": [i % 4 for i in range(1, 40)]}).write_parquet(items)
+    bare = tmp_path / "bare.parquet"
+    df.drop("category").write_parquet(bare)
+    # item 0 has no row in the table: in the log variant its category must be null too
+    df.with_columns(pl.when(pl.col("item_id") == 0).then(None).otherwise(pl.col("category")).alias("category")).write_parquet(log)
+    in_log = run(_cfg(tmp_path / "log", users, buckets=buckets), log, progress=False)
+    from_table = run(_cfg(tmp_path / "table", users, buckets=buckets, items=items), bare, progress=False)
+    assert read_sessions(tmp_path / "log") == read_sessions(tmp_path / "table")
+    for name in ("item", "category", "user"):
+        a = pl.read_parquet(tmp_path / "log" / "vocab" / f"{name}.parquet")
+        assert a.equals(pl.read_parquet(tmp_path / "table" / "vocab" / f"{name}.parquet")), name
+    assert pl.read_parquet(tmp_path / "log" / "items.parquet").equals(pl.read_parquet(tmp_path / "table" / "items.parquet"))
+    for key in ("rows_kept", "dropped", "vocab_sizes", "cutoffs"):
+        assert in_log[key] == from_table[key], key
