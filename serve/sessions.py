@@ -249,7 +249,7 @@ def latest_sessions(
         raw = inp.lf.with_row_index(ROW).collect()
     if at_us is not None:
         raw = raw.filter(inp.ts < at_us)
-    events, _ = clean_events(raw, inp, _items_for(inp, lookups, raw))
+    events, _, _ = clean_events(raw.lazy(), inp, _items_for(inp, lookups, raw))
     gap_us = cfg.gap_td // _US
     ev = (
         sessionize(events.lazy(), gap_us, cfg.max_session_len)
@@ -261,9 +261,10 @@ def latest_sessions(
         sessions_table(ev.lazy())
         # serving's own step: the user's latest session only
         .filter(pl.col(SESS) == pl.col(SESS).max().over(USER))
+        .collect(engine="in-memory")
     )
     window_us = cfg.long_window_td // _US
-    sessions = long_windows(sessions, ev, window_us, cfg.max_long_len)
+    sessions = long_windows(sessions, ev, window_us, cfg.max_long_len).lazy()
     ev = ev.lazy()
 
     enc = encode(ev, ITEM, _vocab_for(lookups, lookups.vocabs["item"], raw, cfg.item_col), "seq_item")

@@ -14,6 +14,7 @@ import polars as pl
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 from sdm.sessionize.io import ITEM, ROW, TS, USER, feat_col, values_col
+from sdm.sessionize.sessions import SLEN
 from sdm.sessionize.io import collect as _collect
 
 
@@ -23,6 +24,26 @@ def _collect_all(lfs: list[pl.LazyFrame], what: str) -> list[pl.DataFrame]:
         return pl.collect_all(lfs, engine="in-memory")
     except pl.exceptions.PolarsError as exc:
         raise SdmError(f"{what}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+
+
+def count_series(values: pl.Series) -> pl.DataFrame:
+    """`count_values` of a series; integers of a bounded range are counted by `np.bincount`.
+
+    A bincount over an array of the id range is one sequential pass, several
+    times cheaper than a hash group-by when there are millions of distinct
+    ids (the hash table no longer fits in cache).
+    """
+    values = values.drop_nulls()
+    if values.dtype.is_integer() and len(values):
+        lo, hi = int(values.min()), int(values.max())
+        if hi - lo < min(LUT_MAX, 16 * len(values) + 1024):
+            bins = np.bincount((values.cast(pl.Int64).to_numpy() - lo), minlength=hi - lo + 1)
+            seen = np.flatnonzero(bins)
+            return pl.DataFrame({
+                "raw": pl.Series(seen + lo).cast(values.dtype),
+                "count": pl.Series(bins[seen], dtype=pl.Int64),
+            })
+    return _collect(count_values(values.to_frame("raw").lazy()))
 
 
 def count_values(values: pl.LazyFrame) -> pl.LazyFrame:
@@ -86,6 +107,7 @@ def encode(frame: pl.LazyFrame, column: str, vocab: pl.LazyFrame | pl.DataFrame,
 def vocabularies(
     cfg: SessionizeConfig,
     trains: list[pl.LazyFrame],
+    train_sessions: pl.DataFrame,
     user_features: list[str],
     profile: pl.LazyFrame,
     table: pl.DataFrame | None = None,
@@ -102,19 +124,25 @@ def vocabularies(
     feature riding along every event.
     """
     in_table = [] if table is None else [f for f in cfg.item_features if feat_col(f) in table.columns]
-    columns = {"item": pl.col(ITEM), "user": pl.col(USER)}
+    columns = {"item": pl.col(ITEM)}
     for f in cfg.item_features:
         if f not in in_table:
             columns[f] = pl.col(values_col(f)).explode() if f in cfg.multi_valued else pl.col(feat_col(f))
     counts: dict[str, list[pl.DataFrame]] = {name: [] for name in columns}
-    users = []
     for train in trains:
-        # one query for every count of a bucket: its training events are filtered once
-        queries = [count_values(train.select(col.alias("raw"))) for col in columns.values()]
-        *per_name, part_users = _collect_all([*queries, train.select(pl.col(USER)).unique()], "vocabularies")
-        for name, frame in zip(columns, per_name):
-            counts[name].append(frame)
-        users.append(part_users)
+        # one query for every column of a bucket: its training events are filtered once
+        values = _collect_all([train.select(col.alias("raw")) for col in columns.values()], "vocabularies")
+        for name, frame in zip(columns, values):
+            counts[name].append(count_series(frame.get_column("raw")))
+    # a user's training events are its training sessions' lengths: no event is read
+    counts["user"] = [
+        _collect(
+            train_sessions.lazy().group_by(USER).agg(pl.col(SLEN).cast(pl.Int64).sum().alias("count"))
+            .select(pl.col(USER).alias("raw"), pl.col("count")),
+            "user vocabulary",
+        )
+    ]
+    users = [train_sessions.select(pl.col(USER)).unique()]
     item_counts = pl.concat(counts["item"]).group_by("raw").agg(pl.col("count").sum())
     for f in in_table:
         col = values_col(f) if f in cfg.multi_valued else feat_col(f)

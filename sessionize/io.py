@@ -224,21 +224,25 @@ def timestamp_expr(cfg: SessionizeConfig, dtype: pl.DataType, path: Path, sample
     )
 
 
-def check_time_range(df: pl.DataFrame, cfg: SessionizeConfig, dtype: pl.DataType, ts: pl.Expr, path: Path) -> None:
+RAW_TIME = "__sdm_raw_time"
+"""An integer time column as read, kept next to the events until its range is checked."""
+
+
+def check_time_range(df: pl.DataFrame, cfg: SessionizeConfig, dtype: pl.DataType, path: Path) -> None:
     """Refuse timestamps a datetime cannot hold (before year 1 or after 9999), before anything is written.
 
-    Integer epochs are checked before they are scaled to microseconds (where
-    int64 would wrap around silently).
+    `df` holds kept events: `TS` and, for an integer time column, `RAW_TIME`.
+    Integer epochs are checked as read, before the scaling to microseconds
+    (where int64 would wrap around silently).
 
     Raises:
         SdmError: naming the value and what it would be.
     """
     if df.height == 0:
         return
-    col = pl.col(cfg.time_col)
     if dtype.is_integer() and cfg.time_unit is not None:
         factor = 1_000_000 if cfg.time_unit == "s" else 1_000
-        lo, hi = df.select(col.cast(pl.Int64).min().alias("lo"), col.cast(pl.Int64).max().alias("hi")).row(0)
+        lo, hi = df.select(pl.col(RAW_TIME).cast(pl.Int64).min().alias("lo"), pl.col(RAW_TIME).cast(pl.Int64).max().alias("hi")).row(0)
         for v in (lo, hi):
             if v is not None and not MIN_US <= v * factor <= MAX_US:
                 hint = " (milliseconds read as seconds? try --time-unit ms)" if cfg.time_unit == "s" else ""
@@ -247,7 +251,7 @@ def check_time_range(df: pl.DataFrame, cfg: SessionizeConfig, dtype: pl.DataType
                     f"{'seconds' if cfg.time_unit == 's' else 'milliseconds'}{hint}"
                 )
         return
-    lo, hi = df.select(ts.min().alias("lo"), ts.max().alias("hi")).row(0)
+    lo, hi = df.select(pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi")).row(0)
     for v in (lo, hi):
         if v is not None and not MIN_US <= v <= MAX_US:
             raise SdmError(f"{path}: {cfg.time_col!r} holds a time outside years 1-9999 ({v} us since 1970)")

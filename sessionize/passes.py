@@ -18,10 +18,10 @@ import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.sessionize import encode, split, windows, write
-from sdm.sessionize.io import SID, TS, USER, collect
+from sdm.sessionize.io import ROW, SID, TS, USER, collect
 from sdm.sessionize.normalise import clean_events
 from sdm.sessionize.plan import Part, Plan, global_sess
-from sdm.sessionize.read import Input, open_input, read_bucket
+from sdm.sessionize.read import Input, open_input, scan_bucket
 from sdm.sessionize.sessions import SESS, session_starts, sessionize
 
 _US = dt.timedelta(microseconds=1)
@@ -34,10 +34,10 @@ def first_pass(inp: Input, b: int, n: int, spill: Path | None, split_dir: Path |
     filtered out of the log).
     """
     cfg = inp.cfg
-    raw = read_bucket(inp, b, n, split_dir)
-    rows_in = raw.height
-    events, dropped = clean_events(raw, inp)
-    del raw
+    events, dropped, rows_in = clean_events(scan_bucket(inp, b, n, split_dir), inp)
+    if not inp.spec.log_item_features:
+        # input order only breaks ties of items.parquet's "last event" for log features
+        events = events.drop(ROW)
     # the back-end session id is not needed once sessions are numbered
     ev = collect(sessionize(events.lazy(), cfg.gap_td // _US, cfg.max_session_len).drop(SID), str(inp.log))
     del events
@@ -59,18 +59,15 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
     """
     cfg = inp.cfg
     ev = collect(part.frame().pipe(split.assign_split, plan.cut))
-    sessions = windows.long_windows(
-        windows.sessions_table(ev.lazy()), ev, cfg.long_window_td // _US, cfg.max_long_len
-    )
+    part.events = None  # this pass owns the bucket's events now: freed as soon as they are encoded
+    sessions = collect(windows.sessions_table(ev.lazy()), str(inp.log))
+    sessions = windows.long_windows(sessions, ev, cfg.long_window_td // _US, cfg.max_long_len)
     if plan.buckets > 1:
-        sessions = pl.concat(
-            [sessions.drop(SESS), pl.DataFrame({SESS: global_sess(part.sessions, plan.offsets)}).lazy()],
-            how="horizontal",
-        )
+        sessions = sessions.with_columns(global_sess(part.sessions, plan.offsets))
     seq_cols = ["seq_item"] + [f"seq_{f}" for f in plan.item_features] + ["seq_oov"]
     enc = encode.encode_events(ev.lazy(), plan.vocabs, plan.item_features, plan.codes).select(pl.col(TS), *seq_cols)
-    rows, enc_df = pl.collect_all([windows.rows_table(sessions), enc], engine="in-memory")
-    del ev
+    rows, enc_df = pl.collect_all([windows.rows_table(sessions.lazy()), enc], engine="in-memory")
+    del ev, sessions
     rows = windows.timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})
     del enc_df
     user_cols = plan.users_table.lazy().select(
@@ -84,10 +81,16 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
         ),
         str(inp.log),
     )  # fmt: skip
-    written = {}
+    # rows come split by split (`windows.rows_table`): each split is a slice
+    per_split = rows.get_column(split.SPLIT).value_counts().sort(split.SPLIT)
+    sizes = dict(zip(per_split.get_column(split.SPLIT).to_list(), per_split.get_column("count").to_list()))
+    rows = rows.drop(split.SPLIT)
+    written, offset = {}, 0
     for code, name in enumerate(split.SPLITS):
         first, count = plan.shards[name][b]
-        written[name] = write.write_shards(out, name, rows.filter(pl.col(split.SPLIT) == code).drop(split.SPLIT), first, count)
+        size = sizes.get(code, 0)
+        written[name] = write.write_shards(out, name, rows.slice(offset, size), first, count)
+        offset += size
     return written
 
 

@@ -127,7 +127,8 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
     table = None
     if spec.table_item_features and inp.items_lf is not None:
         table = collect(item_table(inp.items_lf, cfg, spec, inp.schema[cfg.item_col]), str(cfg.items))
-    vocabs = encode.vocabularies(cfg, trains, list(spec.user_features), profile, table)
+    train_sessions = sessions.filter(pl.col(START) < cut.valid_start)
+    vocabs = encode.vocabularies(cfg, trains, train_sessions, list(spec.user_features), profile, table)
     users_table = encode.users_table(per_user.lazy(), profile, vocabs, spec.user_features)
     items_table = encode.items_table(trains, vocabs, list(cfg.item_features), list(cfg.multi_valued), table)
     codes = {} if table is None else encode.feature_codes(table, vocabs, list(spec.table_item_features))

@@ -107,25 +107,29 @@ def _columns(inp: Input) -> pl.LazyFrame:
     return inp.lf.select(read_columns(inp.cfg, inp.spec)).with_row_index(ROW)
 
 
-def read_bucket(inp: Input, b: int, n: int, split: Path | None) -> pl.DataFrame:
-    """The raw rows of bucket `b` of `n` with their input row numbers `_row`.
+def scan_bucket(inp: Input, b: int, n: int, split: Path | None) -> pl.LazyFrame:
+    """The raw rows of bucket `b` of `n` with their input row numbers `ROW`, lazily.
 
-    From the bucket's file of `split_log` when given; else filtered out of the
-    log by the streaming engine, which keeps only the bucket's rows in memory
-    (the in-memory engine materialises every row before filtering: 6.9 GB to
-    keep one quarter of a 100M-event log).
+    From the bucket's file of `split_log` when given; else the log, filtered
+    by the user hash when there are several buckets. Collect it with the
+    streaming engine: the in-memory engine materialises every row before
+    filtering (6.9 GB to keep one quarter of a 100M-event log).
     """
     lf = _columns(inp)
     if split is not None:
         files = sorted((split / f"{SPLIT_KEY}={b}").glob("*.parquet"))
         if not files:
-            return pl.DataFrame(schema=lf.collect_schema())
-        lf = pl.scan_parquet(files, hive_partitioning=False)
-        return collect(lf, str(inp.log))
+            return pl.LazyFrame(schema=lf.collect_schema())
+        return pl.scan_parquet(files, hive_partitioning=False)
     if n == 1:
-        return collect(lf, str(inp.log))
+        return lf
+    return lf.filter(bucket_expr(inp.spec.user_key, n) == b)
+
+
+def read_bucket(inp: Input, b: int, n: int, split: Path | None) -> pl.DataFrame:
+    """`scan_bucket`, collected (streaming)."""
     try:
-        return lf.filter(bucket_expr(inp.spec.user_key, n) == b).collect(engine="streaming")
+        return scan_bucket(inp, b, n, split).collect(engine="streaming")
     except pl.exceptions.PolarsError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdmError(f"{inp.log}: {first}") from None

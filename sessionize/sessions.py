@@ -36,9 +36,11 @@ def sort_events(events: pl.DataFrame) -> pl.DataFrame:
 def sessionize(events: pl.LazyFrame, gap_us: int, max_len: int) -> pl.LazyFrame:
     """Number sessions of events in (user, time, input order) (`sort_events`).
 
-    Adds `_idx` (position in the user's timeline), `_new` (session start),
-    `sess_id` (0.. over the frame in (user, start time) order), `_slen`
-    (session length) and `_start` (session start time).
+    Adds `_idx` (position in the user's timeline, int32), `_new` (session
+    start), `_slen` (session length) and `_start` (session start time). The
+    session number (`sess_id`, 0.. in frame order) is the rank of a `_new`
+    row among them, numbered where sessions are listed (`session_starts`,
+    `windows.sessions_table`) rather than stored per event.
 
     Every user and every session is a contiguous run of the sorted frame, so
     each per-group quantity is a shift comparison or a forward/backward fill
@@ -57,12 +59,11 @@ def sessionize(events: pl.LazyFrame, gap_us: int, max_len: int) -> pl.LazyFrame:
                 first
                 | ~((pl.col(TS).diff() < gap_us) | (pl.col(SID) == pl.col(SID).shift(1)).fill_null(False))
             ).alias("_raw_new"),
-            (g - pl.when(first).then(g).forward_fill()).alias(IDX),
+            (g - pl.when(first).then(g).forward_fill()).cast(pl.Int32).alias(IDX),
         )
         # position inside the uncut session decides where the max_len cuts fall
         .with_columns(((g - pl.when(pl.col("_raw_new")).then(g).forward_fill()) % max_len == 0).alias(NEW))
         .with_columns(
-            (pl.col(NEW).cum_sum() - 1).cast(pl.Int64).alias(SESS),
             # length = next session's first position - this session's first position
             (
                 pl.when(pl.col(NEW)).then(g).shift(-1).backward_fill().fill_null(pl.len())
@@ -76,4 +77,9 @@ def sessionize(events: pl.LazyFrame, gap_us: int, max_len: int) -> pl.LazyFrame:
 
 def session_starts(events: pl.DataFrame) -> pl.DataFrame:
     """One row per session of sessionized events: user, start time, sess_id, length."""
-    return events.filter(pl.col(NEW)).select(pl.col(USER), pl.col(START), pl.col(SESS), pl.col(SLEN))
+    return (
+        events.lazy()
+        .filter(pl.col(NEW))
+        .select(pl.col(USER), pl.col(START), pl.int_range(pl.len(), dtype=pl.Int64).alias(SESS), pl.col(SLEN))
+        .collect(engine="in-memory")
+    )

@@ -41,7 +41,7 @@ def sessions_table(events: pl.LazyFrame) -> pl.LazyFrame:
         )
         .filter(pl.col(NEW))
         .select(
-            pl.col(SESS),
+            pl.int_range(pl.len(), dtype=pl.Int64).alias(SESS),
             pl.col(USER),
             pl.col(SPLIT),
             pl.col(BASE),
@@ -54,28 +54,45 @@ def sessions_table(events: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def _fused(user_code: pl.Expr, ts: pl.Expr) -> pl.Expr:
-    """One sortable key for (user code, time): code * 2^64 + (time - MIN_US), an Int128.
+def _fused(user_code: pl.Expr, ts: pl.Expr, lo: int, span: int) -> pl.Expr:
+    """One sortable key for (user code, time): code * span + (time - lo), a UInt64 (see `long_windows`)."""
+    return user_code.cast(pl.UInt64) * pl.lit(span, dtype=pl.UInt64) + (ts.clip(lower_bound=lo) - lo).cast(pl.UInt64)
 
-    Times run from MIN_US to MAX_US (years 1-9999, about 2^58 us each side),
-    so the shifted time always fits in 64 bits and the key orders exactly as
-    the pair does.
-    """
+
+def _fused128(user_code: pl.Expr, ts: pl.Expr) -> pl.Expr:
+    """The same key as an Int128: code * 2^64 + (time - MIN_US); times of years 1-9999 fit 64 bits."""
     return user_code.cast(pl.Int128) * (2**64) + (ts.clip(lower_bound=MIN_US) - MIN_US).cast(pl.Int128)
 
 
-def long_windows(sessions: pl.LazyFrame, events: pl.DataFrame, window_us: int, max_long: int) -> pl.LazyFrame:
+def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, max_long: int) -> pl.DataFrame:
     """Add `long_start` to the sessions table (SPEC 3): the window is [T - window, T), last `max_long`.
 
     `events` are the sorted events the sessions table was built from. The
     lower bound is the number of the user's events with time < T - window:
-    one binary search of the fused (user, time) key of T - window in the
+    one binary search of a fused (user, time) key of T - window in the
     events' keys (sorted by construction), less the user's first frame
     position. The upper bound, `long_end`, comes from `sessions_table`.
+
+    The key is a UInt64 when users x time span fits, searched by numpy, whose
+    search walks sorted queries (sessions come in key order) without
+    restarting: at 100M events about 8x faster than polars' `search_sorted`,
+    which is used, on an Int128 key, when the product does not fit.
+    Eager (DataFrames) because the search needs both sides materialised.
     """
-    keys = events.select(_fused(((pl.col(IDX) == 0).cum_sum() - 1), pl.col(TS))).to_series()
-    query = _fused(pl.col(UC), pl.col("start_ts") - window_us)
-    before = pl.lit(keys).search_sorted(query, side="left").cast(pl.Int64) - pl.col(BASE)
+    if sessions.height == 0 or events.height == 0:
+        return sessions.with_columns(pl.col("long_end").alias("long_start"))
+    user_code = (pl.col(IDX) == 0).cum_sum() - 1
+    lo, hi = events.select(pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi")).row(0)
+    span = hi - lo + 1
+    query = pl.col("start_ts") - window_us
+    if int(sessions.get_column(UC).max()) * span + span < 2**64:
+        keys = events.select(_fused(user_code, pl.col(TS), lo, span)).to_series().to_numpy()
+        wanted = sessions.select(_fused(pl.col(UC), query, lo, span)).to_series().to_numpy()
+        found = pl.Series(np.searchsorted(keys, wanted, side="left"), dtype=pl.Int64)
+    else:
+        keys = events.select(_fused128(user_code, pl.col(TS))).to_series()
+        found = sessions.select(pl.lit(keys).search_sorted(_fused128(pl.col(UC), query), side="left")).to_series()
+    before = found.cast(pl.Int64) - sessions.get_column(BASE)
     return sessions.with_columns(pl.max_horizontal(before, pl.col("long_end") - max_long).alias("long_start"))
 
 
@@ -83,12 +100,14 @@ def rows_table(sessions: pl.LazyFrame) -> pl.LazyFrame:
     """One row per (user, split): session lists with offsets relative to the row's timeline.
 
     The timeline of a row runs from the earliest long-term event of its
-    sessions (`row_start`) to the end of its last session (`row_end`).
+    sessions (`row_start`) to the end of its last session (`row_end`). Rows
+    come split by split (train, valid, test; users in order within each), so
+    each split's shards are slices, not copies.
     """
     key = [USER, SPLIT]
     return (
         sessions
-        .sort(SESS)
+        .sort([SPLIT, SESS])
         .with_columns(pl.col("long_start").min().over(key).alias("row_start"))
         .with_columns(
             (pl.col("start_idx") - pl.col("row_start")).cast(pl.Int32).alias("sess_start"),

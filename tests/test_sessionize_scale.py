@@ -187,3 +187,32 @@ def test_items_table_feature_equals_the_same_feature_in_the_log(tmp_path, bucket
     assert pl.read_parquet(tmp_path / "log" / "items.parquet").equals(pl.read_parquet(tmp_path / "table" / "items.parquet"))
     for key in ("rows_kept", "dropped", "vocab_sizes", "cutoffs"):
         assert in_log[key] == from_table[key], key
+
+
+@pytest.mark.parametrize("years", [1, 9000])
+def test_long_window_bounds_against_brute_force(years):
+    """Both key widths of `windows.long_windows` (UInt64, and Int128 when users x time span is too wide)."""
+    from sdm.sessionize import sessions as S
+    from sdm.sessionize import windows as W
+    from sdm.sessionize.io import ROW, SID, TS, USER
+    from sdm.sessionize.split import SPLIT
+
+    rng = np.random.default_rng(years)
+    n = 3000
+    span = years * 365 * 86_400_000_000
+    ev = pl.DataFrame({
+        ROW: np.arange(n, dtype=np.uint32),
+        USER: rng.integers(0, 120, n),
+        TS: rng.integers(0, span, n) - 10**15,
+        SID: pl.Series([None] * n, dtype=pl.Int64),
+    })
+    ev = S.sort_events(ev)
+    window = span // 50
+    ev = S.sessionize(ev.lazy(), span // 400, 4).with_columns(pl.lit(0, dtype=pl.Int8).alias(SPLIT)).collect()
+    table = W.long_windows(W.sessions_table(ev.lazy()).collect(), ev, window, 5)
+    times = {u: g.get_column(TS).to_list() for (u,), g in ev.group_by(USER)}
+    for row in table.iter_rows(named=True):
+        t = times[row[USER]]
+        end = sum(1 for x in t if x < row["start_ts"])
+        start = max(sum(1 for x in t if x < row["start_ts"] - window), end - 5)
+        assert (row["long_start"], row["long_end"]) == (start, end)
