@@ -2,7 +2,7 @@
 
 Serving must not re-implement the sessionizer: everything here calls its own
 stage functions (`sessionize.io.check_log`, `timestamp_expr`,
-`normalise.clean_events`, `sessions.sessionize`, `windows.sessions_table`,
+`normalise.read_events`, `sessions.sessionize`, `windows.sessions_table`,
 `long_windows`, `rows_table`, `timelines`, `encode.encode`) with the training run's resolved config
 and vocabularies, then reads the result with the trainer's own
 `pipeline.dataset.sessions_from_record_batch`. Only two steps are serving's:
@@ -32,7 +32,7 @@ from sdm.pipeline.dataset import sessions_from_record_batch, user_column
 # the training code itself
 from sdm.sessionize.encode import encode
 from sdm.sessionize.io import ITEM, ROW, SID, TS, USER, check_log, feat_col, timestamp_expr
-from sdm.sessionize.normalise import clean_events
+from sdm.sessionize.normalise import read_events
 from sdm.sessionize.read import Input as _Input
 from sdm.sessionize.read import open_input as _open
 from sdm.sessionize.read import read_bucket as _bucket_input
@@ -249,7 +249,7 @@ def latest_sessions(
         raw = inp.lf.with_row_index(ROW).collect()
     if at_us is not None:
         raw = raw.filter(inp.ts < at_us)
-    events, _, _ = clean_events(raw.lazy(), inp, _items_for(inp, lookups, raw))
+    events, _, _ = read_events(raw.lazy(), inp, _items_for(inp, lookups, raw))
     gap_us = cfg.gap_td // _US
     ev = (
         sessionize(events.lazy(), gap_us, cfg.max_session_len)

@@ -26,24 +26,74 @@ def _collect_all(lfs: list[pl.LazyFrame], what: str) -> list[pl.DataFrame]:
         raise SdmError(f"{what}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
 
-def count_series(values: pl.Series) -> pl.DataFrame:
-    """`count_values` of a series; integers of a bounded range are counted by `np.bincount`.
+class Tally:
+    """Counts of values over several parts (buckets): `add` each part, then `frame`.
 
-    A bincount over an array of the id range is one sequential pass, several
-    times cheaper than a hash group-by when there are millions of distinct
-    ids (the hash table no longer fits in cache).
+    Integers of a bounded range (at most `LUT_MAX`, and 16x the values
+    counted) are counted by `np.bincount` into one dense array over all
+    parts: one sequential pass, several times cheaper than a hash group-by
+    when there are millions of distinct ids (the hash table no longer fits
+    in cache), and the parts merge by adding arrays. Anything else is
+    counted by a group-by per part and summed at the end.
     """
-    values = values.drop_nulls()
-    if values.dtype.is_integer() and len(values):
-        lo, hi = int(values.min()), int(values.max())
-        if hi - lo < min(LUT_MAX, 16 * len(values) + 1024):
-            bins = np.bincount((values.cast(pl.Int64).to_numpy() - lo), minlength=hi - lo + 1)
-            seen = np.flatnonzero(bins)
-            return pl.DataFrame({
-                "raw": pl.Series(seen + lo).cast(values.dtype),
-                "count": pl.Series(bins[seen], dtype=pl.Int64),
-            })
-    return _collect(count_values(values.to_frame("raw").lazy()))
+
+    def __init__(self) -> None:
+        self.lo: int | None = None
+        self.bins: np.ndarray | None = None
+        self.dtype: pl.DataType | None = None
+        self.seen = 0
+        self.frames: list[pl.DataFrame] = []
+
+    def add(self, values: pl.Series, weights: pl.Series | None = None) -> None:
+        """Count `values` (each `weights` times when given); nulls are not counted."""
+        if weights is not None:
+            keep = values.is_not_null()
+            values, weights = values.filter(keep), weights.filter(keep)
+        else:
+            values = values.drop_nulls()
+        if len(values) == 0:
+            return
+        self.dtype = values.dtype
+        self.seen += len(values)
+        if values.dtype.is_integer() and not self.frames:
+            lo, hi = int(values.min()), int(values.max())
+            if self.bins is not None:
+                lo, hi = min(lo, self.lo), max(hi, self.lo + len(self.bins) - 1)
+            if hi - lo < min(LUT_MAX, 16 * self.seen + 1024):
+                if self.bins is None:
+                    self.lo, self.bins = lo, np.zeros(hi - lo + 1, dtype=np.int64)
+                elif lo < self.lo or hi >= self.lo + len(self.bins):
+                    grown = np.zeros(hi - lo + 1, dtype=np.int64)
+                    grown[self.lo - lo : self.lo - lo + len(self.bins)] += self.bins
+                    self.lo, self.bins = lo, grown
+                w = None if weights is None else weights.cast(pl.Float64).to_numpy()
+                counted = np.bincount(values.cast(pl.Int64).to_numpy() - self.lo, weights=w, minlength=len(self.bins))
+                self.bins += counted.astype(np.int64) if w is not None else counted
+                return
+        if self.bins is not None:  # the range outgrew the array: fall back to frames
+            self.frames.append(self._dense())
+            self.lo = self.bins = None
+        frame = values.to_frame("raw").with_columns(
+            (pl.lit(1, dtype=pl.Int64) if weights is None else weights.cast(pl.Int64)).alias("count")
+        )
+        self.frames.append(_collect(frame.lazy().group_by("raw").agg(pl.col("count").sum())))
+
+    def _dense(self) -> pl.DataFrame:
+        seen = np.flatnonzero(self.bins)
+        return pl.DataFrame({
+            "raw": pl.Series(seen + self.lo).cast(self.dtype),
+            "count": pl.Series(self.bins[seen], dtype=pl.Int64),
+        })
+
+    def frame(self) -> pl.DataFrame:
+        """`raw`, `count` (int64), one row per distinct value."""
+        if self.bins is not None:
+            return self._dense()
+        if not self.frames:
+            return pl.DataFrame(schema={"raw": self.dtype or pl.Int64, "count": pl.Int64})
+        if len(self.frames) == 1:
+            return self.frames[0]
+        return _collect(pl.concat(self.frames).lazy().group_by("raw").agg(pl.col("count").sum()))
 
 
 def count_values(values: pl.LazyFrame) -> pl.LazyFrame:
@@ -51,16 +101,17 @@ def count_values(values: pl.LazyFrame) -> pl.LazyFrame:
     return values.drop_nulls("raw").group_by("raw").agg(pl.len().cast(pl.Int64).alias("count"))
 
 
-def build_vocab(counts: pl.LazyFrame) -> pl.LazyFrame:
+def build_vocab(counts: pl.LazyFrame, unique: bool = False) -> pl.LazyFrame:
     """Vocabulary from value counts (`count_values`; several frames' counts may repeat a value: summed).
 
     Returns `raw`, `index` (int32, 2.. by descending count then raw value) and
     `count` (int64). Nulls are not vocabulary entries (they map to 1).
+    `unique`: each value has one row already (a `Tally`), nothing to sum.
     """
+    if not unique:
+        counts = counts.group_by("raw").agg(pl.col("count").sum())
     return (
         counts
-        .group_by("raw")
-        .agg(pl.col("count").sum())
         .sort(["count", "raw"], descending=[True, False])
         .with_row_index("index", offset=2)
         .select(pl.col("raw"), pl.col("index").cast(pl.Int32), pl.col("count"))
@@ -128,22 +179,19 @@ def vocabularies(
     for f in cfg.item_features:
         if f not in in_table:
             columns[f] = pl.col(values_col(f)).explode() if f in cfg.multi_valued else pl.col(feat_col(f))
-    counts: dict[str, list[pl.DataFrame]] = {name: [] for name in columns}
+    tallies = {name: Tally() for name in columns}
     for train in trains:
         # one query for every column of a bucket: its training events are filtered once
         values = _collect_all([train.select(col.alias("raw")) for col in columns.values()], "vocabularies")
         for name, frame in zip(columns, values):
-            counts[name].append(count_series(frame.get_column("raw")))
+            tallies[name].add(frame.get_column("raw"))
+        del values
     # a user's training events are its training sessions' lengths: no event is read
-    counts["user"] = [
-        _collect(
-            train_sessions.lazy().group_by(USER).agg(pl.col(SLEN).cast(pl.Int64).sum().alias("count"))
-            .select(pl.col(USER).alias("raw"), pl.col("count")),
-            "user vocabulary",
-        )
-    ]
+    tallies["user"] = Tally()
+    tallies["user"].add(train_sessions.get_column(USER), train_sessions.get_column(SLEN))
+    counts = {name: [t.frame()] for name, t in tallies.items()}
     users = [train_sessions.select(pl.col(USER)).unique()]
-    item_counts = pl.concat(counts["item"]).group_by("raw").agg(pl.col("count").sum())
+    item_counts = counts["item"][0]
     for f in in_table:
         col = values_col(f) if f in cfg.multi_valued else feat_col(f)
         per_item = table.lazy().select(pl.col(ITEM).alias("raw"), pl.col(col).alias("_v"))
@@ -157,7 +205,7 @@ def vocabularies(
         )
         counts[f] = [_collect(per_value, f"{f} vocabulary")]
     vocabs = {
-        name: _collect(build_vocab(pl.concat(counts[name]).lazy()), f"{name} vocabulary")
+        name: _collect(build_vocab(pl.concat(counts[name]).lazy(), unique=name in tallies), f"{name} vocabulary")
         for name in ("item", *cfg.item_features, "user")
     }
     train_users = pl.concat(users).lazy()

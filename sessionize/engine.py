@@ -28,7 +28,7 @@ from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 from sdm.sessionize.passes import first_pass, first_pass_job, second_pass, second_pass_job
 from sdm.sessionize.plan import Part, Plan
-from sdm.sessionize.read import SPLIT_KEY, Input, split_log
+from sdm.sessionize.read import SPLIT_KEY, Input, split_events
 
 Say = Callable[[str], None]
 
@@ -41,14 +41,14 @@ def spills(cfg: SessionizeConfig) -> bool:
 def first_passes(inp: Input, work: Path | None, say: Say) -> list[Part]:
     """The first pass over every bucket, by the config's engine."""
     cfg, n = inp.cfg, inp.cfg.buckets
-    paths = [None if work is None else work / f"bucket-{b:05d}.parquet" for b in range(n)]
+    paths = [None if work is None else work / f"bucket-{b:05d}.ipc" for b in range(n)]
     if cfg.engine == "ray":
         say(f"first pass: {n} Ray tasks")
         return ray_map(first_pass_job, [(cfg, inp.log, b, n, paths[b], None) for b in range(n)], cfg.ray_address)
     split_dir = None
     if work is not None and n > 1:
         split_dir = work / "input"
-        split_log(inp, n, split_dir)
+        split_events(inp, n, split_dir)
         say(f"split the log into {n} buckets")
     try:
         if cfg.workers > 1 and n > 1:

@@ -137,20 +137,44 @@ def copies(events: pl.DataFrame, dup_key: pl.DataFrame, features: list[str]) -> 
     )
 
 
-def clean_events(
-    rows: pl.LazyFrame, inp: Any, items: pl.LazyFrame | None = None
-) -> tuple[pl.DataFrame, dict[str, int], int]:
-    """Raw rows (lazy, with `ROW`) -> kept events sorted by (user, time, input order), drops by reason, rows read.
+def _narrow(columns: dict[str, pl.Series], narrow: list[str]) -> tuple[pl.DataFrame, dict[str, tuple[int, pl.DataType]]]:
+    """The `narrow` 64-bit integer columns as UInt32 offsets from their minimum where the range allows.
 
-    The one path from rows to events, for the sessionizer and for serving.
-    `inp` is a `read.Input`; `items`: an items table to join the table
-    features from (serving); the sessionizer gives none. Reading, drop
-    tagging and normalising run as one streaming query, so the raw rows
-    (behavior strings and all) are never held: only the event columns and
-    each row's drop reason.
+    The sort moves every column; 64-bit ids that span less than 2^32 move at
+    half the width (at 100M events 1.2 GB less per copy). The columns are
+    taken out of `columns` one at a time, so the (many-chunked) streaming
+    result is never held twice.
+
+    Returns:
+        The frame and, per narrowed column, (minimum, original dtype) for `_widen`.
     """
-    from sdm.sessionize.sessions import sort_events
+    offsets, out = {}, {}
+    for name in list(columns):
+        col = columns.pop(name)
+        if name in narrow and col.dtype in (pl.Int64, pl.UInt64) and len(col):
+            lo, hi = col.min(), col.max()
+            if lo is not None and hi - lo < 2**32:
+                offsets[name] = (int(lo), col.dtype)
+                col = (col - lo).cast(pl.UInt32)
+        out[name] = col.rechunk()
+        del col
+    return pl.DataFrame(out), offsets
 
+
+def _widen(frame: pl.DataFrame, offsets: dict[str, tuple[int, pl.DataType]]) -> pl.DataFrame:
+    """Undo `_narrow`: the original values and dtypes (the sorted flag of the first column is kept)."""
+    return frame.with_columns((pl.col(c).cast(pl.Int64) + lo).cast(dtype).alias(c) for c, (lo, dtype) in offsets.items())
+
+
+def normalised(rows: pl.LazyFrame, inp: Any, items: pl.LazyFrame | None = None) -> pl.LazyFrame:
+    """Raw rows (with `ROW`) -> every row as event columns plus its drop reason (`DROP`), lazily.
+
+    Also `RAW_TIME` for an integer time column (its range is checked before
+    anything is kept) and `DUP` when exact copies are dropped. `inp` is a
+    `read.Input`; `items`: an items table to join the table features from
+    (serving); the sessionizer gives none. Streaming-friendly: no sort, no
+    group-by, so the raw rows (behavior strings and all) are never held.
+    """
     cfg, spec = inp.cfg, inp.spec
     dtype = inp.schema[cfg.time_col]
     extra = [pl.col(DROP)]
@@ -158,11 +182,29 @@ def clean_events(
         extra.append(pl.col(cfg.time_col).alias(RAW_TIME))
     if not cfg.keep_duplicates:
         extra.append(_dup_key(cfg, spec, _time_exact(dtype)))
-    plan = to_events(tag_drops(rows, cfg, spec, inp.ts), cfg, spec, inp.ts, items, inp.schema[cfg.item_col], extra)
+    return to_events(tag_drops(rows, cfg, spec, inp.ts), cfg, spec, inp.ts, items, inp.schema[cfg.item_col], extra)
+
+
+def read_events(
+    rows: pl.LazyFrame, inp: Any, items: pl.LazyFrame | None = None
+) -> tuple[pl.DataFrame, dict[str, int], int]:
+    """`normalised` rows collected by the streaming engine, then `clean_events`."""
     try:
-        tagged = plan.collect(engine="streaming")
+        tagged = normalised(rows, inp, items).collect(engine="streaming")
     except pl.exceptions.PolarsError as exc:
         raise SdmError(f"{inp.log}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    return clean_events(tagged, inp)
+
+
+def clean_events(tagged: pl.DataFrame, inp: Any) -> tuple[pl.DataFrame, dict[str, int], int]:
+    """`normalised` rows -> kept events sorted by (user, time, input order), drops by reason, rows read.
+
+    The one path from rows to events, for the sessionizer and for serving.
+    """
+    from sdm.sessionize.sessions import sort_events
+
+    cfg, spec = inp.cfg, inp.spec
+    dtype = inp.schema[cfg.time_col]
     rows_in = tagged.height
     counts = dict(tagged.get_column(DROP).drop_nulls().value_counts().iter_rows())
     dropped = {r: int(counts.get(k, 0)) for k, r in enumerate(DROP_REASONS)}
@@ -173,10 +215,13 @@ def clean_events(
     dup_key = None
     if not cfg.keep_duplicates:
         # the hash stays out of the sort; the few tied rows look theirs up by ROW
-        dup_key = tagged.select(pl.col(ROW), pl.col(DUP))
+        dup_key = tagged.select(pl.col(ROW), pl.col(DUP)).rechunk()
         tagged = tagged.drop(DUP)
-    events = sort_events(tagged)
+    columns = {c: tagged.get_column(c) for c in tagged.columns}
     del tagged
+    narrow, offsets = _narrow(columns, [USER, ITEM, SID])
+    events = _widen(sort_events(narrow), offsets)
+    del narrow
     if dup_key is not None:
         # table features follow the item: comparing the log's own columns is enough
         dup = copies(events, dup_key, list(spec.log_item_features))

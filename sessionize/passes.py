@@ -21,7 +21,7 @@ from sdm.sessionize import encode, split, windows, write
 from sdm.sessionize.io import ROW, SID, TS, USER, collect
 from sdm.sessionize.normalise import clean_events
 from sdm.sessionize.plan import Part, Plan, global_sess
-from sdm.sessionize.read import Input, open_input, scan_bucket
+from sdm.sessionize.read import Input, bucket_events, open_input
 from sdm.sessionize.sessions import SESS, session_starts, sessionize
 
 _US = dt.timedelta(microseconds=1)
@@ -30,11 +30,11 @@ _US = dt.timedelta(microseconds=1)
 def first_pass(inp: Input, b: int, n: int, spill: Path | None, split_dir: Path | None = None) -> Part:
     """Read bucket `b` of `n`, count drops, sessionize it; spill the events to `spill` when given.
 
-    `split_dir`: the directory `read.split_log` wrote (else the bucket is
+    `split_dir`: the directory `read.split_events` wrote (else the bucket is
     filtered out of the log).
     """
     cfg = inp.cfg
-    events, dropped, rows_in = clean_events(scan_bucket(inp, b, n, split_dir), inp)
+    events, dropped, rows_in = clean_events(bucket_events(inp, b, n, split_dir), inp)
     if not inp.spec.log_item_features:
         # input order only breaks ties of items.parquet's "last event" for log features
         events = events.drop(ROW)
@@ -45,8 +45,8 @@ def first_pass(inp: Input, b: int, n: int, spill: Path | None, split_dir: Path |
     min_ts, max_ts = (int(ts.min()), int(ts.max())) if ev.height else (None, None)
     sessions = session_starts(ev)
     if spill is not None:
-        # lz4: the spill is read back once, soon; speed matters more than size
-        ev.write_parquet(spill, compression="lz4")
+        # Arrow IPC, uncompressed: read back soon, by column; speed matters more than size
+        ev.write_ipc(spill)
         ev = None
     return Part(rows_in, dropped, sessions, min_ts, max_ts, ev, spill)
 
@@ -66,30 +66,32 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
         sessions = sessions.with_columns(global_sess(part.sessions, plan.offsets))
     seq_cols = ["seq_item"] + [f"seq_{f}" for f in plan.item_features] + ["seq_oov"]
     enc = encode.encode_events(ev.lazy(), plan.vocabs, plan.item_features, plan.codes).select(pl.col(TS), *seq_cols)
-    rows, enc_df = pl.collect_all([windows.rows_table(sessions.lazy()), enc], engine="in-memory")
-    del ev, sessions
-    rows = windows.timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})
-    del enc_df
+    enc_df = collect(enc, str(inp.log))
+    del ev  # from here on the encoded columns are all the events there are
+    rows = collect(windows.rows_table(sessions.lazy()), str(inp.log))
+    del sessions
     user_cols = plan.users_table.lazy().select(
         pl.col(USER), pl.col("user_id"), pl.col("user"), *[pl.col(f).alias(f"user_{f}") for f in plan.user_features]
     )
-    rows = collect(
-        rows.lazy().join(user_cols, on=USER, how="left", maintain_order="left").select(
-            pl.col(split.SPLIT), pl.col("user_id"), pl.col("user"), *[pl.col(f"user_{f}") for f in plan.user_features],
-            pl.col("ts"), *[pl.col(c) for c in seq_cols],
-            pl.col(SESS), pl.col("sess_start"), pl.col("sess_len"), pl.col("long_start"), pl.col("long_end"),
-        ),
-        str(inp.log),
-    )  # fmt: skip
+    rows = collect(rows.lazy().join(user_cols, on=USER, how="left", maintain_order="left"), str(inp.log))
+    order = [
+        "user_id", "user", *[f"user_{f}" for f in plan.user_features], "ts", *seq_cols,
+        SESS, "sess_start", "sess_len", "long_start", "long_end",
+    ]  # fmt: skip
+    columns = {TS: "ts", **{c: c for c in seq_cols}}
+
+    def shard(block: pl.DataFrame) -> pl.DataFrame:
+        # the event lists are built one shard at a time: memory holds one shard's lists
+        return windows.timelines(block, enc_df, columns).select(order)
+
     # rows come split by split (`windows.rows_table`): each split is a slice
     per_split = rows.get_column(split.SPLIT).value_counts().sort(split.SPLIT)
     sizes = dict(zip(per_split.get_column(split.SPLIT).to_list(), per_split.get_column("count").to_list()))
-    rows = rows.drop(split.SPLIT)
     written, offset = {}, 0
     for code, name in enumerate(split.SPLITS):
         first, count = plan.shards[name][b]
         size = sizes.get(code, 0)
-        written[name] = write.write_shards(out, name, rows.slice(offset, size), first, count)
+        written[name] = write.write_shards(out, name, rows.slice(offset, size), first, count, build=shard)
         offset += size
     return written
 

@@ -37,7 +37,7 @@ class Part:
 
     def frame(self) -> pl.LazyFrame:
         """The sessionized events (from memory or the spill file)."""
-        return self.events.lazy() if self.events is not None else pl.scan_parquet(self.spill)
+        return self.events.lazy() if self.events is not None else pl.scan_ipc(self.spill)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 from sdm.sessionize.io import (
     ROW,
+    USER,
     LogSpec,
     check_log,
     collect,
@@ -23,7 +24,7 @@ from sdm.sessionize.io import (
     scan_table,
     timestamp_expr,
 )
-from sdm.sessionize.normalise import read_columns
+from sdm.sessionize.normalise import normalised, read_columns
 
 
 _CSV = (".csv", ".tsv", ".txt")
@@ -151,3 +152,35 @@ def split_log(inp: Input, n: int, out: Path) -> None:
     except pl.exceptions.PolarsError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdmError(f"{inp.log}: {first}") from None
+
+
+def split_events(inp: Input, n: int, out: Path) -> None:
+    """Normalise the log in one streaming pass and write its rows by user bucket into `out/__sdm_bucket=<b>/`.
+
+    What is written is `normalise.normalised` (event columns, drop reason,
+    duplicate hash): a bucket's first pass reads it back as it is, and the
+    raw columns it no longer needs (behavior strings, ...) are never written.
+    Arrow IPC, uncompressed: the files are read back once, soon, and at 100M
+    events IPC writes in 3.5 s what Parquet needs 7-8 s for.
+    """
+    lf = normalised(_columns(inp), inp)
+    try:
+        lf.sink_ipc(pl.PartitionBy(out, key=bucket_expr(USER, n).alias(SPLIT_KEY), include_key=False), mkdir=True)
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{inp.log}: {first}") from None
+
+
+def bucket_events(inp: Input, b: int, n: int, split: Path | None) -> pl.DataFrame:
+    """The `normalised` rows of bucket `b` of `n`: from `split_events`' folder when given, else from the log."""
+    if split is None:
+        lf = normalised(scan_bucket(inp, b, n, None), inp)
+    else:
+        files = sorted((split / f"{SPLIT_KEY}={b}").glob("*.ipc"))
+        lf = pl.scan_ipc(files, hive_partitioning=False) if files else normalised(_columns(inp).head(0), inp)
+    try:
+        return lf.collect(engine="streaming")
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{inp.log}: {first}") from None
+

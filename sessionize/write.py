@@ -132,10 +132,19 @@ def even_bounds(n_rows: int, count: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def write_shards(out: Path, split: str, rows: pl.DataFrame, first: int, count: int) -> list[dict[str, Any]]:
+def write_shards(
+    out: Path,
+    split: str,
+    rows: pl.DataFrame,
+    first: int,
+    count: int,
+    build: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+) -> list[dict[str, Any]]:
     """Write `rows` as `count` shards `split/part-NNNNN.parquet` numbered from `first`; return their entries.
 
-    Row groups of ROW_GROUP rows let a reader stream a shard in bounded memory.
+    `build` turns a shard's block of rows into what is written (the
+    sessionizer attaches the event lists there, one shard at a time). Row
+    groups of ROW_GROUP rows let a reader stream a shard in bounded memory.
     """
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,6 +153,8 @@ def write_shards(out: Path, split: str, rows: pl.DataFrame, first: int, count: i
     shards = []
     for k, (lo, hi) in enumerate(even_bounds(rows.height, count)):
         part = rows.slice(lo, hi - lo)
+        if build is not None:
+            part = build(part)
         rel = f"{split}/part-{first + k:05d}.parquet"
         part.write_parquet(out / rel, compression=COMPRESSION, compression_level=LEVEL, row_group_size=ROW_GROUP)
         shards.append({"path": rel, **_stats(part)})

@@ -216,3 +216,30 @@ def test_long_window_bounds_against_brute_force(years):
         end = sum(1 for x in t if x < row["start_ts"])
         start = max(sum(1 for x in t if x < row["start_ts"] - window), end - 5)
         assert (row["long_start"], row["long_end"]) == (start, end)
+
+
+@pytest.mark.parametrize("case", ["dense", "grows", "wide", "strings", "weighted"])
+def test_tally_equals_a_group_by(case):
+    """`encode.Tally` (dense bincounts merged over parts, or group-bys) counts what one group-by counts."""
+    from sdm.sessionize.encode import Tally
+
+    rng = np.random.default_rng(len(case))
+    parts = {
+        "dense": [rng.integers(100, 200, 500) for _ in range(3)],
+        "grows": [rng.integers(1000, 1100, 300), rng.integers(-50, 10, 300), rng.integers(5000, 5200, 300)],
+        "wide": [rng.integers(0, 100, 300), np.array([0, 10**15, 7])],
+        "strings": [np.array(["a", "b", "a"]), np.array(["c", "a"])],
+        "weighted": [rng.integers(0, 30, 200) for _ in range(2)],
+    }[case]
+    tally, frames = Tally(), []
+    for k, values in enumerate(parts):
+        s = pl.Series("v", values)
+        if k == 0 and case != "strings":
+            s = s.cast(pl.Int64).scatter([0, 1], [None, None])  # nulls are not counted
+        w = pl.Series("w", rng.integers(1, 5, len(s)), dtype=pl.UInt32) if case == "weighted" else None
+        tally.add(s, w)
+        frames.append(pl.DataFrame({"raw": s, "count": w.cast(pl.Int64) if w is not None else pl.Series([1] * len(s), dtype=pl.Int64)}))
+    want = pl.concat(frames).drop_nulls("raw").group_by("raw").agg(pl.col("count").sum()).sort("raw")
+    got = tally.frame().sort("raw")
+    assert got.get_column("raw").to_list() == want.get_column("raw").to_list()
+    assert got.get_column("count").to_list() == want.get_column("count").to_list()
