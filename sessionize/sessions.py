@@ -51,7 +51,8 @@ def sessionize(events: pl.LazyFrame, gap_us: int, max_len: int) -> pl.LazyFrame:
     return (
         events
         .with_columns(
-            pl.int_range(pl.len(), dtype=pl.Int64).alias("_g"),
+            # frame positions fit 32 bits (polars indexes rows with u32): half the temporaries' memory
+            pl.int_range(pl.len(), dtype=pl.UInt32).alias("_g"),
             (pl.col(USER).ne_missing(pl.col(USER).shift(1)) | (pl.int_range(pl.len()) == 0)).alias("_first_of_user"),
         )
         .with_columns(

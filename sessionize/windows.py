@@ -36,8 +36,8 @@ def sessions_table(events: pl.LazyFrame) -> pl.LazyFrame:
             .forward_fill()
             .alias("long_end"),
             # frame position of the user's first event: timelines gather by it
-            (pl.int_range(pl.len(), dtype=pl.Int64) - pl.col(IDX)).alias(BASE),
-            ((pl.col(IDX) == 0).cum_sum() - 1).cast(pl.Int64).alias(UC),
+            (pl.int_range(pl.len(), dtype=pl.Int64) - pl.col(IDX)).cast(pl.UInt32).alias(BASE),
+            ((pl.col(IDX) == 0).cum_sum() - 1).cast(pl.UInt32).alias(UC),
         )
         .filter(pl.col(NEW))
         .select(
@@ -145,7 +145,7 @@ def timelines(rows: pl.DataFrame, events: pl.DataFrame, columns: dict[str, str])
         columns: event column -> output list column (e.g. `_ts` -> `ts`).
     """
     lengths = (rows.get_column("row_end") - rows.get_column("row_start")).cast(pl.Int64)
-    first = rows.get_column(BASE) + rows.get_column("row_start")
+    first = rows.get_column(BASE).cast(pl.Int64) + rows.get_column("row_start")
     positions = (
         pl.DataFrame({"a": first, "b": first + lengths})
         .select(pl.int_ranges(pl.col("a"), pl.col("b"), dtype=pl.Int64).explode().alias("p"))
