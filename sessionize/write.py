@@ -117,12 +117,13 @@ def _stats(df: pl.DataFrame) -> dict[str, int]:
     """Row, session, event and sample counts of a block of shard rows."""
     if df.height == 0:
         return {"rows": 0, "sessions": 0, "events": 0, "samples": 0}
-    lens = df.get_column("sess_len")
+    lens = df.get_column("sess_len").explode().drop_nulls()
+    # a session of n >= 1 events has n - 1 samples (length 0 is only a hand-made block)
     return {
         "rows": df.height,
-        "sessions": int(lens.list.len().sum()),
-        "events": int(lens.list.sum().sum()),
-        "samples": int(lens.list.eval((pl.element() - 1).clip(lower_bound=0)).list.sum().sum()),
+        "sessions": len(lens),
+        "events": int(lens.sum()),
+        "samples": int((lens.cast(pl.Int64) - 1).clip(lower_bound=0).sum()),
     }
 
 

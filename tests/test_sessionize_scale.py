@@ -243,3 +243,23 @@ def test_tally_equals_a_group_by(case):
     got = tally.frame().sort("raw")
     assert got.get_column("raw").to_list() == want.get_column("raw").to_list()
     assert got.get_column("count").to_list() == want.get_column("count").to_list()
+
+
+def test_narrowed_sort_equals_plain_sort(tmp_path, monkeypatch):
+    """Large buckets sort ids narrowed to 32-bit offsets (`normalise._narrow`): same output as the plain sort."""
+    from sdm.sessionize import normalise
+
+    log, users = _random_log(tmp_path, 9)
+    df = pl.read_parquet(log).with_columns(
+        (pl.col("item_id") + 10**12).alias("item_id"),  # 64-bit ids with a small range: narrowed
+        pl.col("user_id").str.slice(1).cast(pl.Int64).alias("user_id"),
+    )
+    df.write_parquet(log)
+    plain = run(_cfg(tmp_path / "plain", None, user_features=[]), log, progress=False)
+    monkeypatch.setattr(normalise, "NARROW_ROWS", 0)
+    calls = []
+    real = normalise._narrow
+    monkeypatch.setattr(normalise, "_narrow", lambda cols, names: calls.append(1) or real(cols, names))
+    narrow = run(_cfg(tmp_path / "narrow", None, user_features=[]), log, progress=False)
+    assert calls, "the narrowed path did not run"
+    _same_output(tmp_path / "plain", tmp_path / "narrow", plain, narrow)
