@@ -140,7 +140,10 @@ def inspect_dir(path: Path) -> dict[str, Any]:
     if (path / "best.pt").is_file() or (path / "last.pt").is_file():
         return inspect_model(path)
     if (path / "partial-manifest.json").is_file():
-        raise SdmError(f"{path}: a partial sessionize output (--bucket); run `sdm sessionize-combine` first")
+        raise SdmError(
+            f"{path}: a partial output of an older sdm (--bucket i/N), which this version no longer combines; "
+            "rerun `sdm sessionize` (with --engine ray for several machines)"
+        )
     found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
     raise SdmError(f"{path}: not a shard, model or export directory (found: {found})")
 

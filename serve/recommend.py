@@ -13,7 +13,7 @@ query at its end (tested). With `--index faiss` the user vectors go through
 
 Memory: users are hash-partitioned into buckets of about `bucket_events`
 events (the sessionizer's `bucket_expr`; the log is split by bucket in one
-streaming pass, `split_log`, into a scratch directory next to the output), each
+streaming pass, `sessionize.read.split_log`, into a scratch directory next to the output), each
 bucket is sessionized on its own and scored in batches of `batch_size` users, and
 the output is streamed to a temporary Parquet file renamed into place at the end.
 """

@@ -168,11 +168,10 @@ class Lookups:
         missing = [f for f in self.item_features if f not in in_log and f not in in_table]
         base.update(
             items=raw_items if in_table else None, users=None, item_features=in_log + in_table, user_features=[],
-            buckets=1, workers=1, bucket=None, plan=None, plan_only=False, overwrite=True,
+            buckets=1, workers=1, engine="local", ray_address=None, overwrite=True,
         )  # fmt: skip
-        for key in ("bucket", "plan", "plan_only", "workers"):
-            if key not in SessionizeConfig.model_fields:
-                base.pop(key, None)
+        for key in ("bucket", "plan", "plan_only"):  # fields of older versions' manifests
+            base.pop(key, None)
         return SessionizeConfig(**base), missing
 
 
@@ -371,7 +370,7 @@ def bucketed(
     """`latest_sessions` one hash bucket of users at a time (the sessionizer's `bucket_expr`): bounded memory.
 
     With `work` (a scratch directory) and several buckets, the log is first split by
-    bucket in one streaming pass (the sessionizer's `split_log`), so each bucket reads
+    bucket in one streaming pass (`sessionize.read.split_log`), so each bucket reads
     its own file instead of filtering the whole log again.
     """
     import shutil

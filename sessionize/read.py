@@ -100,7 +100,7 @@ def bucket_expr(user_key: str, buckets: int) -> pl.Expr:
 
 
 SPLIT_KEY = "__sdm_bucket"
-"""Partition column of `split_log`'s directories (`_bucket=<b>/`)."""
+"""Partition column of the bucket folders of `split_log` and `split_events` (`__sdm_bucket=<b>/`)."""
 
 
 def _columns(inp: Input) -> pl.LazyFrame:
@@ -137,7 +137,10 @@ def read_bucket(inp: Input, b: int, n: int, split: Path | None) -> pl.DataFrame:
 
 
 def split_log(inp: Input, n: int, out: Path) -> None:
-    """Write the log, with input row numbers `_row`, split by user bucket into `out/_bucket=<b>/`.
+    """Write the raw log, with input row numbers `ROW`, split by user bucket into `out/__sdm_bucket=<b>/`.
+
+    For `sdm recommend`, which filters raw rows by time before normalising
+    them; the sessionizer splits normalised rows (`split_events`).
 
     One streaming read of the log instead of one read per bucket; memory stays
     bounded by the engine's batches. lz4: the files are read back once, soon.

@@ -78,3 +78,9 @@ def test_bad_paths_are_one_line(tmp_path: Path, make: Any, needle: str) -> None:
 
 def test_help() -> None:
     assert "shard directory" in CliRunner().invoke(app, ["inspect", "--help"]).output
+
+
+def test_partial_output_of_an_older_version_says_what_to_do(tmp_path):
+    (tmp_path / "partial-manifest.json").write_text("{}")
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path)])
+    assert res.exit_code == 1 and "no longer combines" in res.output and "--engine ray" in res.output
