@@ -12,18 +12,16 @@ import numpy as np
 import polars as pl
 
 from sdm.config import SessionizeConfig
-from sdm.errors import SdmError
 from sdm.sessionize.io import ITEM, ROW, TS, USER, feat_col, values_col
 from sdm.sessionize.sessions import SLEN
 from sdm.sessionize.io import collect as _collect
+from sdm.sessionize.io import polars_errors
 
 
 def _collect_all(lfs: list[pl.LazyFrame], what: str) -> list[pl.DataFrame]:
     """`collect_all` on the in-memory engine (shared sub-plans run once); failures as one line."""
-    try:
+    with polars_errors(what):
         return pl.collect_all(lfs, engine="in-memory")
-    except pl.exceptions.PolarsError as exc:
-        raise SdmError(f"{what}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
 
 
 class Tally:

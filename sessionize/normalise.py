@@ -13,7 +13,6 @@ from typing import Any
 import polars as pl
 
 from sdm.config import SessionizeConfig
-from sdm.errors import SdmError
 from sdm.sessionize.io import (
     DROP,
     DROP_REASONS,
@@ -25,6 +24,7 @@ from sdm.sessionize.io import (
     LogSpec,
     RAW_TIME,
     check_time_range,
+    polars_errors,
     feat_col,
     values_col,
 )
@@ -194,10 +194,8 @@ def read_events(
     rows: pl.LazyFrame, inp: Any, items: pl.LazyFrame | None = None
 ) -> tuple[pl.DataFrame, dict[str, int], int]:
     """`normalised` rows collected by the streaming engine, then `clean_events`."""
-    try:
+    with polars_errors(str(inp.log)):
         tagged = normalised(rows, inp, items).collect(engine="streaming")
-    except pl.exceptions.PolarsError as exc:
-        raise SdmError(f"{inp.log}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
     return clean_events(tagged, inp)
 
 

@@ -20,6 +20,7 @@ from sdm.sessionize.io import (
     LogSpec,
     check_log,
     collect,
+    polars_errors,
     resolve_features,
     scan_table,
     timestamp_expr,
@@ -129,11 +130,8 @@ def scan_bucket(inp: Input, b: int, n: int, split: Path | None) -> pl.LazyFrame:
 
 def read_bucket(inp: Input, b: int, n: int, split: Path | None) -> pl.DataFrame:
     """`scan_bucket`, collected (streaming)."""
-    try:
+    with polars_errors(str(inp.log)):
         return scan_bucket(inp, b, n, split).collect(engine="streaming")
-    except pl.exceptions.PolarsError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdmError(f"{inp.log}: {first}") from None
 
 
 def split_log(inp: Input, n: int, out: Path) -> None:
@@ -146,15 +144,12 @@ def split_log(inp: Input, n: int, out: Path) -> None:
     bounded by the engine's batches. lz4: the files are read back once, soon.
     """
     lf = _columns(inp)
-    try:
+    with polars_errors(str(inp.log)):
         lf.sink_parquet(
             pl.PartitionBy(out, key=bucket_expr(inp.spec.user_key, n).alias(SPLIT_KEY), include_key=False),
             compression="lz4",
             mkdir=True,
         )
-    except pl.exceptions.PolarsError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdmError(f"{inp.log}: {first}") from None
 
 
 def split_events(inp: Input, n: int, out: Path) -> None:
@@ -167,11 +162,8 @@ def split_events(inp: Input, n: int, out: Path) -> None:
     events IPC writes in 3.5 s what Parquet needs 7-8 s for.
     """
     lf = normalised(_columns(inp), inp)
-    try:
+    with polars_errors(str(inp.log)):
         lf.sink_ipc(pl.PartitionBy(out, key=bucket_expr(USER, n).alias(SPLIT_KEY), include_key=False), mkdir=True)
-    except pl.exceptions.PolarsError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdmError(f"{inp.log}: {first}") from None
 
 
 def bucket_events(inp: Input, b: int, n: int, split: Path | None) -> pl.DataFrame:
@@ -181,9 +173,6 @@ def bucket_events(inp: Input, b: int, n: int, split: Path | None) -> pl.DataFram
     else:
         files = sorted((split / f"{SPLIT_KEY}={b}").glob("*.ipc"))
         lf = pl.scan_ipc(files, hive_partitioning=False) if files else normalised(_columns(inp).head(0), inp)
-    try:
+    with polars_errors(str(inp.log)):
         return lf.collect(engine="streaming")
-    except pl.exceptions.PolarsError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdmError(f"{inp.log}: {first}") from None
 
