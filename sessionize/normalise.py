@@ -224,6 +224,8 @@ def clean_events(tagged: pl.DataFrame, inp: Any) -> tuple[pl.DataFrame, dict[str
         columns = {c: tagged.get_column(c) for c in tagged.columns}
         del tagged
         narrow, offsets = _narrow(columns, [USER, ITEM, SID])
+        # the session id is only compared with its neighbour: it stays narrow
+        offsets.pop(SID, None)
         events = _widen(sort_events(narrow), offsets)
         del narrow
     else:
