@@ -218,7 +218,7 @@ def clean_events(tagged: pl.DataFrame, inp: Any) -> tuple[pl.DataFrame, dict[str
     dup_key = None
     if not cfg.keep_duplicates:
         # the hash stays out of the sort; the few tied rows look theirs up by ROW
-        dup_key = tagged.select(pl.col(ROW), pl.col(DUP)).rechunk()
+        dup_key = tagged.select(pl.col(ROW), pl.col(DUP))
         tagged = tagged.drop(DUP)
     if tagged.height >= NARROW_ROWS:
         columns = {c: tagged.get_column(c) for c in tagged.columns}

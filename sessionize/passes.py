@@ -64,12 +64,12 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
     sessions = windows.long_windows(sessions, ev, cfg.long_window_td // _US, cfg.max_long_len)
     if plan.buckets > 1:
         sessions = sessions.with_columns(global_sess(part.sessions, plan.offsets))
+    rows = collect(windows.rows_table(sessions.lazy()), str(inp.log))
+    del sessions
     seq_cols = ["seq_item"] + [f"seq_{f}" for f in plan.item_features] + ["seq_oov"]
     enc = encode.encode_events(ev.lazy(), plan.vocabs, plan.item_features, plan.codes).select(pl.col(TS), *seq_cols)
     enc_df = collect(enc, str(inp.log))
     del ev  # from here on the encoded columns are all the events there are
-    rows = collect(windows.rows_table(sessions.lazy()), str(inp.log))
-    del sessions
     user_cols = plan.users_table.lazy().select(
         pl.col(USER), pl.col("user_id"), pl.col("user"), *[pl.col(f).alias(f"user_{f}") for f in plan.user_features]
     )
