@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from sdm.sessionize.io import SID, TS, USER
+from sdm.sessionize.io import ROW, SID, TS, USER
 
 SESS = "sess_id"
 IDX = "_idx"          # position of the event in its user's timeline (0..)
@@ -25,8 +25,12 @@ def sort_events(events: pl.DataFrame) -> pl.DataFrame:
     (user, time, input row) order (ties in time keep input order, SPEC 2). Each
     is a single-key sort, about twice as fast as one sort on three keys
     (polars 2.1, 10M events); a log already in time order (as logs are
-    appended) skips the first.
+    appended) skips the first. Both need the frame in input order (`ROW`
+    increasing), which is checked (one pass) and restored if not.
     """
+    if ROW in events.columns and not events.get_column(ROW).is_sorted():
+        # input order is what breaks ties: restore it if a reader handed the rows over out of order
+        events = events.sort(ROW)
     ts = events.get_column(TS)
     if not ts.is_sorted():
         events = events.lazy().sort(TS, maintain_order=True).collect(engine="in-memory")

@@ -263,3 +263,18 @@ def test_narrowed_sort_equals_plain_sort(tmp_path, monkeypatch):
     narrow = run(_cfg(tmp_path / "narrow", None, user_features=[]), log, progress=False)
     assert calls, "the narrowed path did not run"
     _same_output(tmp_path / "plain", tmp_path / "narrow", plain, narrow)
+
+
+def test_sort_events_orders_by_user_time_input_row_from_any_order():
+    """Rows handed over out of input order (a reader's choice) still tie-break by ROW."""
+    from sdm.sessionize.io import ROW, TS, USER
+    from sdm.sessionize.sessions import sort_events
+
+    rng = np.random.default_rng(3)
+    n = 2000
+    df = pl.DataFrame({
+        ROW: np.arange(n, dtype=np.uint32), USER: rng.integers(0, 20, n), TS: rng.integers(0, 30, n),
+    })
+    want = df.sort([USER, TS, ROW])
+    for frame in (df, df.sample(fraction=1.0, shuffle=True, seed=1), df.sort(TS, maintain_order=True)):
+        assert sort_events(frame).equals(want)
