@@ -85,14 +85,15 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
         write.remove_stale_work(out)
         work = Path(tempfile.mkdtemp(prefix=write.WORK_PREFIX, dir=out))
     try:
-        parts = engine.first_passes(inp, work, say)
-        plan = make_plan(inp, parts)
-        rows_kept = plan.rows_in - sum(plan.dropped.values())
-        say(f"sessionized {rows_kept} events ({plan.rows_in - rows_kept} dropped); vocabularies done")
-        # Only now touch the output: bad input above leaves an old directory intact.
-        write.clear_out_dir(out, keep=work)
-        done = True
-        results = engine.second_passes(inp, plan, parts, out, say)
+        with engine.ray_session(cfg):
+            parts = engine.first_passes(inp, work, say)
+            plan = make_plan(inp, parts)
+            rows_kept = plan.rows_in - sum(plan.dropped.values())
+            say(f"sessionized {rows_kept} events ({plan.rows_in - rows_kept} dropped); vocabularies done")
+            # Only now touch the output: bad input above leaves an old directory intact.
+            write.clear_out_dir(out, keep=work)
+            done = True
+            results = engine.second_passes(inp, plan, parts, out, say)
     finally:
         if work is not None:
             import shutil

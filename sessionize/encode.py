@@ -53,7 +53,8 @@ class Tally:
             return
         self.dtype = values.dtype
         self.seen += len(values)
-        if values.dtype.is_integer() and not self.frames:
+        if values.dtype.is_integer() and not self.frames and int(values.max()) < 2**63:
+            # (ids of 2^63 and above do not fit the int64 arithmetic below: a group-by counts them)
             lo, hi = int(values.min()), int(values.max())
             if self.bins is not None:
                 lo, hi = min(lo, self.lo), max(hi, self.lo + len(self.bins) - 1)
@@ -135,7 +136,8 @@ def encode(frame: pl.LazyFrame, column: str, vocab: pl.LazyFrame | pl.DataFrame,
     raw = vocab.get_column("raw").cast(dtype, strict=False)
     if dtype.is_integer() and vocab.height and raw.null_count() == 0:
         lo, hi = int(raw.min()), int(raw.max())
-        if hi - lo < min(LUT_MAX, 16 * vocab.height + 1024):
+        # (ids of 2^63 and above do not fit the int64 arithmetic below: they get the join)
+        if hi - lo < min(LUT_MAX, 16 * vocab.height + 1024) and hi < 2**63:
             lut = np.ones(hi - lo + 1, dtype=np.int32)
             lut[raw.cast(pl.Int64).to_numpy() - lo] = vocab.get_column("index").to_numpy()
             col = pl.col(column).cast(pl.Int64)

@@ -22,6 +22,8 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from sdm.config import SessionizeConfig
@@ -103,29 +105,64 @@ def check_engine(cfg: SessionizeConfig) -> None:
             raise SdmError("--workers is for the local engine; Ray schedules the tasks itself")
 
 
+@contextmanager
+def ray_session(cfg: SessionizeConfig) -> Iterator[None]:
+    """Ray for the whole run with `--engine ray`: started here (and shut down after) unless already running.
+
+    `ray.init()` starts a Ray on this machine, or joins the cluster at
+    `ray_address`; a Ray that is already initialised in this process (a
+    caller's own) is used as it is and left running.
+
+    Raises:
+        SdmError: Ray cannot be started or reached.
+    """
+    if cfg.engine != "ray":
+        yield
+        return
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=cfg.ray_address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {cfg.ray_address!r}" if cfg.ray_address else "a local Ray"
+            raise SdmError(f"cannot start {where}: {str(exc).strip().splitlines()[0]}") from None
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def ray_map(fn: Callable, jobs: list[Any], address: str | None) -> list[Any]:
     """Run `fn` over `jobs` as Ray tasks (one CPU each) and return the results in job order.
 
-    Starts Ray on this machine when no cluster is running and no address is
-    given (`ray.init()`), or joins the cluster at `address`; a Ray that is
-    already initialised in this process is used as it is.
+    Inside `ray_session` (else Ray is started here for the call). When a task
+    fails, the others are cancelled and awaited before the error is raised,
+    so no task is left writing into the output; an `SdmError` raised in a
+    task comes back as itself, any other failure as one line naming it.
     """
     import ray
 
     if not ray.is_initialized():
-        try:
-            ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = f"the Ray cluster at {address!r}" if address else "a local Ray"
-            raise SdmError(f"cannot start {where}: {str(exc).strip().splitlines()[0]}") from None
+        cfg = SessionizeConfig(engine="ray", ray_address=address)
+        with ray_session(cfg):
+            return ray_map(fn, jobs, address)
     task = ray.remote(num_cpus=1, max_retries=0)(fn)
+    refs = [task.remote(j) for j in jobs]
     try:
-        return ray.get([task.remote(j) for j in jobs])
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
+        return ray.get(refs)
+    except ray.exceptions.RayError as exc:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+        cause = getattr(exc, "cause", None)
         if isinstance(cause, SdmError):
             raise SdmError(str(cause)) from None
-        raise
+        text = str(cause if isinstance(cause, BaseException) else exc).strip()
+        raise SdmError(f"a Ray task failed: {text.splitlines()[-1] if text else type(exc).__name__}") from None
 
 
 def process_map(fn: Callable, jobs: list[Any], workers: int) -> list[Any]:

@@ -261,10 +261,12 @@ def item_table(items: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, item_d
     table = (
         items
         .select(
-            # the items table may store the key with another integer width
-            pl.col(cfg.item_col).cast(item_dtype).alias(ITEM),
+            # the items table may store the key with another integer width; a key the
+            # log's type cannot hold matches no event (and is no error)
+            pl.col(cfg.item_col).cast(item_dtype, strict=False).alias(ITEM),
             *[pl.col(f).alias(feat_col(f)) for f in spec.table_item_features],
         )
+        .drop_nulls(ITEM)
         .unique(subset=[ITEM], keep="first", maintain_order=True)
     )
     return split_values(table, cfg, [f for f in cfg.multi_valued if f in spec.table_item_features])

@@ -18,7 +18,7 @@ import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.sessionize import encode, split, windows, write
-from sdm.sessionize.io import ROW, SID, TS, USER, collect
+from sdm.sessionize.io import ROW, SID, TS, USER, collect, polars_errors
 from sdm.sessionize.normalise import clean_events
 from sdm.sessionize.plan import Part, Plan, global_sess
 from sdm.sessionize.read import Input, bucket_events, open_input
@@ -46,7 +46,8 @@ def first_pass(inp: Input, b: int, n: int, spill: Path | None, split_dir: Path |
     sessions = session_starts(ev)
     if spill is not None:
         # Arrow IPC, uncompressed: read back soon, by column; speed matters more than size
-        ev.write_ipc(spill)
+        with polars_errors(str(spill)):
+            ev.write_ipc(spill)
         ev = None
     return Part(rows_in, dropped, sessions, min_ts, max_ts, ev, spill)
 

@@ -69,3 +69,26 @@ def test_ray_task_errors_are_one_line(tmp_path):
     assert r.returncode == 1
     lines = [x for x in r.stderr.strip().splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "outside years 1-9999" in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_failed_ray_run_cancels_its_tasks_and_shuts_the_ray_it_started(tmp_path):
+    """`run` started the Ray, so it takes it down, even when a task fails; no output is left."""
+    script = f"""
+import os, polars as pl
+from sdm.config import SessionizeConfig
+from sdm.errors import SdmError
+from sdm.sessionize import run
+os.chdir({str(tmp_path)!r})
+n = 40
+pl.DataFrame({{"user_id": list(range(n)), "item_id": [1] * n, "timestamp": [1] * (n - 1) + [10**15]}}).write_parquet("bad.parquet")
+try:
+    run(SessionizeConfig(out="o", engine="ray", buckets=4, time_unit="s"), "bad.parquet", progress=False)
+except SdmError as e:
+    print("ERR", e)
+import ray
+print("INIT", ray.is_initialized(), "OUT", os.path.exists("o"))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "ERR" in r.stdout and "outside years 1-9999" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "INIT False OUT False" in r.stdout
+    assert "Traceback" not in r.stderr and "Unhandled error" not in r.stderr, r.stderr[-2000:]

@@ -278,3 +278,46 @@ def test_sort_events_orders_by_user_time_input_row_from_any_order():
     want = df.sort([USER, TS, ROW])
     for frame in (df, df.sample(fraction=1.0, shuffle=True, seed=1), df.sort(TS, maintain_order=True)):
         assert sort_events(frame).equals(want)
+
+
+def test_uint64_ids_near_the_top_equal_the_same_ids_shifted_down(tmp_path):
+    """Ids of 2^63 and above skip the int64 fast paths (bincount, lookup array) and encode as smaller ids do."""
+    log, _ = _random_log(tmp_path, 10)
+    df = pl.read_parquet(log).drop_nulls(["user_id", "item_id"])
+    top = df.with_columns(
+        (pl.lit(2**64 - 100, dtype=pl.UInt64) + pl.col("item_id").cast(pl.UInt64)).alias("item_id"),
+        (pl.lit(2**64 - 100, dtype=pl.UInt64) + pl.col("user_id").str.slice(1).cast(pl.UInt64)).alias("user_id"),
+    )
+    low = df.with_columns(
+        (pl.lit(10**6) + pl.col("item_id")).alias("item_id"),
+        (pl.lit(10**6) + pl.col("user_id").str.slice(1).cast(pl.Int64)).alias("user_id"),
+    )
+    top.write_parquet(tmp_path / "top.parquet")
+    low.write_parquet(tmp_path / "low.parquet")
+    kw = dict(user_features=[], item_features=["category"])
+    for buckets in (1, 2):
+        a = run(_cfg(tmp_path / f"top{buckets}", None, buckets=buckets, **kw), tmp_path / "top.parquet", progress=False)
+        b = run(_cfg(tmp_path / f"low{buckets}", None, buckets=buckets, **kw), tmp_path / "low.parquet", progress=False)
+        assert a["vocab_sizes"] == b["vocab_sizes"] and a["splits"]["train"]["events"] == b["splits"]["train"]["events"]
+        sa = [{k: v for k, v in s.items() if k != "user_id"} for s in read_sessions(tmp_path / f"top{buckets}")]
+        sb = [{k: v for k, v in s.items() if k != "user_id"} for s in read_sessions(tmp_path / f"low{buckets}")]
+        assert sa == sb
+        raw = pl.read_parquet(tmp_path / f"top{buckets}" / "vocab" / "item.parquet").get_column("raw")
+        assert raw.dtype == pl.UInt64 and int(raw.min()) >= 2**64 - 100
+
+
+def test_items_table_key_wider_than_the_log_key_is_no_error(tmp_path):
+    """An items-table id the log's (narrower) type cannot hold matches no event; it does not stop the run."""
+    log = tmp_path / "log.parquet"
+    n = 30
+    pl.DataFrame({
+        "user_id": [i % 3 for i in range(n)], "item_id": pl.Series([i % 5 for i in range(n)], dtype=pl.Int32),
+        "timestamp": pl.Series([i * 60_000_000 for i in range(n)]).cast(pl.Datetime("us", "UTC")),
+    }).write_parquet(log)
+    items = tmp_path / "items.parquet"
+    pl.DataFrame({"item_id": [0, 1, 2, 2**40], "category": [7, 8, 9, 10]}).write_parquet(items)
+    m = run(SessionizeConfig(out=tmp_path / "o", items=items, item_features=["category"]), log, progress=False)
+    table = pl.read_parquet(tmp_path / "o" / "items.parquet")
+    cats = pl.read_parquet(tmp_path / "o" / "vocab" / "category.parquet").get_column("raw").to_list()
+    assert m["rows_kept"] == n and 10 not in cats and set(cats) <= {7, 8, 9}
+    assert table.filter(pl.col("item_id") == 3).get_column("category").to_list() == [1]  # not in the table: OOV
