@@ -131,6 +131,25 @@ def test_engine_config_validation(tmp_path):
         SessionizeConfig(buckets=0)
 
 
+def test_ray_engine_without_the_ray_package(tmp_path, monkeypatch):
+    """Without the ray package --engine ray is one line naming the extra; nothing is written."""
+    import sys
+
+    log, users = _random_log(tmp_path, 4, n=50)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    with pytest.raises(SdmError, match=r"--engine ray needs Ray: pip install 'sdm\[ray\]'"):
+        run(_cfg(tmp_path / "x", users, engine="ray"), log, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_ray_engine_refuses_workers(tmp_path):
+    pytest.importorskip("ray", reason="the --workers refusal is checked after Ray is found: needs the ray extra")
+    log, users = _random_log(tmp_path, 4, n=50)
+    with pytest.raises(SdmError, match="--workers is for the local engine"):
+        run(_cfg(tmp_path / "x", users, engine="ray", workers=2), log, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_allocate_shards_over_buckets():
     from sdm.sessionize.plan import allocate as _allocate
 
