@@ -121,8 +121,10 @@ class SessionizeConfig(_Base):
     """Target users (rows) per shard."""
     min_shards: int = 8
     """At least this many shards per split (when it has that many users), so every DDP rank and worker gets one."""
-    buckets: int = 1
-    """Hash-partition users into this many buckets, sessionized one at a time: peak memory ~ log / buckets; same output."""
+    buckets: int | None = None
+    """Hash-partition users into this many buckets, sessionized one at a time: peak memory ~ log / buckets; same output. Default: ceil(rows / bucket_events)."""
+    bucket_events: int = 16_000_000
+    """With buckets unset: log rows per bucket, so memory follows this setting, not the log (1 bucket up to 16M rows)."""
     workers: int = 1
     """Buckets sessionized in parallel processes (each with cores / workers polars threads)."""
     engine: Literal["local", "ray"] = "local"
@@ -149,7 +151,7 @@ class SessionizeConfig(_Base):
         return v
 
     _positive = field_validator(
-        "max_session_len", "max_long_len", "rows_per_shard", "min_shards", "buckets", "workers"
+        "max_session_len", "max_long_len", "rows_per_shard", "min_shards", "buckets", "workers", "bucket_events"
     )(classmethod(lambda cls, v: _at_least_one(v)))
 
     @field_validator("max_session_len")

@@ -340,3 +340,21 @@ def test_items_table_key_wider_than_the_log_key_is_no_error(tmp_path):
     cats = pl.read_parquet(tmp_path / "o" / "vocab" / "category.parquet").get_column("raw").to_list()
     assert m["rows_kept"] == n and 10 not in cats and set(cats) <= {7, 8, 9}
     assert table.filter(pl.col("item_id") == 3).get_column("category").to_list() == [1]  # not in the table: OOV
+
+
+def test_default_buckets_follow_bucket_events(tmp_path):
+    """Unset --buckets: ceil(rows / bucket_events) buckets (Parquet and CSV), saved in the config; same output."""
+    log, users = _random_log(tmp_path, 11)
+    rows = pl.read_parquet(log).height
+    one = run(_cfg(tmp_path / "one", users), log, progress=False)
+    assert one["config"]["buckets"] == 1  # a small log: one bucket by default
+    m = run(_cfg(tmp_path / "auto", users, bucket_events=100), log, progress=False)
+    assert m["config"]["buckets"] == -(-rows // 100) > 1
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["buckets"] == m["config"]["buckets"]
+    _same_output(tmp_path / "one", tmp_path / "auto", one, m)
+    csv = tmp_path / "log.csv"
+    pl.read_parquet(log).with_columns(pl.col("timestamp").dt.epoch("s")).write_csv(csv)
+    c = run(_cfg(tmp_path / "csv", users, bucket_events=250, time_unit="s"), csv, progress=False)
+    assert c["config"]["buckets"] == -(-rows // 250)
+    with pytest.raises(ValueError, match=">= 1"):
+        SessionizeConfig(bucket_events=0)
