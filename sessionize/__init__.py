@@ -47,6 +47,7 @@ from sdm.sessionize import engine, write
 from sdm.sessionize.io import polars_errors
 from sdm.sessionize.plan import make_plan
 from sdm.sessionize.read import Input, open_input
+from sdm.sessionize.split import SPLITS
 
 __all__ = ["run"]
 
@@ -106,7 +107,7 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
             shutil.rmtree(work, ignore_errors=True)
         if created and not done and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused input: leave no empty directory behind
-    shards = {name: [s for r in results for s in r[name]] for name in write.SPLITS}
+    shards = {name: [s for r in results for s in r[name]] for name in SPLITS}
     return write.finish(cfg, plan, out, shards, t0, say)
 
 

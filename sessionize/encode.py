@@ -12,10 +12,9 @@ import numpy as np
 import polars as pl
 
 from sdm.config import SessionizeConfig
-from sdm.sessionize.io import ITEM, ROW, TS, USER, feat_col, values_col
-from sdm.sessionize.sessions import SLEN
+from sdm.sessionize.io import ITEM, ROW, TS, USER, feat_col, polars_errors, values_col
 from sdm.sessionize.io import collect as _collect
-from sdm.sessionize.io import polars_errors
+from sdm.sessionize.sessions import SLEN
 
 
 def _collect_all(lfs: list[pl.LazyFrame], what: str) -> list[pl.DataFrame]:
@@ -189,26 +188,24 @@ def vocabularies(
     # a user's training events are its training sessions' lengths: no event is read
     tallies["user"] = Tally()
     tallies["user"].add(train_sessions.get_column(USER), train_sessions.get_column(SLEN))
-    counts = {name: [t.frame()] for name, t in tallies.items()}
-    users = [train_sessions.select(pl.col(USER)).unique()]
-    item_counts = counts["item"][0]
+    counts = {name: t.frame() for name, t in tallies.items()}
     for f in in_table:
         col = values_col(f) if f in cfg.multi_valued else feat_col(f)
         per_item = table.lazy().select(pl.col(ITEM).alias("raw"), pl.col(col).alias("_v"))
         if f in cfg.multi_valued:
             per_item = per_item.explode("_v")
         per_value = (
-            item_counts.lazy()
+            counts["item"].lazy()
             .join(per_item, on="raw", how="inner")
             .select(pl.col("_v").alias("raw"), pl.col("count"))
             .drop_nulls("raw")
         )
-        counts[f] = [_collect(per_value, f"{f} vocabulary")]
+        counts[f] = _collect(per_value, f"{f} vocabulary")
     vocabs = {
-        name: _collect(build_vocab(pl.concat(counts[name]).lazy(), unique=name in tallies), f"{name} vocabulary")
+        name: _collect(build_vocab(counts[name].lazy(), unique=name in tallies), f"{name} vocabulary")
         for name in ("item", *cfg.item_features, "user")
     }
-    train_users = pl.concat(users).lazy()
+    train_users = train_sessions.lazy().select(pl.col(USER)).unique()
     for f in user_features:
         values = train_users.join(profile, on=USER, how="inner").select(pl.col(f).alias("raw"))
         vocabs[f] = _collect(build_vocab(count_values(values)), str(cfg.users))

@@ -20,10 +20,10 @@ import shutil
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable
 
 from sdm.config import SessionizeConfig
@@ -92,7 +92,8 @@ def check_engine(cfg: SessionizeConfig) -> None:
     """Refuse an engine that cannot run, before anything is read or written.
 
     Raises:
-        SdmError: `ray` without the `ray` package, or a `ray_address` without `--engine ray`.
+        SdmError: `ray` without the `ray` package or with `--workers`, or a
+            `ray_address` without `--engine ray`.
     """
     if cfg.ray_address is not None and cfg.engine != "ray":
         raise SdmError(f"--ray-address {cfg.ray_address!r} is for --engine ray (the engine is {cfg.engine!r})")

@@ -3,7 +3,7 @@
 Events leave this stage as `ROW` (input order), `_user`, `_item`, `_ts` (int64
 us UTC), `_sid` (back-end session id or null) and one `_f_<name>` column per
 item side feature. Exact duplicates are found on the time-sorted events
-(`duplicates`), where copies are neighbours.
+(`copies`), where copies are neighbours.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ from sdm.sessionize.io import (
     DROP,
     DROP_REASONS,
     ITEM,
+    RAW_TIME,
     ROW,
     SID,
     TS,
     USER,
     LogSpec,
-    RAW_TIME,
     check_time_range,
-    polars_errors,
     feat_col,
+    polars_errors,
     values_col,
 )
+from sdm.sessionize.sessions import sort_events
 
 
 def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Expr) -> pl.LazyFrame:
@@ -204,8 +205,6 @@ def clean_events(tagged: pl.DataFrame, inp: Any) -> tuple[pl.DataFrame, dict[str
 
     The one path from rows to events, for the sessionizer and for serving.
     """
-    from sdm.sessionize.sessions import sort_events
-
     cfg, spec = inp.cfg, inp.spec
     dtype = inp.schema[cfg.time_col]
     rows_in = tagged.height

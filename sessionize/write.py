@@ -23,6 +23,7 @@ import polars as pl
 from sdm.config import SessionizeConfig, save_config
 from sdm.errors import SdmError
 from sdm.sessionize.io import from_us
+from sdm.sessionize.split import SPLITS
 
 MANIFEST = "manifest.json"
 COMPRESSION = "zstd"
@@ -218,7 +219,6 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 FORMAT_NAME = "sdm-shards"
 FORMAT_VERSION = 1
-SPLITS = ("train", "valid", "test")
 
 
 def finish(
