@@ -33,20 +33,16 @@ Choices where the SPEC is silent:
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import polars as pl
-
 from sdm.config import SessionizeConfig
 from sdm.sessionize import engine, write
-from sdm.sessionize.io import polars_errors
 from sdm.sessionize.plan import make_plan
-from sdm.sessionize.read import Input, open_input
+from sdm.sessionize.read import open_input
 from sdm.sessionize.split import SPLITS
 
 __all__ = ["run"]
@@ -56,7 +52,7 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
     """Sessionize `log` (a file, a directory of parts or a glob) into `cfg.out`; return the manifest.
 
     With `cfg.buckets` = N > 1 (by default ceil(rows / `bucket_events`), see
-    `resolve_buckets`) the users are hash-partitioned into N buckets:
+    `engine.resolve_buckets`) the users are hash-partitioned into N buckets:
     a first pass sessionizes bucket by bucket (spilling each to a work
     directory `.sdm-work-*` inside `out`), `plan.make_plan` derives what needs
     the whole log (cutoffs, vocabularies, sess_id offsets, shard layout), and a
@@ -79,7 +75,7 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
     write.check_out_dir(out, cfg.overwrite)
     engine.check_engine(cfg)
     inp = open_input(cfg, log)
-    inp.cfg = cfg = resolve_buckets(inp)  # with defaulted side features and the bucket count
+    inp.cfg = cfg = engine.resolve_buckets(inp)  # with defaulted side features and the bucket count
     say(f"reading {inp.log}" + (f" in {cfg.buckets} buckets" if cfg.buckets > 1 else "") + f" ({cfg.engine} engine)")
     for note in inp.notes:
         say(note)
@@ -109,21 +105,6 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
             out.rmdir()  # refused input: leave no empty directory behind
     shards = {name: [s for r in results for s in r[name]] for name in SPLITS}
     return write.finish(cfg, plan, out, shards, t0, say)
-
-
-def resolve_buckets(inp: Input) -> SessionizeConfig:
-    """The config with `buckets` set: as given, or ceil(rows / `bucket_events`) (the log's row count).
-
-    The row count of Parquet comes from its metadata; a CSV is counted with
-    one streaming pass. So by default memory follows `bucket_events`, not the
-    size of the log; the resolved number is saved with the config.
-    """
-    cfg = inp.cfg
-    if cfg.buckets is not None:
-        return cfg
-    with polars_errors(str(inp.log)):
-        rows = inp.lf.select(pl.len()).collect(engine="streaming").item()
-    return cfg.model_copy(update={"buckets": max(1, math.ceil(rows / cfg.bucket_events))})
 
 
 def _stage_printer(progress: bool, t0: float) -> Callable[[str], None]:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import shutil
@@ -26,13 +27,31 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+import polars as pl
+
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
+from sdm.sessionize.io import polars_errors
 from sdm.sessionize.passes import first_pass, first_pass_job, second_pass, second_pass_job
 from sdm.sessionize.plan import Part, Plan
 from sdm.sessionize.read import SPLIT_KEY, Input, split_events
 
 Say = Callable[[str], None]
+
+
+def resolve_buckets(inp: Input) -> SessionizeConfig:
+    """The config with `buckets` set: as given, or ceil(rows / `bucket_events`) (the log's row count).
+
+    The row count of Parquet comes from its metadata; a CSV is counted with
+    one streaming pass. So by default memory follows `bucket_events`, not the
+    size of the log; the resolved number is saved with the config.
+    """
+    cfg = inp.cfg
+    if cfg.buckets is not None:
+        return cfg
+    with polars_errors(str(inp.log)):
+        rows = inp.lf.select(pl.len()).collect(engine="streaming").item()
+    return cfg.model_copy(update={"buckets": max(1, math.ceil(rows / cfg.bucket_events))})
 
 
 def spills(cfg: SessionizeConfig) -> bool:
