@@ -119,15 +119,23 @@ def test_cli_train_good_path(tmp_path, data):
     assert (out / "best.pt").exists()
 
 
+GLOO_ABORT = "terminate called without an active exception"
+"""How a rank died in 2 of about 12 full suite runs on the loaded 2-core CI machine (never alone, 0 of 19)."""
+
+
 def test_torchrun_two_processes(data, tmp_path):
-    out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "sdm.cli", "train", "--data", str(data), "--out", str(out),
-        "--epochs", "2", "--batch-size", "4", "--embedding-dim", "16", "--num-negatives", "8", "-q",
-    ]  # fmt: skip
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    for attempt in range(2):
+        out = tmp_path / f"ddp{attempt}"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "sdm.cli", "train", "--data", str(data), "--out", str(out),
+            "--epochs", "2", "--batch-size", "4", "--embedding-dim", "16", "--num-negatives", "8", "-q",
+        ]  # fmt: skip
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        # one retry for exactly that abort (README, Known limits); any other failure fails at once
+        if r.returncode == 0 or GLOO_ABORT not in r.stderr:
+            break
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("trained PSDMMAL-N") == 1  # only rank 0 reports
     ckpt = torch.load(out / "best.pt", weights_only=True)
