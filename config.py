@@ -226,6 +226,8 @@ class TrainConfig(_Base):
     """Short-term output h_p + user attention instead of the attention alone (beyond the paper; --no-user-residual is the paper's)."""
     repeat: bool = True
     """Repeat head: items of the session and of the 7-day window get a learned re-visit score (beyond the paper; --no-repeat is the paper's model)."""
+    repeat_prior: float = 2.0
+    """Repeat head's initial copy bonus for the session's last item (prior * 0.5^d for d items back, gate bias prior / 2; 0 = start neutral)."""
     target_decay: float = 0.1
     """PSDMMAL-N: weight decay ** k for the target k items ahead (1.0 = all N alike, as the paper)."""
     loss: Literal["auto", "sampled", "inbatch", "full"] = "auto"
@@ -260,6 +262,13 @@ class TrainConfig(_Base):
     _norm_features = field_validator("item_features", "user_features", mode="before")(
         classmethod(lambda cls, v: _split_list(v))
     )
+
+    @field_validator("repeat_prior")
+    @classmethod
+    def _prior(cls, v: float) -> float:
+        if not 0 <= v < float("inf"):
+            raise ValueError(f"must be a finite number >= 0, got {v}")
+        return v
 
     @field_validator("target_decay")
     @classmethod

@@ -62,6 +62,8 @@ class ModelConfig(BaseModel):
     repeat: bool = False
     """Add the repeat (copy) head: items of the session prefix and of the long-term window
     get a learned extra score (`RepeatHead`); off = the paper's model."""
+    repeat_prior: float = 0.0
+    """Initial copy bonus of the session's last item (`RepeatHead`); 0 = start neutral."""
 
     @field_validator("embedding_dim", "lstm_layers", "num_heads", "num_blocks", "num_targets", "max_session_len", "max_long_len")
     @classmethod
@@ -378,9 +380,12 @@ class RepeatHead(nn.Module):
         dim: D.
         max_session_len: T_max, the number of session recency biases.
         max_long_len: L_max, the number of long-term recency biases.
+        prior: initial copy bonus, a recency prior: the item d positions back starts with
+            session bias prior * 0.5^d and the gate with bias prior / 2, so before any
+            training the last items already outscore the rest (0 = all biases start at 0).
     """
 
-    def __init__(self, dim: int, max_session_len: int, max_long_len: int) -> None:
+    def __init__(self, dim: int, max_session_len: int, max_long_len: int, prior: float = 0.0) -> None:
         super().__init__()
         self.gate = nn.Linear(dim, 1)
         self.query = nn.Linear(dim, dim, bias=False)
@@ -388,8 +393,11 @@ class RepeatHead(nn.Module):
         self.session_recency = nn.Embedding(max_session_len, 1)
         self.long_recency = nn.Embedding(max(max_long_len, 1), 1)
         self.scale = 1.0 / math.sqrt(dim)
-        for emb in (self.session_recency, self.long_recency):
-            nn.init.zeros_(emb.weight)
+        nn.init.zeros_(self.long_recency.weight)
+        with torch.no_grad():
+            age = torch.arange(max_session_len, dtype=torch.float32)
+            self.session_recency.weight.copy_((prior * 0.5**age).unsqueeze(1))
+            self.gate.bias.fill_(prior / 2)
 
     def forward(
         self, user: Tensor, seq_x: Tensor, seq_items: Tensor, long_x: Tensor | None, long_items: Tensor | None,
@@ -561,7 +569,9 @@ class SDM(nn.Module):
         if config.variant in ("PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS"):
             self.long_term = LongTermEncoder(len(self.item_features), D, U)
             self.fusion = GatedFusion(D, U)
-        self.repeat = RepeatHead(D, config.max_session_len, config.max_long_len) if config.repeat else None
+        self.repeat = (
+            RepeatHead(D, config.max_session_len, config.max_long_len, config.repeat_prior) if config.repeat else None
+        )
 
     def _check_item_table(self, config: ModelConfig, table: Tensor | None) -> Tensor:
         """Keep the columns of the features this variant reads; check shape and ranges."""

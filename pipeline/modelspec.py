@@ -69,6 +69,7 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
         max_long_len=int(manifest["max_long_len"]),
         user_residual=cfg.user_residual,
         repeat=cfg.repeat,
+        repeat_prior=cfg.repeat_prior,
     )
 
 

@@ -336,6 +336,7 @@ def test_cutoff_in_error_is_a_timestamp_not_microseconds(tmp_path):
         (["sessionize"], "Missing argument 'log'"),
         (["sessionize", "l.parquet", "--no-such-flag"], "--no-such-flag"),
         (["train", "--epochs", "1.5"], "'--epochs'"),
+        (["train", "--repeat-prior", "-1"], "repeat_prior"),
     ],
 )
 def test_usage_errors_are_one_line_exit_1(args, fragment):

@@ -17,10 +17,28 @@ from tests.test_model import ITEM_VOCAB, USER_VOCAB, item_table, make_batch, pre
 D = 8
 
 
-def repeat_model(variant: str = "PSDMMAL-N", seed: int = 0) -> SDM:
+def repeat_model(variant: str = "PSDMMAL-N", seed: int = 0, prior: float = 0.0) -> SDM:
     torch.manual_seed(seed)
-    cfg = ModelConfig(variant=variant, item_vocab=ITEM_VOCAB, user_vocab=USER_VOCAB, embedding_dim=D, repeat=True)
+    cfg = ModelConfig(
+        variant=variant, item_vocab=ITEM_VOCAB, user_vocab=USER_VOCAB, embedding_dim=D, repeat=True, repeat_prior=prior
+    )
     return SDM(cfg, item_table()).eval()
+
+
+def test_recency_prior_adds_prior_times_half_power_distance_plus_gate_bias_at_init() -> None:
+    batch = make_batch()
+    with torch.no_grad():
+        _, plain = repeat_model(prior=0.0)(batch, with_history=True)
+        _, primed = repeat_model(prior=2.0)(batch, with_history=True)
+    T = batch["seq"]["item"].shape[1]
+    readable = plain.logits > NO_COPY / 2
+    for p in range(T):
+        for c in range(T):  # session item c read at position p: + 2 * 0.5^(p - c) + gate bias 1
+            if readable[0, p, c]:
+                want = plain.logits[0, p, c] + 2.0 * 0.5 ** (p - c) + 1.0
+                assert float(primed.logits[0, p, c]) == pytest.approx(float(want), abs=1e-5)
+    long_ok = readable[:, :, T:]  # long-term candidates get the gate bias only
+    torch.testing.assert_close(primed.logits[:, :, T:][long_ok], plain.logits[:, :, T:][long_ok] + 1.0)
 
 
 def test_copy_scores_sums_repeated_items_and_drops_unreadable() -> None:
