@@ -253,11 +253,11 @@ def latest_sessions(
     ev = (
         sessionize(events.lazy(), gap_us, cfg.max_session_len)
         .drop(SID)
-        .with_columns(pl.lit(SPLIT_SERVE, dtype=pl.Int8).alias(SPLIT))
         .collect(engine="in-memory")
     )
     sessions = (
-        sessions_table(ev.lazy())
+        sessions_table(ev.lazy(), ev.height)
+        .with_columns(pl.lit(SPLIT_SERVE, dtype=pl.Int8).alias(SPLIT))
         # serving's own step: the user's latest session only
         .filter(pl.col(SESS) == pl.col(SESS).max().over(USER))
         .collect(engine="in-memory")

@@ -168,8 +168,14 @@ def _narrow(columns: dict[str, pl.Series], narrow: list[str]) -> tuple[pl.DataFr
 
 
 def _widen(frame: pl.DataFrame, offsets: dict[str, tuple[int, pl.DataType]]) -> pl.DataFrame:
-    """Undo `_narrow`: the original values and dtypes (the sorted flag of the first column is kept)."""
-    return frame.with_columns((pl.col(c).cast(pl.Int64) + lo).cast(dtype).alias(c) for c, (lo, dtype) in offsets.items())
+    """Undo `_narrow`: the original values and dtypes (the sorted flag of the first column is kept).
+
+    One column at a time, so memory holds the frame plus one widened column,
+    not the narrow and the wide frame at once.
+    """
+    for c, (lo, dtype) in offsets.items():
+        frame = frame.with_columns((pl.col(c).cast(pl.Int64) + lo).cast(dtype).alias(c))
+    return frame
 
 
 def normalised(rows: pl.LazyFrame, inp: Any, items: pl.LazyFrame | None = None) -> pl.LazyFrame:
@@ -225,8 +231,9 @@ def clean_events(tagged: pl.DataFrame, inp: Any) -> tuple[pl.DataFrame, dict[str
         narrow, offsets = _narrow(columns, [USER, ITEM, SID])
         # the session id is only compared with its neighbour: it stays narrow
         offsets.pop(SID, None)
-        events = _widen(sort_events(narrow), offsets)
-        del narrow
+        events = sort_events(narrow)
+        del narrow  # before widening: the unsorted copy would be a third frame in memory
+        events = _widen(events, offsets)
     else:
         events = sort_events(tagged)
         del tagged

@@ -59,9 +59,9 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
         Per split, the manifest entries of the shards written.
     """
     cfg = inp.cfg
-    ev = collect(part.frame().pipe(split.assign_split, plan.cut))
+    ev = collect(part.frame())
     part.events = None  # this pass owns the bucket's events now: freed as soon as they are encoded
-    sessions = collect(windows.sessions_table(ev.lazy()), str(inp.log))
+    sessions = collect(windows.sessions_table(ev.lazy(), ev.height).pipe(split.assign_split, plan.cut), str(inp.log))
     sessions = windows.long_windows(sessions, ev, cfg.long_window_td // _US, cfg.max_long_len)
     if plan.buckets > 1:
         sessions = sessions.with_columns(global_sess(part.sessions, plan.offsets))

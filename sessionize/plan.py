@@ -122,7 +122,7 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
 
     # each bucket's events are read on their own: memory follows one bucket, not the log
     frames = [p.frame() for p in parts]
-    trains = [f.filter(pl.col(START) < cut.valid_start) for f in frames]
+    trains = [f.filter(split.in_train(cut)) for f in frames]
     profile = encode.profiles(cfg, inp.users_lf, inp.schema[spec.user_key])
     table = None
     if spec.table_item_features and inp.items_lf is not None:

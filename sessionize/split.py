@@ -15,8 +15,8 @@ import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
-from sdm.sessionize.io import from_us, to_utc_us
-from sdm.sessionize.sessions import SLEN, START
+from sdm.sessionize.io import TS, from_us, to_utc_us
+from sdm.sessionize.sessions import NEW, SLEN, START
 
 SPLIT = "_split"      # 0 train, 1 valid, 2 test
 SPLITS = ("train", "valid", "test")
@@ -87,9 +87,15 @@ def split_of(start: pl.Expr, cut: Cutoffs) -> pl.Expr:
     return pl.when(start < cut.valid_start).then(0).when(start < cut.test_start).then(1).otherwise(2).cast(pl.Int8)
 
 
-def assign_split(events: pl.LazyFrame, cut: Cutoffs) -> pl.LazyFrame:
-    """Label each event with the split of its session, by the session's start time (SPEC 4)."""
-    return events.with_columns(split_of(pl.col(START), cut).alias(SPLIT))
+def in_train(cut: Cutoffs) -> pl.Expr:
+    """True for the events of training sessions (started before `valid_start`) of sessionized
+    events, in their frame order: a session's start time is its first event's."""
+    return pl.when(pl.col(NEW)).then(pl.col(TS)).forward_fill() < cut.valid_start
+
+
+def assign_split(sessions: pl.LazyFrame, cut: Cutoffs) -> pl.LazyFrame:
+    """Label each session (`windows.sessions_table`) with its split, by its start time (SPEC 4)."""
+    return sessions.with_columns(split_of(pl.col("start_ts"), cut).alias(SPLIT))
 
 
 def split_settings(cfg: SessionizeConfig) -> str:

@@ -12,15 +12,16 @@ import polars as pl
 import pyarrow as pa
 
 from sdm.sessionize.io import MIN_US, TS, USER
-from sdm.sessionize.sessions import IDX, NEW, SESS, SLEN, START
+from sdm.sessionize.sessions import IDX, SESS, SLEN, START, session_rows
 from sdm.sessionize.split import SPLIT
 
 BASE = "_base"        # frame position of the user's first event
 UC = "_uc"            # user code: 0.. in frame order
 
 
-def sessions_table(events: pl.LazyFrame) -> pl.LazyFrame:
-    """One row per session: sess_id, user, split, start offset, length, start time, long_end, user code.
+def sessions_table(events: pl.LazyFrame, total: int) -> pl.LazyFrame:
+    """One row per session of sessionized events (`total` rows): sess_id, user, start offset,
+    length, start time, long_end, user code. The split comes after (`split.assign_split`).
 
     `long_end` = number of the user's events strictly before the start time T,
     i.e. the first timeline position whose time is T (ties with T are not
@@ -39,11 +40,10 @@ def sessions_table(events: pl.LazyFrame) -> pl.LazyFrame:
             (pl.int_range(pl.len(), dtype=pl.Int64) - pl.col(IDX)).cast(pl.UInt32).alias(BASE),
             ((pl.col(IDX) == 0).cum_sum() - 1).cast(pl.UInt32).alias(UC),
         )
-        .filter(pl.col(NEW))
+        .pipe(session_rows, total)
         .select(
-            pl.int_range(pl.len(), dtype=pl.Int64).alias(SESS),
+            pl.col(SESS),
             pl.col(USER),
-            pl.col(SPLIT),
             pl.col(BASE),
             pl.col(IDX).alias("start_idx"),
             pl.col(SLEN).alias("len"),
@@ -62,6 +62,27 @@ def _fused(user_code: pl.Expr, ts: pl.Expr, lo: int, span: int) -> pl.Expr:
 def _fused128(user_code: pl.Expr, ts: pl.Expr) -> pl.Expr:
     """The same key as an Int128: code * 2^64 + (time - MIN_US); times of years 1-9999 fit 64 bits."""
     return user_code.cast(pl.Int128) * (2**64) + (ts.clip(lower_bound=MIN_US) - MIN_US).cast(pl.Int128)
+
+
+KEY_CHUNK = 1 << 22
+"""Events per chunk when building the UInt64 event keys: the temporaries stay at a few MB."""
+
+
+def _event_keys(events: pl.DataFrame, lo: int, span: int) -> np.ndarray:
+    """`_fused(user code, time)` of every event as a UInt64 array, built `KEY_CHUNK` rows at a time.
+
+    In one expression polars would hold five 8-byte temporaries of the whole
+    frame (3-4 GB at 100M events); chunk by chunk only the result is that large.
+    """
+    idx, ts = events.get_column(IDX), events.get_column(TS)
+    keys = np.empty(events.height, dtype=np.uint64)
+    code = -1  # user code of the row before the chunk; the first row starts user 0
+    for a in range(0, events.height, KEY_CHUNK):
+        n = min(KEY_CHUNK, events.height - a)
+        codes = np.cumsum(idx.slice(a, n).to_numpy() == 0, dtype=np.int64) + code
+        code = int(codes[-1])
+        keys[a : a + n] = codes.astype(np.uint64) * np.uint64(span) + (ts.slice(a, n).to_numpy() - lo).astype(np.uint64)
+    return keys
 
 
 def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, max_long: int) -> pl.DataFrame:
@@ -86,7 +107,7 @@ def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, m
     span = hi - lo + 1
     query = pl.col("start_ts") - window_us
     if int(sessions.get_column(UC).max()) * span + span < 2**64:
-        keys = events.select(_fused(user_code, pl.col(TS), lo, span)).to_series().to_numpy()
+        keys = _event_keys(events, lo, span)
         wanted = sessions.select(_fused(pl.col(UC), query, lo, span)).to_series().to_numpy()
         found = pl.Series(np.searchsorted(keys, wanted, side="left"), dtype=pl.Int64)
     else:

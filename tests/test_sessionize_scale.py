@@ -208,13 +208,15 @@ def test_items_table_feature_equals_the_same_feature_in_the_log(tmp_path, bucket
         assert in_log[key] == from_table[key], key
 
 
-@pytest.mark.parametrize("years", [1, 9000])
-def test_long_window_bounds_against_brute_force(years):
-    """Both key widths of `windows.long_windows` (UInt64, and Int128 when users x time span is too wide)."""
+@pytest.mark.parametrize("years, chunk", [(1, 1 << 22), (1, 7), (9000, 1 << 22)])
+def test_long_window_bounds_against_brute_force(years, chunk, monkeypatch):
+    """Both key widths of `windows.long_windows` (UInt64, and Int128 when users x time span is too
+    wide), and UInt64 keys built in chunks smaller than a user's timeline."""
     from sdm.sessionize import sessions as S
     from sdm.sessionize import windows as W
     from sdm.sessionize.io import ROW, SID, TS, USER
-    from sdm.sessionize.split import SPLIT
+
+    monkeypatch.setattr(W, "KEY_CHUNK", chunk)
 
     rng = np.random.default_rng(years)
     n = 3000
@@ -227,8 +229,8 @@ def test_long_window_bounds_against_brute_force(years):
     })
     ev = S.sort_events(ev)
     window = span // 50
-    ev = S.sessionize(ev.lazy(), span // 400, 4).with_columns(pl.lit(0, dtype=pl.Int8).alias(SPLIT)).collect()
-    table = W.long_windows(W.sessions_table(ev.lazy()).collect(), ev, window, 5)
+    ev = S.sessionize(ev.lazy(), span // 400, 4).collect()
+    table = W.long_windows(W.sessions_table(ev.lazy(), ev.height).collect(), ev, window, 5)
     times = {u: g.get_column(TS).to_list() for (u,), g in ev.group_by(USER)}
     for row in table.iter_rows(named=True):
         t = times[row[USER]]
