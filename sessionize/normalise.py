@@ -170,11 +170,11 @@ def _narrow(columns: dict[str, pl.Series], narrow: list[str]) -> tuple[pl.DataFr
 def _widen(frame: pl.DataFrame, offsets: dict[str, tuple[int, pl.DataType]]) -> pl.DataFrame:
     """Undo `_narrow`: the original values and dtypes (the sorted flag of the first column is kept).
 
-    One column at a time, so memory holds the frame plus one widened column,
-    not the narrow and the wide frame at once.
+    One column at a time, so memory holds the frame plus one widened column
+    and its temporary, not the narrow and the wide frame at once.
     """
     for c, (lo, dtype) in offsets.items():
-        frame = frame.with_columns((pl.col(c).cast(pl.Int64) + lo).cast(dtype).alias(c))
+        frame = frame.with_columns((pl.col(c).cast(dtype) + pl.lit(lo, dtype=dtype)).alias(c))
     return frame
 
 
