@@ -110,7 +110,8 @@ def copies(events: pl.DataFrame, dup_key: pl.DataFrame, features: list[str]) -> 
     """`ROW` of every exact copy (over all the log's columns) of an earlier row; the first copy is kept.
 
     `events` are sorted by (user, time, input order) (`sessions.sort_events`);
-    `dup_key` holds each event's `ROW` and `DUP`, in input order. Copies share
+    `dup_key` holds each event's `ROW` and `DUP`, in input order (only `DUP`
+    when the rows are 0..n-1: then a row's number is its position). Copies share
     user and time, so they sit in one tie group of that pair: only the rows of
     such groups (few) are compared, on every event column and the hash of the
     rest (looked up by `ROW`), in input order.
@@ -124,10 +125,13 @@ def copies(events: pl.DataFrame, dup_key: pl.DataFrame, features: list[str]) -> 
     tied = events.lazy().filter(in_tie).sort(ROW).collect(engine="in-memory")
     if tied.height == 0:
         return tied.get_column(ROW)
-    if not dup_key.get_column(ROW).is_sorted():
-        dup_key = dup_key.sort(ROW)
-    # ROW increases along dup_key (input order): a binary search finds each tied row
-    at = dup_key.get_column(ROW).search_sorted(tied.get_column(ROW), side="left")
+    if ROW not in dup_key.columns:
+        at = tied.get_column(ROW)
+    else:
+        if not dup_key.get_column(ROW).is_sorted():
+            dup_key = dup_key.sort(ROW)
+        # ROW increases along dup_key (input order): a binary search finds each tied row
+        at = dup_key.get_column(ROW).search_sorted(tied.get_column(ROW), side="left")
     return (
         tied.with_columns(dup_key.get_column(DUP).gather(at).alias(DUP))
         .lazy()
@@ -223,7 +227,11 @@ def clean_events(tagged: pl.DataFrame, inp: Any) -> tuple[pl.DataFrame, dict[str
     dup_key = None
     if not cfg.keep_duplicates:
         # the hash stays out of the sort; the few tied rows look theirs up by ROW
-        dup_key = tagged.select(pl.col(ROW), pl.col(DUP))
+        rows = tagged.get_column(ROW)
+        # ROW = 0..n-1 (nothing dropped, input order): a position is its own row number
+        identity = rows.is_sorted() and (rows.len() == 0 or (rows[0] == 0 and rows[-1] == rows.len() - 1))
+        dup_key = tagged.select(pl.col(DUP)) if identity else tagged.select(pl.col(ROW), pl.col(DUP))
+        del rows
         tagged = tagged.drop(DUP)
     if tagged.height >= NARROW_ROWS:
         columns = {c: tagged.get_column(c) for c in tagged.columns}

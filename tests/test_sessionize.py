@@ -550,6 +550,20 @@ def test_keep_duplicates_keeps_exact_copies_as_events(tmp_path):
     assert raw_items(tmp_path / "keep", ss) == [[7, 7, 8]]
 
 
+@pytest.mark.parametrize("dropped_first", [False, True])
+def test_copies_differ_in_any_column_with_and_without_dropped_rows(tmp_path, dropped_first):
+    """Rows equal on user, time and item but not on another column are not copies. With no
+    dropped row the hash of the other columns is found by position, else by row number."""
+    df = pl.DataFrame(
+        {"user_id": [1, 1, 1, 1], "item_id": [7, 7, 7, 8], "timestamp": [at(0), at(0), at(0), at(1)], "price": [3, 4, 3, 5]}
+    )
+    if dropped_first:
+        df = pl.concat([pl.DataFrame({"user_id": [None], "item_id": [9], "timestamp": [at(0)], "price": [1]}, schema=df.schema), df])
+    m, ss = go(tmp_path, df)
+    assert m["dropped"]["duplicate"] == 1 and m["dropped"]["null_user"] == int(dropped_first)
+    assert raw_items(tmp_path, ss) == [[7, 7, 8]]
+
+
 def test_oov_events_keep_a_distinct_identity_for_evaluation(tmp_path):
     df = pl.DataFrame(
         {"user_id": [1, 1, 1, 1, 1], "item_id": [5, 6, 8, 9, 8], "timestamp": [at(0), at(1), at(days=2), at(days=2, minutes=1), at(days=2, minutes=2)]}
