@@ -337,6 +337,8 @@ def test_cutoff_in_error_is_a_timestamp_not_microseconds(tmp_path):
         (["sessionize", "l.parquet", "--no-such-flag"], "--no-such-flag"),
         (["train", "--epochs", "1.5"], "'--epochs'"),
         (["train", "--repeat-prior", "-1"], "repeat_prior"),
+        (["sessionize", "l.parquet", "--bucket-events", "0"], "bucket_events"),
+        (["sessionize", "l.parquet", "--engine", "spark"], "engine"),
     ],
 )
 def test_usage_errors_are_one_line_exit_1(args, fragment):
