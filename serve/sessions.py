@@ -40,7 +40,7 @@ from sdm.sessionize.sessions import SESS, sessionize
 from sdm.sessionize.split import SPLIT
 from sdm.sessionize.windows import long_windows, rows_table, sessions_table, timelines
 
-SPLIT_SERVE = 2  # the split label of served sessions (unused downstream; sessions_table carries it)
+SPLIT_SERVE = 2  # the split label of served sessions (unused downstream; rows_table groups by it)
 
 
 @dataclass

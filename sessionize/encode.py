@@ -345,7 +345,10 @@ def items_table(
     if not features:
         return index.sort("item")
     in_table = [] if table is None else [f for f in features if feat_col(f) in table.columns]
-    cols = lambda fs: [*[feat_col(f) for f in fs], *[values_col(f) for f in fs if f in multi]]  # noqa: E731
+
+    def cols(fs: list[str]) -> list[str]:
+        return [*[feat_col(f) for f in fs], *[values_col(f) for f in fs if f in multi]]
+
     from_log = [f for f in features if f not in in_table]
     found = index.lazy()
     if from_log:

@@ -65,7 +65,7 @@ def first_passes(inp: Input, work: Path | None, say: Say) -> list[Part]:
     paths = [None if work is None else work / f"bucket-{b:05d}.ipc" for b in range(n)]
     if cfg.engine == "ray":
         say(f"first pass: {n} Ray tasks")
-        return ray_map(first_pass_job, [(cfg, inp.log, b, n, paths[b], None) for b in range(n)], cfg.ray_address)
+        return ray_map(first_pass_job, [(cfg, inp.log, b, n, paths[b], None) for b in range(n)])
     split_dir = None
     if work is not None and n > 1:
         split_dir = work / "input"
@@ -95,7 +95,7 @@ def second_passes(inp: Input, plan: Plan, parts: list[Any], out: Path, say: Say)
     jobs = [(cfg, inp.log, plan, b, parts[b], out) for b in range(n)]
     if cfg.engine == "ray":
         say(f"second pass: {n} Ray tasks")
-        return ray_map(second_pass_job, jobs, cfg.ray_address)
+        return ray_map(second_pass_job, jobs)
     if cfg.workers > 1 and n > 1:
         return process_map(second_pass_job, jobs, cfg.workers)
     results = []
@@ -156,10 +156,10 @@ def ray_session(cfg: SessionizeConfig) -> Iterator[None]:
             ray.shutdown()
 
 
-def ray_map(fn: Callable, jobs: list[Any], address: str | None) -> list[Any]:
+def ray_map(fn: Callable, jobs: list[Any]) -> list[Any]:
     """Run `fn` over `jobs` as Ray tasks (one CPU each) and return the results in job order.
 
-    Inside `ray_session` (else Ray is started here for the call). When a task
+    Runs inside `ray_session`, which started or joined Ray. When a task
     fails, the others are cancelled and awaited before the error is raised,
     so no task is left writing into the output; an `SdmError` raised in a
     task comes back as itself, any other failure as one line naming it.
@@ -167,9 +167,7 @@ def ray_map(fn: Callable, jobs: list[Any], address: str | None) -> list[Any]:
     import ray
 
     if not ray.is_initialized():
-        cfg = SessionizeConfig(engine="ray", ray_address=address)
-        with ray_session(cfg):
-            return ray_map(fn, jobs, address)
+        raise RuntimeError("ray_map runs inside engine.ray_session")
     task = ray.remote(num_cpus=1, max_retries=0)(fn)
     refs = [task.remote(j) for j in jobs]
     try:

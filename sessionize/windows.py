@@ -102,7 +102,6 @@ def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, m
     """
     if sessions.height == 0 or events.height == 0:
         return sessions.with_columns(pl.col("long_end").alias("long_start"))
-    user_code = (pl.col(IDX) == 0).cum_sum() - 1
     lo, hi = events.select(pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi")).row(0)
     span = hi - lo + 1
     query = pl.col("start_ts") - window_us
@@ -111,6 +110,7 @@ def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, m
         wanted = sessions.select(_fused(pl.col(UC), query, lo, span)).to_series().to_numpy()
         found = pl.Series(np.searchsorted(keys, wanted, side="left"), dtype=pl.Int64)
     else:
+        user_code = (pl.col(IDX) == 0).cum_sum() - 1
         keys = events.select(_fused128(user_code, pl.col(TS))).to_series()
         found = sessions.select(pl.lit(keys).search_sorted(_fused128(pl.col(UC), query), side="left")).to_series()
     before = found.cast(pl.Int64) - sessions.get_column(BASE)
