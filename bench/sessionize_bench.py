@@ -1,7 +1,8 @@
 """Sessionizer benchmark: ours vs the sort floor, DuckDB SQL and pandas, in one run.
 
-    python bench/sessionize_bench.py --sizes 1m,10m --reps 3        # then
-    python bench/sessionize_bench.py --sizes 100m --reps 1 --systems floor,duckdb,ours,ours_b4
+    python bench/sessionize_bench.py --sizes 100m --reps 3 --systems floor,duckdb,ours,ours_b1,ours_b4,ours_b8
+    python bench/sessionize_bench.py --sizes 1m --reps 3 --systems floor,duckdb,ours,ours_f3,ours_b4,ours_ray
+    python bench/sessionize_bench.py --sizes 10m --reps 5 --systems floor,duckdb,ours,ours_f3,ours_b4,ours_ray
 
 Logs come from `sdm.logs.synth.generate` under `bench/out/sessionize_<size>/`
 (generated once, reused), rewritten once in time order
@@ -239,11 +240,10 @@ def check_duckdb_equals_ours(ours: Path, duck: Path) -> bool:
     return a.height == b.height and a.equals(b)
 
 
-def summarise(size: str, reps: list[list[dict[str, Any]]], log: Path) -> list[dict[str, Any]]:
+def summarise(size: str, reps: list[list[dict[str, Any]]], input_mb: float) -> list[dict[str, Any]]:
     """One row per system: median seconds/RSS over reps and the median of per-rep ratios to floor and DuckDB."""
     import statistics
 
-    input_mb = log.stat().st_size / 2**20
     rows = []
     for system in [r["system"] for r in reps[0]]:
         runs = [next(r for r in rep if r["system"] == system) for rep in reps]
@@ -252,10 +252,9 @@ def summarise(size: str, reps: list[list[dict[str, Any]]], log: Path) -> list[di
             rows.append(runs[0])
             continue
 
-        def ratio(base: str) -> float | None:
+        def ratio(base: str, runs: list[dict[str, Any]] = runs) -> float | None:
             vals = []
-            for rep in reps:
-                me = next(r for r in rep if r["system"] == system)
+            for rep, me in zip(reps, runs):
                 ref = next((r for r in rep if r["system"] == base and "error" not in r), None)
                 if ref is not None and "error" not in me:
                     vals.append(me["seconds"] / ref["seconds"])
@@ -305,16 +304,16 @@ def main() -> None:
         check = None
         if size == "1m" and "ours" in systems and "duckdb" in systems:
             check = check_duckdb_equals_ours(OUT / f"run_{size}_ours", OUT / f"run_{size}_duckdb")
-        rows = summarise(size, reps, log)
         input_mb = log.stat().st_size / 2**20
+        rows = summarise(size, reps, input_mb)
         results[size] = {
             "events": SIZES[size], "input_mb": round(input_mb, 1), "log": "time-ordered synth",
             "load_avg_before": [round(x, 1) for x in load], "cpus": os.cpu_count(),
             "duckdb_sessions_equal_ours": check, "systems": rows, "date": time.strftime("%Y-%m-%d %H:%M"),
         }
-        print(f"\n### {size} events ({input_mb:.0f} MB input; load avg before {load[0]:.1f}; "
+        print(f"\n### {size} events ({input_mb:.0f} MiB input; load avg before {load[0]:.1f}; "
               f"{args.reps} reps; duckdb == ours: {check})\n")
-        print("| system | seconds (median) | events/s | peak RSS MB | output MB | time / floor | time / DuckDB | output / input |")
+        print("| system | seconds (median) | events/s | peak RSS MiB | output MiB | time / floor | time / DuckDB | output / input |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             if "error" in r:
