@@ -160,9 +160,12 @@ def ray_map(fn: Callable, jobs: list[Any]) -> list[Any]:
     """Run `fn` over `jobs` as Ray tasks (one CPU each) and return the results in job order.
 
     Runs inside `ray_session`, which started or joined Ray. When a task
-    fails, the others are cancelled and awaited before the error is raised,
-    so no task is left writing into the output; an `SdmError` raised in a
-    task comes back as itself, any other failure as one line naming it.
+    fails, every other task is awaited before the error is raised, so none is
+    left writing into the work folder or the output; an `SdmError` raised in
+    a task comes back as itself, any other failure as one line naming it.
+    The others are not cancelled: in Ray 2.60 a `ray.cancel` racing with a
+    task's completion can abort the driver (a RAY_CHECK in
+    `TaskManager::CompletePendingTask`, seen once in CI; ray-project/ray#54785).
     """
     import ray
 
@@ -173,9 +176,7 @@ def ray_map(fn: Callable, jobs: list[Any]) -> list[Any]:
     try:
         return ray.get(refs)
     except ray.exceptions.RayError as exc:
-        for ref in refs:
-            ray.cancel(ref, force=True)
-        ray.wait(refs, num_returns=len(refs), timeout=60)
+        ray.wait(refs, num_returns=len(refs))
         cause = getattr(exc, "cause", None)
         if isinstance(cause, SdmError):
             raise SdmError(str(cause)) from None

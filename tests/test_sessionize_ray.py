@@ -71,7 +71,7 @@ def test_ray_task_errors_are_one_line(tmp_path):
     assert len(lines) == 1 and "outside years 1-9999" in lines[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
-def test_failed_ray_run_cancels_its_tasks_and_shuts_the_ray_it_started(tmp_path):
+def test_failed_ray_run_awaits_its_tasks_and_shuts_the_ray_it_started(tmp_path):
     """`run` started the Ray, so it takes it down, even when a task fails; no output is left."""
     script = f"""
 import os, polars as pl
