@@ -224,6 +224,8 @@ class TrainConfig(_Base):
     """N of PSDMMAL-N (next N items); the other variants use 1."""
     user_residual: bool = True
     """Short-term output h_p + user attention instead of the attention alone (beyond the paper; --no-user-residual is the paper's)."""
+    state_query: bool = True
+    """User attention's query adds the position's own state to e_u (beyond the paper; --no-state-query is the paper's)."""
     repeat: bool = True
     """Repeat head: items of the session and of the 7-day window get a learned re-visit score (beyond the paper; --no-repeat is the paper's model)."""
     repeat_prior: float = 2.0

@@ -54,12 +54,13 @@ from sdm.pipeline.evaluate import evaluate_model, load_model, pick_device
 HERE = Path(__file__).resolve().parent
 KS = [20, 50, 100]
 HEADLINE = ("hr@50", "ndcg@50")
-PAPER = {"repeat": False, "user_residual": False, "target_decay": 1.0}
+PAPER = {"repeat": False, "user_residual": False, "state_query": False, "target_decay": 1.0}
 """What makes a variant the paper's own: none of the changes beyond the paper."""
 PRESETS: dict[str, dict[str, Any]] = {
     "sdm": {},
     "sdm-no-repeat": {"repeat": False},
     "sdm-no-residual": {"user_residual": False},
+    "sdm-no-state-query": {"state_query": False},
     "sdm-paper": PAPER,
     **{v: {"variant": v, **PAPER} for v in ("SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-NoS", "DNN")},
     "SASRec": {"variant": "SASRec", "repeat": False},

@@ -59,6 +59,9 @@ class ModelConfig(BaseModel):
     user_residual: bool = False
     """Short-term output s_p = h_p + user attention (instead of the attention alone): keeps the
     position's own state, which pure attention pooling over h_0..h_p dilutes."""
+    state_query: bool = False
+    """User attention's query at position p is W e_u + W_h h_p (the user and where the session
+    is now) instead of W e_u alone, whose attention weights are the same at every position."""
     repeat: bool = False
     """Add the repeat (copy) head: items of the session prefix and of the long-term window
     get a learned extra score (`RepeatHead`); off = the paper's model."""
@@ -160,19 +163,22 @@ class UserAttention(nn.Module):
         self.query = nn.Linear(user_dim, dim, bias=False)
         self.scale = 1.0 / math.sqrt(dim)
 
-    def forward(self, user: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, user: Tensor, keys: Tensor, mask: Tensor, extra: Tensor | None = None) -> Tensor:
         """Args:
             user: (B, U).
             keys: (B, K, D).
             mask: bool (B, Q, K): which keys each of Q outputs may read.
+            extra: (B, Q, D) added to the query W e_u of each output (the state query), or None.
 
         Returns:
             (B, Q, D); an output with no allowed key is zeros (e.g. empty long-term history).
         """
-        q = self.query(user)  # (B, D)
+        q = self.query(user).unsqueeze(1)  # (B, 1, D)
+        if extra is not None:
+            q = q + extra  # (B, Q, D)
         # Scores in float32 so the mask value and softmax are safe under bf16 autocast.
-        scores = torch.einsum("bkd,bd->bk", keys, q).float() * self.scale  # (B, K)
-        scores = scores.unsqueeze(1).masked_fill(~mask, torch.finfo(torch.float32).min)  # (B, Q, K)
+        scores = torch.bmm(q, keys.transpose(1, 2)).float() * self.scale  # (B, 1 or Q, K)
+        scores = scores.expand(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)  # (B, Q, K)
         # A row with no allowed key would softmax to uniform weights; "* mask" makes it zero.
         weights = torch.softmax(scores, dim=-1) * mask  # (B, Q, K)
         return torch.bmm(weights.to(keys.dtype), keys)  # (B, Q, D)
@@ -225,13 +231,23 @@ class ShortTermEncoder(nn.Module):
         user_dim: U; None switches user attention off (SDMMA): the output is the
             self-attention output.
         residual: add h_p to the user-attention output (`ModelConfig.user_residual`).
+        state_query: position p's query is W e_u + W_h h_p instead of W e_u alone
+            (`ModelConfig.state_query`).
     """
 
     def __init__(
-        self, dim: int, lstm_layers: int, num_heads: int, dropout: float, user_dim: int | None, residual: bool = False
+        self,
+        dim: int,
+        lstm_layers: int,
+        num_heads: int,
+        dropout: float,
+        user_dim: int | None,
+        residual: bool = False,
+        state_query: bool = False,
     ) -> None:
         super().__init__()
         self.residual = residual
+        self.state_query = nn.Linear(dim, dim, bias=False) if state_query and user_dim is not None else None
         self.lstms = nn.ModuleList(nn.LSTM(dim, dim, batch_first=True) for _ in range(lstm_layers))
         self.attn = CausalSelfAttention(dim, num_heads, dropout)
         self.norm = nn.LayerNorm(dim)
@@ -254,7 +270,8 @@ class ShortTermEncoder(nn.Module):
             return h
         T = h.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()  # (T, T) query p reads keys <= p
-        s = self.user_attn(user, h, causal.expand(h.shape[0], T, T))  # (B, T, D)
+        extra = self.state_query(h) if self.state_query is not None else None  # (B, T, D)
+        s = self.user_attn(user, h, causal.expand(h.shape[0], T, T), extra)  # (B, T, D)
         return h + s if self.residual else s
 
 
@@ -564,7 +581,7 @@ class SDM(nn.Module):
         else:
             self.short_term = ShortTermEncoder(
                 D, config.lstm_layers, config.num_heads, config.dropout, U if self.uses_user else None,
-                config.user_residual,
+                config.user_residual, config.state_query,
             )
         if config.variant in ("PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS"):
             self.long_term = LongTermEncoder(len(self.item_features), D, U)

@@ -68,6 +68,7 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
         max_session_len=int(manifest["max_session_len"]),
         max_long_len=int(manifest["max_long_len"]),
         user_residual=cfg.user_residual,
+        state_query=cfg.state_query,
         repeat=cfg.repeat,
         repeat_prior=cfg.repeat_prior,
     )

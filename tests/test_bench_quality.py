@@ -57,8 +57,11 @@ def test_presets_are_valid_training_settings_and_the_paper_rows_have_no_extras(q
 
     for name, preset in quality.PRESETS.items():
         TrainConfig(**preset)  # a typo in a preset fails here, not after an hour of benchmark
-        if name not in ("sdm", "sdm-no-residual", "SASRec+repeat"):
+        if name not in ("sdm", "sdm-no-residual", "sdm-no-state-query", "SASRec+repeat"):
             assert preset.get("repeat") is False, name
+        if name == "sdm-paper" or name in ("SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-NoS", "DNN"):
+            assert quality.PAPER.items() <= preset.items(), name  # nothing beyond the paper
+    assert quality.PAPER == {"repeat": False, "user_residual": False, "state_query": False, "target_decay": 1.0}
     assert quality.PRESETS["sdm"] == {}  # the headline row is the shipped defaults
 
 

@@ -127,9 +127,10 @@ def test_gated_fusion_shape_and_gate_limits() -> None:
 # -- whole model ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("extras", [{}, {"state_query": True}])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_forward_backward_every_variant(variant: str) -> None:
-    model = make_model(variant, lstm_layers=2)
+def test_forward_backward_every_variant(variant: str, extras: dict) -> None:
+    model = make_model(variant, lstm_layers=2, **extras)
     batch = make_batch()
     out = model(batch)
     assert out.shape == (B, T, D)
@@ -140,7 +141,7 @@ def test_forward_backward_every_variant(variant: str) -> None:
         assert torch.isfinite(p.grad).all(), name
 
 
-@pytest.mark.parametrize("extras", [{}, {"user_residual": True, "repeat": True}])
+@pytest.mark.parametrize("extras", [{}, {"user_residual": True, "state_query": True, "repeat": True}])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_one_pass_equals_each_prefix(variant: str, extras: dict) -> None:
     model = make_model(variant, lstm_layers=2, **extras).eval()
@@ -288,3 +289,39 @@ def test_user_residual_adds_the_positions_own_state() -> None:
         plain, with_res = enc(x, u), res(x, u)
     torch.testing.assert_close(with_res[:, 0], 2 * plain[:, 0])
     assert not torch.allclose(with_res[:, 1:], plain[:, 1:])
+
+
+def test_state_query_attends_by_user_and_position_state() -> None:
+    """With the state query, position p's weights are softmax_k((W e_u + W_h h_p) . h_k / sqrt(D)), k <= p:
+    checked against a loop over positions; without it every position uses W e_u alone."""
+    torch.manual_seed(0)
+    enc = ShortTermEncoder(D, 1, 2, 0.0, user_dim=16, state_query=True).eval()
+    x, u = torch.randn(2, T, D), torch.randn(2, 16)
+    with torch.no_grad():
+        out = enc(x, u)
+        enc.state_query.weight.zero_()
+        user_only = enc(x, u)
+        enc.user_attn.query.weight.zero_()
+        state_zeroed = enc(x, u)
+    torch.manual_seed(0)
+    ref = ShortTermEncoder(D, 1, 2, 0.0, user_dim=16, state_query=True).eval()
+    with torch.no_grad():
+        h = x
+        for lstm in ref.lstms:
+            h = h + lstm(h)[0]
+        h = ref.norm(h + ref.attn(h))  # (2, T, D)
+        for b in range(2):
+            for p in range(T):
+                q = ref.user_attn.query(u[b]) + ref.state_query(h[b, p])  # (D,)
+                w = torch.softmax(h[b, : p + 1] @ q / D**0.5, dim=0)  # (p + 1,)
+                torch.testing.assert_close(out[b, p], w @ h[b, : p + 1], atol=1e-5, rtol=0)
+        plain = ShortTermEncoder(D, 1, 2, 0.0, user_dim=16)
+        plain.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("state_query")})
+        torch.testing.assert_close(user_only, plain.eval()(x, u), atol=1e-6, rtol=0)
+    # Both queries zero: uniform weights over k <= p, the running mean of h.
+    torch.testing.assert_close(state_zeroed, h.cumsum(1) / torch.arange(1, T + 1).view(1, T, 1), atol=1e-5, rtol=0)
+
+
+def test_state_query_needs_user_attention() -> None:
+    """SDMMA has no user attention, so it builds no state query (every parameter gets a gradient)."""
+    assert ShortTermEncoder(D, 1, 2, 0.0, user_dim=None, state_query=True).state_query is None
