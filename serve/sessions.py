@@ -263,7 +263,7 @@ def latest_sessions(
         .collect(engine="in-memory")
     )
     window_us = cfg.long_window_td // _US
-    sessions = long_windows(sessions, ev, window_us, cfg.max_long_len).lazy()
+    rows = rows_table(long_windows(sessions, ev, window_us, cfg.max_long_len))
     ev = ev.lazy()
 
     enc = encode(ev, ITEM, _vocab_for(lookups, lookups.vocabs["item"], raw, cfg.item_col), "seq_item")
@@ -272,10 +272,9 @@ def latest_sessions(
         vocab = _vocab_for(lookups, lookups.vocabs[f], raw, f) if f in inp.spec.log_item_features else lookups.vocabs[f]
         enc = encode(enc, feat_col(f), vocab, f"seq_{f}")
     enc = enc.select(pl.col(TS), pl.col("seq_item"), *[pl.col(f"seq_{f}") for f in read])
-    # One query plan for both (the sessionized events are computed once), on the
-    # in-memory engine as the sessionizer's own collects: for one user's events, planning
-    # and the streaming engine's hand-offs cost more than the work (7 ms vs 2.6 ms measured).
-    rows, enc_df = pl.collect_all([rows_table(sessions), enc], engine="in-memory")
+    # the in-memory engine, as the sessionizer's own collects: for one user's events, planning
+    # and the streaming engine's hand-offs cost more than the work (7 ms vs 2.6 ms measured)
+    enc_df = enc.collect(engine="in-memory")
     if missing:
         idx = enc_df.get_column("seq_item").to_numpy().astype(np.int64)
         enc_df = enc_df.with_columns(

@@ -65,7 +65,7 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
     sessions = windows.long_windows(sessions, ev, cfg.long_window_td // _US, cfg.max_long_len)
     if plan.buckets > 1:
         sessions = sessions.with_columns(global_sess(part.sessions, plan.offsets))
-    rows = collect(windows.rows_table(sessions.lazy()), str(inp.log))
+    rows = windows.rows_table(sessions)
     del sessions
     seq_cols = ["seq_item"] + [f"seq_{f}" for f in plan.item_features] + ["seq_oov"]
     enc = encode.encode_events(ev.lazy(), plan.vocabs, plan.item_features, plan.codes).select(pl.col(TS), *seq_cols)

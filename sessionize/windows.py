@@ -117,38 +117,62 @@ def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, m
     return sessions.with_columns(pl.max_horizontal(before, pl.col("long_end") - max_long).alias("long_start"))
 
 
-def rows_table(sessions: pl.LazyFrame) -> pl.LazyFrame:
+def rows_table(sessions: pl.DataFrame) -> pl.DataFrame:
     """One row per (user, split): session lists with offsets relative to the row's timeline.
 
     The timeline of a row runs from the earliest long-term event of its
     sessions (`row_start`) to the end of its last session (`row_end`). Rows
     come split by split (train, valid, test; users in order within each), so
     each split's shards are slices, not copies.
+
+    Eager, like `long_windows` and `timelines`: after one stable sort by split
+    every row is a contiguous run of sessions, so the lists are the session
+    columns cut at the run boundaries (Arrow offsets) and the per-row bounds are
+    numpy reductions over the runs; at 10M events 0.07 s, against 0.24 s for
+    a polars window (`.over`) plus `group_by`.
     """
-    key = [USER, SPLIT]
-    return (
-        sessions
-        .sort([SPLIT, SESS])
-        .with_columns(pl.col("long_start").min().over(key).alias("row_start"))
-        .with_columns(
-            (pl.col("start_idx") - pl.col("row_start")).cast(pl.Int32).alias("sess_start"),
-            pl.col("len").cast(pl.Int32).alias("sess_len"),
-            (pl.col("long_start") - pl.col("row_start")).cast(pl.Int32).alias("long_start_off"),
-            (pl.col("long_end") - pl.col("row_start")).cast(pl.Int32).alias("long_end_off"),
-            (pl.col("start_idx") + pl.col("len")).alias("_end"),
-        )
-        .group_by(key, maintain_order=True)
-        .agg(
-            pl.col(SESS),
-            pl.col("sess_start"),
-            pl.col("sess_len"),
-            pl.col("long_start_off").alias("long_start"),
-            pl.col("long_end_off").alias("long_end"),
-            pl.col("row_start").first(),
-            pl.col("_end").max().alias("row_end"),
-            pl.col(BASE).first(),
-        )
+    if not sessions.get_column(SESS).is_sorted():
+        sessions = sessions.sort(SESS)
+    df = sessions.sort(SPLIT, maintain_order=True)  # (split, sess): users contiguous within a split
+    n = df.height
+    user, split = df.get_column(USER).to_numpy(), df.get_column(SPLIT).to_numpy()
+    new_row = np.ones(n, dtype=bool)
+    new_row[1:] = (user[1:] != user[:-1]) | (split[1:] != split[:-1])
+    starts = np.flatnonzero(new_row)
+    offsets = np.append(starts, n).astype(np.int64)
+    first = pl.Series(starts, dtype=pl.Int64)
+    if n == 0:
+        bounds = {"row_start": np.zeros(0, np.int64), "row_end": np.zeros(0, np.int64), "row_of": np.zeros(0, np.int64)}
+    else:
+        start_idx = df.get_column("start_idx").to_numpy().astype(np.int64)
+        length = df.get_column("len").to_numpy().astype(np.int64)
+        long_start = df.get_column("long_start").to_numpy().astype(np.int64)
+        bounds = {
+            "row_start": np.minimum.reduceat(long_start, starts),
+            "row_end": np.maximum.reduceat(start_idx + length, starts),
+            "row_of": np.cumsum(new_row) - 1,  # each session's row
+        }
+    row_start = bounds["row_start"][bounds["row_of"]]  # per session
+
+    def rel(column: str) -> pl.Series:
+        # a session offset relative to its row's timeline
+        return _list_column(offsets, (df.get_column(column).to_numpy().astype(np.int64) - row_start).astype(np.int32))
+
+    return df.select(pl.col(USER), pl.col(SPLIT)).gather(first).with_columns(
+        _list_column(offsets, df.get_column(SESS).to_numpy()).alias(SESS),
+        rel("start_idx").alias("sess_start"),
+        _list_column(offsets, df.get_column("len").cast(pl.Int32).to_numpy()).alias("sess_len"),
+        rel("long_start").alias("long_start"),
+        rel("long_end").alias("long_end"),
+        pl.Series("row_start", bounds["row_start"], dtype=pl.Int64),
+        pl.Series("row_end", bounds["row_end"], dtype=pl.Int64),
+        df.get_column(BASE).gather(first),
     )
+
+
+def _list_column(offsets: np.ndarray, values: np.ndarray | pa.Array) -> pl.Series:
+    """A list column from Arrow offsets (row k = values[offsets[k]:offsets[k + 1]]), without copying per row."""
+    return pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), values if isinstance(values, pa.Array) else pa.array(values)))
 
 
 def timelines(rows: pl.DataFrame, events: pl.DataFrame, columns: dict[str, str]) -> pl.DataFrame:
@@ -174,12 +198,12 @@ def timelines(rows: pl.DataFrame, events: pl.DataFrame, columns: dict[str, str])
     )
     if rows.height == 0:
         positions = positions.clear()
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths.to_numpy())]).astype(np.int64))
+    offsets = np.concatenate([[0], np.cumsum(lengths.to_numpy())]).astype(np.int64)
     picked = events.select(*[pl.col(c) for c in columns]).pipe(lambda df: df[positions] if len(positions) else df.clear())
     lists = {}
     for src, name in columns.items():
         values = picked.get_column(src).to_arrow()
         if isinstance(values, pa.ChunkedArray):
             values = values.combine_chunks()
-        lists[name] = pl.from_arrow(pa.LargeListArray.from_arrays(offsets, values))
+        lists[name] = _list_column(offsets, values)
     return rows.with_columns(**{name: series for name, series in lists.items()})

@@ -360,3 +360,72 @@ def test_default_buckets_follow_bucket_events(tmp_path):
     assert c["config"]["buckets"] == -(-rows // 250)
     with pytest.raises(ValueError, match=">= 1"):
         SessionizeConfig(bucket_events=0)
+
+
+def _rows_by_hand(sessions: pl.DataFrame) -> list[dict[str, Any]]:
+    """`windows.rows_table` in plain Python: group by (split, user) in session order."""
+    from sdm.sessionize.io import USER
+    from sdm.sessionize.split import SPLIT
+
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for s in sorted(sessions.iter_rows(named=True), key=lambda s: (s[SPLIT], s["sess_id"])):
+        groups.setdefault((s[SPLIT], s[USER]), []).append(s)
+    out = []
+    for (split, user), ss in groups.items():
+        lo = min(s["long_start"] for s in ss)
+        out.append({
+            USER: user, SPLIT: split, "sess_id": [s["sess_id"] for s in ss],
+            "sess_start": [s["start_idx"] - lo for s in ss], "sess_len": [s["len"] for s in ss],
+            "long_start": [s["long_start"] - lo for s in ss], "long_end": [s["long_end"] - lo for s in ss],
+            "row_start": lo, "row_end": max(s["start_idx"] + s["len"] for s in ss), "_base": ss[0]["_base"],
+        })
+    return out
+
+
+def _sessions_frame(rows: list[tuple[int, int, int, int, int, int, int]]) -> pl.DataFrame:
+    """Sessions as `long_windows` leaves them: (sess_id, user, base, start_idx, len, long_start, long_end, split)."""
+    cols = ["sess_id", "_user", "_base", "start_idx", "len", "long_start", "long_end", "_split"]
+    df = pl.DataFrame(rows, schema=cols, orient="row")
+    return df.with_columns(
+        pl.col("_base").cast(pl.UInt32), pl.col("start_idx").cast(pl.Int32), pl.col("len").cast(pl.UInt32),
+        pl.col("long_end").cast(pl.Int32), pl.col("_split").cast(pl.Int8),
+    )
+
+
+def test_rows_table_by_hand_and_against_a_reference():
+    """Rows of (user, split), split by split; offsets relative to the earliest long-term start."""
+    from sdm.sessionize import windows as W
+
+    # user 7: sessions at timeline offsets 0 (train), 3 (train, window from 1), 6 (test, window 2..6);
+    # user 9 (frame position 10): one valid session at 0
+    sessions = _sessions_frame([
+        (0, 7, 0, 0, 3, 0, 0, 0), (1, 7, 0, 3, 2, 1, 3, 0), (2, 7, 0, 6, 1, 2, 6, 2), (3, 9, 10, 0, 4, 0, 0, 1),
+    ])
+    rows = W.rows_table(sessions)
+    assert rows.to_dicts() == [
+        {"_user": 7, "_split": 0, "sess_id": [0, 1], "sess_start": [0, 3], "sess_len": [3, 2], "long_start": [0, 1],
+         "long_end": [0, 3], "row_start": 0, "row_end": 5, "_base": 0},
+        {"_user": 9, "_split": 1, "sess_id": [3], "sess_start": [0], "sess_len": [4], "long_start": [0],
+         "long_end": [0], "row_start": 0, "row_end": 4, "_base": 10},
+        {"_user": 7, "_split": 2, "sess_id": [2], "sess_start": [4], "sess_len": [1], "long_start": [0],
+         "long_end": [4], "row_start": 2, "row_end": 7, "_base": 0},
+    ]
+    assert rows.schema["sess_start"] == pl.List(pl.Int32) and rows.schema["sess_id"] == pl.List(pl.Int64)
+
+    rng = np.random.default_rng(3)
+    rand, sess, base = [], 0, 0
+    for user in range(30):
+        at = 0
+        for _ in range(int(rng.integers(1, 6))):
+            length = int(rng.integers(1, 4))
+            end = at
+            start = max(0, end - int(rng.integers(0, 5)))
+            rand.append((sess, user * 3, base, at, length, start, end, int(rng.integers(0, 3))))
+            sess, at = sess + 1, at + length
+        base += at
+    got = W.rows_table(_sessions_frame(rand))
+    assert got.to_dicts() == _rows_by_hand(_sessions_frame(rand))
+    # shuffled input: the same rows (sessions are put back in sess order)
+    assert W.rows_table(_sessions_frame(rand).sample(fraction=1.0, shuffle=True, seed=1)).equals(got)
+    empty = W.rows_table(_sessions_frame(rand).clear())
+    assert empty.height == 0 and empty.schema == got.schema
