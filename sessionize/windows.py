@@ -141,22 +141,17 @@ def rows_table(sessions: pl.DataFrame) -> pl.DataFrame:
     starts = np.flatnonzero(new_row)
     offsets = np.append(starts, n).astype(np.int64)
     first = pl.Series(starts, dtype=pl.Int64)
-    if n == 0:
-        bounds = {"row_start": np.zeros(0, np.int64), "row_end": np.zeros(0, np.int64), "row_of": np.zeros(0, np.int64)}
-    else:
-        start_idx = df.get_column("start_idx").to_numpy().astype(np.int64)
-        length = df.get_column("len").to_numpy().astype(np.int64)
-        long_start = df.get_column("long_start").to_numpy().astype(np.int64)
-        bounds = {
-            "row_start": np.minimum.reduceat(long_start, starts),
-            "row_end": np.maximum.reduceat(start_idx + length, starts),
-            "row_of": np.cumsum(new_row) - 1,  # each session's row
-        }
-    row_start = bounds["row_start"][bounds["row_of"]]  # per session
 
-    def rel(column: str) -> pl.Series:
+    def col(name: str) -> np.ndarray:
+        return df.get_column(name).to_numpy().astype(np.int64)
+
+    row_start = np.minimum.reduceat(col("long_start"), starts)
+    row_end = np.maximum.reduceat(col("start_idx") + col("len"), starts)
+    start_of_session_row = row_start[np.cumsum(new_row) - 1]
+
+    def rel(name: str) -> pl.Series:
         # a session offset relative to its row's timeline
-        return _list_column(offsets, (df.get_column(column).to_numpy().astype(np.int64) - row_start).astype(np.int32))
+        return _list_column(offsets, (col(name) - start_of_session_row).astype(np.int32))
 
     return df.select(pl.col(USER), pl.col(SPLIT)).gather(first).with_columns(
         _list_column(offsets, df.get_column(SESS).to_numpy()).alias(SESS),
@@ -164,8 +159,8 @@ def rows_table(sessions: pl.DataFrame) -> pl.DataFrame:
         _list_column(offsets, df.get_column("len").cast(pl.Int32).to_numpy()).alias("sess_len"),
         rel("long_start").alias("long_start"),
         rel("long_end").alias("long_end"),
-        pl.Series("row_start", bounds["row_start"], dtype=pl.Int64),
-        pl.Series("row_end", bounds["row_end"], dtype=pl.Int64),
+        pl.Series("row_start", row_start, dtype=pl.Int64),
+        pl.Series("row_end", row_end, dtype=pl.Int64),
         df.get_column(BASE).gather(first),
     )
 

@@ -382,7 +382,7 @@ def _rows_by_hand(sessions: pl.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def _sessions_frame(rows: list[tuple[int, int, int, int, int, int, int]]) -> pl.DataFrame:
+def _sessions_frame(rows: list[tuple[int, ...]]) -> pl.DataFrame:
     """Sessions as `long_windows` leaves them: (sess_id, user, base, start_idx, len, long_start, long_end, split)."""
     cols = ["sess_id", "_user", "_base", "start_idx", "len", "long_start", "long_end", "_split"]
     df = pl.DataFrame(rows, schema=cols, orient="row")
