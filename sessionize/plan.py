@@ -20,7 +20,7 @@ from sdm.sessionize import encode, split
 from sdm.sessionize.io import DROP_REASONS, USER, collect
 from sdm.sessionize.normalise import item_table
 from sdm.sessionize.read import Input
-from sdm.sessionize.sessions import SESS, SLEN, START
+from sdm.sessionize.sessions import SESS, START
 
 
 @dataclass

@@ -19,7 +19,6 @@ from sdm.sessionize.io import (
     USER,
     LogSpec,
     check_log,
-    collect,
     polars_errors,
     resolve_features,
     scan_table,

@@ -17,9 +17,7 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import read_sessions
-from typer.testing import CliRunner
 
-from sdm.cli import app
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 from sdm.sessionize import run, write
