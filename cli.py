@@ -207,14 +207,14 @@ def check(
 @app.command()
 @_with_config_flags(TrainConfig, "train")
 def train(cfg: TrainConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -> None:
-    """Train SDM (or a named variant) on the shards; keeps the best checkpoint by validation HR."""
+    """Train SDM (or a named variant) on the shards; keeps the best checkpoint by validation HR@50 + NDCG@50."""
     from sdm.pipeline.train import train as run_train
 
     summary = run_train(cfg, progress=not quiet)
     if summary.get("rank", 0) == 0:
         typer.echo(
             f"trained {cfg.variant}: {summary['steps']:,} steps, {summary['epochs']} epochs, "
-            f"best valid hr@{cfg.eval_k} {summary['best_metric']:.4f}; "
+            f"best valid {cfg.select_metric}@{cfg.eval_k} {summary['best_metric']:.4f}; "
             f"{summary['seconds']:.1f}s -> {summary['checkpoint']}"
         )
 

@@ -247,8 +247,10 @@ class TrainConfig(_Base):
     shuffle_buffer: int = 2048
     """Sessions held in the shuffle buffer (memory bound)."""
     patience: int = 3
-    """Stop after this many validations without a better HR@eval_k."""
+    """Stop after this many validations without a better `select_metric`."""
     eval_k: int = 50
+    select_metric: Literal["hr", "ndcg", "hr+ndcg"] = "hr+ndcg"
+    """Validation metric at eval_k that picks best.pt and drives early stopping (hr+ndcg: their sum)."""
     eval_every: int | None = None
     """Validate every this many steps as well as after each epoch."""
     checkpoint_every: int | None = None

@@ -166,7 +166,7 @@ def run_ablation(
         baselines): "method", "kind" ("model" or "baseline"), every metric of
         `evaluate_model` ("hr@20", "recall@20", "ndcg@20", ..., "queries", ...),
         "train_seconds", "eval_seconds", and for models the training summary
-        ("steps", "epochs", "stopped", "best_valid_hr").
+        ("steps", "epochs", "stopped", "best_valid": the selection metric).
 
     Raises:
         SdmError: bad input (unknown variant or baseline, unreadable log or
@@ -217,7 +217,7 @@ def run_ablation(
                 "steps": summary["steps"],
                 "epochs": summary["epochs"],
                 "stopped": summary["stopped"],
-                "best_valid_hr": summary["best_metric"],
+                "best_valid": summary["best_metric"],
             }
         )
         _say(progress, rows[-1], ks)

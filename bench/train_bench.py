@@ -31,7 +31,7 @@ from sdm.pipeline.baselines import build_baseline
 from sdm.pipeline.dataset import SessionDataset, load_item_counts, load_item_table, read_manifest
 from sdm.pipeline.evaluate import evaluate_model
 from sdm.pipeline.modelspec import build_model_config, model_features, resolve_loss
-from sdm.pipeline.train import get_lr, train, train_step
+from sdm.pipeline.train import get_lr, selection_value, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SDM_SHARED", ROOT.parent / "shared"))
@@ -137,16 +137,19 @@ def epoch_seconds(data: Path, variant: str, args: argparse.Namespace) -> tuple[f
 
 
 def time_to_best(data: Path, work: Path, args: argparse.Namespace) -> dict:
-    """`sdm train` with default settings: wall time to the best validation HR@50, against item-CF."""
+    """`sdm train` with default settings: wall time to the validation the trainer kept as best.pt, against item-CF."""
     out = work / "model_default"
-    summary = train(TrainConfig(data=data, out=out, overwrite=True, **args.train_args), progress=False)
+    cfg = TrainConfig(data=data, out=out, overwrite=True, **args.train_args)
+    summary = train(cfg, progress=False)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     vals = [x for x in log if "valid" in x]
-    best = max(vals, key=lambda x: x["valid"]["hr@50"])
+    # the first validation with the best value, as the trainer keeps it
+    best = max(vals, key=lambda x: (selection_value(x["valid"], cfg.select_metric, cfg.eval_k), -x["step"]))
     cf = evaluate_model(build_baseline("itemcf", data), data, "valid", [50])
     cfr = evaluate_model(build_baseline("itemcf-repeat", data), data, "valid", [50])
     return {
         "best_valid_hr@50": best["valid"]["hr@50"],
+        "best_valid_ndcg@50": best["valid"]["ndcg@50"],
         "best_epoch": best["epoch"],
         "seconds_to_best": best["seconds"],
         "total_seconds": summary["seconds"],
@@ -199,7 +202,8 @@ def main() -> None:
     if "time_to_best" in res:
         t = res["time_to_best"]
         print(
-            f"\ndefault `sdm train`: best valid HR@50 {t['best_valid_hr@50']:.4f} at epoch {t['best_epoch']} after "
+            f"\ndefault `sdm train`: best.pt's valid HR@50 {t['best_valid_hr@50']:.4f} / NDCG@50 "
+            f"{t['best_valid_ndcg@50']:.4f} at epoch {t['best_epoch']} after "
             f"{t['seconds_to_best']:.0f}s ({t['epochs_run']} epochs, {t['total_seconds']:.0f}s in all); "
             f"item-CF {t['itemcf_valid_hr@50']:.4f}, repeat-aware item-CF {t['itemcf_repeat_valid_hr@50']:.4f}"
         )

@@ -64,6 +64,8 @@ RESUME_FREE = {"resume", "overwrite", "epochs", "max_steps", "patience", "eval_e
                "device", "out", "data"}  # fmt: skip
 # Settings that decide which batch comes next: changing them breaks the replay of the data position.
 RESUME_FIXED = ("batch_size", "seed", "num_workers", "shuffle_buffer")
+# Settings that define the best metric so far (with their value in checkpoints older than the setting).
+RESUME_METRIC = {"select_metric": "hr", "eval_k": 50}
 
 
 def check_resume(
@@ -75,7 +77,8 @@ def check_resume(
         "name old -> new" of each other setting that changed (applied, worth a note).
 
     Raises:
-        SdmError: another dataset or model config, or a changed data-order setting.
+        SdmError: another dataset or model config, a changed data-order setting, or another
+            selection metric (`select_metric`, `eval_k`) than the one best.pt was chosen by.
     """
     if ckpt["data_fingerprint"] != fingerprint:
         raise SdmError(f"{path}: checkpoint was trained on another data manifest than this run's --data")
@@ -86,7 +89,11 @@ def check_resume(
     if fixed:
         flags = ", ".join(f"--{k.replace('_', '-')} ({before.get(k)} -> {config.get(k)})" for k in fixed)
         raise SdmError(f"{path}: --resume with another {flags}: the data order would not continue where the run stopped")
-    changed = [k for k in config if k not in RESUME_FREE and k not in RESUME_FIXED and before.get(k) != config.get(k)]
+    measured = [k for k in RESUME_METRIC if before.get(k, RESUME_METRIC[k]) != config.get(k)]
+    if measured:
+        flags = ", ".join(f"--{k.replace('_', '-')} ({before.get(k, RESUME_METRIC[k])} -> {config.get(k)})" for k in measured)
+        raise SdmError(f"{path}: --resume with another {flags}: best.pt was chosen by the checkpoint's metric")
+    changed = [k for k in config if k not in RESUME_FREE and k not in RESUME_METRIC and k not in RESUME_FIXED and before.get(k) != config.get(k)]
     return [f"{k} {before.get(k)} -> {config.get(k)}" for k in changed]
 
 

@@ -344,7 +344,7 @@ def _log(run: Run, record: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def validate(run: Run, state: Progress) -> float:
-    """Validation HR@eval_k, computed on rank 0 with `sdm evaluate`'s code and shared with every rank."""
+    """Validation `select_metric` at eval_k, computed on rank 0 with `sdm evaluate`'s code and shared with every rank."""
     from sdm.pipeline.evaluate import evaluate_model
 
     value = [0.0]
@@ -352,12 +352,19 @@ def validate(run: Run, state: Progress) -> float:
         run.model.eval()
         m = evaluate_model(run.model, run.cfg.data, "valid", [run.cfg.eval_k], 512, run.device)
         run.model.train()
-        value = [m.get(f"hr@{run.cfg.eval_k}", 0.0) if m["queries"] else 0.0]
+        value = [selection_value(m, run.cfg.select_metric, run.cfg.eval_k)]
         valid = {k: v for k, v in m.items() if k != "table"}
         _log(run, {"step": state.step, "epoch": state.epoch, "seconds": time.time() - run.t0, "valid": valid})
     if run.world > 1:
         dist.broadcast_object_list(value, src=0)
     return float(value[0])
+
+
+def selection_value(metrics: dict[str, Any], select: str, k: int) -> float:
+    """The number best.pt and early stopping follow: HR@k, NDCG@k or their sum (0 without queries)."""
+    if not metrics["queries"]:
+        return 0.0
+    return sum(metrics[f"{name}@{k}"] for name in select.split("+"))
 
 
 def train_epoch(run: Run, state: Progress) -> str | None:
@@ -409,9 +416,9 @@ def _report(run: Run, state: Progress, batch: dict[str, Any], loss: torch.Tensor
 
 def end_epoch(run: Run, state: Progress) -> bool:
     """Validate, keep best.pt, write last.pt; True when early stopping says stop."""
-    hr = validate(run, state)
-    if hr > state.best:
-        state.best, state.bad_epochs = hr, 0
+    value = validate(run, state)
+    if value > state.best:
+        state.best, state.bad_epochs = value, 0
         save(run, state, "best.pt")
     else:
         state.bad_epochs += 1
@@ -422,9 +429,9 @@ def end_epoch(run: Run, state: Progress) -> bool:
 def end_cut_run(run: Run, state: Progress) -> None:
     """A run cut by max_steps is validated too, and last.pt is written after best.pt so
     that it carries the best metric a resumed run must beat."""
-    hr = validate(run, state)
-    if hr > state.best or not (run.cfg.out / "best.pt").exists():
-        state.best = max(hr, state.best)
+    value = validate(run, state)
+    if value > state.best or not (run.cfg.out / "best.pt").exists():
+        state.best = max(value, state.best)
         save(run, state, "best.pt")
     save(run, state, "last.pt")
 

@@ -209,9 +209,10 @@ def test_config_directory_or_not_utf8(tmp_path):
     one_error(*sessionize(log, tmp_path / "o", "--config", bad), "not UTF-8")
 
 
-@pytest.mark.parametrize("line, field", [('state_query = "sometimes"', "state_query"), ("repeat_prior = -2.0", "repeat_prior")])
+@pytest.mark.parametrize("line, field", [('state_query = "sometimes"', "state_query"), ("repeat_prior = -2.0", "repeat_prior"),
+                                        ('select_metric = "mrr"', "select_metric")])
 def test_bad_model_flag_in_a_config_file_is_one_line(tmp_path, line, field):
-    """The model switches of issue 9 given in a TOML config: one line naming the file and the field, nothing written."""
+    """The model and selection switches of issue 9 given in a TOML config: one line naming the file and the field, nothing written."""
     bad = tmp_path / "train.toml"
     bad.write_text(f"[train]\n{line}\n")
     out = tmp_path / "model"

@@ -229,6 +229,43 @@ def test_resume_refuses_changed_data_order_and_notes_changed_lr(data, tmp_path, 
     assert "note: resuming with changed lr 0.005 -> 0.0001" in capsys.readouterr().err
 
 
+def test_selection_value_is_the_named_metric_or_the_sum():
+    from sdm.pipeline.train import selection_value
+
+    m = {"queries": 7, "hr@50": 0.5, "ndcg@50": 0.25, "hr@20": 0.125, "ndcg@20": 0.0625}
+    assert selection_value(m, "hr", 50) == 0.5
+    assert selection_value(m, "ndcg", 20) == 0.0625
+    assert selection_value(m, "hr+ndcg", 50) == 0.75
+    assert selection_value({**m, "queries": 0}, "hr+ndcg", 50) == 0.0
+
+
+@pytest.mark.parametrize("select", ["hr", "ndcg", "hr+ndcg"])
+def test_best_pt_is_the_first_validation_with_the_best_select_metric(data, tmp_path, select):
+    """best.pt holds the epoch whose validation maximises `select_metric`, and its value."""
+    out = tmp_path / "m"
+    train(cfg(data, out, epochs=5, lr=0.05, patience=9, eval_k=5, select_metric=select), progress=False)
+    vals = [x["valid"] for x in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "valid" in x]
+    score = [sum(v[f"{name}@5"] for name in select.split("+")) for v in vals]
+    assert len(score) == 5
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["best_metric"] == pytest.approx(max(score), abs=1e-12)
+    assert best["epoch"] == 1 + score.index(max(score))
+
+
+def test_resume_refuses_another_select_metric(data, tmp_path):
+    out = tmp_path / "m"
+    train(cfg(data, out, max_steps=2), progress=False)
+    with pytest.raises(SdmError, match=r"--resume with another --select-metric \(hr\+ndcg -> hr\)"):
+        train(cfg(data, out, max_steps=4, select_metric="hr", resume=True), progress=False)
+    # a checkpoint from before the setting existed was chosen by HR
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["config"]["select_metric"]
+    torch.save(ckpt, out / "last.pt")
+    with pytest.raises(SdmError, match=r"--select-metric \(hr -> hr\+ndcg\)"):
+        train(cfg(data, out, max_steps=4, resume=True), progress=False)
+    train(cfg(data, out, max_steps=4, select_metric="hr", resume=True), progress=False)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a pickle at all", "tensor"])
 def test_resume_from_a_bad_last_pt_is_one_line(data, tmp_path, content):
     out = tmp_path / "m"
