@@ -21,7 +21,8 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,35 @@ class Progress:
     bad_epochs: int = 0
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point weights (`--ema-decay`).
+
+    The decay ramps up as min(decay, (1 + step) / (10 + step)), so the first
+    steps' weights do not linger. `swapped_in` puts the average into the model
+    for validation and best.pt; last.pt keeps the trained weights and the average.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.avg = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if k in self.avg:
+                    self.avg[k].lerp_(v, 1.0 - d)
+
+    @contextmanager
+    def swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.avg}
+        model.load_state_dict(self.avg, strict=False)
+        try:
+            yield
+        finally:
+            model.load_state_dict(trained, strict=False)
+
+
 @dataclass
 class Run:
     """What the loop holds fixed for a whole run."""
@@ -184,6 +214,7 @@ class Run:
     t0: float
     log: Any = None
     bar: Any = None
+    ema: WeightAverage | None = None
     window: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -238,7 +269,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     return Run(
         cfg, rank, world, device, manifest, model_cfg, model, net, opt, sampler, gen,
         resolve_loss(cfg.loss, int(manifest["num_items"]), cfg.batch_size, int(manifest["max_session_len"])),
-        dataset, loader, epoch_steps, t0,
+        dataset, loader, epoch_steps, t0, ema=WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None,
     )  # fmt: skip
 
 
@@ -258,6 +289,7 @@ def checkpoint(run: Run, state: Progress) -> dict[str, Any]:
         "batch_in_epoch": state.batch_in_epoch,
         "best_metric": state.best,
         "bad_epochs": state.bad_epochs,
+        **({"ema": run.ema.avg} if run.ema is not None else {}),
         "rng": {
             "torch": torch.get_rng_state(),
             "sampler": run.gen.get_state(),
@@ -267,9 +299,12 @@ def checkpoint(run: Run, state: Progress) -> dict[str, Any]:
 
 
 def save(run: Run, state: Progress, name: str) -> None:
-    """Write last.pt or best.pt (rank 0 only; atomically)."""
+    """Write last.pt or best.pt (rank 0 only; atomically). best.pt's weights are what was validated, so it needs no average."""
     if run.rank == 0:
-        atomic_save(checkpoint(run, state), run.cfg.out / name)
+        ckpt = checkpoint(run, state)
+        if name == "best.pt":
+            ckpt.pop("ema", None)
+        atomic_save(ckpt, run.cfg.out / name)
 
 
 RUN_FILES = ("best.pt", "last.pt", "train_log.jsonl")
@@ -320,6 +355,10 @@ def _resume(run: Run) -> Progress:
     try:
         run.model.load_state_dict(ckpt["model"])
         run.opt.load_state_dict(ckpt["optimizer"])
+        if run.ema is not None and "ema" in ckpt:
+            run.ema.avg = {k: v.to(run.device) for k, v in ckpt["ema"].items()}
+        elif run.ema is not None:  # a run that had no average starts it from the trained weights
+            run.ema = WeightAverage(run.model, run.cfg.ema_decay)
         torch.set_rng_state(ckpt["rng"]["torch"])
         run.gen.set_state(ckpt["rng"]["sampler"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
@@ -387,6 +426,8 @@ def train_epoch(run: Run, state: Progress) -> str | None:
                                      run.loss_kind)  # fmt: skip
         if not torch.isfinite(grad_norm):
             return "nan"
+        if run.ema is not None:
+            run.ema.update(run.model, state.step)
         state.step += 1
         state.batch_in_epoch = seen
         _report(run, state, batch, loss, lr)
@@ -395,7 +436,8 @@ def train_epoch(run: Run, state: Progress) -> str | None:
         if cfg.max_steps is not None and state.step >= cfg.max_steps:
             return "max_steps"
         if cfg.eval_every and state.step % cfg.eval_every == 0:
-            validate(run, state)
+            with averaged(run):
+                validate(run, state)
     return None
 
 
@@ -414,14 +456,20 @@ def _report(run: Run, state: Progress, batch: dict[str, Any], loss: torch.Tensor
         run.bar.update(1)
 
 
+def averaged(run: Run) -> AbstractContextManager[None]:
+    """The weights validation and best.pt see: the moving average with `--ema-decay`, else the trained ones."""
+    return run.ema.swapped_in(run.model) if run.ema is not None else nullcontext()
+
+
 def end_epoch(run: Run, state: Progress) -> bool:
     """Validate, keep best.pt, write last.pt; True when early stopping says stop."""
-    value = validate(run, state)
-    if value > state.best:
-        state.best, state.bad_epochs = value, 0
-        save(run, state, "best.pt")
-    else:
-        state.bad_epochs += 1
+    with averaged(run):
+        value = validate(run, state)
+        if value > state.best:
+            state.best, state.bad_epochs = value, 0
+            save(run, state, "best.pt")
+        else:
+            state.bad_epochs += 1
     save(run, state, "last.pt")
     return state.bad_epochs >= run.cfg.patience
 
@@ -429,10 +477,11 @@ def end_epoch(run: Run, state: Progress) -> bool:
 def end_cut_run(run: Run, state: Progress) -> None:
     """A run cut by max_steps is validated too, and last.pt is written after best.pt so
     that it carries the best metric a resumed run must beat."""
-    value = validate(run, state)
-    if value > state.best or not (run.cfg.out / "best.pt").exists():
-        state.best = max(value, state.best)
-        save(run, state, "best.pt")
+    with averaged(run):
+        value = validate(run, state)
+        if value > state.best or not (run.cfg.out / "best.pt").exists():
+            state.best = max(value, state.best)
+            save(run, state, "best.pt")
     save(run, state, "last.pt")
 
 

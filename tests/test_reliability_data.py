@@ -210,7 +210,7 @@ def test_config_directory_or_not_utf8(tmp_path):
 
 
 @pytest.mark.parametrize("line, field", [('state_query = "sometimes"', "state_query"), ("repeat_prior = -2.0", "repeat_prior"),
-                                        ('select_metric = "mrr"', "select_metric")])
+                                        ('select_metric = "mrr"', "select_metric"), ("ema_decay = 1.5", "ema_decay")])
 def test_bad_model_flag_in_a_config_file_is_one_line(tmp_path, line, field):
     """The model and selection switches of issue 9 given in a TOML config: one line naming the file and the field, nothing written."""
     bad = tmp_path / "train.toml"

@@ -57,17 +57,57 @@ def test_train_writes_checkpoints_and_log(data, tmp_path, variant):
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if "loss" in x)
 
 
-def test_resume_gives_same_parameters_as_uninterrupted(data, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_gives_same_parameters_as_uninterrupted(data, tmp_path, ema):
     # 3 steps per epoch here, so the cut at step 4 falls inside the second epoch.
     full = tmp_path / "full"
-    train(cfg(data, full, max_steps=8, epochs=5), progress=False)
+    train(cfg(data, full, max_steps=8, epochs=5, ema_decay=ema), progress=False)
     half = tmp_path / "half"
-    train(cfg(data, half, max_steps=4, epochs=5), progress=False)
-    train(cfg(data, half, max_steps=8, epochs=5, resume=True), progress=False)
+    train(cfg(data, half, max_steps=4, epochs=5, ema_decay=ema), progress=False)
+    train(cfg(data, half, max_steps=8, epochs=5, ema_decay=ema, resume=True), progress=False)
     a, b = params(full / "last.pt"), params(half / "last.pt")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    if ema:
+        a, b = (torch.load(p / "last.pt", weights_only=True)["ema"] for p in (full, half))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_weight_average_follows_its_formula_and_swaps_back():
+    from sdm.pipeline.train import WeightAverage
+
+    net = torch.nn.Linear(2, 1)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    ema = WeightAverage(net, 0.5)
+    expect = {k: v.clone() for k, v in start.items()}
+    for step in range(4):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        d = min(0.5, (1 + step) / (10 + step))  # 0.1, 0.18.., 0.25, 0.3..
+        for k, v in net.state_dict().items():
+            expect[k] = d * expect[k] + (1 - d) * v
+        ema.update(net, step)
+    trained = {k: v.clone() for k, v in net.state_dict().items()}
+    for k in expect:
+        torch.testing.assert_close(ema.avg[k], expect[k])
+    with ema.swapped_in(net):
+        torch.testing.assert_close(net.weight, expect["weight"])
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, trained[k], rtol=0, atol=0)
+
+
+def test_ema_best_pt_holds_the_average_and_last_pt_both(data, tmp_path):
+    out = tmp_path / "m"
+    train(cfg(data, out, epochs=1, ema_decay=0.9), progress=False)
+    best, last = (torch.load(out / n, weights_only=True) for n in ("best.pt", "last.pt"))
+    assert "ema" not in best
+    differs = False
+    for k, v in last["ema"].items():
+        torch.testing.assert_close(best["model"][k], v, rtol=0, atol=0)
+        differs |= not torch.equal(v, last["model"][k])
+    assert differs  # the average is not the trained weights
 
 
 def test_resume_refuses_other_model_config(data, tmp_path):
