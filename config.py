@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdm.errors import SdmError
 
@@ -249,7 +249,7 @@ class TrainConfig(_Base):
     patience: int = 3
     """Stop after this many validations without a better `select_metric`."""
     eval_k: int = 50
-    ema_decay: float = 0.999
+    ema_decay: float = Field(0.999, ge=0, lt=1)
     """Validate and keep best.pt with a moving average of the weights: per step w_avg += (1 - d)(w - w_avg), d = min(ema_decay, (1 + step) / (10 + step)); 0 = off."""
     select_metric: Literal["hr", "ndcg", "hr+ndcg"] = "hr+ndcg"
     """Validation metric at eval_k that picks best.pt and drives early stopping (hr+ndcg: their sum)."""
@@ -274,13 +274,6 @@ class TrainConfig(_Base):
     def _prior(cls, v: float) -> float:
         if not 0 <= v < float("inf"):
             raise ValueError(f"must be a finite number >= 0, got {v}")
-        return v
-
-    @field_validator("ema_decay")
-    @classmethod
-    def _ema(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError(f"must be in [0, 1), got {v}")
         return v
 
     @field_validator("target_decay")

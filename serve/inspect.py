@@ -68,11 +68,14 @@ def inspect_model(path: Path) -> dict[str, Any]:
         if not isinstance(ckpt, dict) or "model_config" not in ckpt:
             raise SdmError(f"{p}: not an sdm checkpoint (no model_config)")
         mc = ckpt["model_config"]
+        cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         params = sum(int(t.numel()) for t in ckpt.get("model", {}).values() if hasattr(t, "numel"))
         out["checkpoints"][name] = {
             "step": ckpt.get("step"),
             "epoch": ckpt.get("epoch"),
             "best_metric": ckpt.get("best_metric"),
+            # what best_metric measures: checkpoints from before --select-metric chose by HR
+            "select_metric": f"{cfg.get('select_metric', 'hr')}@{cfg.get('eval_k', 50)}",
             "parameters": params,
         }
         out.setdefault("variant", mc.get("variant"))
@@ -182,7 +185,7 @@ def format_summary(s: dict[str, Any]) -> str:
         for name, c in s["checkpoints"].items():
             best = c.get("best_metric")
             best_s = f"{best:.4f}" if isinstance(best, float) else str(best)
-            lines.append(f"{name}: step {_fmt(c.get('step'))}, epoch {c.get('epoch')}, best metric {best_s}, "
+            lines.append(f"{name}: step {_fmt(c.get('step'))}, epoch {c.get('epoch')}, best {c.get('select_metric')} {best_s}, "
                          f"{_fmt(c.get('parameters'))} parameters")  # fmt: skip
         iv = s.get("item_vocab") or {}
         lines.append("item features: " + ", ".join(f"{k} ({_fmt(v)})" for k, v in iv.items()))

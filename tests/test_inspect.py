@@ -49,6 +49,21 @@ def test_model_dir(dirs: dict[str, Path]) -> None:
     assert s["validations"] == 1 and s["last_validation"]["valid_hr@50"] == 0.25
     out = CliRunner().invoke(app, ["inspect", str(dirs["model"])])
     assert out.exit_code == 0 and "PSDMMAL-N" in out.output and "best.pt: step" in out.output
+    # a checkpoint whose config predates --select-metric was chosen by HR
+    assert s["checkpoints"]["best.pt"]["select_metric"] == "hr@50" and "best hr@50" in out.output
+
+
+def test_model_dir_names_the_select_metric(dirs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(dirs["model"], model_dir)
+    ckpt = torch.load(model_dir / "best.pt", weights_only=True)
+    ckpt["config"].update(select_metric="hr+ndcg", eval_k=20)
+    torch.save(ckpt, model_dir / "best.pt")
+    assert inspect_dir(model_dir)["checkpoints"]["best.pt"]["select_metric"] == "hr+ndcg@20"
 
 
 def test_export_dir_and_json(dirs: dict[str, Path]) -> None:
