@@ -182,6 +182,12 @@ class WeightAverage:
                 if k in self.avg:
                     self.avg[k].lerp_(v, 1.0 - d)
 
+    def load(self, avg: dict[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint's average (copied in place, onto this average's devices)."""
+        with torch.no_grad():
+            for k, v in self.avg.items():
+                v.copy_(avg[k])
+
     @contextmanager
     def swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
         trained = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.avg}
@@ -356,7 +362,7 @@ def _resume(run: Run) -> Progress:
         run.model.load_state_dict(ckpt["model"])
         run.opt.load_state_dict(ckpt["optimizer"])
         if run.ema is not None and "ema" in ckpt:
-            run.ema.avg = {k: v.to(run.device) for k, v in ckpt["ema"].items()}
+            run.ema.load(ckpt["ema"])
         elif run.ema is not None:  # a run that had no average starts it from the trained weights
             run.ema = WeightAverage(run.model, run.cfg.ema_decay)
         torch.set_rng_state(ckpt["rng"]["torch"])
