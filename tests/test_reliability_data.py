@@ -348,6 +348,8 @@ def test_cutoff_in_error_is_a_timestamp_not_microseconds(tmp_path):
         (["sessionize", "l.parquet", "--no-such-flag"], "--no-such-flag"),
         (["train", "--epochs", "1.5"], "'--epochs'"),
         (["train", "--repeat-prior", "-1"], "repeat_prior"),
+        (["train", "--select-metric", "mrr"], "select_metric"),
+        (["train", "--ema-decay", "1.5"], "ema_decay"),
         (["sessionize", "l.parquet", "--bucket-events", "0"], "bucket_events"),
         (["sessionize", "l.parquet", "--engine", "spark"], "engine"),
     ],
