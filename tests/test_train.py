@@ -299,11 +299,12 @@ def test_resume_refuses_another_select_metric(data, tmp_path):
         train(cfg(data, out, max_steps=4, select_metric="hr", resume=True), progress=False)
     # a checkpoint from before the setting existed was chosen by HR
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    del ckpt["config"]["select_metric"]
+    del ckpt["config"]["select_metric"], ckpt["ema"]  # nor did it keep a weight average
     torch.save(ckpt, out / "last.pt")
     with pytest.raises(SdmError, match=r"--select-metric \(hr -> hr\+ndcg\)"):
         train(cfg(data, out, max_steps=4, resume=True), progress=False)
     train(cfg(data, out, max_steps=4, select_metric="hr", resume=True), progress=False)
+    assert "ema" in torch.load(out / "last.pt", weights_only=True)  # the average starts at the resume
 
 
 @pytest.mark.parametrize("content", [b"", b"not a pickle at all", "tensor"])
