@@ -27,7 +27,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sdm.errors import SdmError
 
-FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)
+"""Shard formats read: 1 stores every item feature per event; 2 (written now) reads the items
+table's features from items.parquet by item index, with `oov_<f>` for OOV events (docs/FORMAT.md)."""
 SPLITS = ("train", "valid", "test")
 
 
@@ -67,8 +69,8 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
     if manifest.get("format") != "sdm-shards":
         raise SdmError(f"{path}: not a shard manifest (format {manifest.get('format')!r}, expected 'sdm-shards')")
     version = manifest.get("version")
-    if version != FORMAT_VERSION:
-        raise SdmError(f"{path}: unsupported version {version!r}, expected {FORMAT_VERSION}")
+    if version not in FORMAT_VERSIONS:
+        raise SdmError(f"{path}: unsupported version {version!r}, expected one of {', '.join(map(str, FORMAT_VERSIONS))}")
     _check_structure(path, manifest)
     _check_files(data_dir, manifest)
     return manifest
@@ -92,6 +94,9 @@ def _check_structure(path: Path, m: dict[str, Any]) -> None:
         absent = [f for f in m[key] if f not in sizes]
         if absent:
             raise bad(f"no vocabulary size for {', '.join(absent)}")
+    table = m.get("table_features", [])
+    if not isinstance(table, list) or any(f not in m["item_features"] or f == "item" for f in table):
+        raise bad("table_features must list side features of item_features")
     for key in ("num_items", "max_session_len", "max_long_len"):
         if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 1:
             raise bad(f"{key} must be a positive integer, got {m[key]!r}")
@@ -229,6 +234,38 @@ def _gather(values: np.ndarray, start: np.ndarray, length: np.ndarray, width: in
     return np.where(mask, values[np.minimum(idx, len(values) - 1)], 0).astype(np.int64)
 
 
+def _event_values(t: pa.Table, f: str, lookup: dict[str, np.ndarray]) -> np.ndarray:
+    """Flat values of item feature f over the timelines of `t`.
+
+    Stored per event (`seq_<f>`), or (format 2, a feature of the items table)
+    the item's row of items.parquet, except at OOV events (`seq_item` 1),
+    which take `oov_<f>` in order.
+
+    Raises:
+        KeyError: a column is missing; pyarrow.ArrowInvalid: `oov_<f>` does not match the OOV
+            events (both a damaged shard).
+    """
+    if f"seq_{f}" in t.column_names or f not in lookup:
+        return _list_parts(t.column(f"seq_{f}"))[1]
+    items = _list_parts(t.column("seq_item"))[1]
+    vals = lookup[f][items]
+    oov = np.flatnonzero(items == 1)
+    given = _list_parts(t.column(f"oov_{f}"))[1]
+    if len(given) != len(oov):
+        raise pa.ArrowInvalid(f"oov_{f} holds {len(given)} values for {len(oov)} OOV events")
+    vals[oov] = given
+    return vals
+
+
+def item_lookups(data_dir: Path, manifest: dict[str, Any], features: list[str]) -> dict[str, np.ndarray]:
+    """Item index -> value of each requested feature that the shards read from items.parquet (format 2)."""
+    table = [f for f in manifest.get("table_features", []) if f in features]
+    if not table:
+        return {}
+    values = load_item_table(data_dir, manifest, table).numpy()
+    return {f: np.ascontiguousarray(values[:, j]) for j, f in enumerate(table)}
+
+
 def sessions_from_record_batch(
     rb: pa.RecordBatch,
     item_features: list[str],
@@ -236,8 +273,12 @@ def sessions_from_record_batch(
     max_session_len: int,
     max_long_len: int,
     min_len: int = 2,
+    item_lookup: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every session of a record batch of shard rows, as padded arrays.
+
+    `item_lookup`: item index -> value of each feature of the items table
+    (`item_lookups`), for shards that do not store it per event.
 
     Returns:
         dict with `seq_<f>` (S, max_session_len), `long_<f>` (S, max_long_len),
@@ -268,7 +309,7 @@ def sessions_from_record_batch(
         "row": row,
     }
     for f in item_features:
-        _, vals = _list_parts(t.column(f"seq_{f}"))
+        vals = _event_values(t, f, item_lookup or {})
         out[f"seq_{f}"] = _gather(vals, g_start, s_len, max_session_len)
         out[f"long_{f}"] = _gather(vals, g_long, l_len, max_long_len)
     if "seq_oov" in t.column_names:  # evaluation only: the raw identity of OOV events
@@ -364,6 +405,7 @@ class SessionDataset(IterableDataset):
         self.epoch = 0
         self.max_session_len = int(self.manifest["max_session_len"])
         self.max_long_len = int(self.manifest["max_long_len"])
+        self.item_lookup = item_lookups(self.data_dir, self.manifest, self.item_features)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's shard order and shuffle (call before iterating)."""
@@ -372,7 +414,9 @@ class SessionDataset(IterableDataset):
     def _columns(self, have: list[str]) -> list[str]:
         """The columns to read from a shard whose columns are `have`."""
         cols = ["user_id", "ts", "sess_id", "sess_start", "sess_len", "long_start", "long_end"]
-        cols += [f"seq_{f}" for f in self.item_features] + [user_column(f) for f in self.user_features]
+        for f in self.item_features:
+            cols += ["seq_item", f"oov_{f}"] if f in self.item_lookup and f"seq_{f}" not in have else [f"seq_{f}"]
+        cols = list(dict.fromkeys(cols)) + [user_column(f) for f in self.user_features]
         if not self.shuffle and "seq_oov" in have:
             cols.append("seq_oov")  # evaluation order: keep unknown targets apart (older shards lack it)
         return cols
@@ -386,7 +430,8 @@ class SessionDataset(IterableDataset):
                 batches = pf.iter_batches(batch_size=self.read_rows, columns=self._columns(pf.schema_arrow.names))
                 for rb in batches:
                     chunk = sessions_from_record_batch(
-                        rb, self.item_features, self.user_features, self.max_session_len, self.max_long_len
+                        rb, self.item_features, self.user_features, self.max_session_len, self.max_long_len,
+                        item_lookup=self.item_lookup,
                     )
                     if len(chunk["seq_len"]):
                         yield chunk, rb.column("user_id").to_pylist()

@@ -189,22 +189,20 @@ def vocabularies(
     tallies["user"] = Tally()
     tallies["user"].add(train_sessions.get_column(USER), train_sessions.get_column(SLEN))
     counts = {name: t.frame() for name, t in tallies.items()}
-    for f in in_table:
-        col = values_col(f) if f in cfg.multi_valued else feat_col(f)
-        per_item = table.lazy().select(pl.col(ITEM).alias("raw"), pl.col(col).alias("_v"))
-        if f in cfg.multi_valued:
-            per_item = per_item.explode("_v")
-        per_value = (
-            counts["item"].lazy()
-            .join(per_item, on="raw", how="inner")
-            .select(pl.col("_v").alias("raw"), pl.col("count"))
-            .drop_nulls("raw")
+    if in_table:
+        # one join of the item counts with the table for every table feature (collect_all runs it once)
+        cols = {f: values_col(f) if f in cfg.multi_valued else feat_col(f) for f in in_table}
+        per_item = counts["item"].lazy().join(
+            table.lazy().select(pl.col(ITEM).alias("raw"), *[pl.col(c) for c in set(cols.values())]), on="raw", how="inner"
         )
-        counts[f] = _collect(per_value, f"{f} vocabulary")
-    vocabs = {
-        name: _collect(build_vocab(counts[name].lazy(), unique=name in tallies), f"{name} vocabulary")
-        for name in ("item", *cfg.item_features, "user")
-    }
+        per_value = []
+        for f, col in cols.items():
+            value = per_item.select(pl.col(col).alias("raw"), pl.col("count"))
+            per_value.append((value.explode("raw") if f in cfg.multi_valued else value).drop_nulls("raw"))
+        counts.update(zip(in_table, _collect_all(per_value, "vocabularies of the items table")))
+    names = ("item", *cfg.item_features, "user")
+    built = _collect_all([build_vocab(counts[name].lazy(), unique=name in tallies) for name in names], "vocabularies")
+    vocabs = dict(zip(names, built))
     train_users = train_sessions.lazy().select(pl.col(USER)).unique()
     for f in user_features:
         values = train_users.join(profile, on=USER, how="inner").select(pl.col(f).alias("raw"))
@@ -229,28 +227,41 @@ def feature_codes(table: pl.DataFrame, vocabs: dict[str, pl.DataFrame], features
     }
 
 
-def encode_events(
-    events: pl.LazyFrame,
-    vocabs: dict[str, pl.DataFrame],
-    features: list[str],
-    codes: dict[str, pl.DataFrame] | None = None,
-) -> pl.LazyFrame:
-    """`seq_item`, `seq_<feature>` and `seq_oov` of every event.
+def encode_events(events: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], features: list[str]) -> pl.LazyFrame:
+    """`seq_item`, `seq_<feature>` of each of `features` (read from the event) and `seq_oov`.
 
-    A feature in `codes` (`feature_codes`: from the items table) is looked up
-    by the event's item; the others are read from the event.
+    Features of the items table are not encoded per event: a known item's
+    are items.parquet's row, looked up by index when shards are read; an OOV
+    item's are `oov_codes`.
 
     OOV events keep their identity as a hash in `seq_oov` (0 for known
     items), so evaluation counts distinct unknown targets instead of
     collapsing them into index 1.
     """
-    codes = codes or {}
     enc = encode(events, ITEM, vocabs["item"], "seq_item")
     for f in features:
-        enc = encode(enc, ITEM, codes[f], f"seq_{f}") if f in codes else encode(enc, feat_col(f), vocabs[f], f"seq_{f}")
+        enc = encode(enc, feat_col(f), vocabs[f], f"seq_{f}")
     return enc.with_columns(
         pl.when(pl.col("seq_item") == 1).then((pl.col(ITEM).hash(7) // 4).cast(pl.Int64) + 1).otherwise(0).alias("seq_oov")
     )
+
+
+def oov_codes(items: pl.Series, seq_item: pl.Series, codes: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """Items-table features of the OOV events (`seq_item` 1): `_pos` (event position, ascending) and `oov_<f>`.
+
+    An item unseen in training has index 1, yet the items table may still
+    know its category: shards keep these values (docs/FORMAT.md, `oov_<f>`),
+    the only ones items.parquet cannot give.
+
+    Args:
+        items: raw item of every event; seq_item: its index (same order).
+        codes: `feature_codes` of the table features.
+    """
+    pos = (seq_item == 1).arg_true().cast(pl.Int64)
+    frame = pl.DataFrame({ITEM: items.gather(pos), "_pos": pos}).lazy()
+    for f, table in codes.items():
+        frame = encode(frame, ITEM, table, f"oov_{f}")
+    return _collect(frame.select(pl.col("_pos"), *[pl.col(f"oov_{f}") for f in codes]), "OOV items of the items table")
 
 
 def side_tables(inp: Any, frames: list[pl.LazyFrame], per_user: pl.DataFrame) -> dict[str, Any]:

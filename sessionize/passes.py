@@ -18,7 +18,7 @@ import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.sessionize import encode, split, windows, write
-from sdm.sessionize.io import ROW, SID, TS, USER, collect, polars_errors
+from sdm.sessionize.io import ITEM, ROW, SID, TS, USER, collect, polars_errors
 from sdm.sessionize.normalise import clean_events
 from sdm.sessionize.plan import Part, Plan, global_sess
 from sdm.sessionize.read import Input, bucket_events, open_input
@@ -67,9 +67,12 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
         sessions = sessions.with_columns(global_sess(part.sessions, plan.offsets))
     rows = windows.rows_table(sessions)
     del sessions
-    seq_cols = ["seq_item"] + [f"seq_{f}" for f in plan.item_features] + ["seq_oov"]
-    enc = encode.encode_events(ev.lazy(), plan.vocabs, plan.item_features, plan.codes).select(pl.col(TS), *seq_cols)
+    # features of the items table ride along as items.parquet's rows (+ `oov_<f>`), not per event
+    per_event = [f for f in plan.item_features if f not in plan.codes]
+    seq_cols = ["seq_item"] + [f"seq_{f}" for f in per_event] + ["seq_oov"]
+    enc = encode.encode_events(ev.lazy(), plan.vocabs, per_event).select(pl.col(TS), *seq_cols)
     enc_df = collect(enc, str(inp.log))
+    oov = encode.oov_codes(ev.get_column(ITEM), enc_df.get_column("seq_item"), plan.codes) if plan.codes else None
     del ev  # from here on the encoded columns are all the events there are
     user_cols = plan.users_table.lazy().select(
         pl.col(USER), pl.col("user_id"), pl.col("user"), *[pl.col(f).alias(f"user_{f}") for f in plan.user_features]
@@ -77,13 +80,13 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
     rows = collect(rows.lazy().join(user_cols, on=USER, how="left", maintain_order="left"), str(inp.log))
     order = [
         "user_id", "user", *[f"user_{f}" for f in plan.user_features], "ts", *seq_cols,
-        SESS, "sess_start", "sess_len", "long_start", "long_end",
+        *[f"oov_{f}" for f in plan.codes], SESS, "sess_start", "sess_len", "long_start", "long_end",
     ]  # fmt: skip
     columns = {TS: "ts", **{c: c for c in seq_cols}}
 
     def shard(block: pl.DataFrame) -> pl.DataFrame:
         # the event lists are built one shard at a time: memory holds one shard's lists
-        return windows.timelines(block, enc_df, columns).select(order)
+        return windows.timelines(block, enc_df, columns, oov).select(order)
 
     # rows come split by split (`windows.rows_table`): each split is a slice
     per_split = rows.get_column(split.SPLIT).value_counts().sort(split.SPLIT)

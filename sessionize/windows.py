@@ -181,7 +181,7 @@ def _arrow(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
 
 
-def timelines(rows: pl.DataFrame, events: pl.DataFrame, columns: dict[str, str]) -> pl.DataFrame:
+def timelines(rows: pl.DataFrame, events: pl.DataFrame, columns: dict[str, str], oov: pl.DataFrame | None = None) -> pl.DataFrame:
     """Attach to each (user, split) row the events of its timeline as list columns.
 
     Eager on purpose: the lists are built straight from Arrow offsets over
@@ -194,6 +194,10 @@ def timelines(rows: pl.DataFrame, events: pl.DataFrame, columns: dict[str, str])
         events: the frame the sessions were numbered on, in the same order
             (`_base` + timeline index = frame position).
         columns: event column -> output list column (e.g. `_ts` -> `ts`).
+        oov: `encode.oov_codes` (rows keyed by the ascending event position
+            `_pos` of every event whose `seq_item` is 1; `seq_item` must be one
+            of `columns`): each of its other columns becomes a list column of
+            the values of the timeline's OOV events, in timeline order.
     """
     lengths = (rows.get_column("row_end") - rows.get_column("row_start")).cast(pl.Int64)
     first = rows.get_column(BASE).cast(pl.Int64) + rows.get_column("row_start")
@@ -212,4 +216,21 @@ def timelines(rows: pl.DataFrame, events: pl.DataFrame, columns: dict[str, str])
         if isinstance(values, pa.ChunkedArray):
             values = values.combine_chunks()
         lists[name] = _list_column(offsets, values)
+    if oov is not None and oov.width > 1:
+        lists.update(_oov_lists(positions.to_numpy(), picked.get_column("seq_item").to_numpy() == 1, offsets, oov))
     return rows.with_columns(**{name: series for name, series in lists.items()})
+
+
+def _oov_lists(positions: np.ndarray, flag: np.ndarray, offsets: np.ndarray, oov: pl.DataFrame) -> dict[str, pl.Series]:
+    """Per value column of `oov`: the values of the flagged events of each timeline, as a list column.
+
+    Only the flagged (OOV) positions are searched in `oov._pos`, so the cost
+    follows the OOV events, not the timelines.
+    """
+    at = np.searchsorted(oov.get_column("_pos").to_numpy(), positions[flag])
+    kept = np.concatenate([[0], np.cumsum(flag, dtype=np.int64)])[offsets]
+    return {
+        name: _list_column(kept, oov.get_column(name).to_numpy()[at].astype(np.int32))
+        for name in oov.columns
+        if name != "_pos"
+    }

@@ -224,7 +224,8 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 
 FORMAT_NAME = "sdm-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: features of the items table are read from items.parquet by item index (+ `oov_<f>`), not stored per event."""
 
 
 def finish(
@@ -254,6 +255,7 @@ def finish(
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fingerprint(out, splits, vocab_sizes, config),
         "item_features": ["item", *plan.item_features],
+        "table_features": list(plan.codes),
         "user_features": ["user", *plan.user_features],
         "vocab_sizes": vocab_sizes,
         "num_items": vocab_sizes["item"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,18 @@ def read_sessions(out: Path) -> list[dict[str, Any]]:
     f, `f` and `long_f` with the encoded values.
     """
     sessions = []
+    table = [c for c in json.loads((out / "manifest.json").read_text()).get("table_features", [])]
+    items = pl.read_parquet(out / "items.parquet")
+    by_index = {f: dict(zip(items["item"].to_list(), items[f].to_list())) for f in table}
     for split in ("train", "valid", "test"):
         for path in sorted((out / split).glob("part-*.parquet")):
             df = pl.read_parquet(path)
-            feats = [c[4:] for c in df.columns if c.startswith("seq_") and c != "seq_item"]
+            feats = [c[4:] for c in df.columns if c.startswith("seq_") and c != "seq_item"] + table
             for row in df.iter_rows(named=True):
+                for f in table:  # format 2: the item's row of items.parquet, or oov_<f> at OOV events
+                    given = iter(row[f"oov_{f}"])
+                    row[f"seq_{f}"] = [next(given) if i == 1 else by_index[f][i] for i in row["seq_item"]]
+                    assert next(given, None) is None, f"oov_{f} longer than the OOV events of {path}"
                 for k, sid in enumerate(row["sess_id"]):
                     a, n = row["sess_start"][k], row["sess_len"][k]
                     lo, hi = row["long_start"][k], row["long_end"][k]

@@ -94,7 +94,7 @@ def test_damaged_directory_is_one_line(data, damage, fragment):
 
 def test_version_message_names_the_version(data):
     edit(data, lambda m: m.update(version=7))
-    with pytest.raises(SdmError, match="unsupported version 7, expected 1"):
+    with pytest.raises(SdmError, match="unsupported version 7, expected one of 1, 2"):
         read_manifest(data)
 
 

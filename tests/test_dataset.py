@@ -130,5 +130,5 @@ def test_manifest_errors(tmp_path, shards):
     m = json.loads((shards / "manifest.json").read_text())
     m["version"] = 99
     (shards / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(SdmError, match="unsupported version 99, expected 1"):
+    with pytest.raises(SdmError, match="unsupported version 99, expected one of 1, 2"):
         read_manifest(shards)

@@ -366,7 +366,7 @@ def test_output_layout_and_shards(tmp_path):
     assert (out / "valid").is_dir() and m["splits"]["valid"]["shards"] == []
     assert (out / "config.json").exists() and (out / "vocab" / "user.parquet").exists()
     assert json.loads((out / "manifest.json").read_text()) == m
-    assert m["format"] == "sdm-shards" and m["version"] == 1 and len(m["fingerprint"]) == 64
+    assert m["format"] == "sdm-shards" and m["version"] == 2 and len(m["fingerprint"]) == 64
     assert m["config"]["min_shards"] == 3 and m["seconds"] >= 0
     df = pl.read_parquet(out / shards[0]["path"])
     assert df.schema == pl.Schema(

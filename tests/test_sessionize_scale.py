@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from conftest import read_sessions
 
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
+from sdm.pipeline.dataset import SessionDataset
 from sdm.sessionize import run, write
 
 
@@ -182,19 +184,28 @@ def test_empty_buckets_equal_one_bucket(tmp_path):
         _same_output(tmp_path / "b1", tmp_path / f"b{n}", one, m)
 
 
+def _new_items_late(log: Path) -> pl.DataFrame:
+    """The log with odd items of its last fifth (valid/test) renamed to 30..59: ids training never saw."""
+    df = pl.read_parquet(log)
+    late = (pl.col("timestamp") > pl.col("timestamp").quantile(0.8)) & (pl.col("item_id") % 2 == 1)
+    return df.with_columns(pl.when(late).then(pl.col("item_id") + 30).otherwise(pl.col("item_id")).alias("item_id"))
+
+
 @pytest.mark.parametrize("buckets", [1, 3])
 def test_items_table_feature_equals_the_same_feature_in_the_log(tmp_path, buckets):
-    """A feature looked up per item from the items table gives what the same column in the log gives."""
+    """A feature looked up per item from the items table gives what the same column in the log gives,
+    OOV items included (items 31..39 have a row in the table, 41..59 not)."""
     log, users = _random_log(tmp_path, 8)
-    df = pl.read_parquet(log).with_columns((pl.col("item_id") % 4).alias("category"))
+    df = _new_items_late(log).with_columns((pl.col("item_id") % 4).alias("category"))
     df.write_parquet(log)
     items = tmp_path / "items.parquet"
     # the table also lists items the log lacks, and misses item 0 (its events get OOV)
     pl.DataFrame({"item_id": list(range(1, 40)), "category": [i % 4 for i in range(1, 40)]}).write_parquet(items)
     bare = tmp_path / "bare.parquet"
     df.drop("category").write_parquet(bare)
-    # item 0 has no row in the table: in the log variant its category must be null too
-    df.with_columns(pl.when(pl.col("item_id") == 0).then(None).otherwise(pl.col("category")).alias("category")).write_parquet(log)
+    # items 0 and 40.. have no row in the table: in the log variant their category must be null too
+    no_row = (pl.col("item_id") == 0) | (pl.col("item_id") >= 40)
+    df.with_columns(pl.when(no_row).then(None).otherwise(pl.col("category")).alias("category")).write_parquet(log)
     in_log = run(_cfg(tmp_path / "log", users, buckets=buckets), log, progress=False)
     from_table = run(_cfg(tmp_path / "table", users, buckets=buckets, items=items), bare, progress=False)
     assert read_sessions(tmp_path / "log") == read_sessions(tmp_path / "table")
@@ -204,6 +215,38 @@ def test_items_table_feature_equals_the_same_feature_in_the_log(tmp_path, bucket
     assert pl.read_parquet(tmp_path / "log" / "items.parquet").equals(pl.read_parquet(tmp_path / "table" / "items.parquet"))
     for key in ("rows_kept", "dropped", "vocab_sizes", "cutoffs"):
         assert in_log[key] == from_table[key], key
+    # format 2 keeps the table feature out of the shards; the loader rebuilds the same arrays
+    assert from_table["table_features"] == ["category"] and in_log["table_features"] == []
+    shard = pl.read_parquet(tmp_path / "table" / "test" / "*.parquet")
+    assert "seq_category" not in shard.columns and "oov_category" in shard.columns
+    oov = shard.select(pl.col("seq_item").list.eval(pl.element() == 1).list.sum()).to_series().to_list()
+    assert shard["oov_category"].list.len().to_list() == oov and sum(oov) > 0
+    assert (shard["oov_category"].explode() > 1).any()  # an unseen item the table knows keeps its category
+    for split in ("train", "valid", "test"):
+        a = list(SessionDataset(tmp_path / "log", split, 64, shuffle=False))
+        b = list(SessionDataset(tmp_path / "table", split, 64, shuffle=False))
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            for side in ("seq", "long"):
+                assert torch.equal(x[side]["category"], y[side]["category"]), (split, side)
+
+
+def test_oov_feature_list_that_does_not_match_the_oov_events_is_a_damaged_shard(tmp_path):
+    log, users = _random_log(tmp_path, 8)
+    _new_items_late(log).drop("category").write_parquet(log)
+    items = tmp_path / "items.parquet"
+    pl.DataFrame({"item_id": list(range(40)), "category": [i % 4 for i in range(40)]}).write_parquet(items)
+    m = run(_cfg(tmp_path / "out", users, items=items, min_shards=1), log, progress=False)
+    path = tmp_path / "out" / m["splits"]["test"]["shards"][0]["path"]
+    shard = pl.read_parquet(path)
+    assert shard["oov_category"].list.len().sum() > 0
+    shard.with_columns(pl.col("oov_category").list.head(0)).write_parquet(path)
+    with pytest.raises(SdmError, match=r"damaged shard \(oov_category holds 0 values for \d+ OOV events\)"):
+        list(SessionDataset(tmp_path / "out", "test", 64, shuffle=False, manifest=m))
+    bad = {**m, "table_features": ["colour"]}
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(SdmError, match="table_features must list side features of item_features"):
+        SessionDataset(tmp_path / "out", "test", 64)
 
 
 @pytest.mark.parametrize("years, chunk", [(1, 1 << 22), (1, 7), (9000, 1 << 22)])
