@@ -42,6 +42,7 @@ def inspect_data(path: Path) -> dict[str, Any]:
         "splits": splits,
         "cutoffs": m.get("cutoffs", {}),
         "item_features": m.get("item_features", []),
+        "table_features": m.get("table_features", []),
         "user_features": m.get("user_features", []),
         "vocab_sizes": m.get("vocab_sizes", {}),
         "max_session_len": m.get("max_session_len"),
@@ -165,13 +166,15 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append("| split | users | sessions | events | samples | shards |")
         lines.append("|---|---:|---:|---:|---:|---:|")
         for name, sp in s["splits"].items():
-            lines.append(f"| {name} | {_fmt(sp.get('rows'))} | {_fmt(sp.get('sessions'))} | {_fmt(sp.get('events'))} "
+            lines.append(f"| {name} | {_fmt(sp.get('users'))} | {_fmt(sp.get('sessions'))} | {_fmt(sp.get('events'))} "
                          f"| {_fmt(sp.get('samples'))} | {_fmt(sp.get('shards'))} |")  # fmt: skip
         lines.append(f"cutoffs: valid {s['cutoffs'].get('valid_start')}, test {s['cutoffs'].get('test_start')}")
         lines.append(f"sessions: gap {s['gap']}, cut at {s['max_session_len']}; long-term {s['long_window']}, "
                      f"last {s['max_long_len']}")  # fmt: skip
         vs = s["vocab_sizes"]
         lines.append("item features: " + ", ".join(f"{f} ({_fmt(vs.get(f, '?'))})" for f in s["item_features"]))
+        if s["table_features"]:
+            lines.append("read from items.parquet by item (not stored per event): " + ", ".join(s["table_features"]))
         lines.append("user features: " + ", ".join(f"{f} ({_fmt(vs.get(f, '?'))})" for f in s["user_features"]))
         for what, t in s["side_tables"].items():
             lines.append(f"{what}: {t.get('path')}, {_fmt(t.get('rows'))} rows, {_fmt(t.get('duplicate_keys'))} "

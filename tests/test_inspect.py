@@ -6,15 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
+from conftest import at
 from test_export import make_data, make_model, write_checkpoint
 from typer.testing import CliRunner
 
 from sdm.cli import app
-from sdm.config import ExportConfig
+from sdm.config import ExportConfig, SessionizeConfig
 from sdm.pipeline.dataset import read_manifest
 from sdm.serve.export import export
 from sdm.serve.inspect import inspect_dir
+from sdm.sessionize import run
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +102,18 @@ def test_partial_output_of_an_older_version_says_what_to_do(tmp_path):
     (tmp_path / "partial-manifest.json").write_text("{}")
     res = CliRunner().invoke(app, ["inspect", str(tmp_path)])
     assert res.exit_code == 1 and "no longer combines" in res.output and "--engine ray" in res.output
+
+
+def test_sessionized_dir_shows_users_per_split_and_the_table_features(tmp_path: Path) -> None:
+    """A real `sdm sessionize` output: the split table counts users, and the items-table features are named."""
+    rows = [("a", 1, at(0)), ("a", 2, at(1)), ("b", 1, at(0)), ("b", 3, at(2)), ("c", 2, at(5))]
+    log = tmp_path / "log.parquet"
+    pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row").write_parquet(log)
+    items = tmp_path / "items.parquet"
+    pl.DataFrame({"item_id": [1, 2, 3], "category": [7, 7, 8]}).write_parquet(items)
+    cfg = SessionizeConfig(out=tmp_path / "data", items=items, item_features=["category"], valid_fraction=0, test_fraction=0)
+    run(cfg, log, progress=False)
+    out = CliRunner().invoke(app, ["inspect", str(tmp_path / "data")])
+    assert out.exit_code == 0, out.output
+    assert "| train | 3 | 3 | 5 | 2 |" in out.output
+    assert "read from items.parquet by item (not stored per event): category" in out.output
