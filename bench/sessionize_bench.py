@@ -16,8 +16,8 @@ median over reps of each rep's ratio to the floor and to DuckDB of the same
 rep. Results are merged into `bench/results/sessionize.json` (keyed by size).
 
 Systems:
-    ours      `sdm.sessionize.run` with its defaults (buckets: ceil(rows / 16M), so
-              1 up to 16M events and 7 at 100M; ours_b1: 1 bucket, ours_b4: 4, ...;
+    ours      `sdm.sessionize.run` with its defaults (buckets: ceil(rows / 12M), so
+              1 up to 12M events and 9 at 100M; ours_b1: 1 bucket, ours_b4: 4, ...;
               ours_f3: item features category, brand, shop from the items
               table; ours_ray: the Ray engine on a local Ray, 4 buckets)
     floor     polars: scan the log, sort by (user, time), write Parquet (zstd)
