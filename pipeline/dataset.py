@@ -234,12 +234,13 @@ def _gather(values: np.ndarray, start: np.ndarray, length: np.ndarray, width: in
     return np.where(mask, values[np.minimum(idx, len(values) - 1)], 0).astype(np.int64)
 
 
-def _event_values(t: pa.Table, f: str, lookup: dict[str, np.ndarray]) -> np.ndarray:
+def _event_values(t: pa.Table, f: str, lookup: dict[str, np.ndarray], items: np.ndarray, oov: np.ndarray) -> np.ndarray:
     """Flat values of item feature f over the timelines of `t`.
 
     Stored per event (`seq_<f>`), or (format 2, a feature of the items table)
-    the item's row of items.parquet, except at OOV events (`seq_item` 1),
-    which take `oov_<f>` in order.
+    the item's row of items.parquet, except at OOV events, which take
+    `oov_<f>` in order. `items` / `oov`: the flat `seq_item` values and the
+    positions where they are 1 (`_item_events`, once per record batch).
 
     Raises:
         KeyError: a column is missing; pyarrow.ArrowInvalid: `oov_<f>` does not match the OOV
@@ -247,14 +248,25 @@ def _event_values(t: pa.Table, f: str, lookup: dict[str, np.ndarray]) -> np.ndar
     """
     if f"seq_{f}" in t.column_names or f not in lookup:
         return _list_parts(t.column(f"seq_{f}"))[1]
-    items = _list_parts(t.column("seq_item"))[1]
     vals = lookup[f][items]
-    oov = np.flatnonzero(items == 1)
     given = _list_parts(t.column(f"oov_{f}"))[1]
     if len(given) != len(oov):
         raise pa.ArrowInvalid(f"oov_{f} holds {len(given)} values for {len(oov)} OOV events")
     vals[oov] = given
     return vals
+
+
+def _item_events(t: pa.Table, lookup: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The flat `seq_item` values of `t` and the positions of its OOV events (index 1), for `_event_values`.
+
+    Raises:
+        pyarrow.ArrowInvalid: an item index beyond the items table (a damaged shard).
+    """
+    items = _list_parts(t.column("seq_item"))[1]
+    rows = len(next(iter(lookup.values())))  # every lookup has one entry per item index
+    if len(items) and int(items.max()) >= rows:
+        raise pa.ArrowInvalid(f"item index {int(items.max())} beyond the {rows} rows of items.parquet")
+    return items, np.flatnonzero(items == 1)
 
 
 def item_lookups(data_dir: Path, manifest: dict[str, Any], features: list[str]) -> dict[str, np.ndarray]:
@@ -308,8 +320,10 @@ def sessions_from_record_batch(
         "start_ts": ts[g_start] if len(ts) else np.zeros(0, np.int64),
         "row": row,
     }
+    lookup = item_lookup or {}
+    items, oov = _item_events(t, lookup) if lookup else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     for f in item_features:
-        vals = _event_values(t, f, item_lookup or {})
+        vals = _event_values(t, f, lookup, items, oov)
         out[f"seq_{f}"] = _gather(vals, g_start, s_len, max_session_len)
         out[f"long_{f}"] = _gather(vals, g_long, l_len, max_long_len)
     if "seq_oov" in t.column_names:  # evaluation only: the raw identity of OOV events

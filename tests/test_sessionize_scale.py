@@ -243,6 +243,10 @@ def test_oov_feature_list_that_does_not_match_the_oov_events_is_a_damaged_shard(
     shard.with_columns(pl.col("oov_category").list.head(0)).write_parquet(path)
     with pytest.raises(SdmError, match=r"damaged shard \(oov_category holds 0 values for \d+ OOV events\)"):
         list(SessionDataset(tmp_path / "out", "test", 64, shuffle=False, manifest=m))
+    # an item index beyond items.parquet cannot be looked up: the same one-line error, not an IndexError
+    shard.with_columns(pl.col("seq_item").list.eval(pl.element() + 10**6)).write_parquet(path)
+    with pytest.raises(SdmError, match=r"damaged shard \(item index \d+ beyond the \d+ rows of items.parquet\)"):
+        list(SessionDataset(tmp_path / "out", "test", 64, shuffle=False, manifest=m))
     bad = {**m, "table_features": ["colour"]}
     (tmp_path / "out" / "manifest.json").write_text(json.dumps(bad))
     with pytest.raises(SdmError, match="table_features must list side features of item_features"):
