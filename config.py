@@ -123,10 +123,9 @@ class SessionizeConfig(_Base):
     """At least this many shards per split (when it has that many users), so every DDP rank and worker gets one."""
     buckets: int | None = None
     """Hash-partition users into this many buckets, sessionized one at a time: peak memory ~ log / buckets; same output. Default: ceil(rows / bucket_events)."""
+    # 12M, not 16M: at 100M events 8-16 buckets were faster than 6-7, with less memory (README, Scale)
     bucket_events: int = 12_000_000
-    """With buckets unset: log rows per bucket, so memory follows this setting, not the log (1 bucket up to 12M rows).
-
-    12M, not 16M: at 100M events 8-16 buckets took 28.6-28.9 s and 6-7 buckets 29.7-31.1 s (README, Scale)."""
+    """With buckets unset: log rows per bucket, so memory follows this setting, not the log (1 bucket up to 12M rows)."""
     workers: int = 1
     """Buckets sessionized in parallel processes (each with cores / workers polars threads)."""
     engine: Literal["local", "ray"] = "local"
