@@ -11,17 +11,16 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from sdm.sessionize.io import MIN_US, TS, USER
+from sdm.sessionize.io import TS, USER
 from sdm.sessionize.sessions import IDX, SESS, SLEN, START, session_rows
 from sdm.sessionize.split import SPLIT
 
 BASE = "_base"        # frame position of the user's first event
-UC = "_uc"            # user code: 0.. in frame order
 
 
 def sessions_table(events: pl.LazyFrame, total: int) -> pl.LazyFrame:
     """One row per session of sessionized events (`total` rows): sess_id, user, start offset,
-    length, start time, long_end, user code. The split comes after (`split.assign_split`).
+    length, start time, long_end. The split comes after (`split.assign_split`).
 
     `long_end` = number of the user's events strictly before the start time T,
     i.e. the first timeline position whose time is T (ties with T are not
@@ -38,7 +37,6 @@ def sessions_table(events: pl.LazyFrame, total: int) -> pl.LazyFrame:
             .alias("long_end"),
             # frame position of the user's first event: timelines gather by it
             (pl.int_range(pl.len(), dtype=pl.Int64) - pl.col(IDX)).cast(pl.UInt32).alias(BASE),
-            ((pl.col(IDX) == 0).cum_sum() - 1).cast(pl.UInt32).alias(UC),
         )
         .pipe(session_rows, total)
         .select(
@@ -49,72 +47,50 @@ def sessions_table(events: pl.LazyFrame, total: int) -> pl.LazyFrame:
             pl.col(SLEN).alias("len"),
             pl.col(START).alias("start_ts"),
             pl.col("long_end"),
-            pl.col(UC),
         )
     )
-
-
-def _fused(user_code: pl.Expr, ts: pl.Expr, lo: int, span: int) -> pl.Expr:
-    """One sortable key for (user code, time): code * span + (time - lo), a UInt64 (see `long_windows`)."""
-    return user_code.cast(pl.UInt64) * pl.lit(span, dtype=pl.UInt64) + (ts.clip(lower_bound=lo) - lo).cast(pl.UInt64)
-
-
-def _fused128(user_code: pl.Expr, ts: pl.Expr) -> pl.Expr:
-    """The same key as an Int128: code * 2^64 + (time - MIN_US); times of years 1-9999 fit 64 bits."""
-    return user_code.cast(pl.Int128) * (2**64) + (ts.clip(lower_bound=MIN_US) - MIN_US).cast(pl.Int128)
-
-
-KEY_CHUNK = 1 << 22
-"""Events per chunk when building the UInt64 event keys: the temporaries stay at a few MB."""
-
-
-def _event_keys(events: pl.DataFrame, lo: int, span: int) -> np.ndarray:
-    """`_fused(user code, time)` of every event as a UInt64 array, built `KEY_CHUNK` rows at a time.
-
-    In one expression polars would hold five 8-byte temporaries of the whole
-    frame (3-4 GB at 100M events); chunk by chunk only the result is that large.
-    """
-    idx, ts = events.get_column(IDX), events.get_column(TS)
-    keys = np.empty(events.height, dtype=np.uint64)
-    code = -1  # user code of the row before the chunk; the first row starts user 0
-    for a in range(0, events.height, KEY_CHUNK):
-        n = min(KEY_CHUNK, events.height - a)
-        codes = np.cumsum(idx.slice(a, n).to_numpy() == 0, dtype=np.int64) + code
-        code = int(codes[-1])
-        keys[a : a + n] = codes.astype(np.uint64) * np.uint64(span) + (ts.slice(a, n).to_numpy() - lo).astype(np.uint64)
-    return keys
 
 
 def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, max_long: int) -> pl.DataFrame:
     """Add `long_start` to the sessions table (SPEC 3): the window is [T - window, T), last `max_long`.
 
-    `events` are the sorted events the sessions table was built from. The
-    lower bound is the number of the user's events with time < T - window:
-    one binary search of a fused (user, time) key of T - window in the
-    events' keys (sorted by construction), less the user's first frame
-    position. The upper bound, `long_end`, comes from `sessions_table`.
-
-    The key is a UInt64 when users x time span fits, searched by numpy, whose
-    search walks sorted queries (sessions come in key order) without
-    restarting: at 100M events about 8x faster than polars' `search_sorted`,
-    which is used, on an Int128 key, when the product does not fit.
+    `events` are the sorted events the sessions table was built from; the
+    upper bound, `long_end`, comes from `sessions_table`. The lower bound is
+    max(number of the user's events with time < T - window, long_end -
+    max_long), so it lies in [long_end - max_long, long_end]: a binary search
+    over at most `max_long` + 1 timeline positions of each session, all
+    sessions at once (numpy, about log2(max_long) gathers of the sessions'
+    times). No key of every event is built: at 10M events this is several
+    times cheaper than one search of a fused (user, time) key over all events.
     Eager (DataFrames) because the search needs both sides materialised.
     """
     if sessions.height == 0 or events.height == 0:
         return sessions.with_columns(pl.col("long_end").alias("long_start"))
-    lo, hi = events.select(pl.col(TS).min().alias("lo"), pl.col(TS).max().alias("hi")).row(0)
-    span = hi - lo + 1
-    query = pl.col("start_ts") - window_us
-    if int(sessions.get_column(UC).max()) * span + span < 2**64:
-        keys = _event_keys(events, lo, span)
-        wanted = sessions.select(_fused(pl.col(UC), query, lo, span)).to_series().to_numpy()
-        found = pl.Series(np.searchsorted(keys, wanted, side="left"), dtype=pl.Int64)
-    else:
-        user_code = (pl.col(IDX) == 0).cum_sum() - 1
-        keys = events.select(_fused128(user_code, pl.col(TS))).to_series()
-        found = sessions.select(pl.lit(keys).search_sorted(_fused128(pl.col(UC), query), side="left")).to_series()
-    before = found.cast(pl.Int64) - sessions.get_column(BASE)
-    return sessions.with_columns(pl.max_horizontal(before, pl.col("long_end") - max_long).alias("long_start"))
+    times = events.get_column(TS).to_numpy()
+    base = sessions.get_column(BASE).cast(pl.Int64).to_numpy()
+    end = sessions.get_column("long_end").cast(pl.Int64).to_numpy()
+    # (a window of 2^62 us reaches before year 1 from any time: wider ones change nothing, and
+    # the bound keeps the subtraction in int64)
+    query = sessions.get_column("start_ts").to_numpy() - min(window_us, 2**62)
+    lo = np.maximum(end - max_long, 0)
+    hi = end.copy()
+    # the answer is the first position of [lo, hi] with time >= query (hi if none). Each step
+    # halves every session's range; an empty one (lo = hi) stays put, and its probe is clamped
+    # into the frame. A range of r positions is empty after r.bit_length() steps.
+    last = len(times) - 1
+    mid, probe = np.empty_like(lo), np.empty_like(lo)
+    below = np.empty(len(lo), dtype=bool)
+    for _ in range(int((hi - lo).max()).bit_length()):
+        np.add(lo, hi, out=mid)
+        np.right_shift(mid, 1, out=mid)
+        np.add(base, mid, out=probe)
+        np.minimum(probe, last, out=probe)
+        np.less(times[probe], query, out=below)
+        below &= lo < hi
+        # below: the answer is after mid; else it is at most mid
+        np.copyto(lo, mid + 1, where=below)
+        np.copyto(hi, mid, where=~below)
+    return sessions.with_columns(pl.Series("long_start", lo, dtype=pl.Int64))
 
 
 def rows_table(sessions: pl.DataFrame) -> pl.DataFrame:

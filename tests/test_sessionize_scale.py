@@ -253,34 +253,37 @@ def test_oov_feature_list_that_does_not_match_the_oov_events_is_a_damaged_shard(
         SessionDataset(tmp_path / "out", "test", 64)
 
 
-@pytest.mark.parametrize("years, chunk", [(1, 1 << 22), (1, 7), (9000, 1 << 22)])
-def test_long_window_bounds_against_brute_force(years, chunk, monkeypatch):
-    """Both key widths of `windows.long_windows` (UInt64, and Int128 when users x time span is too
-    wide), and UInt64 keys built in chunks smaller than a user's timeline."""
+@pytest.mark.parametrize(
+    "years, max_long, window_share",
+    [(1, 5, 50), (1, 1, 50), (1, 10**6, 50), (9000, 5, 50), (1, 5, 10**-6)],
+)
+def test_long_window_bounds_against_brute_force(years, max_long, window_share):
+    """`windows.long_windows` (a bounded binary search per session) against counting by hand: a
+    window of a fiftieth of the span, the last 1 / 5 / all events, a span of 9000 years, and a
+    window far wider than any time (clamped, not an int64 overflow). Times lie on a grid that the
+    window is a multiple of, so events at exactly T - window (inside the window) are common."""
     from sdm.sessionize import sessions as S
     from sdm.sessionize import windows as W
     from sdm.sessionize.io import ROW, SID, TS, USER
 
-    monkeypatch.setattr(W, "KEY_CHUNK", chunk)
-
-    rng = np.random.default_rng(years)
+    rng = np.random.default_rng(years + max_long)
     n = 3000
     span = years * 365 * 86_400_000_000
     ev = pl.DataFrame({
         ROW: np.arange(n, dtype=np.uint32),
         USER: rng.integers(0, 120, n),
-        TS: rng.integers(0, span, n) - 10**15,
+        TS: rng.integers(0, 2000, n) * (span // 2000) - 10**15,
         SID: pl.Series([None] * n, dtype=pl.Int64),
     })
     ev = S.sort_events(ev)
-    window = span // 50
+    window = int(2000 / window_share) * (span // 2000)
     ev = S.sessionize(ev.lazy(), span // 400, 4).collect()
-    table = W.long_windows(W.sessions_table(ev.lazy(), ev.height).collect(), ev, window, 5)
+    table = W.long_windows(W.sessions_table(ev.lazy(), ev.height).collect(), ev, window, max_long)
     times = {u: g.get_column(TS).to_list() for (u,), g in ev.group_by(USER)}
     for row in table.iter_rows(named=True):
         t = times[row[USER]]
         end = sum(1 for x in t if x < row["start_ts"])
-        start = max(sum(1 for x in t if x < row["start_ts"] - window), end - 5)
+        start = max(sum(1 for x in t if x < row["start_ts"] - window), end - max_long)
         assert (row["long_start"], row["long_end"]) == (start, end)
 
 
