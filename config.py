@@ -63,7 +63,7 @@ def _at_least_one(v: int | None) -> int | None:
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, defer_build=True)
 
 
 class SessionizeConfig(_Base):
