@@ -107,7 +107,11 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
     del starts
 
     # global sess_id = sessions of all users before this one (users in sort order) + ordinal
-    per_user = sessions.group_by(USER).agg(pl.len().cast(pl.Int64).alias("_n")).sort(USER)
+    # a part lists its sessions user by user: runs per part, then a group-by over users, not sessions
+    runs = pl.concat([p.sessions.get_column(USER).rle() for p in parts]).struct.unnest()
+    per_user = (
+        runs.group_by(pl.col("value").alias(USER)).agg(pl.col("len").cast(pl.Int64).sum().alias("_n")).sort(USER)
+    )
     offsets = per_user.select(pl.col(USER), (pl.col("_n").cum_sum() - pl.col("_n")).alias("_offset"))
     code = split.split_of(pl.col(START), cut)
     rows = [p.sessions.group_by(code.alias(split.SPLIT)).agg(pl.col(USER).n_unique().alias("n")) for p in parts]
@@ -122,7 +126,7 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
 
     # each bucket's events are read on their own: memory follows one bucket, not the log
     frames = [p.frame() for p in parts]
-    trains = [f.filter(split.in_train(cut)) for f in frames]
+    trains = [f.filter(split.in_train(p.sessions, cut)) for f, p in zip(frames, parts)]
     profile = encode.profiles(cfg, inp.users_lf, inp.schema[spec.user_key])
     table = None
     if spec.table_item_features and inp.items_lf is not None:

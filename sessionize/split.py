@@ -11,12 +11,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
-from sdm.sessionize.io import TS, from_us, to_utc_us
-from sdm.sessionize.sessions import NEW, SLEN, START
+from sdm.sessionize.io import from_us, to_utc_us
+from sdm.sessionize.sessions import SLEN, START
 
 SPLIT = "_split"      # 0 train, 1 valid, 2 test
 SPLITS = ("train", "valid", "test")
@@ -87,10 +88,16 @@ def split_of(start: pl.Expr, cut: Cutoffs) -> pl.Expr:
     return pl.when(start < cut.valid_start).then(0).when(start < cut.test_start).then(1).otherwise(2).cast(pl.Int8)
 
 
-def in_train(cut: Cutoffs) -> pl.Expr:
-    """True for the events of training sessions (started before `valid_start`) of sessionized
-    events, in their frame order: a session's start time is its first event's."""
-    return pl.when(pl.col(NEW)).then(pl.col(TS)).forward_fill() < cut.valid_start
+def in_train(sessions: pl.DataFrame, cut: Cutoffs) -> pl.Series:
+    """True for the events of training sessions (started before `valid_start`) of a bucket's
+    sessionized events, in their frame order, from its session rows alone (`START`, `SLEN`, in
+    frame order, as `sessions.session_starts` lists them): no event column is read.
+
+    At 100M events (9 buckets) the vocabulary counts read one column of each spill instead
+    of three, and skip a forward fill over every event.
+    """
+    train = (sessions.get_column(START) < cut.valid_start).to_numpy()
+    return pl.Series("_train", np.repeat(train, sessions.get_column(SLEN).to_numpy()))
 
 
 def assign_split(sessions: pl.LazyFrame, cut: Cutoffs) -> pl.LazyFrame:
@@ -121,10 +128,16 @@ def check_splits(cfg: SessionizeConfig, log: Path, sessions: pl.DataFrame, cut: 
     Raises:
         SdmError: one line naming the split settings and the log's time range.
     """
-    counts = sessions.group_by(split_of(pl.col(START), cut).alias("s")).agg(
-        pl.len().alias("n"), (pl.col(SLEN).cast(pl.Int64) - 1).sum().alias("samples")
-    )
-    per = {int(r["s"]): (int(r["n"]), int(r["samples"])) for r in counts.iter_rows(named=True)}
+    # sums over the three masks of `split_of`, not a group-by of every session: 17M sessions
+    # (100M events) 0.08 s against 0.15-0.36 s
+    start, samples = pl.col(START), pl.col(SLEN).cast(pl.Int64) - 1
+    after_valid = start >= cut.valid_start
+    masks = [~after_valid, after_valid & (start < cut.test_start), after_valid & (start >= cut.test_start)]
+    row = sessions.select(
+        *[m.sum().alias(f"n{s}") for s, m in enumerate(masks)],
+        *[samples.filter(m).sum().alias(f"samples{s}") for s, m in enumerate(masks)],
+    ).row(0, named=True)
+    per = {s: (int(row[f"n{s}"]), int(row[f"samples{s}"])) for s in range(3)}
     span = f"the log runs {from_us(min_ts)} to {from_us(max_ts)}"
     cuts = f"cutoffs valid {from_us(cut.valid_start)}, test {from_us(cut.test_start)}"
     n_train, train_samples = per.get(0, (0, 0))
