@@ -290,6 +290,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1m,10m")
     ap.add_argument("--systems", default=None, help="comma-separated; default: all that fit the size")
     ap.add_argument("--reps", type=int, default=3, help="round-robin repetitions of every system")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="JSON file the sizes' summaries are merged into (default: the main table's)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--log", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -300,7 +302,7 @@ def main() -> None:
 
     import os
 
-    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results: dict[str, Any] = json.loads(args.results.read_text()) if args.results.exists() else {}
     for size in args.sizes.split(","):
         log = log_path(size)
         load = os.getloadavg()
@@ -335,8 +337,9 @@ def main() -> None:
                 continue
             print(f"| {r['system']} | {r['seconds']} | {r['events_per_s']:,} | {r['peak_rss_mb']} | {r['output_mb']} | "
                   f"{r['x_floor']} | {r['x_duckdb']} | {r['output_over_input']} |")
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        results.setdefault("command", {})[size] = " ".join(["python", "bench/sessionize_bench.py", *sys.argv[1:]])
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
