@@ -274,12 +274,14 @@ def oov_codes(items: pl.Series, seq_item: pl.Series, codes: dict[str, pl.DataFra
     return _collect(frame.select(pl.col("_pos"), *[pl.col(f"oov_{f}") for f in codes]), "OOV items of the items table")
 
 
-def side_tables(inp: Any, frames: list[pl.LazyFrame], per_user: pl.DataFrame) -> dict[str, Any]:
+def side_tables(inp: Any, others: list[pl.LazyFrame], train_items: pl.Series, per_user: pl.DataFrame) -> dict[str, Any]:
     """Rows, duplicate keys and join coverage of the items and users tables.
 
     `log_keys_found`: the share of the log's distinct (kept) items, or users,
     that have a row in the table; a table keyed on the wrong column shows 0.
     Duplicate keys: rows beyond the first of a key (the first row wins).
+    The log's items are `train_items` (the item vocabulary's raw ids) and
+    those of the events of `others` (every bucket's events outside training).
     """
     cfg = inp.cfg
     out: dict[str, Any] = {}
@@ -287,9 +289,11 @@ def side_tables(inp: Any, frames: list[pl.LazyFrame], per_user: pl.DataFrame) ->
     if inp.items_lf is not None:
         # distinct items by a `Tally` (a dense bincount for integer ids): 4x cheaper than unique()
         tally = Tally()
-        for f in frames:
+        for f in others:
             tally.add(_collect(f.select(pl.col(ITEM)), "items").get_column(ITEM))
-        items = tally.frame().lazy().select(pl.col("raw").alias(ITEM))
+        rest = tally.frame().get_column("raw")
+        both = pl.concat([train_items, rest.cast(train_items.dtype)]) if len(rest) else train_items
+        items = both.unique().to_frame(ITEM).lazy()
     for what, lf, key, log_key, log_ids in (
         ("items table", inp.items_lf, cfg.item_col, ITEM, items),
         ("users table", inp.users_lf, cfg.user_col, USER, per_user.lazy().select(pl.col(USER))),

@@ -126,7 +126,8 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
 
     # each bucket's events are read on their own: memory follows one bucket, not the log
     frames = [p.frame() for p in parts]
-    trains = [f.filter(split.in_train(p.sessions, cut)) for f, p in zip(frames, parts)]
+    in_train = [split.in_train(p.sessions, cut) for p in parts]
+    trains = [f.filter(m) for f, m in zip(frames, in_train)]
     profile = encode.profiles(cfg, inp.users_lf, inp.schema[spec.user_key])
     table = None
     if spec.table_item_features and inp.items_lf is not None:
@@ -136,7 +137,9 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
     users_table = encode.users_table(per_user.lazy(), profile, vocabs, spec.user_features)
     items_table = encode.items_table(trains, vocabs, list(cfg.item_features), list(cfg.multi_valued), table)
     codes = {} if table is None else encode.feature_codes(table, vocabs, list(spec.table_item_features))
-    side = encode.side_tables(inp, frames, per_user)
+    # the log's distinct items: the training ones are the item vocabulary, only the rest are read
+    others = [f.filter(~m) for f, m in zip(frames, in_train)]
+    side = encode.side_tables(inp, others, vocabs["item"].get_column("raw"), per_user)
     for what, st in side.items():
         if st["log_keys_found"] == 0:
             warnings.append(f"no {what.split()[0][:-1]} of the log is in the {what} {st['path']}: every side feature from it is OOV (wrong key column?)")

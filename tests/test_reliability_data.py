@@ -169,6 +169,28 @@ def test_items_and_users_tables_default_to_their_columns_with_coverage(tmp_path)
     assert m["side_tables"]["users table"]["log_keys_found"] == pytest.approx(2 / 3, abs=1e-6)
 
 
+@pytest.mark.parametrize("buckets", [1, 2])
+def test_items_table_coverage_counts_items_outside_training(tmp_path, buckets):
+    """`log_keys_found` is over every kept item of the log: here the table knows only the two items
+    of the test split, so half the log's items (not none of the training ones) are found."""
+    log = write_log(
+        pl.DataFrame({
+            "user_id": [0, 0, 1, 1, 0, 0],
+            "item_id": [1, 2, 1, 2, 3, 4],
+            "timestamp": [at(0), at(1), at(2), at(3), at(days=4), at(days=4, minutes=1)],
+        }),
+        tmp_path / "l.parquet",
+    )
+    items = write_log(pl.DataFrame({"item_id": [3, 4, 99], "brand": ["a", "b", "c"]}), tmp_path / "items.parquet")
+    out = tmp_path / "o"
+    code, lines = sessionize(log, out, "--items", items, "--valid-fraction", 0, "--test-days", 1, "--buckets", buckets)
+    assert code == 0, lines
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["splits"]["train"]["events"] == 4 and m["splits"]["test"]["events"] == 2
+    assert m["side_tables"]["items table"]["log_keys_found"] == 0.5
+    assert not any("no item of the log is in the items table" in x for x in lines)
+
+
 def test_side_table_matching_nothing_warns(tmp_path):
     items = write_log(pl.DataFrame({"item_id": [1000, 1001], "brand": ["a", "b"]}), tmp_path / "items.parquet")
     code, lines = sessionize(good_log(tmp_path / "l.parquet"), tmp_path / "o", "--items", items, "--item-features", "brand")
