@@ -57,10 +57,7 @@ class Tally:
             lo, hi = int(values.min()), int(values.max())
             if self.bins is not None:
                 lo, hi = min(lo, self.lo), max(hi, self.lo + len(self.bins) - 1)
-            limit = min(LUT_MAX, 16 * self.seen + 1024)
-            if hi - lo < limit:
-                if 0 < lo and hi < limit:
-                    lo = 0  # counted from 0: the ids need no shift (a copy of every value less)
+            if hi - lo < min(LUT_MAX, 16 * self.seen + 1024):
                 if self.bins is None:
                     self.lo, self.bins = lo, np.zeros(hi - lo + 1, dtype=np.int64)
                 elif lo < self.lo or hi >= self.lo + len(self.bins):
@@ -68,8 +65,7 @@ class Tally:
                     grown[self.lo - lo : self.lo - lo + len(self.bins)] += self.bins
                     self.lo, self.bins = lo, grown
                 w = None if weights is None else weights.cast(pl.Float64).to_numpy()
-                ids = values.cast(pl.Int64).to_numpy()
-                counted = np.bincount(ids - self.lo if self.lo else ids, weights=w, minlength=len(self.bins))
+                counted = np.bincount(values.cast(pl.Int64).to_numpy() - self.lo, weights=w, minlength=len(self.bins))
                 self.bins += counted.astype(np.int64) if w is not None else counted
                 return
         if self.bins is not None:  # the range outgrew the array: fall back to frames
