@@ -312,9 +312,8 @@ def main() -> None:
         reps = []
         for k in range(args.reps):
             rep = []
-            # a shuffled order per repetition (seeded): whichever system ran right after DuckDB
-            # was slower (100M: the defaults, always next in a fixed order, 1.14x one bucket there
-            # against 0.98x in a run without DuckDB)
+            # a shuffled order per repetition (seeded), so that no system always runs right after
+            # DuckDB (in a fixed order the defaults did, at every 100M repetition)
             order = random.Random(k).sample(systems, len(systems))
             for system in order:
                 # the last system's writes reach the disk before the next one starts: DuckDB's
