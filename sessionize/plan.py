@@ -138,7 +138,8 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
     items_table = encode.items_table(trains, vocabs, list(cfg.item_features), list(cfg.multi_valued), table)
     codes = {} if table is None else encode.feature_codes(table, vocabs, list(spec.table_item_features))
     # the log's distinct items: the training ones are the item vocabulary, only the rest are read
-    others = [f.filter(~m) for f, m in zip(frames, in_train)]
+    # (negated when read: no second mask per bucket is held)
+    others = [f.filter(~pl.lit(m)) for f, m in zip(frames, in_train)]
     side = encode.side_tables(inp, others, vocabs["item"].get_column("raw"), per_user)
     for what, st in side.items():
         if st["log_keys_found"] == 0:
