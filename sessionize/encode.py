@@ -233,8 +233,8 @@ def feature_codes(table: pl.DataFrame, vocabs: dict[str, pl.DataFrame], features
     }
 
 
-def encode_events(events: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], features: list[str]) -> pl.LazyFrame:
-    """`seq_item`, `seq_<feature>` of each of `features` (read from the event) and `seq_oov`.
+def encode_events(events: pl.DataFrame, vocabs: dict[str, pl.DataFrame], features: list[str]) -> pl.DataFrame:
+    """`seq_item`, `seq_<feature>` of each of `features` (read from the event) and `seq_oov`, in event order.
 
     Features of the items table are not encoded per event: a known item's
     are items.parquet's row, looked up by index when shards are read; an OOV
@@ -242,14 +242,40 @@ def encode_events(events: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], feature
 
     OOV events keep their identity as a hash in `seq_oov` (0 for known
     items), so evaluation counts distinct unknown targets instead of
-    collapsing them into index 1.
+    collapsing them into index 1. The hash is computed for the OOV events
+    only, and each column is one gather (`encode_series`): at 100M events
+    (9 buckets) 0.085 s a bucket against 0.26 s for the same as one lazy
+    query, whose temporaries over every event (a clipped copy, a mask, a
+    hash) were fresh memory the kernel had to map in.
     """
-    enc = encode(events, ITEM, vocabs["item"], "seq_item")
-    for f in features:
-        enc = encode(enc, feat_col(f), vocabs[f], f"seq_{f}")
-    return enc.with_columns(
-        pl.when(pl.col("seq_item") == 1).then((pl.col(ITEM).hash(7) // 4).cast(pl.Int64) + 1).otherwise(0).alias("seq_oov")
-    )
+    item = events.get_column(ITEM)
+    seq = encode_series(item, vocabs["item"]).alias("seq_item")
+    columns = [seq, *[encode_series(events.get_column(feat_col(f)), vocabs[f]).alias(f"seq_{f}") for f in features]]
+    oov = (seq == 1).arg_true()
+    seq_oov = pl.zeros(len(seq), dtype=pl.Int64, eager=True).scatter(oov, (item.gather(oov).hash(7) // 4).cast(pl.Int64) + 1)
+    return pl.DataFrame([*columns, seq_oov.alias("seq_oov")])
+
+
+def encode_series(values: pl.Series, vocab: pl.DataFrame) -> pl.Series:
+    """`encode` of one column, eagerly: vocabulary indices (int32, 1 = OOV or null) of `values`.
+
+    When the integer range of the values and the vocabulary together passes
+    `encode`'s bounds, the lookup array covers all of it (1 outside the
+    vocabulary) and the column is one gather: no clip, no range mask.
+    Otherwise `encode` does it.
+    """
+    dtype = values.dtype
+    raw = vocab.get_column("raw").cast(dtype, strict=False)
+    if dtype.is_integer() and vocab.height and raw.null_count() == 0 and values.len() > values.null_count():
+        lo, hi = min(int(raw.min()), int(values.min())), max(int(raw.max()), int(values.max()))
+        if hi - lo < min(LUT_MAX, 16 * vocab.height + 1024) and hi < 2**63:
+            lut = np.ones(hi - lo + 1, dtype=np.int32)
+            lut[raw.cast(pl.Int64).to_numpy() - lo] = vocab.get_column("index").to_numpy()
+            at = values.cast(pl.Int64) - lo if lo else values
+            out = pl.Series(values.name, lut).gather(at)
+            return out.fill_null(1) if values.null_count() else out
+    frame = encode(values.to_frame("raw").lazy(), "raw", vocab, "index").select(pl.col("index").alias(values.name))
+    return _collect(frame, "encode").to_series()
 
 
 def oov_codes(items: pl.Series, seq_item: pl.Series, codes: dict[str, pl.DataFrame]) -> pl.DataFrame:

@@ -174,12 +174,21 @@ def global_sess(sessions: pl.DataFrame, offsets: pl.DataFrame) -> pl.Series:
     runs = sessions.get_column(USER).rle()
     users = runs.struct.field("value")
     counts = runs.struct.field("len").cast(pl.Int64).to_numpy()
-    keys = offsets.get_column(USER)
-    pos = keys.search_sorted(users, side="left")
-    if len(users) and (int(pos.max()) >= len(keys) or not keys.gather(pos).equals(users, check_names=False, check_dtypes=False)):
-        raise SdmError("plan offsets do not cover this bucket's users (another log or polars version?)")
+    pos = positions(offsets.get_column(USER), users, "plan offsets")
     local_first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     shift = offsets.get_column("_offset").gather(pos).cast(pl.Int64).to_numpy() - local_first
     local = sessions.get_column(SESS).cast(pl.Int64).to_numpy()
     # local ids run 0.. in the bucket
     return pl.Series(SESS, local + np.repeat(shift, counts), dtype=pl.Int64)
+
+
+def positions(keys: pl.Series, values: pl.Series, what: str) -> pl.Series:
+    """The position in the sorted, distinct `keys` of each of `values` (a binary search, no hash join).
+
+    Raises:
+        SdmError: a value is not among the keys (the plan was made for another log).
+    """
+    pos = keys.search_sorted(values, side="left")
+    if len(values) and (int(pos.max()) >= len(keys) or not keys.gather(pos).equals(values, check_names=False, check_dtypes=False)):
+        raise SdmError(f"{what} do not cover this bucket's users (another log or polars version?)")
+    return pos

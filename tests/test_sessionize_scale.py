@@ -314,6 +314,37 @@ def test_tally_equals_a_group_by(case):
     assert got.get_column("count").to_list() == want.get_column("count").to_list()
 
 
+@pytest.mark.parametrize("case", ["inside", "oov_outside_range", "wide", "strings", "nulls", "big_uint", "empty"])
+def test_encode_series_equals_a_dict_lookup(case):
+    """`encode.encode_series` (one gather over a lookup array, or `encode`'s clipped gather or join)
+    gives every value its vocabulary index, 1 for unknown or null values; `encode_events` adds the
+    OOV hash of exactly the unknown events."""
+    from sdm.sessionize.encode import encode_events, encode_series
+    from sdm.sessionize.io import ITEM
+
+    rng = np.random.default_rng(len(case))
+    vocab_raw, values = {
+        "inside": (rng.permutation(np.arange(100, 300))[:150], rng.integers(100, 300, 400)),
+        "oov_outside_range": (np.arange(100, 300), np.concatenate([rng.integers(100, 300, 50), [5, 900, -3]])),
+        "wide": (np.array([0, 10**15, 7]), np.array([7, 10**15, 3, 0, 2 * 10**15])),
+        "strings": (np.array(["a", "b", "c"]), np.array(["b", "z", "a", "a"])),
+        "nulls": (np.arange(10), [1, None, 3, 42, None]),
+        "big_uint": (np.array([2**63 + 5, 1], dtype=np.uint64), np.array([1, 2**63 + 5, 3], dtype=np.uint64)),
+        "empty": (np.arange(5), np.array([], dtype=np.int64)),
+    }[case]
+    vocab = pl.DataFrame({"raw": pl.Series(vocab_raw), "index": pl.Series(range(2, len(vocab_raw) + 2), dtype=pl.Int32)})
+    series = pl.Series(ITEM, values, dtype=None if case != "empty" else pl.Int64)
+    want = [dict(zip(vocab["raw"].to_list(), vocab["index"].to_list())).get(v, 1) for v in series.to_list()]
+    got = encode_series(series, vocab)
+    assert got.dtype == pl.Int32 and got.to_list() == want
+    enc = encode_events(series.to_frame(), {"item": vocab}, [])
+    assert enc.columns == ["seq_item", "seq_oov"] and enc["seq_item"].to_list() == want
+    oov = enc["seq_oov"].to_list()
+    assert all((o == 0) == (w != 1) for o, w in zip(oov, want))
+    hashed = (series.hash(7) // 4).cast(pl.Int64) + 1
+    assert all(o == h for o, h, w in zip(oov, hashed.to_list(), want) if w == 1)
+
+
 def test_narrowed_sort_equals_plain_sort(tmp_path, monkeypatch):
     """Large buckets sort ids narrowed to 32-bit offsets (`normalise._narrow`): same output as the plain sort."""
     from sdm.sessionize import normalise
