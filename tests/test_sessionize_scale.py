@@ -508,3 +508,28 @@ def test_rows_table_by_hand_and_against_a_reference():
     assert W.rows_table(_sessions_frame(rand).sample(fraction=1.0, shuffle=True, seed=1)).equals(got)
     empty = W.rows_table(_sessions_frame(rand).clear())
     assert empty.height == 0 and empty.schema == got.schema
+
+
+@pytest.mark.parametrize("given", [None, "", "dirty_decay_ms:1000"])
+def test_import_sets_the_allocator_before_polars_and_keeps_a_users_setting(given):
+    """`import sdm` sets polars' jemalloc conf (and OpenMP's wait policy) unless the user did.
+    Polars adds it after its own defaults when it loads, so it is the value that counts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("_RJEM_MALLOC_CONF", "OMP_WAIT_POLICY")}
+    if given is not None:
+        env["_RJEM_MALLOC_CONF"] = given
+    code = (
+        "import os, sdm; mine = os.environ['_RJEM_MALLOC_CONF']; import polars; "
+        "print(mine); print(os.environ['_RJEM_MALLOC_CONF']); print(os.environ['OMP_WAIT_POLICY'])"
+    )
+    mine, final, omp = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    want = "dirty_decay_ms:5000" if given is None else given
+    assert mine == want
+    # jemalloc takes the last value of an option: polars' own defaults come first
+    assert final.endswith("," + want) if want else "dirty_decay_ms:5000" not in final
+    assert omp == "PASSIVE"
