@@ -168,6 +168,9 @@ def sessionize(
     quiet: QuietOpt = False,
 ) -> None:
     """Raw interaction log -> sessions, 7-day windows, time split -> Parquet shards."""
+    from sdm.allocator import keep_freed_pages
+
+    keep_freed_pages(cfg.buckets)  # before polars loads (sdm.sessionize imports it)
     from sdm.sessionize import run
 
     m = run(cfg, log, progress=not quiet)

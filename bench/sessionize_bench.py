@@ -70,8 +70,8 @@ def log_path(size: str) -> Path:
 
 
 def run_ours(log: Path, out: Path, variant: str) -> None:
+    from sdm.allocator import keep_freed_pages
     from sdm.config import SessionizeConfig
-    from sdm.sessionize import run
 
     kw: dict[str, Any] = {}
     if variant.startswith("b"):
@@ -85,7 +85,11 @@ def run_ours(log: Path, out: Path, variant: str) -> None:
         kw.update(engine="ray", buckets=4)
     elif variant:
         raise SystemExit(f"unknown variant ours_{variant}")
-    run(SessionizeConfig(out=out, overwrite=True, **kw), log, progress=False)
+    cfg = SessionizeConfig(out=out, overwrite=True, **kw)
+    keep_freed_pages(cfg.buckets)  # as `sdm sessionize` does, before polars loads
+    from sdm.sessionize import run
+
+    run(cfg, log, progress=False)
 
 
 def warm(log: Path) -> None:

@@ -510,26 +510,36 @@ def test_rows_table_by_hand_and_against_a_reference():
     assert empty.height == 0 and empty.schema == got.schema
 
 
-@pytest.mark.parametrize("given", [None, "", "dirty_decay_ms:1000"])
-def test_import_sets_the_allocator_before_polars_and_keeps_a_users_setting(given):
-    """`import sdm` sets polars' jemalloc conf (and OpenMP's wait policy) unless the user did.
-    Polars adds it after its own defaults when it loads, so it is the value that counts."""
+@pytest.mark.parametrize(("given", "buckets", "want"), [
+    (None, None, "dirty_decay_ms:5000"),   # default bucket count: freed pages kept 5 s
+    (None, "1", None),                     # an explicit bucket count keeps polars' own setting
+    (None, "3", None),
+    ("dirty_decay_ms:1000", None, "dirty_decay_ms:1000"),  # the user's setting wins
+])
+def test_sessionize_cli_sets_the_allocator_before_polars_loads(tmp_path, given, buckets, want):
+    """`sdm sessionize` sets `_RJEM_MALLOC_CONF` before polars is imported (polars appends it to
+    its own defaults when it loads, so the last value wins), only with the default bucket count."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("_RJEM_MALLOC_CONF", "OMP_WAIT_POLICY")}
+    log, _ = _random_log(tmp_path, 3)
+    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
     if given is not None:
         env["_RJEM_MALLOC_CONF"] = given
+    args = ["sdm", "sessionize", str(log), "--out", str(tmp_path / "out"), "--quiet"] + (["--buckets", buckets] if buckets else [])
     code = (
-        "import os, sdm; mine = os.environ['_RJEM_MALLOC_CONF']; import polars; "
-        "print(mine); print(os.environ['_RJEM_MALLOC_CONF']); print(os.environ['OMP_WAIT_POLICY'])"
+        "import os, sys, atexit\n"
+        "atexit.register(lambda: print('CONF=' + os.environ.get('_RJEM_MALLOC_CONF', ''), file=sys.stderr))\n"
+        f"sys.argv = {args!r}\n"
+        "from sdm.cli import main\n"
+        "main()\n"
     )
-    mine, final, omp = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    want = "dirty_decay_ms:5000" if given is None else given
-    assert mine == want
-    # jemalloc takes the last value of an option: polars' own defaults come first
-    assert final.endswith("," + want) if want else "dirty_decay_ms:5000" not in final
-    assert omp == "PASSIVE"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    conf = next(line for line in proc.stderr.splitlines() if line.startswith("CONF="))[5:]
+    assert conf.startswith("dirty_decay_ms:500,")  # polars loaded and wrote its defaults first
+    if want is None:
+        assert "dirty_decay_ms:5000" not in conf
+    else:
+        assert conf.endswith("," + want)
