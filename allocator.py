@@ -9,10 +9,11 @@ machine): 5.1-5.2M minor page faults and 35.4-36.9 s with polars' setting, 2.1M
 and 29.5-31.3 s with 5 s.
 
 Only with the default bucket count: each bucket then holds at most about
-`bucket_events` events, so what is kept is bounded by that setting (peak 2.3-2.5
-GiB against 2.1-2.2 GiB at 100M). With one bucket of the whole log it is not: one
-bucket of 100M events peaked at 7.3-8.5 GB with 5 s, against 7.0-7.4 GB with
-polars' 0.5 s. An explicit `--buckets` keeps polars' setting.
+`bucket_events` events, so what is kept is bounded by that setting. At 100M the
+peak was 2.15-2.40 GiB in five runs, against 2.03-2.11 GiB in two. With one
+bucket of the whole log it is not: one bucket of 100M events peaked at 6.9-8.3
+GiB with 5 s (five runs), against 6.4-7.2 GiB with polars' 0.5 s (six runs).
+So an explicit `--buckets` keeps polars' setting.
 """
 
 from __future__ import annotations
