@@ -190,5 +190,5 @@ def positions(keys: pl.Series, values: pl.Series, what: str) -> pl.Series:
     """
     pos = keys.search_sorted(values, side="left")
     if len(values) and (int(pos.max()) >= len(keys) or not keys.gather(pos).equals(values, check_names=False, check_dtypes=False)):
-        raise SdmError(f"{what} do not cover this bucket's users (another log or polars version?)")
+        raise SdmError(f"{what}: not every user of this bucket is there (made for another log, or by another polars version?)")
     return pos

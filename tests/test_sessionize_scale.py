@@ -543,3 +543,15 @@ def test_sessionize_cli_sets_the_allocator_before_polars_loads(tmp_path, given, 
         assert "dirty_decay_ms:5000" not in conf
     else:
         assert conf.endswith("," + want)
+
+
+def test_positions_finds_every_key_and_refuses_a_missing_one():
+    """`plan.positions`: binary search in sorted distinct keys, one line naming the table when a value is missing."""
+    from sdm.sessionize.plan import positions
+
+    keys = pl.Series(["a", "c", "d", "k"])
+    assert positions(keys, pl.Series(["d", "a", "k", "k"]), "the users table").to_list() == [2, 0, 3, 3]
+    assert positions(keys, pl.Series([], dtype=pl.String), "the users table").to_list() == []
+    for missing in (["b"], ["z"], ["a", "e"]):
+        with pytest.raises(SdmError, match="^the users table: not every user"):
+            positions(keys, pl.Series(missing), "the users table")
