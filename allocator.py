@@ -12,7 +12,7 @@ Only with the default bucket count: each bucket then holds at most about
 `bucket_events` events, so what is kept is bounded by that setting. At 100M the
 peak was 2.15-2.40 GiB in five runs, against 2.03-2.11 GiB in two. With one
 bucket of the whole log it is not: one bucket of 100M events peaked at 6.9-8.3
-GiB with 5 s (five runs), against 6.4-7.2 GiB with polars' 0.5 s (six runs).
+GiB with 5 s (five runs), against 6.0-7.2 GiB with polars' 0.5 s (nine runs).
 So an explicit `--buckets` keeps polars' setting.
 """
 
