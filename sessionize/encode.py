@@ -141,12 +141,10 @@ def encode(frame: pl.LazyFrame, column: str, vocab: pl.LazyFrame | pl.DataFrame,
     raw = vocab.get_column("raw").cast(dtype, strict=False)
     if dtype.is_integer() and vocab.height and raw.null_count() == 0:
         lo, hi = int(raw.min()), int(raw.max())
-        # (ids of 2^63 and above do not fit the int64 arithmetic below: they get the join)
-        if hi - lo < min(LUT_MAX, 16 * vocab.height + 1024) and hi < 2**63:
-            lut = np.ones(hi - lo + 1, dtype=np.int32)
-            lut[raw.cast(pl.Int64).to_numpy() - lo] = vocab.get_column("index").to_numpy()
+        lut = _lookup_array(raw, vocab.get_column("index"), lo, hi)
+        if lut is not None:
             col = pl.col(column).cast(pl.Int64)
-            looked = pl.lit(pl.Series(lut)).gather((col - lo).clip(0, hi - lo))
+            looked = pl.lit(lut).gather((col - lo).clip(0, hi - lo))
             return frame.with_columns(
                 pl.when(col.is_between(lo, hi)).then(looked).otherwise(1).fill_null(1).cast(pl.Int32).alias(alias)
             )
@@ -233,6 +231,19 @@ def feature_codes(table: pl.DataFrame, vocabs: dict[str, pl.DataFrame], features
     }
 
 
+def _lookup_array(raw: pl.Series, index: pl.Series, lo: int, hi: int) -> pl.Series | None:
+    """Int32 array over the ids lo..hi: each raw id's index, 1 elsewhere; None when the range is too wide.
+
+    Too wide: more than `LUT_MAX` values or 16x the vocabulary, or ids of 2^63
+    and above, which do not fit the int64 arithmetic (those get the join).
+    """
+    if hi - lo >= min(LUT_MAX, 16 * len(raw) + 1024) or hi >= 2**63:
+        return None
+    lut = np.ones(hi - lo + 1, dtype=np.int32)
+    lut[raw.cast(pl.Int64).to_numpy() - lo] = index.to_numpy()
+    return pl.Series(lut)
+
+
 def encode_events(events: pl.DataFrame, vocabs: dict[str, pl.DataFrame], features: list[str]) -> pl.DataFrame:
     """`seq_item`, `seq_<feature>` of each of `features` (read from the event) and `seq_oov`, in event order.
 
@@ -268,11 +279,10 @@ def encode_series(values: pl.Series, vocab: pl.DataFrame) -> pl.Series:
     raw = vocab.get_column("raw").cast(dtype, strict=False)
     if dtype.is_integer() and vocab.height and raw.null_count() == 0 and values.len() > values.null_count():
         lo, hi = min(int(raw.min()), int(values.min())), max(int(raw.max()), int(values.max()))
-        if hi - lo < min(LUT_MAX, 16 * vocab.height + 1024) and hi < 2**63:
-            lut = np.ones(hi - lo + 1, dtype=np.int32)
-            lut[raw.cast(pl.Int64).to_numpy() - lo] = vocab.get_column("index").to_numpy()
+        lut = _lookup_array(raw, vocab.get_column("index"), lo, hi)
+        if lut is not None:
             at = values.cast(pl.Int64) - lo if lo else values
-            out = pl.Series(values.name, lut).gather(at)
+            out = lut.gather(at).alias(values.name)
             return out.fill_null(1) if values.null_count() else out
     frame = encode(values.to_frame("raw").lazy(), "raw", vocab, "index").select(pl.col("index").alias(values.name))
     return _collect(frame, "encode").to_series()
