@@ -7,6 +7,9 @@ events, the most recent `max_long_len`. Shard rows hold one timeline per
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -51,6 +54,10 @@ def sessions_table(events: pl.LazyFrame, total: int) -> pl.LazyFrame:
     )
 
 
+SEARCH_SLICE = 100_000
+"""Fewest sessions per thread of `long_windows`' search (below it one thread searches them all)."""
+
+
 def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, max_long: int) -> pl.DataFrame:
     """Add `long_start` to the sessions table (SPEC 3): the window is [T - window, T), last `max_long`.
 
@@ -73,10 +80,27 @@ def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, m
     # the bound keeps the subtraction in int64)
     query = sessions.get_column("start_ts").to_numpy() - min(window_us, 2**62)
     lo = np.maximum(end - max_long, 0)
-    hi = end.copy()
-    # the answer is the first position of [lo, hi] with time >= query (hi if none). Each step
-    # halves every session's range; an empty one (lo = hi) stays put, and its probe is clamped
-    # into the frame. A range of r positions is empty after r.bit_length() steps.
+    # numpy releases the GIL in these loops: the sessions are searched in one slice per polars
+    # thread (at 10M events 0.08-0.11 s against 0.13 s in one, on 2 cores)
+    k = max(1, min(pl.thread_pool_size(), len(lo) // SEARCH_SLICE))
+    cuts = [i * len(lo) // k for i in range(k + 1)]
+    slices = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    with ThreadPoolExecutor(max_workers=k) as pool:
+        list(pool.map(lambda s: _search(times, base[s], lo[s], end[s].copy(), query[s]), slices))
+    return sessions.with_columns(pl.Series("long_start", lo, dtype=pl.Int64))
+
+
+def _search(times: np.ndarray, base: np.ndarray, lo: np.ndarray, hi: np.ndarray, query: np.ndarray) -> None:
+    """Per session, the first timeline position of [lo, hi] whose time is >= query (hi if none), into `lo`.
+
+    A binary search of all sessions at once: each step halves every
+    session's range; an empty one (lo = hi) stays put, and its probe is
+    clamped into the frame. A range of r positions is empty after
+    r.bit_length() steps. `lo` (a view of the caller's array) and `hi` are
+    overwritten.
+    """
+    if len(lo) == 0:
+        return
     last = len(times) - 1
     mid, probe = np.empty_like(lo), np.empty_like(lo)
     below = np.empty(len(lo), dtype=bool)
@@ -90,7 +114,6 @@ def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, m
         # below: the answer is after mid; else it is at most mid
         np.copyto(lo, mid + 1, where=below)
         np.copyto(hi, mid, where=~below)
-    return sessions.with_columns(pl.Series("long_start", lo, dtype=pl.Int64))
 
 
 def rows_table(sessions: pl.DataFrame) -> pl.DataFrame:
@@ -143,7 +166,19 @@ def rows_table(sessions: pl.DataFrame) -> pl.DataFrame:
 
 def _list_column(offsets: np.ndarray, values: np.ndarray | pa.Array) -> pl.Series:
     """A list column from Arrow offsets (row k = values[offsets[k]:offsets[k + 1]]), without copying per row."""
-    return pl.from_arrow(pa.LargeListArray.from_arrays(_arrow(offsets), values if isinstance(values, pa.Array) else _arrow(values)))
+    lists = pa.LargeListArray.from_arrays(_arrow(offsets), values if isinstance(values, pa.Array) else _arrow(values))
+    # through the Arrow C data interface: `pl.from_arrow` imports pyarrow.compute first (~40 ms a run)
+    return pl.Series(_CArray(lists))
+
+
+class _CArray:
+    """An Arrow array seen only through `__arrow_c_array__`, so polars imports it without pyarrow.compute."""
+
+    def __init__(self, array: pa.Array) -> None:
+        self.array = array
+
+    def __arrow_c_array__(self, requested_schema: Any = None) -> Any:
+        return self.array.__arrow_c_array__(requested_schema)
 
 
 def _arrow(values: np.ndarray) -> pa.Array:

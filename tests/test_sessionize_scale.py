@@ -254,16 +254,21 @@ def test_oov_feature_list_that_does_not_match_the_oov_events_is_a_damaged_shard(
 
 
 @pytest.mark.parametrize(
-    "years, max_long, window_share",
-    [(1, 5, 50), (1, 1, 50), (1, 10**6, 50), (9000, 5, 50), (1, 5, 10**-6)],
+    "years, max_long, window_share, threads",
+    [(1, 5, 50, 1), (1, 1, 50, 1), (1, 10**6, 50, 1), (9000, 5, 50, 1), (1, 5, 10**-6, 1), (1, 5, 50, 3), (1, 10**6, 50, 4)],
 )
-def test_long_window_bounds_against_brute_force(years, max_long, window_share):
+def test_long_window_bounds_against_brute_force(years, max_long, window_share, threads, monkeypatch):
     """`windows.long_windows` (a bounded binary search per session) against counting by hand: a
     window of a fiftieth of the span, the last 1 / 5 / all events, a span of 9000 years, and a
     window far wider than any time (clamped, not an int64 overflow). Times lie on a grid that the
-    window is a multiple of, so events at exactly T - window (inside the window) are common."""
+    window is a multiple of, so events at exactly T - window (inside the window) are common.
+    `threads` > 1: the sessions are searched in that many slices, one thread each."""
     from sdm.sessionize import sessions as S
     from sdm.sessionize import windows as W
+
+    if threads > 1:
+        monkeypatch.setattr(W, "SEARCH_SLICE", 10)
+        monkeypatch.setattr(W.pl, "thread_pool_size", lambda: threads)
     from sdm.sessionize.io import ROW, SID, TS, USER
 
     rng = np.random.default_rng(years + max_long)
