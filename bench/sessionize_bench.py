@@ -270,12 +270,16 @@ def summarise(size: str, reps: list[list[dict[str, Any]]], input_mb: float) -> l
             rows.append(runs[0])
             continue
 
-        def ratio(base: str, runs: list[dict[str, Any]] = runs) -> float | None:
+        def ratios(base: str, runs: list[dict[str, Any]] = runs) -> list[float]:
             vals = []
             for rep, me in zip(reps, runs):
                 ref = next((r for r in rep if r["system"] == base and "error" not in r), None)
                 if ref is not None and "error" not in me:
-                    vals.append(me["seconds"] / ref["seconds"])
+                    vals.append(round(me["seconds"] / ref["seconds"], 3))
+            return vals
+
+        def ratio(base: str) -> float | None:
+            vals = ratios(base)
             return round(statistics.median(vals), 3) if vals else None
 
         secs = statistics.median(r["seconds"] for r in ok)
@@ -283,8 +287,9 @@ def summarise(size: str, reps: list[list[dict[str, Any]]], input_mb: float) -> l
         rows.append({
             "system": system, "reps": len(ok), "seconds": round(secs, 2), "seconds_all": [r["seconds"] for r in ok],
             "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in ok), 1),
+            "peak_rss_mb_all": [r["peak_rss_mb"] for r in ok],
             "output_mb": ok[0]["output_mb"], "events_per_s": round(SIZES[size] / secs),
-            "x_floor": ratio("floor"), "x_duckdb": x_duck,
+            "x_floor": ratio("floor"), "x_floor_all": ratios("floor"), "x_duckdb": x_duck,
             "output_over_input": round(ok[0]["output_mb"] / input_mb, 2),
         })
     return rows
