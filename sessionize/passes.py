@@ -71,7 +71,7 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
     per_event = [f for f in plan.item_features if f not in plan.codes]
     seq_cols = ["seq_item"] + [f"seq_{f}" for f in per_event] + ["seq_oov"]
     with polars_errors(str(inp.log)):
-        enc_df = encode.encode_events(ev, plan.vocabs, per_event).insert_column(0, ev.get_column(TS)).rechunk()
+        enc_df = encode.encode_events(ev, plan.vocabs, per_event).insert_column(0, ev.get_column(TS))
     oov = encode.oov_codes(ev.get_column(ITEM), enc_df.get_column("seq_item"), plan.codes) if plan.codes else None
     del ev  # from here on the encoded columns are all the events there are
     # users.parquet is sorted by user: each row finds its user by a binary search, not a hash
