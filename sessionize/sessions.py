@@ -28,18 +28,30 @@ def sort_events(events: pl.DataFrame) -> pl.DataFrame:
     appended) skips the first. Both need the frame in input order (`ROW`
     increasing), which is checked (one pass) and restored if not.
 
-    The sorts run on the streaming engine, which sorts the frame's chunks in
-    parallel and merges them: at 10M events 0.42 s against 0.73 s for the
-    in-memory engine, and less memory (1.31-1.39 GB against 1.44 GB for the
-    read and the sort).
+    From `STREAMING_SORT_ROWS` rows the sorts run on the streaming engine,
+    which sorts the frame's chunks in parallel and merges them: at 10M events
+    0.42 s against 0.73 s for the in-memory engine, and less memory
+    (1.31-1.39 GB against 1.44 GB for the read and the sort).
     """
     if ROW in events.columns and not events.get_column(ROW).is_sorted():
         # input order is what breaks ties: restore it if a reader handed the rows over out of order
         events = events.sort(ROW)
     ts = events.get_column(TS)
     if not ts.is_sorted():
-        events = events.lazy().sort(TS, maintain_order=True).collect(engine="streaming")
-    return _rechunked(events.lazy().sort(USER, maintain_order=True).collect(engine="streaming"))
+        events = _stable_sort(events, TS)
+    events = _stable_sort(events, USER)
+    return _rechunked(events) if events.n_chunks() > 1 else events
+
+
+STREAMING_SORT_ROWS = 1_000_000
+"""Rows from which `sort_events` sorts on the streaming engine. One stable user sort, in-memory
+against streaming engine: 0.09 against 0.32 ms at 1,000 rows (a served request's size), 9.4 against
+10.8 ms at 300k rows, 35 against 26 ms at 1M rows."""
+
+
+def _stable_sort(events: pl.DataFrame, key: str) -> pl.DataFrame:
+    engine = "streaming" if events.height >= STREAMING_SORT_ROWS else "in-memory"
+    return events.lazy().sort(key, maintain_order=True).collect(engine=engine)
 
 
 def _rechunked(frame: pl.DataFrame) -> pl.DataFrame:
