@@ -85,8 +85,15 @@ def long_windows(sessions: pl.DataFrame, events: pl.DataFrame, window_us: int, m
     k = max(1, min(pl.thread_pool_size(), len(lo) // SEARCH_SLICE))
     cuts = [i * len(lo) // k for i in range(k + 1)]
     slices = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-    with ThreadPoolExecutor(max_workers=k) as pool:
-        list(pool.map(lambda s: _search(times, base[s], lo[s], end[s].copy(), query[s]), slices))
+
+    def search(s: slice) -> None:
+        _search(times, base[s], lo[s], end[s].copy(), query[s])
+
+    if k == 1:
+        search(slices[0])  # no thread pool for a small table (a served request has a few sessions)
+    else:
+        with ThreadPoolExecutor(max_workers=k) as pool:
+            list(pool.map(search, slices))
     return sessions.with_columns(pl.Series("long_start", lo, dtype=pl.Int64))
 
 
