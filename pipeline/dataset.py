@@ -13,8 +13,6 @@ bounded by `shuffle_buffer` and `read_rows`, whatever the dataset size.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,152 +24,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sdm.errors import SdmError
+from sdm.pipeline.manifest import check_data_dir, read_manifest  # noqa: F401 - re-exported: the readers import them from here
 
-FORMAT_VERSIONS = (1, 2)
-"""Shard formats read: 1 stores every item feature per event; 2 (written now) reads the items
-table's features from items.parquet by item index, with `oov_<f>` for OOV events (docs/FORMAT.md)."""
 SPLITS = ("train", "valid", "test")
-
-
-MANIFEST_KEYS = (
-    "format", "version", "fingerprint", "item_features", "user_features", "vocab_sizes", "num_items",
-    "max_session_len", "max_long_len", "splits",
-)  # fmt: skip
-
-
-def read_manifest(data_dir: Path) -> dict[str, Any]:
-    """Load and check `manifest.json` of a shard directory (cheap: no shard is read).
-
-    Checks the structure (an object with every key the pipeline reads, each
-    split with its shard list), that `num_items` and the vocabulary sizes agree
-    with each other and with the vocabulary files' row counts (Parquet
-    metadata), that `vocab/item.parquet` and `items.parquet` exist, and, when
-    the manifest records them (`files`), every file's size. `check_data_dir`
-    also verifies the content hashes.
-
-    Raises:
-        SdmError: directory missing, no manifest (unfinished sessionize), a
-            format or version this code does not read, or a damaged directory
-            (naming the file or key).
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise SdmError(f"{data_dir}: data directory not found (run `sdm sessionize` first)")
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        raise SdmError(f"{path}: no manifest; the sessionize run that wrote {data_dir} did not finish")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SdmError(f"{path}: corrupt manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise SdmError(f"{path}: corrupt manifest (a JSON {type(manifest).__name__}, expected an object)")
-    if manifest.get("format") != "sdm-shards":
-        raise SdmError(f"{path}: not a shard manifest (format {manifest.get('format')!r}, expected 'sdm-shards')")
-    version = manifest.get("version")
-    if version not in FORMAT_VERSIONS:
-        raise SdmError(f"{path}: unsupported version {version!r}, expected one of {', '.join(map(str, FORMAT_VERSIONS))}")
-    _check_structure(path, manifest)
-    _check_files(data_dir, manifest)
-    return manifest
-
-
-def _check_structure(path: Path, m: dict[str, Any]) -> None:
-    """Keys, types and the vocabulary sizes of a manifest, without touching other files."""
-    missing = [k for k in MANIFEST_KEYS if k not in m]
-    if missing:
-        raise SdmError(f"{path}: damaged manifest, missing key(s) {', '.join(missing)}")
-
-    def bad(what: str) -> SdmError:
-        return SdmError(f"{path}: damaged manifest ({what}); rerun `sdm sessionize`")
-
-    sizes = m["vocab_sizes"]
-    if not isinstance(sizes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in sizes.values()):
-        raise bad("vocab_sizes must map names to integers >= 2")
-    for key in ("item_features", "user_features"):
-        if not isinstance(m[key], list) or not all(isinstance(f, str) for f in m[key]):
-            raise bad(f"{key} must be a list of names")
-        absent = [f for f in m[key] if f not in sizes]
-        if absent:
-            raise bad(f"no vocabulary size for {', '.join(absent)}")
-    table = m.get("table_features", [])
-    if not isinstance(table, list) or any(f not in m["item_features"] or f == "item" for f in table):
-        raise bad("table_features must list side features of item_features")
-    for key in ("num_items", "max_session_len", "max_long_len"):
-        if not isinstance(m[key], int) or isinstance(m[key], bool) or m[key] < 1:
-            raise bad(f"{key} must be a positive integer, got {m[key]!r}")
-    if m["num_items"] != sizes.get("item"):
-        raise bad(f"num_items {m['num_items']} differs from vocab_sizes['item'] {sizes.get('item')}")
-    splits = m["splits"]
-    if not isinstance(splits, dict) or any(s not in splits for s in SPLITS):
-        raise bad("splits must hold train, valid and test")
-    for name in SPLITS:
-        sp = splits[name]
-        if not isinstance(sp, dict) or not isinstance(sp.get("shards"), list):
-            raise bad(f"split {name!r} has no shard list")
-        for s in sp["shards"]:
-            if not isinstance(s, dict) or not isinstance(s.get("path"), str) or not isinstance(s.get("rows"), int):
-                raise bad(f"a shard entry of split {name!r} has no path or row count")
-
-
-def _check_files(data_dir: Path, m: dict[str, Any]) -> None:
-    """The files a run needs exist, with the sizes the manifest recorded and vocabularies of the recorded sizes."""
-    files = m.get("files")
-    if files is not None and not isinstance(files, dict):
-        raise SdmError(f"{data_dir / 'manifest.json'}: damaged manifest (files must be an object)")
-    needed = ["vocab/item.parquet", "items.parquet"] + [s["path"] for name in SPLITS for s in m["splits"][name]["shards"]]
-    if files:
-        needed += [f for f in files if f not in needed]
-    for rel in needed:
-        p = data_dir / rel
-        if not p.is_file():
-            raise SdmError(f"{p}: missing from the data directory (listed in its manifest); rerun `sdm sessionize`")
-        if files and rel in files and p.stat().st_size != files[rel].get("size"):
-            raise SdmError(
-                f"{p}: {p.stat().st_size} bytes, the manifest recorded {files[rel].get('size')}: "
-                "the file was truncated or replaced; rerun `sdm sessionize`"
-            )
-    for name, size in m["vocab_sizes"].items():
-        p = data_dir / "vocab" / f"{name}.parquet"
-        if not p.is_file():
-            if files:
-                raise SdmError(f"{p}: missing from the data directory (vocabulary {name!r} of its manifest)")
-            continue
-        try:
-            rows = pq.read_metadata(p).num_rows
-        except (OSError, pa.ArrowException) as exc:
-            raise SdmError(f"{p}: not a readable Parquet file ({exc})") from None
-        if rows + 2 != size:
-            raise SdmError(
-                f"{p}: {rows} entries, but the manifest's vocab_sizes[{name!r}] is {size} (= entries + 2); "
-                "the manifest or the vocabulary was changed"
-            )
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def check_data_dir(data_dir: Path) -> dict[str, Any]:
-    """Verify a shard directory in full: the manifest checks, then every file's sha256 (`sdm check`).
-
-    Returns:
-        {"files": number of files verified, "bytes": their total size}.
-
-    Raises:
-        SdmError: naming every damaged file (or the first manifest problem).
-    """
-    data_dir = Path(data_dir)
-    m = read_manifest(data_dir)
-    files = m.get("files")
-    if not files:
-        raise SdmError(f"{data_dir}: the manifest records no file hashes (written by an older sdm); rerun `sdm sessionize`")
-    bad = [rel for rel, info in files.items() if _sha256(data_dir / rel) != info.get("sha256")]
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
-        raise SdmError(f"{data_dir}: {len(bad)} of {len(files)} files differ from their recorded sha256: {shown}")
-    return {"files": len(files), "bytes": sum(int(info["size"]) for info in files.values())}
 
 
 def assign_shards(
