@@ -8,13 +8,14 @@ Errors in the user's input (`SdmError`) print one line and exit with code 1.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import inspect
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -29,7 +30,22 @@ from sdm.config import (
     TrainConfig,
     build_config,
 )
-from sdm.errors import SdmError
+from sdm.errors import SdmError, storage_error
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input (`SdmError`) and refused OS operations (`OSError`: no space, read-only, permission)
+    become one `error: ...` line on stderr and exit code 1, never a traceback."""
+    try:
+        yield
+    except SdmError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    except OSError as exc:
+        typer.echo(f"error: {storage_error(exc)}", err=True)
+        raise typer.Exit(code=1) from None
+
 
 class _OneLineErrors(TyperGroup):
     """Usage errors (a bad flag value, a missing argument, an unknown option) as one line and exit code 1.
@@ -137,12 +153,13 @@ def _with_config_flags(cls: type, section: str, skip: tuple[str, ...] = ()) -> C
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> None:
             overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names}
-            try:
+            with one_line_errors():
                 cfg = build_config(cls, kwargs.get("config"), section, overrides)
+                if kwargs.get("config") is not None and hasattr(cfg, "out"):
+                    from sdm.outputs import check_disjoint
+
+                    check_disjoint(cfg.out, {"--config file": kwargs["config"]})
                 fn(cfg, **kwargs)
-            except SdmError as exc:
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(code=1) from None
 
         params = own + field_params
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -197,13 +214,13 @@ def check(
     data: Annotated[Path, typer.Argument(metavar="DIR", help="A shard directory written by `sdm sessionize`.")],
 ) -> None:
     """Verify a shard directory: manifest structure, every file's size and sha256 against the manifest."""
+    from sdm.outputs import describe, written_by
     from sdm.pipeline.dataset import check_data_dir
 
-    try:
+    with one_line_errors():
+        if data.is_dir() and written_by(data) not in (None, "sessionize"):
+            raise SdmError(f"{data}: {describe(data)}; `sdm check` verifies a shard directory written by `sdm sessionize`")
         s = check_data_dir(data)
-    except SdmError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(f"ok: {data}: {s['files']} files, {s['bytes'] / 1e6:,.1f} MB match the manifest's sizes and sha256")
 
 
@@ -272,11 +289,8 @@ def inspect_dir(
     """What a shard directory, model directory or export directory holds."""
     from sdm.serve.inspect import inspect_path
 
-    try:
+    with one_line_errors():
         text = inspect_path(path, as_json=as_json)
-    except SdmError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(text)
 
 
@@ -310,11 +324,8 @@ def convert(
     """Convert a public dataset's raw files to the SDM log; then `sdm sessionize LOG --config data/FORMAT.toml`."""
     from sdm.logs.convert import convert as run_convert
 
-    try:
+    with one_line_errors():
         s = run_convert(fmt, raw, out, overwrite=overwrite)
-    except SdmError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     side = ", ".join(p for p in (s["items_path"], s["users_path"]) if p)
     users = f"{s['users']:,} users, " if s["users"] is not None else ""
     dropped = f"; dropped {s['dropped']:,} rows ({s.get('dropped_reason', 'invalid')})" if s["dropped"] else ""
@@ -340,11 +351,8 @@ def download(
             typer.echo(f"{key:16s} {ds.url}  (convert as: {ds.fmt})")
         if not name:
             return
-    try:
+    with one_line_errors():
         path = run_download(name, out, progress=not quiet)
-    except SdmError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     fmt = DATASETS[name].fmt
     typer.echo(f"downloaded {name} -> {path}; next: sdm convert {fmt} {path} --out runs/{fmt}/logs.parquet")
 

@@ -319,6 +319,27 @@ def _marker_command(path: Path) -> str | None:
     return cmd if isinstance(cmd, str) else "?"
 
 
+_KINDS = {"sessionize": "a shard directory", "train": "a model directory", "export": "an export directory",
+          "evaluate": "an evaluation report directory", "demo": "a demo directory"}  # fmt: skip
+_SIGNS = (("manifest.json", "sessionize"), ("user_tower.json", "export"), ("best.pt", "train"), ("last.pt", "train"),
+          ("metrics.json", "evaluate"))  # fmt: skip
+
+
+def written_by(folder: Path | str) -> str | None:
+    """The sdm command whose output `folder` is: its marker, else the files it holds; None when neither tells."""
+    folder = Path(folder)
+    writer = _marker_command(folder / MARKER)
+    if writer not in (None, "?"):
+        return writer
+    return next((cmd for name, cmd in _SIGNS if (folder / name).exists()), None)
+
+
+def describe(folder: Path | str) -> str:
+    """'a model directory (written by `sdm train`)' and the like, for messages."""
+    cmd = written_by(folder)
+    return f"{_KINDS.get(cmd, 'an output')} (written by `sdm {cmd}`)" if cmd else "not an sdm output directory"
+
+
 def _probe_writable(folder: Path) -> None:
     """Raise a one-line StorageError when `folder` cannot be written (read-only mount, permission)."""
     probe = scratch_name(folder / "probe")
@@ -352,7 +373,7 @@ class OutputFile:
             raise OutputError(f"{out}: --out is a directory; give a file name")
         check_disjoint(out, self.inputs)
         if out.exists() and not self.overwrite:
-            raise OutputError(f"{out}: output exists; pass --overwrite to replace it")
+            raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
         self._created = _make_dirs(out.parent)
         self._lock = out.with_name(LOCK_PREFIX + out.name)
         try:

@@ -61,7 +61,8 @@ from typing import Any
 import polars as pl
 
 from sdm.errors import SdmError
-from sdm.logs.synth import check_targets, side_paths
+from sdm.logs.synth import claim_targets, side_paths
+from sdm.outputs import scratch_name
 
 FORMATS = ("taobao", "diginetica", "yoochoose", "movielens", "rees46", "otto")
 
@@ -512,8 +513,14 @@ def convert(fmt: str, raw_paths: Sequence[Path], out: Path | None = None, overwr
         raise SdmError(f"{files[0]}: could not read as {fmt} ({first})") from None
     items_path, users_path = side_paths(out)
     targets = {out: tables.log, items_path: tables.items, users_path: tables.users}
-    check_targets(list(targets), files, overwrite)
-    tmp = {p: p.with_name(p.name + ".tmp") for p in targets}
+    with claim_targets(list(targets), files, overwrite, "convert"):
+        _write_targets(targets, files, overwrite)
+    return _summary(fmt, out, tables, files, items_path, users_path, t0)
+
+
+def _write_targets(targets: dict[Path, Any], files: list[Path], overwrite: bool) -> None:
+    """Sink each table to a temporary name, then rename them all into place."""
+    tmp = {p: scratch_name(p) for p in targets}
     try:
         for p, lf in targets.items():
             if lf is not None:
@@ -527,6 +534,9 @@ def convert(fmt: str, raw_paths: Sequence[Path], out: Path | None = None, overwr
         for t in tmp.values():
             t.unlink(missing_ok=True)
 
+
+def _summary(fmt: str, out: Path, tables: Any, files: list[Path], items_path: Path, users_path: Path, t0: float) -> dict[str, Any]:
+    """What `sdm convert` prints: rows, users, items and dropped rows of the written log."""
     stats = pl.scan_parquet(out).select(
         pl.len().alias("rows"),
         (pl.col("user_id").n_unique() if "user_id" in tables.log.collect_schema().names() else pl.lit(None)).alias("users"),

@@ -71,10 +71,9 @@ under a temporary name and renamed when complete. Same config, same bytes.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +83,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdm.config import SynthConfig
-from sdm.errors import SdmError
+from sdm.outputs import OutputFile, scratch_name
 
 START_US = 1_704_067_200_000_000
 """2024-01-01T00:00:00Z in microseconds: the start of every synthetic log."""
@@ -375,31 +374,23 @@ def side_paths(out: Path) -> tuple[Path, Path]:
     return out.parent / "items.parquet", out.parent / "users.parquet"
 
 
-def check_targets(targets: Sequence[Path], inputs: Sequence[Path], overwrite: bool) -> None:
-    """The overwrite rule shared by `sdm convert` and `sdm synth`, checked before anything is written.
+@contextlib.contextmanager
+def claim_targets(targets: Sequence[Path], inputs: Sequence[Path], overwrite: bool, command: str) -> Iterator[None]:
+    """Hold every output file of `sdm convert` / `sdm synth` (`sdm.outputs.OutputFile`), checked before anything is written.
 
     Every output file (the log and both side tables, even one this dataset
     does not write: a stale table from another dataset beside the new log
     would be misleading) must be absent, or `overwrite` given; none may be an
-    input; the folder must be creatable and writable. Creates the folder.
+    input; each is locked against a second writer; the folder must be
+    creatable and writable.
 
     Raises:
-        SdmError: naming the file.
+        OutputError: naming the file; LockedError: another sdm process writes it.
     """
-    raw = {Path(f).resolve() for f in inputs}
-    for p in targets:
-        if p.resolve() in raw:
-            raise SdmError(f"{p}: is also an input file; choose another --out")
-        if p.is_dir():
-            raise SdmError(f"{p}: is a directory, expected a file path")
-        if p.exists() and not overwrite:
-            raise SdmError(f"{p}: already exists (pass --overwrite to replace it)")
-    parent = Path(targets[0]).parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".sdm-probe-", dir=parent))
-    except OSError as exc:
-        raise SdmError(f"{parent}: cannot create or write the output folder ({exc.strerror})") from None
+    with contextlib.ExitStack() as stack:
+        for p in targets:
+            stack.enter_context(OutputFile(p, command, overwrite=overwrite, inputs={"input file": list(inputs)}))
+        yield
 
 
 def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
@@ -419,15 +410,19 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     items_path, users_path = side_paths(out)
-    check_targets([out, items_path, users_path], [], cfg.overwrite)
+    with claim_targets([out, items_path, users_path], [], cfg.overwrite, "synth"):
+        return _generate(cfg, out, items_path, users_path, t0, progress)
 
+
+def _generate(cfg: SynthConfig, out: Path, items_path: Path, users_path: Path, t0: float, progress: bool) -> dict[str, Any]:
+    """Write the three files, each through a temporary name renamed when all are complete."""
     cat = build_catalogue(cfg)
     counts = user_event_counts(cfg)
     # Contiguous user ranges of about chunk_events events each.
     chunk_of_user = (np.cumsum(counts) - counts) // cfg.chunk_events
     bounds = np.flatnonzero(np.diff(chunk_of_user, prepend=-1, append=chunk_of_user[-1] + 1))
 
-    tmp = {p: p.with_name(p.name + ".tmp") for p in (out, items_path, users_path)}
+    tmp = {p: scratch_name(p) for p in (out, items_path, users_path)}
     sessions = with_sid = 0
     bar = None
     if progress:

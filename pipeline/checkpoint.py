@@ -10,7 +10,6 @@ temporary file that replaces the old one, so a crash never leaves half a file.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from sdm.errors import SdmError
+from sdm.outputs import atomic_path, write_text
 
 CHECKPOINT_VERSION = 1
 MODEL_KEYS = ("model", "model_config", "data_fingerprint")
@@ -25,10 +25,9 @@ RESUME_KEYS = (*MODEL_KEYS, "optimizer", "config", "step", "epoch", "batch_in_ep
 
 
 def atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to `path` through a temporary file in the same directory."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to `path` through a temporary file in the same directory (removed if the write fails)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def read_checkpoint(path: Path, keys: tuple[str, ...] = MODEL_KEYS) -> dict[str, Any]:
@@ -61,7 +60,7 @@ def read_checkpoint(path: Path, keys: tuple[str, ...] = MODEL_KEYS) -> dict[str,
 
 # Settings a resumed run may change: they do not alter what the next step computes.
 RESUME_FREE = {"resume", "overwrite", "epochs", "max_steps", "patience", "eval_every", "log_every", "checkpoint_every",
-               "device", "out", "data"}  # fmt: skip
+               "device", "out", "data", "verify"}  # fmt: skip
 # Settings that decide which batch comes next: changing them breaks the replay of the data position.
 RESUME_FIXED = ("batch_size", "seed", "num_workers", "shuffle_buffer")
 # Settings that define the best metric so far (with their value in checkpoints older than the setting).
@@ -110,6 +109,4 @@ def truncate_log(path: Path, step: int) -> None:
             continue  # a line cut by the kill
         if isinstance(rec, dict) and "summary" not in rec and rec.get("step", 0) <= step:
             keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(x + "\n" for x in keep))

@@ -8,14 +8,12 @@ can be inspected or re-run by hand with the printed commands.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from sdm.config import DemoConfig, SessionizeConfig, SynthConfig, TrainConfig, save_config
-from sdm.errors import SdmError
+from sdm.outputs import OutputDir, atomic_path, write_json, write_text
 
 BASELINES = ("popularity", "itemcf", "itemcf-repeat", "stan", "vsknn")
 # What the demo writes in `out`: --overwrite removes these and nothing else.
@@ -37,8 +35,19 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the demo; returns {"rows": [...], "table": str, "out": path}.
 
     Raises:
-        SdmError: `out` exists and is not empty, and `overwrite` is off.
+        OutputError: `out` holds files the demo did not write, or its earlier output without `overwrite`.
     """
+
+    out = Path(cfg.out)
+    with OutputDir(out, "demo", OWN, overwrite=cfg.overwrite) as guard:
+        guard.prepare(first=["report.md"])
+        with atomic_path(out / "config.json") as tmp:
+            save_config(cfg, tmp)
+        return _run(cfg, out, progress)
+
+
+def _run(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """The demo's stages, in an `out` this process holds."""
     from sdm.pipeline.baselines import build_baseline
     from sdm.pipeline.evaluate import evaluate_model, load_model
     from sdm.pipeline.report import build_report, curve_ks, method_entry, plot_report
@@ -47,18 +56,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     from sdm.pipeline.train import train
     from sdm.sessionize import run as sessionize
 
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise SdmError(f"{out}: directory is not empty (pass --overwrite to replace it)")
-        for name in OWN:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.json")
     t0 = time.time()
 
     synth_cfg = SynthConfig(out=out / "logs.parquet", events=cfg.events, seed=cfg.seed)
@@ -97,6 +94,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
         f"# sdm demo\n\n{cfg.events:,} synthetic events (seed {cfg.seed}); test split: {q:,} queries; "
         f"{time.time() - t0:.0f}s in all.\n\n{table}\n"
     )
-    (out / "report.md").write_text(report)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")  # the structure of `sdm evaluate`
+    write_json(out / "metrics.json", metrics)  # the structure of `sdm evaluate`
+    write_text(out / "report.md", report)
     return {"rows": rows, "table": table, "out": str(out), "seconds": time.time() - t0}

@@ -14,9 +14,9 @@ through the same top-K, masking, metric and dump code.
 
 from __future__ import annotations
 
-import json
-import sys
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +29,10 @@ import torch
 from torch import Tensor
 
 from sdm.config import EvaluateConfig, save_config
-from sdm.errors import SdmError
+from sdm.errors import ConfigError, SdmError
+from sdm.outputs import OutputDir, atomic_path, scratch_name, write_json, write_text
 from sdm.pipeline.checkpoint import read_checkpoint
+from sdm.pipeline.manifest import verify_files
 from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.model.sdm import History, copy_scores
@@ -185,7 +187,8 @@ class _TopkWriter:
             ]
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = pq.ParquetWriter(path, self.schema)
+        self.path, self.tmp = path, scratch_name(path)
+        self.writer = pq.ParquetWriter(self.tmp, self.schema)
 
     def write(self, batch: dict[str, Any], q: Queries, topk: Tensor) -> None:
         qb = q.qb.cpu().numpy()
@@ -202,8 +205,13 @@ class _TopkWriter:
         ]
         self.writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=self.schema))
 
-    def close(self) -> None:
+    def close(self, ok: bool) -> None:
+        """Finish the file and rename it into place; without `ok` (a failed run) remove it."""
         self.writer.close()
+        if ok:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def evaluate_model(
@@ -314,6 +322,7 @@ def _run(
         total = manifest["splits"][split].get("sessions")
         batches = tqdm(ds, desc=f"evaluate {scorer.name} on {split}", unit="session", unit_scale=batch_size,
                        total=math.ceil(total / batch_size) if total else None, dynamic_ncols=True)  # fmt: skip
+    ok = False
     try:
         for batch in batches:
             batch = move_batch(batch, device)
@@ -341,9 +350,10 @@ def _run(
                 counts["oov"] += int((q.target == 1).sum())
                 if writer is not None:
                     writer.write(batch, q, topk[:, : dump_k or k_max])
+        ok = True
     finally:
         if writer is not None:
-            writer.close()
+            writer.close(ok)
     return sums, counts, len(seen_users)
 
 
@@ -393,8 +403,8 @@ def load_model_and_checkpoint(
     return model.to(device).eval(), ckpt
 
 
-REPORTS = ("metrics.json", "report.md", "report.png", "config.json", "topk.parquet")
-"""evaluate's own files in `out` (and `topk_<baseline>.parquet`), the only ones --overwrite removes."""
+REPORTS = ("metrics.json", "report.md", "report.png", "config.json", "topk.parquet", "topk_*.parquet")
+"""evaluate's own files in `out`, the only ones --overwrite removes."""
 
 
 def _cutoffs(cfg: EvaluateConfig, catalogue: int) -> list[int]:
@@ -402,31 +412,11 @@ def _cutoffs(cfg: EvaluateConfig, catalogue: int) -> list[int]:
     if max(cfg.k) <= catalogue:
         return list(cfg.k)
     if "k" in cfg.model_fields_set:
-        raise SdmError(f"--k {max(cfg.k)} is larger than the catalogue of {cfg.data} ({catalogue} items)")
+        raise ConfigError(f"--k {max(cfg.k)} is larger than the catalogue of {cfg.data} ({catalogue} items)")
     ks = sorted({min(k, catalogue) for k in cfg.k})
     print(f"note: the catalogue of {cfg.data} has {catalogue} items; K capped to {','.join(map(str, ks))}",
           file=sys.stderr)  # fmt: skip
     return ks
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty directory unless overwrite (checked before anything is read or removed)."""
-    if out.exists() and not out.is_dir():
-        raise SdmError(f"{out}: --out exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SdmError(f"{out}: output directory is not empty; pass --overwrite to replace its reports")
-
-
-def _clear_out(out: Path) -> None:
-    """Remove only evaluate's own earlier reports, then make sure `out` exists."""
-    try:
-        for name in REPORTS:
-            (out / name).unlink(missing_ok=True)
-        for old in out.glob("topk_*.parquet"):
-            old.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SdmError(f"{out}: cannot write the output directory ({exc.strerror or exc})") from None
 
 
 def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
@@ -444,10 +434,18 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
         SdmError: K beyond the catalogue, a split without queries, a missing or
             foreign model, faiss requested but not installed or without a model.
     """
+    with OutputDir(cfg.out, "evaluate", REPORTS, overwrite=cfg.overwrite,
+                   inputs={"data directory": cfg.data, "model directory": cfg.model}) as guard:  # fmt: skip
+        return _evaluate(cfg, guard, progress)
+
+
+def _evaluate(cfg: EvaluateConfig, guard: OutputDir, progress: bool) -> dict[str, Any]:
+    """The evaluation, with `cfg.out` held by `guard`."""
     manifest = read_manifest(cfg.data)
+    if cfg.verify:
+        verify_files(cfg.data, manifest)
     catalogue = int(manifest["num_items"]) - 2
     ks = _cutoffs(cfg, catalogue)
-    _check_out(cfg.out, cfg.overwrite)
     split_info = manifest["splits"].get(cfg.split, {})
     if not split_info.get("samples", 1):
         raise SdmError(
@@ -460,7 +458,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
         if not with_model:
             raise SdmError("--index faiss needs a model; baselines are always scored exactly")
     methods = _methods(cfg, manifest, with_model)  # every model and baseline is loaded before anything is written
-    _clear_out(cfg.out)
+    guard.prepare(first=["metrics.json"])
     curve = curve_ks(catalogue)
     entries, first = [], None
     for name, kind, scorer, device, extra in methods:
@@ -476,10 +474,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
         entries.append(method_entry(m, kind, ks, curve, exclude_seen=cfg.exclude_seen, index=m["index"], **extra))
     report = build_report(manifest, first, ks, entries)
     table = markdown_table(report)
-    save_config(cfg, cfg.out / "config.json")
-    (cfg.out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    (cfg.out / "report.md").write_text(table + "\n")
+    with atomic_path(cfg.out / "config.json") as tmp:
+        save_config(cfg, tmp)
+    write_text(cfg.out / "report.md", table + "\n")
     plot_report(report, cfg.out / "report.png")
+    write_json(cfg.out / "metrics.json", report)  # last: marks a finished evaluation
     return {**{k: v for k, v in first.items() if "@" not in k or int(k.split("@")[1]) in ks}, "table": table,
             "report": report}  # fmt: skip
 

@@ -185,9 +185,7 @@ def _check_files(data_dir: Path, m: dict[str, Any]) -> None:
             )
     for name, size in m["vocab_sizes"].items():
         p = data_dir / vocab_file(name)
-        if not p.is_file():
-            if files:
-                raise DataError(f"{p}: missing from the data directory (vocabulary {name!r} of its manifest)")
+        if not p.is_file():  # (a listed file was checked above; a hand-made directory may lack the others)
             continue
         try:
             rows = pq.read_metadata(p).num_rows

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sdm.outputs import atomic_path
 from sdm.pipeline.metrics import METRICS
 
 CURVE_MAX_K = 100
@@ -92,5 +93,6 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{report['split']} split: {report['queries']:,} queries, {report['catalogue']:,} items", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)

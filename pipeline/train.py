@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from sdm.config import TrainConfig, save_config
-from sdm.errors import SdmError
+from sdm.errors import ConfigError, SdmError
 from sdm.model.loss import NegativeSampler, sdm_loss
 from sdm.model.sdm import SDM, ModelConfig
 from sdm.pipeline.checkpoint import (
@@ -55,6 +55,8 @@ from sdm.pipeline.dataset import (
     read_manifest,
 )
 from sdm.pipeline.device import pick_device
+from sdm.pipeline.manifest import verify_files
+from sdm.outputs import OutputDir, atomic_path
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model_config, model_features, resolve_loss
 def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warmup, then cosine decay to 10% of `lr` at `total_steps`.
@@ -222,10 +224,30 @@ class Run:
     bar: Any = None
     ema: WeightAverage | None = None
     window: dict[str, float] = field(default_factory=dict)
+    talk: bool = False
+    """Print one line per validation, and the resume / interrupt lines, on stderr (rank 0, not --quiet)."""
+    last_loss: float = float("nan")
+    last_valid: dict[str, Any] = field(default_factory=dict)
+    saved_step: int | None = None
+    """Step of the newest last.pt this run wrote (None: none yet)."""
 
     @property
     def total_steps(self) -> int:
         return sum(self.epoch_steps)
+
+
+def check_eval_k(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """Validation ranks the whole catalogue: an --eval-k the user set must not exceed it.
+
+    The default (50) on a smaller catalogue is kept: every item is then in the top K,
+    as `sdm evaluate` reports it.
+
+    Raises:
+        ConfigError: an explicit --eval-k larger than the number of items.
+    """
+    catalogue = int(manifest["num_items"]) - 2
+    if "eval_k" in cfg.model_fields_set and cfg.eval_k > catalogue:
+        raise ConfigError(f"--eval-k {cfg.eval_k} is larger than the catalogue of {cfg.data} ({catalogue} items)")
 
 
 def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
@@ -235,6 +257,9 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
         SdmError: an empty training split, more loader workers than shards.
     """
     manifest = read_manifest(cfg.data)
+    if cfg.verify and rank == 0:
+        verify_files(cfg.data, manifest)
+    check_eval_k(cfg, manifest)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
@@ -311,42 +336,44 @@ def save(run: Run, state: Progress, name: str) -> None:
         if name == "best.pt":
             ckpt.pop("ema", None)
         atomic_save(ckpt, run.cfg.out / name)
+        if name == "last.pt":
+            run.saved_step = state.step
 
 
 RUN_FILES = ("best.pt", "last.pt", "train_log.jsonl")
+OWN_FILES = (*RUN_FILES, "config.json", "best.tmp", "last.tmp", "train_log.tmp", "tensorboard")
+"""Everything `sdm train` writes in --out (the .tmp names: scratch of older versions); --overwrite removes these only."""
 
 
-def start(run: Run) -> Progress:
+def claim_out(cfg: TrainConfig, rank: int) -> AbstractContextManager[Any]:
+    """Rank 0 holds --out for the whole run (`sdm.outputs.OutputDir`): never an input, locked, own files only."""
+    if rank != 0:
+        return nullcontext()
+    return OutputDir(
+        cfg.out, "train", OWN_FILES, overwrite=cfg.overwrite, keep=cfg.resume,
+        inputs={"data directory": cfg.data}, hint="pass --overwrite to replace it or --resume to continue it",
+    )  # fmt: skip
+
+
+def start(run: Run, guard: OutputDir | None) -> Progress:
     """A fresh run (an earlier run's files replaced only with `overwrite`) or, with `resume`, the state of last.pt.
 
     Raises:
-        SdmError: --out a file, an earlier run without --overwrite, no or unreadable last.pt,
+        SdmError: an earlier run without --overwrite (from `claim_out`), no or unreadable last.pt,
             another model config or dataset, changed data-order settings.
     """
-    out = run.cfg.out
-    if out.exists() and not out.is_dir():
-        raise SdmError(f"{out}: --out exists and is not a directory")
-    state = _resume(run) if run.cfg.resume else _fresh(run)
-    if run.rank == 0:
-        save_config(run.cfg, out / "config.json")
-    return state
-
-
-def _fresh(run: Run) -> Progress:
-    out = run.cfg.out
-    earlier = [n for n in RUN_FILES if (out / n).exists()]
-    if earlier and not run.cfg.overwrite:
-        raise SdmError(f"{out}: holds an earlier run ({', '.join(earlier)}); pass --overwrite to replace it or --resume to continue it")
+    state = _resume(run) if run.cfg.resume else Progress()
+    if run.cfg.resume:
+        say(run, f"[train] resuming {run.cfg.out / 'last.pt'}: epoch {state.epoch}, step {state.step:,} "
+                 f"({state.batch_in_epoch} batches into the epoch), best so far {max(state.best, 0.0):.4f}")  # fmt: skip
+    if guard is not None:
+        guard.prepare(first=["best.pt"], clear=not run.cfg.resume)
     if run.world > 1:
-        dist.barrier()  # every rank has looked before rank 0 writes (all see the same files, so all agree)
+        dist.barrier()  # rank 0 has cleared the old files before any rank goes on
     if run.rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            for name in RUN_FILES:  # a fresh run never mixes with older files
-                (out / name).unlink(missing_ok=True)
-        except OSError as exc:
-            raise SdmError(f"{out}: cannot write the model directory ({exc.strerror or exc})") from None
-    return Progress()
+        with atomic_path(run.cfg.out / "config.json") as tmp:
+            save_config(run.cfg, tmp)
+    return state
 
 
 def _resume(run: Run) -> Progress:
@@ -399,6 +426,7 @@ def validate(run: Run, state: Progress) -> float:
         run.model.train()
         value = [selection_value(m, run.cfg.select_metric, run.cfg.eval_k)]
         valid = {k: v for k, v in m.items() if k != "table"}
+        run.last_valid = valid
         _log(run, {"step": state.step, "epoch": state.epoch, "seconds": time.time() - run.t0, "valid": valid})
     if run.world > 1:
         dist.broadcast_object_list(value, src=0)
@@ -452,6 +480,7 @@ def _report(run: Run, state: Progress, batch: dict[str, Any], loss: torch.Tensor
     w = run.window
     w["samples"] = w.get("samples", 0) + int((batch["seq_len"] - 1).clamp(min=0).sum())
     w.setdefault("t", time.time())
+    run.last_loss = float(loss.item()) if state.step % run.cfg.log_every == 0 else run.last_loss
     if state.step % run.cfg.log_every == 0:
         sps = w["samples"] * run.world / max(time.time() - w["t"], 1e-9)
         _log(run, {"step": state.step, "epoch": state.epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps})
@@ -477,6 +506,7 @@ def end_epoch(run: Run, state: Progress) -> bool:
         else:
             state.bad_epochs += 1
     save(run, state, "last.pt")
+    say_validated(run, state, value)
     return state.bad_epochs >= run.cfg.patience
 
 
@@ -489,6 +519,45 @@ def end_cut_run(run: Run, state: Progress) -> None:
             state.best = max(value, state.best)
             save(run, state, "best.pt")
     save(run, state, "last.pt")
+    say_validated(run, state, value)
+
+
+def say(run: Run, line: str) -> None:
+    """One line on stderr, above the progress bar when there is one (rank 0 and not --quiet only)."""
+    if not run.talk:
+        return
+    if run.bar is not None:
+        run.bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def say_interrupted(run: Run, state: Progress) -> None:
+    """What Ctrl-C leaves behind and how to continue (printed even with --quiet)."""
+    out, cfg = run.cfg.out, run.cfg
+    if run.bar is not None:
+        run.bar.close()
+        run.bar = None
+    saved = (f"{out / 'last.pt'} holds step {run.saved_step:,}" if run.saved_step is not None
+             else "no last.pt was written yet")  # fmt: skip
+    best = f"; {out / 'best.pt'} is the best validated model" if (out / "best.pt").exists() else ""
+    print(
+        f"[train] interrupted at step {state.step:,}: {saved}{best}; continue with "
+        f"`sdm train --resume --data {cfg.data} --out {out}`",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
+
+
+def say_validated(run: Run, state: Progress, value: float) -> None:
+    """The epoch line: where the run is, its loss, what validation measured and the best so far."""
+    k, v = run.cfg.eval_k, run.last_valid
+    metrics = " ".join(f"{name}@{k} {v[f'{name}@{k}']:.4f}" for name in ("hr", "ndcg") if f"{name}@{k}" in v)
+    mark = " (new best)" if value >= state.best and state.bad_epochs == 0 else f" (best {state.best:.4f})"
+    say(
+        run,
+        f"[train] epoch {state.epoch}/{run.cfg.epochs} step {state.step:,} loss {run.last_loss:.4f} "
+        f"valid {metrics} on {v.get('queries', 0):,} queries{mark} {time.time() - run.t0:.1f}s",
+    )
 
 
 def summarise(run: Run, state: Progress, reason: str) -> dict[str, Any]:
@@ -513,15 +582,29 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """
     t0 = time.time()
     rank, world = _setup_distributed(cfg.device)
-    run = None
     # Bit-identical runs whatever the thread count and load: the backward of an index with
     # repeated rows (the N targets share a position's row; the copy logits of a position are
     # read once per target) otherwise accumulates in thread order on CPU.
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
+        with claim_out(cfg, rank) as guard:
+            return _train(cfg, rank, world, t0, guard, progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, t0: float, guard: OutputDir | None, progress: bool) -> dict[str, Any]:
+    """The run itself, with --out held by `guard` on rank 0."""
+    run = None
+    try:
         run = build_run(cfg, rank, world, t0)
-        state = start(run)
+        run.talk = progress and rank == 0
+        state = Progress()
+        state = start(run, guard)
+        run.saved_step = state.step if cfg.resume else None
         if rank == 0:
             run.log = open(cfg.out / "train_log.jsonl", "a")
             if progress:
@@ -549,11 +632,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if world > 1:
             dist.barrier()  # no rank tears the group down while another still talks to it
         return summary
+    except KeyboardInterrupt:
+        if run is not None and rank == 0:
+            say_interrupted(run, state)
+        raise
     finally:
         if run is not None and run.bar is not None:
             run.bar.close()
         if run is not None and run.log is not None:
             run.log.close()
-        torch.use_deterministic_algorithms(was_deterministic)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()

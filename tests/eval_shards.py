@@ -16,6 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shard_builder import file_table
+
 HOUR_US = 3_600_000_000
 MINUTE_US = 60_000_000
 
@@ -98,5 +100,6 @@ def write_session_shards(root: Path, sessions: Sessions, fingerprint: str = "fp-
         "splits": splits,
         "dropped": {},
     }
+    manifest["files"] = file_table(root)
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root

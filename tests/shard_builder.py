@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sdm.pipeline.manifest import file_digest
+
 HOUR_US = 3_600_000_000
 
 
@@ -123,5 +125,15 @@ def build_shards(
         "splits": splits,
         "dropped": {},
     }
+    manifest["files"] = file_table(root)
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def file_table(root: Path) -> dict[str, dict[str, object]]:
+    """Size and sha256 of every file under `root` but the manifest, as sessionize records them."""
+    return {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }

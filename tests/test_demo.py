@@ -33,5 +33,5 @@ def test_demo_refuses_foreign_directory_without_overwrite(tmp_path):
     (out / "mine.txt").write_text("keep")
     r = CliRunner().invoke(app, ["demo", "--out", str(out), "--no-overwrite", "-q"])
     assert r.exit_code == 1
-    assert "directory is not empty" in r.output
+    assert "which `sdm demo` did not write" in r.output
     assert (out / "mine.txt").read_text() == "keep"

@@ -254,12 +254,14 @@ def test_default_k_is_capped_at_the_catalogue_with_a_note(data: Path, tmp_path: 
 def test_out_rules_same_as_every_command(data: Path, tmp_path: Path) -> None:
     cfg = EvaluateConfig(data=data, out=tmp_path / "eval", k=KS, baseline="popularity")
     evaluate(cfg)
+    with pytest.raises(SdmError, match="earlier `sdm evaluate` output .*; pass --overwrite"):
+        evaluate(cfg)
+    evaluate(cfg.model_copy(update={"overwrite": True}))  # its own reports are replaced
     keep = cfg.out / "notes.txt"
     keep.write_text("mine")
-    with pytest.raises(SdmError, match="output directory is not empty; pass --overwrite"):
-        evaluate(cfg)
-    evaluate(cfg.model_copy(update={"overwrite": True}))
-    assert keep.read_text() == "mine"  # --overwrite replaces evaluate's own reports only
+    with pytest.raises(SdmError, match="holds 'notes.txt', which `sdm evaluate` did not write"):
+        evaluate(cfg.model_copy(update={"overwrite": True}))
+    assert keep.read_text() == "mine" and (cfg.out / "metrics.json").exists()  # refused before anything was deleted
     (tmp_path / "file").write_text("x")
     r = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--out", str(tmp_path / "file"), "--baseline", "popularity"])
     assert r.exit_code == 1 and "exists and is not a directory" in r.output

@@ -363,7 +363,7 @@ def test_identical_runs_at_once_are_bit_identical(data, tmp_path, loss):
 def test_fresh_run_over_an_earlier_one_needs_overwrite(data, tmp_path):
     out = tmp_path / "m"
     train(cfg(data, out, max_steps=2), progress=False)
-    with pytest.raises(SdmError, match=r"holds an earlier run \(best.pt, last.pt, train_log.jsonl\); pass --overwrite"):
+    with pytest.raises(SdmError, match=r"holds an earlier `sdm train` output \(best.pt, config.json, last.pt\); pass --overwrite"):
         train(cfg(data, out, max_steps=2), progress=False)
     first = params(out / "best.pt")
     train(cfg(data, out, max_steps=3, overwrite=True, seed=1), progress=False)
