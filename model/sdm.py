@@ -70,16 +70,28 @@ class ModelConfig(BaseModel):
 
     @field_validator("embedding_dim", "lstm_layers", "num_heads", "num_blocks", "num_targets", "max_session_len", "max_long_len")
     @classmethod
-    def _positive(cls, v: int) -> int:
+    def _positive(cls, v: int, info) -> int:  # noqa: ANN001 (pydantic's ValidationInfo)
+        # upper bounds: the same as (or wider than) TrainConfig's and SessionizeConfig's
+        top = {"embedding_dim": 16_384, "lstm_layers": 64, "num_heads": 1024, "num_blocks": 64, "num_targets": 1000,
+               "max_session_len": 100_000, "max_long_len": 100_000}[info.field_name]  # fmt: skip
         if v < 1:
             raise ValueError(f"must be >= 1, got {v}")
+        if v > top:
+            raise ValueError(f"must be <= {top}, got {v}")
         return v
 
     @field_validator("dropout")
     @classmethod
     def _probability(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
+        if not 0.0 <= v < 1.0:  # nan fails too
             raise ValueError(f"dropout must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("repeat_prior")
+    @classmethod
+    def _prior(cls, v: float) -> float:
+        if not (0.0 <= v and math.isfinite(v)):
+            raise ValueError(f"repeat_prior must be a finite number >= 0, got {v}")
         return v
 
     @model_validator(mode="after")
