@@ -270,7 +270,7 @@ def _reference_knn(method: str, sessions, prefix, t_q, params):  # type: ignore[
 def test_knn_matches_brute_force(method: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import random
 
-    import sdm.pipeline.baselines as bl
+    import sdm.pipeline.baselines.sessionknn as bl  # the module whose budgets are patched below
 
     rng = random.Random(seed)
     n_items = 14  # indices 2..13
