@@ -126,11 +126,11 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_scratch(folder: Path, suffix: str = "") -> None:
-    """Delete scratch (`.sdm-tmp-*`, ending in `suffix`) that a killed run left in `folder`."""
+def remove_scratch(folder: Path, suffix: str = "", prefixes: Sequence[str] = (SCRATCH_PREFIX,)) -> None:
+    """Delete scratch (names starting with one of `prefixes`, ending in `suffix`) that a killed run left in `folder`."""
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for name in os.listdir(folder):
-            if name.startswith(SCRATCH_PREFIX) and name.endswith(suffix):
+            if name.startswith(tuple(prefixes)) and name.endswith(suffix):
                 with contextlib.suppress(OSError):
                     _remove(folder / name)
 
@@ -198,6 +198,8 @@ class OutputDir:
         inputs: see `check_disjoint`.
         keep: earlier output may stay without `overwrite` (`train --resume`).
         hint: what to suggest when an earlier output is found without `overwrite`.
+        scratch: name prefixes of the command's own scratch besides `.sdm-tmp-` (a killed
+            run's spill folders): removed under the lock, never counted as output.
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class OutputDir:
         inputs: InputPaths | None = None,
         keep: bool = False,
         hint: str = "pass --overwrite to replace it",
+        scratch: Sequence[str] = (),
     ) -> None:
         self.out = Path(out)
         self.command = command
@@ -218,6 +221,7 @@ class OutputDir:
         self.inputs = dict(inputs or {})
         self.keep = keep
         self.hint = hint
+        self.scratch = (SCRATCH_PREFIX, *scratch)
         self.existing: list[str] = []
         self._fd: int | None = None
         self._created: list[Path] = []
@@ -244,7 +248,7 @@ class OutputDir:
             raise
         self._fd = fd
         try:
-            remove_scratch(out)
+            remove_scratch(out, prefixes=self.scratch)
             self._check_contents()
             _probe_writable(out)
         except BaseException:
@@ -255,7 +259,7 @@ class OutputDir:
     def _check_contents(self) -> None:
         out = self.out
         try:
-            names = sorted(n for n in os.listdir(out) if n != MARKER and not n.startswith(SCRATCH_PREFIX))
+            names = sorted(n for n in os.listdir(out) if n != MARKER and not n.startswith(self.scratch))
         except OSError as exc:
             raise storage_error(exc, out) from None
         if not names:

@@ -33,6 +33,7 @@ Choices where the SPEC is silent:
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -40,9 +41,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdm.config import SessionizeConfig
+from sdm.errors import storage_error
+from sdm.outputs import OutputDir
 from sdm.sessionize import engine, write
 from sdm.sessionize.plan import make_plan
-from sdm.sessionize.read import open_input
+from sdm.sessionize.read import check_behaviors, open_input
 from sdm.sessionize.split import SPLITS
 
 __all__ = ["run"]
@@ -60,32 +63,50 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
     vocabularies equal the one-bucket output, whatever the engine; only which
     shard holds which user differs.
 
+    `out` is held by an `outputs.OutputDir` for the whole run: refused when it
+    overlaps an input or holds anything `sdm sessionize` does not write (`.git`,
+    a home folder's files), locked against a second writer, and cleared of the
+    earlier output only once the input is validated and the plan is built.
+
     Returns:
         The manifest dict (also written, last, as `cfg.out/manifest.json`),
         with an extra key `seconds` (wall time).
 
     Raises:
-        SdmError: any problem with the input files, the engine or the output directory.
+        SdmError: any problem with the input files, the engine or the output
+            directory (`OutputError`, `LockedError`, `StorageError`).
     """
     t0 = time.perf_counter()
     say = _stage_printer(progress, t0)
     out = Path(cfg.out)
-    # Everything that can be checked is checked before the first byte is written.
-    write.check_inputs_outside(out, {"log": log, "items table": cfg.items, "users table": cfg.users})
-    write.check_out_dir(out, cfg.overwrite)
+    inputs = {"log": log, "items table": cfg.items, "users table": cfg.users}
+    with OutputDir(out, "sessionize", write.OWNS, overwrite=cfg.overwrite, inputs=inputs,
+                   scratch=(write.WORK_PREFIX,)) as guard:  # fmt: skip
+        try:
+            return _run(cfg, log, guard, say, t0)
+        except OSError as exc:  # a write the OS refused (no space, read-only) below a stage's own handling
+            raise storage_error(exc, out) from None
+
+
+def _run(cfg: SessionizeConfig, log: Path, guard: OutputDir, say: Callable[[str], None], t0: float) -> dict[str, Any]:
+    """The run inside the output guard: validate, first passes, plan, clear the old output, second passes, finish."""
+    out = guard.out
+    # Everything that can be checked is checked before the first byte is deleted.
     engine.check_engine(cfg)
     inp = open_input(cfg, log)
+    check_behaviors(inp)
     inp.cfg = cfg = engine.resolve_buckets(inp)  # with defaulted side features and the bucket count
     say(f"reading {inp.log}" + (f" in {cfg.buckets} buckets" if cfg.buckets > 1 else "") + f" ({cfg.engine} engine)")
     for note in inp.notes:
         say(note)
-    work, created, done = None, not out.exists(), False
+    work = None
     if engine.spills(cfg):
-        # spill inside the output directory, so an interrupted run leaves nothing
-        # beside it; a rerun removes what a killed one left (write.remove_stale_work)
-        out.mkdir(parents=True, exist_ok=True)
-        write.remove_stale_work(out)
-        work = Path(tempfile.mkdtemp(prefix=write.WORK_PREFIX, dir=out))
+        # spill inside the (locked) output directory, so an interrupted run leaves nothing
+        # beside it; the next run removes what a killed one left (OutputDir's scratch)
+        try:
+            work = Path(tempfile.mkdtemp(prefix=write.WORK_PREFIX, dir=out))
+        except OSError as exc:
+            raise storage_error(exc, out) from None
     try:
         with engine.ray_session(cfg):
             parts = engine.first_passes(inp, work, say)
@@ -93,16 +114,12 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
             rows_kept = plan.rows_in - sum(plan.dropped.values())
             say(f"sessionized {rows_kept} events ({plan.rows_in - rows_kept} dropped); vocabularies done")
             # Only now touch the output: bad input above leaves an old directory intact.
-            write.clear_out_dir(out, keep=work)
-            done = True
+            # The old manifest goes first: a half-cleared directory never looks complete.
+            guard.prepare(first=[write.MANIFEST])
             results = engine.second_passes(inp, plan, parts, out, say)
     finally:
         if work is not None:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
-        if created and not done and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # refused input: leave no empty directory behind
     shards = {name: [s for r in results for s in r[name]] for name in SPLITS}
     return write.finish(cfg, plan, out, shards, t0, say)
 

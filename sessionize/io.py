@@ -8,16 +8,21 @@ the file, column or value. The normalised column names live here too.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from sdm.config import SessionizeConfig
-from sdm.errors import SdmError
+from sdm.errors import ConfigError, DataError, SdmError
+from sdm.names import vocab_file
 
 # Normalised column names used by the rest of the package. `ROW` and `DROP` are
 # added next to the log's own columns, so they carry a prefix no log uses
@@ -94,7 +99,11 @@ def input_files(path: Path, what: str) -> list[Path]:
 
 
 def scan_table(
-    path: Path, what: str, fmt: str | None = None, delimiter: str | None = None
+    path: Path,
+    what: str,
+    fmt: str | None = None,
+    delimiter: str | None = None,
+    as_strings: list[str] | None = None,
 ) -> tuple[pl.LazyFrame, pl.Schema]:
     """Open a Parquet or CSV table (a file, a directory of parts or a glob) lazily and read its schema.
 
@@ -103,12 +112,17 @@ def scan_table(
         what: what the file is ("log", "items table", ...), for error messages.
         fmt: "csv", "parquet", or None/"auto" (by suffix).
         delimiter: CSV field separator (default "," or tab for `.tsv`).
+        as_strings: CSV columns read as strings, not parsed as dates (a time
+            column with `--time-format`: polars' date guess would otherwise
+            take `2024-01-10 08:59:12 UTC` for a datetime and fail on the
+            suffix). Ignored for Parquet and for columns the table lacks.
 
     Returns:
         The lazy frame (the parts in file-name order) and its schema.
 
     Raises:
-        SdmError: missing file, parts of mixed formats, or a file that is not readable Parquet/CSV.
+        SdmError: missing file, parts of mixed formats, a file that is not
+            readable Parquet/CSV, or a CSV header naming a column twice.
     """
     files = input_files(path, what)
     kinds = {table_format(f, fmt, delimiter) for f in files}
@@ -121,13 +135,42 @@ def scan_table(
         if is_csv:
             # try_parse_dates turns ISO timestamps into Datetime columns; epoch
             # numbers stay integers and then need --time-unit.
-            lf = pl.scan_csv(source, try_parse_dates=True, separator=sep)
+            overrides = {c: pl.String for c in as_strings or []}
+            lf = pl.scan_csv(source, try_parse_dates=True, separator=sep, schema_overrides=overrides or None)
         else:
             lf = pl.scan_parquet(source, hive_partitioning=False)
         schema = lf.collect_schema()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise SdmError(f"{path}: not a readable {'CSV' if is_csv else 'Parquet'} file ({_first_line(exc)})") from None
+    if is_csv and any(_DUPLICATED.search(c) for c in schema.names()):
+        _check_csv_header(files, sep, what)
     return lf, schema
+
+
+_DUPLICATED = re.compile(r"_duplicated_\d+$")
+"""polars renames the second `a` of a CSV header `a,a` to `a_duplicated_0`."""
+
+
+def _check_csv_header(files: list[Path], sep: str, what: str) -> None:
+    """Refuse a CSV whose header names a column twice (polars would silently read the first one).
+
+    Only called when polars' schema shows a renamed duplicate, so a column
+    really named `x_duplicated_0` costs one header read, not an error.
+
+    Raises:
+        DataError: naming the file and the duplicated column.
+    """
+    for f in files:
+        try:
+            with open(f, newline="", encoding="utf-8-sig", errors="replace") as fh:
+                header = next(csv.reader(fh, delimiter=sep), [])
+        except OSError as exc:
+            raise DataError(f"{f}: cannot read the {what} ({exc.strerror or exc})") from None
+        seen: set[str] = set()
+        for name in header:
+            if name in seen:
+                raise DataError(f"{f}: the {what}'s header names column {name!r} twice; rename one of them")
+            seen.add(name)
 
 
 @contextmanager
@@ -222,14 +265,19 @@ def timestamp_expr(cfg: SessionizeConfig, dtype: pl.DataType, path: Path, sample
         factor = 1_000_000 if cfg.time_unit == "s" else 1_000
         return col.cast(pl.Int64) * factor
     if dtype == pl.String:
-        shown = f" such as {sample!r}" if sample is not None else ""
-        raise SdmError(
-            f"{path}: column {cfg.time_col!r} holds strings{shown}, not timestamps; pass --time-format "
-            "with their strftime pattern (e.g. '%Y-%m-%d %H:%M:%S UTC'), or use integer epochs with --time-unit s|ms"
-        )
+        raise string_times(cfg, path, sample)
     raise SdmError(
         f"{path}: column {cfg.time_col!r} has type {dtype}; expected a timestamp "
         "(datetime), an integer epoch with --time-unit s|ms, or a string with --time-format"
+    )
+
+
+def string_times(cfg: SessionizeConfig, path: Path, sample: str | None) -> SdmError:
+    """The error for a time column of strings that is read without `--time-format`."""
+    shown = f" such as {sample!r}" if sample is not None else ""
+    return SdmError(
+        f"{path}: column {cfg.time_col!r} holds strings{shown}, not timestamps; pass --time-format "
+        "with their strftime pattern (e.g. '%Y-%m-%d %H:%M:%S UTC'), or use integer epochs with --time-unit s|ms"
     )
 
 
@@ -264,6 +312,59 @@ def check_time_range(df: pl.DataFrame, cfg: SessionizeConfig, dtype: pl.DataType
     for v in (lo, hi):
         if v is not None and not MIN_US <= v <= MAX_US:
             raise SdmError(f"{path}: {cfg.time_col!r} holds a time outside years 1-9999 ({v} us since 1970)")
+
+
+def _numeric(dtype: pl.DataType) -> bool:
+    return dtype.is_integer() or dtype.is_float() or isinstance(dtype, pl.Decimal)
+
+
+def behavior_values(cfg: SessionizeConfig, dtype: pl.DataType) -> list[Any]:
+    """`--behaviors` as values of the behavior column: numbers on a numeric column, else strings.
+
+    On a numeric column the listed strings are parsed as numbers, so `4`, `4.0`
+    and `4.00` are one value (comparing strings, the float 4.0 never equalled
+    "4"). On an integer column a fraction (`4.5`) stays in the list as None:
+    it matches no row, which `read.check_behaviors` reports.
+
+    Raises:
+        ConfigError: a listed value that is not a number, on a numeric column.
+    """
+    listed = [str(b) for b in cfg.behaviors or []]
+    if not _numeric(dtype):
+        return listed
+    values: list[Any] = []
+    for text in listed:
+        try:
+            number = Decimal(text.strip())
+        except InvalidOperation:
+            number = None
+        if number is None or not number.is_finite():
+            raise ConfigError(
+                f"--behaviors {text!r} is not a number, and the behavior column {cfg.behavior_col!r} holds numbers ({dtype})"
+            )
+        if dtype.is_integer():
+            values.append(int(number) if number == number.to_integral_value() else None)
+        else:
+            values.append(float(number))
+    return values
+
+
+def behavior_in(cfg: SessionizeConfig, dtype: pl.DataType, values: list[Any]) -> pl.Expr:
+    """Whether the behavior column's value is one of `values` (`behavior_values`); null for a null behavior.
+
+    Numbers are compared as the column's own type (a float32 column's 0.1 is
+    the float32 nearest 0.1); strings as the column cast to strings.
+    """
+    col = pl.col(cfg.behavior_col)
+    if not _numeric(dtype):
+        return col.cast(pl.String).is_in(pl.Series(values, dtype=pl.String).implode())
+    if dtype.is_integer():
+        wanted = pl.Series([v for v in values if v is not None], strict=False).cast(dtype, strict=False).drop_nulls()
+        return col.is_in(wanted.implode())
+    floats = pl.Series(values, dtype=pl.Float64)
+    if dtype.is_float():
+        return col.is_in(floats.cast(dtype).implode())
+    return col.cast(pl.Float64).is_in(floats.implode())  # a Decimal column
 
 
 _CATEGORICAL = (pl.String, pl.Categorical, pl.Enum, pl.Boolean)
@@ -405,6 +506,7 @@ def check_log(
             f"{path}: --behaviors given but the log has no behavior column {cfg.behavior_col!r}; "
             f"found: {_found(schema)}"
         )
+    check_output_names(cfg, log_feats, table_feats)
     return LogSpec(
         user_key=user_key,
         session_key=session_key,
@@ -415,6 +517,43 @@ def check_log(
         log_columns=schema.names(),
         user_from_session=user_from_session,
     )
+
+
+def check_output_names(cfg: SessionizeConfig, log_feats: list[str], table_feats: list[str]) -> None:
+    """Refuse feature names that would collide with another name in an output file, before anything is written.
+
+    A feature's name becomes columns (`seq_<f>`, `oov_<f>`, `user_<f>`, `<f>` and
+    `<f>_values` of items.parquet) and a vocabulary file (`names.vocab_file`,
+    never a path outside `vocab/`); `item` and `user` are the id vocabularies.
+    Two names whose vocabulary files differ only in case would be one file on
+    a case-insensitive file system.
+
+    Raises:
+        ConfigError: naming the feature and the name it collides with.
+    """
+    item_feats, user_feats = list(cfg.item_features), list(cfg.user_features)
+    for f in (*item_feats, *user_feats):
+        if f in ("item", "user"):
+            raise ConfigError(f"feature {f!r}: the name of the {f} id's own vocabulary; rename the column")
+    outputs = {
+        "a shard": [
+            "user_id", "user", *[f"user_{f}" for f in user_feats], "ts", "seq_item", *[f"seq_{f}" for f in log_feats],
+            "seq_oov", *[f"oov_{f}" for f in table_feats], "sess_id", "sess_start", "sess_len", "long_start", "long_end",
+        ],
+        "items.parquet": ["item", "item_id", *item_feats, *[f"{f}_values" for f in cfg.multi_valued]],
+        "users.parquet": [USER, "user_id", "user", *user_feats],
+    }  # fmt: skip
+    for where, columns in outputs.items():
+        seen: set[str] = set()
+        for c in columns:
+            if c in seen:
+                raise ConfigError(f"feature names collide: {where} would hold two columns {c!r}; rename a feature column")
+            seen.add(c)
+    files: dict[str, str] = {}
+    for f in ("item", "user", *item_feats, *user_feats):
+        other = files.setdefault(vocab_file(f).lower(), f)
+        if other != f:
+            raise ConfigError(f"features {other!r} and {f!r} differ only in case: their vocabulary files would be one")
 
 
 def _check_key_type(table: Path | None, what: str, key: str, dtype: pl.DataType, log_dtype: pl.DataType, log: Path) -> None:

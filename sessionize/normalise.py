@@ -23,6 +23,8 @@ from sdm.sessionize.io import (
     TS,
     USER,
     LogSpec,
+    behavior_in,
+    behavior_values,
     check_time_range,
     feat_col,
     polars_errors,
@@ -38,9 +40,9 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
     null_timestamp, behavior (not among cfg.behaviors). The last reason,
     duplicate, is decided later on the sorted events (`copies`). The reason
     is its position in `DROP_REASONS` (a UInt8: one byte per row, where a
-    column of strings costs 16).
+    column of strings costs 16). Behaviors compare by value on a numeric
+    column (`io.behavior_in`).
     """
-    behaviors = [str(b) for b in (cfg.behaviors or [])]
     schema = lf.collect_schema()
 
     def missing(name: str) -> pl.Expr:
@@ -55,9 +57,9 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
         .when(ts.is_null()).then(code["null_timestamp"])
     )
     if spec.behavior:
-        reason = reason.when(
-            ~pl.col(cfg.behavior_col).cast(pl.String).is_in(behaviors).fill_null(False)
-        ).then(code["behavior"])
+        dtype = schema[cfg.behavior_col]
+        kept = behavior_in(cfg, dtype, behavior_values(cfg, dtype))
+        reason = reason.when(~kept.fill_null(False)).then(code["behavior"])
     return lf.with_columns(reason.otherwise(pl.lit(None, dtype=pl.UInt8)).alias(DROP))
 
 
@@ -270,19 +272,32 @@ def split_values(frame: pl.LazyFrame, cfg: SessionizeConfig, features: list[str]
     return frame
 
 
+def raw_item_rows(items: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, item_dtype: pl.DataType) -> pl.LazyFrame:
+    """The items table as the sessionizer uses it: its item column and table features, one row per item.
+
+    The key is cast to the log's item type (the table may store it with
+    another integer width; a key the log's type cannot hold matches no event
+    and is left out, as are null keys); the first row of a key wins, so
+    duplicate keys cannot multiply events. Column names are the table's own.
+    Written as items_raw.parquet, so serving needs no path outside the data
+    directory.
+    """
+    return (
+        items
+        .select(pl.col(cfg.item_col).cast(item_dtype, strict=False), *[pl.col(f) for f in spec.table_item_features])
+        .drop_nulls(cfg.item_col)
+        .unique(subset=[cfg.item_col], keep="first", maintain_order=True)
+    )  # fmt: skip
+
+
 def item_table(items: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, item_dtype: pl.DataType) -> pl.LazyFrame:
     """The items table's features as `_item`, `_f_<f>` (and `_m_<f>`): one row per item, the first wins."""
-    table = (
-        items
-        .select(
-            # the items table may store the key with another integer width; a key the
-            # log's type cannot hold matches no event (and is no error)
-            pl.col(cfg.item_col).cast(item_dtype, strict=False).alias(ITEM),
-            *[pl.col(f).alias(feat_col(f)) for f in spec.table_item_features],
-        )
-        .drop_nulls(ITEM)
-        .unique(subset=[ITEM], keep="first", maintain_order=True)
-    )
+    return item_columns(raw_item_rows(items, cfg, spec, item_dtype), cfg, spec)
+
+
+def item_columns(rows: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec) -> pl.LazyFrame:
+    """`raw_item_rows` renamed to `_item`, `_f_<f>`, with the values of multi-valued features split (`_m_<f>`)."""
+    table = rows.select(pl.col(cfg.item_col).alias(ITEM), *[pl.col(f).alias(feat_col(f)) for f in spec.table_item_features])
     return split_values(table, cfg, [f for f in cfg.multi_valued if f in spec.table_item_features])
 
 

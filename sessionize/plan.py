@@ -18,7 +18,7 @@ import polars as pl
 from sdm.errors import SdmError
 from sdm.sessionize import encode, split
 from sdm.sessionize.io import DROP_REASONS, USER, collect
-from sdm.sessionize.normalise import item_table
+from sdm.sessionize.normalise import item_columns, raw_item_rows
 from sdm.sessionize.read import Input
 from sdm.sessionize.sessions import SESS, START
 
@@ -69,6 +69,12 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     codes: dict[str, pl.DataFrame] = field(default_factory=dict)
     """Per items-table feature: item -> feature index (`encode.feature_codes`)."""
+    items_raw: pl.DataFrame | None = None
+    """items_raw.parquet (`normalise.raw_item_rows`) when an items table was given."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a worker's pass never reads the raw items table: it stays in the driver
+        return {**self.__dict__, "items_raw": None}
 
 
 def allocate(rows: list[int], rows_per_shard: int, min_shards: int) -> list[tuple[int, int]]:
@@ -129,9 +135,11 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
     in_train = [split.in_train(p.sessions, cut) for p in parts]
     trains = [f.filter(m) for f, m in zip(frames, in_train)]
     profile = encode.profiles(cfg, inp.users_lf, inp.schema[spec.user_key])
-    table = None
-    if spec.table_item_features and inp.items_lf is not None:
-        table = collect(item_table(inp.items_lf, cfg, spec, inp.schema[cfg.item_col]), str(cfg.items))
+    table = raw = None
+    if inp.items_lf is not None:
+        raw = collect(raw_item_rows(inp.items_lf, cfg, spec, inp.schema[cfg.item_col]), str(cfg.items))
+        if spec.table_item_features:
+            table = collect(item_columns(raw.lazy(), cfg, spec), str(cfg.items))
     train_sessions = sessions.filter(pl.col(START) < cut.valid_start)
     vocabs = encode.vocabularies(cfg, trains, train_sessions, list(spec.user_features), profile, table)
     users_table = encode.users_table(per_user.lazy(), profile, vocabs, spec.user_features)
@@ -160,6 +168,7 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
         side_tables=side,
         notes=list(inp.notes),
         codes=codes,
+        items_raw=raw,
     )
 
 

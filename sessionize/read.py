@@ -13,15 +13,18 @@ from pathlib import Path
 import polars as pl
 
 from sdm.config import SessionizeConfig
-from sdm.errors import SdmError
+from sdm.errors import ConfigError, SdmError
 from sdm.sessionize.io import (
     ROW,
     USER,
     LogSpec,
+    behavior_in,
+    behavior_values,
     check_log,
     polars_errors,
     resolve_features,
     scan_table,
+    string_times,
     timestamp_expr,
 )
 from sdm.sessionize.normalise import normalised, read_columns
@@ -52,28 +55,38 @@ def open_input(cfg: SessionizeConfig, log: Path) -> Input:
     without a feature list (`io.resolve_features`); use it, not the argument.
     """
     log = Path(log)
-    lf, schema = scan_table(log, "log", cfg.format, cfg.delimiter)
+    # a time column parsed by --time-format is read as the strings it holds
+    as_strings = [cfg.time_col] if cfg.time_format is not None else None
+    lf, schema = scan_table(log, "log", cfg.format, cfg.delimiter, as_strings)
     items_lf, items_schema = scan_table(cfg.items, "items table", None, cfg.delimiter) if cfg.items else (None, None)
     users_lf, users_schema = scan_table(cfg.users, "users table", None, cfg.delimiter) if cfg.users else (None, None)
     cfg, notes = resolve_features(cfg, items_schema, users_schema)
     spec = check_log(cfg, log, schema, items_schema, users_schema)
     sample = None
-    if schema[cfg.time_col] == pl.String:
+    if schema[cfg.time_col] == pl.String or _kind(log, cfg) == "csv":
         sample = _peek(lf, cfg.time_col, log, cfg)
     ts = timestamp_expr(cfg, schema[cfg.time_col], log, sample)
     return Input(cfg, log, lf, schema, items_lf, users_lf, spec, ts, notes)
+
+
+def _kind(log: Path, cfg: SessionizeConfig) -> str:
+    """"csv" or "parquet": how the log is read."""
+    return "csv" if cfg.format == "csv" or (cfg.format != "parquet" and str(log).lower().endswith(_CSV)) else "parquet"
 
 
 def _peek(lf: pl.LazyFrame, column: str, log: Path, cfg: SessionizeConfig) -> str | None:
     """The first non-null value of a string column (for messages), after checking the log has rows.
 
     A CSV with a header and no rows reads every column as strings: that is an
-    empty log, not a log whose timestamps are strings.
+    empty log, not a log whose timestamps are strings. A CSV time column that
+    polars took for dates but cannot parse (`2024-01-10 08:59:12 UTC`) holds
+    strings: that error asks for `--time-format`.
 
     Raises:
-        SdmError: a log with no rows, or a CSV polars cannot parse.
+        SdmError: a log with no rows, a CSV polars cannot parse, or CSV times
+            that need `--time-format`.
     """
-    kind = "csv" if cfg.format == "csv" or (cfg.format != "parquet" and str(log).lower().endswith(_CSV)) else "parquet"
+    kind = _kind(log, cfg)
     try:
         head = lf.select(pl.col(column)).head(1000).collect()
         if head.height == 0 and kind == "csv":
@@ -81,13 +94,48 @@ def _peek(lf: pl.LazyFrame, column: str, log: Path, cfg: SessionizeConfig) -> st
             head = lf.collect().select(pl.col(column))
     except pl.exceptions.PolarsError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if kind == "csv" and first.startswith("could not parse") and f"at column '{column}'" in first:
+            strings, _ = scan_table(log, "log", cfg.format, cfg.delimiter, [column])
+            with polars_errors(str(log)):
+                values = strings.select(pl.col(column)).head(1000).collect().get_column(column).drop_nulls()
+            raise string_times(cfg, log, values[0] if len(values) else None) from None
         if first.startswith("could not parse `\""):
             first += " (an unterminated quote?)"
         raise SdmError(f"{log}: not a readable {kind.upper() if kind == 'csv' else 'Parquet'} file ({first})") from None
     if head.height == 0:
         raise SdmError(f"{log}: empty log (0 rows" + (", only a header)" if kind == "csv" else ")"))
     values = head.get_column(column).drop_nulls()
-    return values[0] if len(values) else None
+    return values[0] if len(values) and head.schema[column] == pl.String else None
+
+
+def check_behaviors(inp: Input) -> None:
+    """Refuse `--behaviors` values that match no row of the whole log (a typo would drop most of it).
+
+    One streaming pass over the behavior column (its distinct values), before
+    the log is split into buckets, so the check holds for the whole log, not
+    per bucket. Values compare as the filter compares them (`io.behavior_in`).
+
+    Raises:
+        ConfigError: naming the values that match nothing and a few that exist.
+    """
+    cfg = inp.cfg
+    if not inp.spec.behavior:
+        return
+    if not cfg.behaviors:
+        raise ConfigError("--behaviors lists no value; leave it out to keep every behavior")
+    dtype = inp.schema[cfg.behavior_col]
+    values = behavior_values(cfg, dtype)
+    with polars_errors(str(inp.log)):
+        present = inp.lf.select(pl.col(cfg.behavior_col).unique()).collect(engine="streaming")
+    found = present.select([behavior_in(cfg, dtype, [v]).any().alias(str(k)) for k, v in enumerate(values)]).row(0)
+    missing = [b for b, hit in zip(cfg.behaviors or [], found) if not hit]
+    if missing:
+        shown = sorted(str(v) for v in present.get_column(cfg.behavior_col).drop_nulls().to_list())
+        more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
+        raise ConfigError(
+            f"{inp.log}: --behaviors {', '.join(map(repr, missing))} match{'es' if len(missing) == 1 else ''} no row "
+            f"of the log; its {cfg.behavior_col!r} column holds {', '.join(map(repr, shown[:10])) or 'only nulls'}{more}"
+        )
 
 
 def bucket_expr(user_key: str, buckets: int) -> pl.Expr:
@@ -161,7 +209,8 @@ def split_events(inp: Input, n: int, out: Path) -> None:
     events IPC writes in 3.5 s what Parquet needs 7-8 s for.
     """
     lf = normalised(_columns(inp), inp)
-    with polars_errors(str(inp.log)):
+    # a failure names both ends: reading the log, or writing the spill (no space left)
+    with polars_errors(f"{inp.log} -> {out}"):
         lf.sink_ipc(pl.PartitionBy(out, key=bucket_expr(USER, n).alias(SPLIT_KEY), include_key=False), mkdir=True)
 
 

@@ -1,8 +1,12 @@
 """Output side of the sessionizer: the shard directory of docs/FORMAT.md.
 
 Shards, vocabularies, item/user tables and config.json are written first;
-`manifest.json` last, through a temporary file and `os.replace`, so a crashed
-run leaves no manifest and a reader can tell the directory is unfinished.
+`manifest.json` last, so a crashed run leaves no manifest and a reader can
+tell the directory is unfinished. Every file goes through
+`outputs.atomic_path` (a scratch name, renamed when complete): no reader sees
+half a file, and a failed write (no space left, read-only) is one
+`StorageError` line naming the file. Which directory may be written at all,
+and what of it may be replaced, is `outputs.OutputDir`'s (see `OWNS`).
 """
 
 from __future__ import annotations
@@ -10,9 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +21,10 @@ from typing import Any, Callable
 
 import polars as pl
 
-from sdm.config import SessionizeConfig, save_config
-from sdm.errors import SdmError
+from sdm.config import SessionizeConfig
+from sdm.errors import storage_error
+from sdm.names import vocab_file
+from sdm.outputs import atomic_path, write_json, write_text
 from sdm.sessionize.io import from_us
 from sdm.sessionize.split import SPLITS
 
@@ -35,83 +38,12 @@ ROW_GROUP = 8192
 
 WORK_PREFIX = ".sdm-work-"
 """Spill folders of a bucketed run live inside the output directory under this prefix."""
-
-
-def _is_work(path: Path) -> bool:
-    return path.name.startswith(WORK_PREFIX) and path.is_dir()
-
-
-def check_inputs_outside(out: Path, inputs: dict[str, Path | None]) -> None:
-    """Refuse an output directory that is, or contains, one of the inputs (it would be deleted).
-
-    Args:
-        out: the output directory.
-        inputs: what each input is ("log", "items table", ...) -> its path (None: not given).
-
-    Raises:
-        SdmError: naming the input and the output.
-    """
-    o = Path(out).resolve()
-    for what, p in inputs.items():
-        if p is None:
-            continue
-        text = str(p)
-        if any(c in text for c in "*?["):  # a glob: the folder it starts from
-            text = str(Path(text[: min(text.index(c) for c in "*?[" if c in text)]).parent)
-        r = Path(text).resolve()
-        if r == o or o in r.parents:
-            raise SdmError(
-                f"{p}: the {what} is inside the output directory {out}, whose contents are replaced; "
-                "choose another --out or move the input"
-            )
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an unusable output directory (nothing is deleted here).
-
-    Stale spill folders of an interrupted run (`.sdm-work-*`) do not count as
-    content. The nearest existing ancestor must be a directory we can write
-    to: a probe folder is created there and removed.
-
-    Raises:
-        SdmError: `out` is a file, cannot be created or written, or is a
-            non-empty directory without overwrite.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SdmError(f"{out}: output path exists and is not a directory")
-    if out.is_dir() and any(not _is_work(c) for c in out.iterdir()) and not overwrite:
-        raise SdmError(f"{out}: output directory is not empty; pass --overwrite to replace it")
-    base = out
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    if not base.is_dir():
-        raise SdmError(f"{out}: cannot create the output directory: {base} is a file")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".sdm-probe-", dir=base))
-    except OSError as exc:
-        raise SdmError(f"{out}: cannot write the output directory in {base} ({exc.strerror})") from None
-
-
-def remove_stale_work(out: Path) -> None:
-    """Delete spill folders (`.sdm-work-*`) that an interrupted run left in `out`."""
-    if out.is_dir():
-        for child in out.iterdir():
-            if _is_work(child):
-                shutil.rmtree(child, ignore_errors=True)
-
-
-def clear_out_dir(out: Path, keep: Path | None = None) -> None:
-    """Empty `out` (except `keep`), deleting the old manifest FIRST so a half-deleted directory never looks complete."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    for child in out.iterdir():
-        if keep is not None and child == keep:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+ITEMS_RAW = "items_raw.parquet"
+"""The items table as the sessionizer read it (`normalise.raw_item_rows`), when one was given."""
+OWNS = (
+    MANIFEST, "config.json", "vocab", "items.parquet", "users.parquet", ITEMS_RAW, "train", "valid", "test",
+)  # fmt: skip
+"""The top-level entries `sdm sessionize` writes (`outputs.OutputDir` replaces only these)."""
 
 
 def _stats(df: pl.DataFrame) -> dict[str, int]:
@@ -149,7 +81,10 @@ def write_shards(
     groups of ROW_GROUP rows let a reader stream a shard in bounded memory.
     """
     folder = out / split
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, folder) from None
     if rows.height == 0:
         return []
     shards = []
@@ -159,9 +94,10 @@ def write_shards(
             part = build(part)
         rel = f"{split}/part-{first + k:05d}.parquet"
         # no column statistics: nothing reads shards by predicate, and they cost ~10% of the write
-        part.write_parquet(
-            out / rel, compression=COMPRESSION, compression_level=LEVEL, row_group_size=ROW_GROUP, statistics=False
-        )
+        with atomic_path(out / rel) as tmp:
+            part.write_parquet(
+                tmp, compression=COMPRESSION, compression_level=LEVEL, row_group_size=ROW_GROUP, statistics=False
+            )
         shards.append({"path": rel, **_stats(part)})
     return shards
 
@@ -178,9 +114,13 @@ def split_entry(shards: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_table(df: pl.DataFrame, path: Path) -> None:
-    """Write a Parquet table (vocabulary, items, users)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.write_parquet(path, compression=COMPRESSION)
+    """Write a Parquet table (vocabulary, items, users) atomically; an OSError is one line naming `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, path.parent) from None
+    with atomic_path(path) as tmp:
+        df.write_parquet(tmp, compression=COMPRESSION)
 
 
 def fingerprint(out: Path, splits: dict[str, Any], vocab_sizes: dict[str, int], config: dict[str, Any]) -> str:
@@ -209,7 +149,8 @@ def file_table(out: Path) -> dict[str, dict[str, Any]]:
     paths = {}
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out).as_posix()
-        if path.is_file() and rel != MANIFEST and not rel.startswith(WORK_PREFIX):
+        # the marker and any scratch (`.sdm-*`) are not part of the data
+        if path.is_file() and rel != MANIFEST and not any(part.startswith(".sdm-") for part in path.relative_to(out).parts):
             paths[rel] = path
     with ThreadPoolExecutor(max_workers=2) as pool:
         digests = pool.map(file_digest, paths.values())
@@ -217,10 +158,8 @@ def file_table(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically (temp file + os.replace): the last file of a run."""
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    """Write manifest.json atomically (`outputs.write_json`): the last file of a run."""
+    write_json(out / MANIFEST, manifest)
 
 
 FORMAT_NAME = "sdm-shards"
@@ -241,10 +180,13 @@ def finish(
     for name in SPLITS:
         say(f"{name}: {splits[name]['sessions']} sessions in {len(splits[name]['shards'])} shards")
     for name, vocab in plan.vocabs.items():
-        write_table(vocab, out / "vocab" / f"{name}.parquet")
+        # a feature's name never becomes a path of its own: `vocab_file` keeps it inside vocab/
+        write_table(vocab, out / vocab_file(name))
     write_table(plan.items_table, out / "items.parquet")
     write_table(plan.users_table.drop("_user"), out / "users.parquet")
-    save_config(cfg, out / "config.json")
+    if plan.items_raw is not None:
+        write_table(plan.items_raw, out / ITEMS_RAW)
+    write_text(out / "config.json", cfg.model_dump_json(indent=2) + "\n")
     files = file_table(out)
 
     config = cfg.model_dump(mode="json")
@@ -267,6 +209,7 @@ def finish(
         "dropped": plan.dropped,
         "splits": splits,
         "side_tables": plan.side_tables,
+        "items_raw": None if plan.items_raw is None else {"path": ITEMS_RAW, "item_col": cfg.item_col, "features": list(plan.items_raw.columns[1:])},
         "multi_valued": {f: {"sep": cfg.value_sep, "items_column": f"{f}_values"} for f in cfg.multi_valued},
         "notes": plan.notes,
         "warnings": plan.warnings,

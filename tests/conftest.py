@@ -10,6 +10,8 @@ from typing import Any
 import polars as pl
 import pytest
 
+from sdm.names import vocab_file
+
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 """A round start time for hand-made logs."""
 
@@ -71,7 +73,7 @@ def read_sessions(out: Path) -> list[dict[str, Any]]:
 
 def vocab(out: Path, name: str) -> dict[Any, int]:
     """raw -> index of vocab/<name>.parquet."""
-    df = pl.read_parquet(out / "vocab" / f"{name}.parquet")
+    df = pl.read_parquet(out / vocab_file(name))
     return dict(zip(df["raw"].to_list(), df["index"].to_list()))
 
 

@@ -55,7 +55,8 @@ def check_cli(d: Path) -> tuple[int, str]:
 
 def test_manifest_records_size_and_hash_of_every_file(data):
     files = manifest(data)["files"]
-    on_disk = sorted(p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file() and p.name != "manifest.json")
+    # every file but the manifest and the output marker (`.sdm-output.json`, not data)
+    on_disk = sorted(p.relative_to(data).as_posix() for p in data.rglob("*") if p.is_file() and p.name not in ("manifest.json", ".sdm-output.json"))
     assert sorted(files) == on_disk
     assert all(set(v) == {"size", "sha256"} and len(v["sha256"]) == 64 for v in files.values())
     code, out = check_cli(data)

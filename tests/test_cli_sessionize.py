@@ -97,8 +97,10 @@ def test_bad_input_is_one_line_exit_1_no_manifest(tmp_path, case):
 def test_non_empty_out_refused_without_overwrite(tmp_path):
     log = good_log(tmp_path / "log.parquet")
     out = tmp_path / "data"
-    out.mkdir()
-    (out / "other.txt").write_text("x")
+    assert invoke(log, "--out", out).exit_code == 0
     r = invoke(log, "--out", out)
-    assert r.exit_code == 1 and "not empty" in r.output
+    assert r.exit_code == 1 and "earlier `sdm sessionize` output" in r.output and "--overwrite" in r.output
     assert invoke(log, "--out", out, "--overwrite").exit_code == 0
+    (out / "other.txt").write_text("x")  # not sdm's: refused even with --overwrite, and kept
+    r = invoke(log, "--out", out, "--overwrite")
+    assert r.exit_code == 1 and "'other.txt'" in r.output and (out / "other.txt").exists()

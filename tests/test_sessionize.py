@@ -402,13 +402,16 @@ def test_timeline_holds_only_needed_events(tmp_path):
 def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
     log_path = write_log(log([(1, 1, at(0))], sid=False), tmp_path / "log.parquet")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("x")
-    with pytest.raises(SdmError, match=r"out.*not empty.*--overwrite"):
+    run(SessionizeConfig(out=out), log_path, progress=False)
+    with pytest.raises(SdmError, match=r"out.*earlier `sdm sessionize` output.*--overwrite"):
         run(SessionizeConfig(out=out), log_path, progress=False)
-    assert (out / "old.txt").exists()
     run(SessionizeConfig(out=out, overwrite=True), log_path, progress=False)
-    assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
+    assert (out / "manifest.json").exists()
+    # a file sdm did not write is never replaced, not even with overwrite
+    (out / "old.txt").write_text("x")
+    with pytest.raises(SdmError, match=r"holds 'old.txt', which `sdm sessionize` did not write"):
+        run(SessionizeConfig(out=out, overwrite=True), log_path, progress=False)
+    assert (out / "old.txt").exists() and (out / "manifest.json").exists()
 
 
 def test_crash_midway_leaves_no_manifest(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 
 from sdm.config import SessionizeConfig
+from sdm.names import vocab_file
 from sdm.sessionize import run
 
 SHARED = Path(os.environ.get("SDM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -109,4 +110,4 @@ def test_dataset_smoke(name: str, tmp_path: Path) -> None:
         assert (ends["e"] == ends["n"]).all()
         assert df.select(pl.col("ts").list.eval(pl.element().diff().fill_null(0).min()).list.first().min()).item() >= 0
     for f in m["item_features"] + m["user_features"]:
-        assert (out / "vocab" / f"{f}.parquet").exists()
+        assert (out / vocab_file(f)).exists()

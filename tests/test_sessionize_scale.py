@@ -20,6 +20,7 @@ import torch
 from conftest import read_sessions
 
 from sdm.config import SessionizeConfig
+from sdm.names import vocab_file
 from sdm.errors import SdmError
 from sdm.pipeline.dataset import SessionDataset
 from sdm.sessionize import run, write
@@ -62,7 +63,7 @@ def _cfg(out: Path, users: Path, **kw: Any) -> SessionizeConfig:
 def _same_output(a: Path, b: Path, ma: dict[str, Any], mb: dict[str, Any]) -> None:
     assert read_sessions(a) == read_sessions(b)
     for name in ma["vocab_sizes"]:
-        assert pl.read_parquet(a / "vocab" / f"{name}.parquet").equals(pl.read_parquet(b / "vocab" / f"{name}.parquet"))
+        assert pl.read_parquet(a / vocab_file(name)).equals(pl.read_parquet(b / vocab_file(name)))
     for table in ("items.parquet", "users.parquet"):
         assert pl.read_parquet(a / table).equals(pl.read_parquet(b / table))
     for key in ("rows_in", "rows_kept", "dropped", "vocab_sizes", "cutoffs", "num_items", "side_tables", "warnings"):
@@ -210,8 +211,8 @@ def test_items_table_feature_equals_the_same_feature_in_the_log(tmp_path, bucket
     from_table = run(_cfg(tmp_path / "table", users, buckets=buckets, items=items), bare, progress=False)
     assert read_sessions(tmp_path / "log") == read_sessions(tmp_path / "table")
     for name in ("item", "category", "user"):
-        a = pl.read_parquet(tmp_path / "log" / "vocab" / f"{name}.parquet")
-        assert a.equals(pl.read_parquet(tmp_path / "table" / "vocab" / f"{name}.parquet")), name
+        a = pl.read_parquet(tmp_path / "log" / vocab_file(name))
+        assert a.equals(pl.read_parquet(tmp_path / "table" / vocab_file(name))), name
     assert pl.read_parquet(tmp_path / "log" / "items.parquet").equals(pl.read_parquet(tmp_path / "table" / "items.parquet"))
     for key in ("rows_kept", "dropped", "vocab_sizes", "cutoffs"):
         assert in_log[key] == from_table[key], key
