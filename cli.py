@@ -104,6 +104,11 @@ def _flag_type(annotation: Any) -> tuple[Any, str]:
     if origin is Literal:
         return str, "one of: " + ", ".join(str(a) for a in typing.get_args(annotation))
     if origin is list:
+        inner = typing.get_args(annotation)[0] if typing.get_args(annotation) else None
+        if typing.get_origin(inner) is typing.Annotated:
+            inner = typing.get_args(inner)[0]
+        if typing.get_origin(inner) is Literal:
+            return str, "comma-separated, of: " + ", ".join(str(a) for a in typing.get_args(inner))
         return str, "comma-separated"
     if annotation is dt.datetime:
         return str, "ISO timestamp, e.g. 2017-12-02T00:00:00Z"

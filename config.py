@@ -258,6 +258,8 @@ class SessionizeConfig(_Base):
     """Optional item table (Parquet/CSV) keyed by the item column."""
     users: OptPath = None
     """Optional user table (Parquet/CSV) keyed by the user column."""
+    vocab_from: OptPath = None
+    """A previous data directory whose vocabularies are kept: every raw id and feature value keeps its index, new ones are appended (daily retraining with `sdm train --init-from`)."""
     user_col: Name = "user_id"
     """User column; when the default is absent but the log has a session column, each session is its own user (a name given explicitly must exist)."""
     item_col: Name = "item_id"
@@ -394,6 +396,10 @@ class TrainConfig(_Base):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: bool = False
     """Continue from `out`/last.pt."""
+    init_from: OptPath = None
+    """Warm start: a previous model directory (best.pt) trained on data whose vocabularies this data extends (`sdm sessionize --vocab-from`); every weight carried over, tables grown."""
+    id_dropout: Annotated[float, _in(0, 1, hi_open=True)] = 0.0
+    """Probability that an item's id embedding is left out of the item tower in training, so its vector must also come from side features (cold items)."""
     overwrite: bool = False
     """Replace the checkpoints and log of an earlier run in `out` (without it a fresh run there is refused)."""
     num_workers: Annotated[int, _in(0, 1024)] = 0
@@ -445,7 +451,11 @@ class EvaluateConfig(_Base):
     ] = []
     """Baselines to score beside the model, comma-separated (only them when no `model` is given and the default has no best.pt)."""
     exclude_seen: bool = False
-    """Never recommend items already in the query's session prefix."""
+    """Never recommend items already in the query's session prefix (the current session only; see --exclude-history)."""
+    exclude_history: bool = False
+    """Never recommend items of the query's long-term window either (the user's last 7 days before the session); implies --exclude-seen."""
+    candidates: Literal["vocabulary", "catalogue"] = "vocabulary"
+    """vocabulary: rank the items training saw; catalogue: also cold items (side info, no training event), each from the time the catalogue knows it."""
     dump_topk: bool = False
     index: Literal["exact", "faiss"] = "exact"
     batch_size: Annotated[int, _in(1, 1_000_000)] = 256
@@ -496,7 +506,11 @@ class RecommendConfig(_Base):
     k: Annotated[int, _in(1, 10_000_000)] = 100
     """Items per user."""
     exclude_seen: bool = False
-    """Never recommend items of the user's current session."""
+    """Never recommend items of the user's current session (see --exclude-history)."""
+    exclude_history: bool = False
+    """Never recommend items of the user's long-term window either (the last 7 days before the session); implies --exclude-seen."""
+    candidates: Literal["vocabulary", "catalogue"] = "vocabulary"
+    """vocabulary: recommend items training saw; catalogue: also cold items with side info (their vectors come from side features)."""
     index: Literal["exact", "faiss"] = "exact"
     """Exact chunked scoring (the code of `sdm evaluate`) or a faiss index (serve/index.py)."""
     items: OptPath = None
