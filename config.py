@@ -281,11 +281,11 @@ class SessionizeConfig(_Base):
     """User profile columns from the users table, comma-separated."""
     time_unit: Literal["s", "ms"] | None = None
     """Unit of an integer epoch timestamp column."""
-    time_format: Annotated[Optional[str], AfterValidator(_name), Field(max_length=256)] = None
+    time_format: Optional[Annotated[str, AfterValidator(_name), Field(max_length=256)]] = None
     """strftime pattern of a string timestamp column, e.g. '%Y-%m-%d %H:%M:%S UTC' (naive = UTC)."""
     format: Literal["auto", "csv", "parquet"] = "auto"
     """Format of the log file; auto: .csv/.tsv/.txt are CSV, anything else Parquet (side tables go by their suffix)."""
-    delimiter: Annotated[Optional[str], AfterValidator(_name), Field(max_length=16)] = None
+    delimiter: Optional[Annotated[str, AfterValidator(_name), Field(max_length=16)]] = None
     """CSV field separator of the log and CSV side tables (default ',', tab for .tsv)."""
     gap: Duration = "10m"
     """Two events less than this apart are one session (e.g. 10m, 90s, 1h; a bare number is seconds)."""
@@ -313,7 +313,7 @@ class SessionizeConfig(_Base):
     """Buckets sessionized in parallel processes (each with cores / workers polars threads)."""
     engine: Literal["local", "ray"] = "local"
     """Who runs the passes over the buckets: this process ("local") or Ray tasks ("ray", needs the `ray` extra)."""
-    ray_address: Annotated[Optional[str], AfterValidator(_name), Field(max_length=1024)] = None
+    ray_address: Optional[Annotated[str, AfterValidator(_name), Field(max_length=1024)]] = None
     """Ray cluster to run on with engine "ray" (e.g. "ray://head:10001" or "auto"); default: a Ray started on this machine."""
 
     @field_validator("valid_start", "test_start")

@@ -1,6 +1,6 @@
 """Serving: from a trained model to recommendations.
 
-- `export`: `sdm export` — item vectors, the user tower (torch.export and ONNX), the index.
+- `export`: `sdm export` — item vectors, the user tower (weights, torch.export and ONNX), the index.
 - `sessions`: a user's latest session and its long-term window from raw events,
   built by the sessionizer's own stage functions and the training vocabularies.
 - `recommend`: `sdm recommend LOG` — batch top-K for every user of a log.

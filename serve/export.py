@@ -11,25 +11,41 @@ and writes to the output directory:
 - `user_tower.pt2`: a `torch.export` program (`UserTower`) taking the batch
   tensors as flat positional inputs and returning the user vector after the
   last valid session position, (B, D): the query vector for the item index.
+  For external consumers only: loading a `.pt2` unpickles, which can run code,
+  so sdm never loads it.
+- `user_tower.weights.pt`: the tower's tensors and its model config (JSON text),
+  readable with `torch.load(..., weights_only=True)`; `Recommender` rebuilds
+  `UserTower` from this package's model code and these weights (`load_tower`).
 - `user_tower.onnx`: the same tower as ONNX (same inputs, names and output), for
   ONNX Runtime / Triton (only when the `onnx` extra is installed and `onnx` is on).
 - `user_tower.json`: input names, order, shapes and vocab files, dims, how to
   call it, and the manifest fingerprint.
 - `lookups.json`: the training run's sessionize config, features and length caps:
   what `serve.sessions` needs to build a user's session like training did.
-- `vocab/<name>.parquet`, `items.parquet`, `users.parquet`: copies of every
-  vocabulary and of the item and user tables, to turn raw ids into the tower's indices.
+- `vocab/<file>.parquet` (`names.vocab_file`), `items.parquet`, `users.parquet`,
+  `items_raw.parquet` (when the data has it): copies of every vocabulary the
+  manifest lists and of the item, user and raw items tables, to turn raw events
+  into the tower's indices.
 - `config.json`: the resolved `ExportConfig`, written LAST; its absence means
   the export did not finish.
+
+The output directory is guarded by `outputs.OutputDir`: refused when it is, holds
+or lies in the data or model directory, when it holds a file export did not
+write, or while another sdm process writes it. Its earlier export files are
+deleted only after the model and data were read and checked, and every file is
+written under a scratch name and renamed into place; a failed export removes
+what it wrote, so the directory never holds half an export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +56,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdm.config import ExportConfig, save_config
-from sdm.errors import SdmError
+from sdm.config import ExportConfig
+from sdm.errors import DataError, StorageError
 from sdm.model.sdm import SDM
+from sdm.names import vocab_file
+from sdm.outputs import OutputDir, atomic_path, write_json, write_text
 from sdm.pipeline.dataset import read_manifest, user_column
+from sdm.pipeline.manifest import verify_files
+from sdm.serve.sessions import first_line
 
 EXPORT_VERSION = 1
 ITEM_VECTORS = "item_vectors.parquet"
 FAISS_INDEX = "items.faiss"
 INDEX_SPEC = "index.json"
 USER_TOWER = "user_tower.pt2"
+WEIGHTS = "user_tower.weights.pt"
+WEIGHTS_FORMAT = "sdm-user-tower-weights"
 ONNX_TOWER = "user_tower.onnx"
 LOOKUPS = "lookups.json"
 TOWER_SPEC = "user_tower.json"
 CONFIG = "config.json"
+ITEMS_RAW = "items_raw.parquet"
+TABLES = ("items.parquet", "users.parquet", ITEMS_RAW)
 # Everything `export` writes; `--overwrite` deletes these (and nothing else).
 OUTPUTS = (
-    CONFIG, ITEM_VECTORS, FAISS_INDEX, INDEX_SPEC, USER_TOWER, ONNX_TOWER, TOWER_SPEC, LOOKUPS,
-    "items.parquet", "users.parquet", "vocab",
+    CONFIG, ITEM_VECTORS, FAISS_INDEX, INDEX_SPEC, USER_TOWER, WEIGHTS, ONNX_TOWER, TOWER_SPEC, LOOKUPS, *TABLES,
+    "vocab",
 )  # fmt: skip
 ITEM_CHUNK = 65_536
 
@@ -187,8 +211,83 @@ def export_user_tower(model: SDM, path: Path) -> dict[str, Any]:
         # the program still reads the registered parameters (the tests compare outputs).
         warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights", category=UserWarning)
         program = torch.export.export(tower, args, dynamic_shapes=(tuple(shapes),))
-    torch.export.save(program, str(path))
+    with writing(path) as tmp, open(tmp, "wb") as fh:  # a file object: the archive is not named after tmp
+        torch.export.save(program, fh)
     return {"batch": [1, None], "T": [1, tower.max_len], "L": [1, None]}
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """`outputs.atomic_path(path)`, where torch's and faiss's failed writes (RuntimeError) are a StorageError too."""
+    with atomic_path(path) as tmp:
+        try:
+            yield tmp
+        except RuntimeError as exc:
+            raise StorageError(f"{path}: cannot write ({first_line(exc)})") from None
+
+
+def write_tower_weights(model: SDM, path: Path) -> None:
+    """The tower's tensors and model config, loadable with `torch.load(weights_only=True)` (`load_tower`)."""
+    blob = {
+        "format": WEIGHTS_FORMAT,
+        "version": EXPORT_VERSION,
+        "model_config": json.dumps(model.config.model_dump(mode="json")),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    with writing(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(blob, fh)
+
+
+def load_tower(path: Path) -> UserTower:
+    """The user tower of an export: this package's model code with the tensors of `user_tower.weights.pt`.
+
+    Only plain tensors, strings and numbers are read (`weights_only=True`): no
+    code in the file runs. The `.pt2` program is never loaded, because
+    `torch.export.load` unpickles.
+
+    Raises:
+        DataError: the file is missing (an export of an older sdm), damaged, or does not fit its model config.
+    """
+    from sdm.model.sdm import ModelConfig
+
+    if not path.is_file():
+        raise DataError(f"{path}: not found; this export was written by an older sdm: re-run `sdm export`")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read means a damaged file
+        why = first_line(exc)
+        if "weights_only" in why or "Weights only" in why:  # torch's text suggests weights_only=False: never
+            why = "it holds objects other than tensors and plain values"
+        raise DataError(f"{path}: not a readable weights file ({why})") from None
+    if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
+        raise DataError(f"{path}: not an sdm tower weights file (no format {WEIGHTS_FORMAT!r})")
+    state = blob.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise DataError(f"{path}: damaged weights file (state_dict is not a map of names to tensors)")
+    try:
+        config = ModelConfig(**json.loads(blob.get("model_config")))
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: damaged weights file (model config: {first_line(exc)})") from None
+    _check_size(path, config, state)
+    try:
+        model = SDM(config, state.get("item_table"))
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise DataError(f"{path}: the weights do not fit their model config ({first_line(exc)})") from None
+    return UserTower(model.eval())
+
+
+def _check_size(path: Path, config: Any, state: dict[str, Tensor]) -> None:
+    """Refuse a model config whose embedding tables alone hold more numbers than the file (no huge allocation)."""
+    need = config.embedding_dim * (
+        sum(config.item_vocab.get(f, 0) for f in config.item_features)
+        + sum(config.user_vocab.get(f, 0) for f in config.user_features)
+    )
+    have = sum(int(t.numel()) for t in state.values())
+    if need > have:
+        raise DataError(f"{path}: the model config needs {need:,} embedding weights, the file holds {have:,}")
 
 
 def export_onnx(model: SDM, path: Path) -> str:
@@ -218,14 +317,12 @@ def export_onnx(model: SDM, path: Path) -> str:
         axes[name] = {0: "B"} if a.dim() == 1 else {0: "B", 1: "T" if name.startswith("seq_") else "L"}
     for name in tower.output_names():
         axes[name] = {0: "B"} if name == "user_vector" else {0: "B", 1: "C"}
-    tmp = path.with_suffix(".onnx.tmp")
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and LSTM batch-size notes
         torch.onnx.export(
             tower, args, str(tmp), input_names=names, output_names=tower.output_names(), dynamic_axes=axes,
             opset_version=17, dynamo=False,
         )  # fmt: skip
-    tmp.replace(path)
     return str(path)
 
 
@@ -244,15 +341,18 @@ def raw_item_ids(data_dir: Path, num_items: int) -> pa.Array:
     """Raw id of every item index 2..V-1, in index order, from `vocab/item.parquet`.
 
     Raises:
-        SdmError: the vocabulary does not cover exactly the indices 2..V-1.
+        DataError: a missing or damaged vocabulary, or one not covering exactly the indices 2..V-1.
     """
-    path = Path(data_dir) / "vocab" / "item.parquet"
+    path = Path(data_dir) / vocab_file("item")
     if not path.is_file():
-        raise SdmError(f"{path}: item vocabulary not found")
-    vocab = pq.read_table(path, columns=["raw", "index"]).sort_by("index")
+        raise DataError(f"{path}: item vocabulary not found")
+    try:
+        vocab = pq.read_table(path, columns=["raw", "index"]).sort_by("index")
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        raise DataError(f"{path}: not a readable item vocabulary ({first_line(exc)})") from None
     idx = vocab.column("index").to_numpy()
     if not np.array_equal(idx, np.arange(2, num_items)):
-        raise SdmError(f"{path}: indices do not cover 2..{num_items - 1} exactly (manifest num_items {num_items})")
+        raise DataError(f"{path}: indices do not cover 2..{num_items - 1} exactly (manifest num_items {num_items})")
     return vocab.column("raw").combine_chunks()
 
 
@@ -267,7 +367,8 @@ def write_item_vectors(path: Path, raw: pa.Array, vectors: Tensor) -> None:
             "vector": pa.FixedSizeListArray.from_arrays(flat, d),
         }
     )
-    pq.write_table(table, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_faiss(path: Path, vectors: Tensor, progress: bool = False) -> str:
@@ -280,30 +381,41 @@ def write_faiss(path: Path, vectors: Tensor, progress: bool = False) -> str:
 
     padded = torch.cat([vectors.new_zeros(2, vectors.shape[1]), vectors])  # rows 0, 1: padding, OOV
     index = FaissIndex(padded, announce=progress)
-    tmp = path.with_suffix(".faiss.tmp")
-    index.save(str(tmp))
-    tmp.replace(path)
-    (path.parent / INDEX_SPEC).write_text(json.dumps(index.params, indent=2) + "\n")
+    with writing(path) as tmp:
+        index.save(str(tmp))
+    write_json(path.parent / INDEX_SPEC, index.params)
     return f"{path} ({describe(index.params)})"
 
 
-def _copy_lookups(data_dir: Path, out: Path, model: SDM) -> dict[str, str | None]:
-    """Copy the vocab files of the features the tower reads, and the item/user tables.
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a file under a scratch name, renamed into place when complete."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _copy_lookups(data_dir: Path, out: Path, manifest: dict[str, Any]) -> dict[str, str | None]:
+    """Copy the vocabulary of every feature the manifest lists, and the item, user and raw items tables.
+
+    Every vocabulary, not only the tower's: building a session (`serve.sessions`)
+    encodes every item feature of the training log. Each is found where the data
+    directory keeps it, `names.vocab_file(name)`, never by listing the folder.
 
     Returns feature -> vocab path relative to `out` (None when the data has no such file).
     """
+    names = dict.fromkeys([*manifest["item_features"], *manifest["user_features"], *manifest["vocab_sizes"]])
     vocab: dict[str, str | None] = {}
-    # Every vocabulary, not only the tower's: building a session (`serve.sessions`)
-    # encodes every item feature of the training log.
-    if (data_dir / "vocab").is_dir():
-        (out / "vocab").mkdir(exist_ok=True)
-        for src in sorted((data_dir / "vocab").glob("*.parquet")):
-            shutil.copy2(src, out / "vocab" / src.name)
-    for f in [*model.item_features, *model.user_features]:
-        vocab[f] = f"vocab/{f}.parquet" if (out / "vocab" / f"{f}.parquet").is_file() else None
-    for name in ("items.parquet", "users.parquet"):
+    for name in names:
+        rel = vocab_file(name)
+        vocab[name] = rel if (data_dir / rel).is_file() else None
+        if vocab[name] is not None:
+            try:
+                (out / "vocab").mkdir(exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"{out / 'vocab'}: {exc.strerror or exc}") from None
+            _copy(data_dir / rel, out / rel)
+    for name in TABLES:
         if (data_dir / name).is_file():
-            shutil.copy2(data_dir / name, out / name)
+            _copy(data_dir / name, out / name)
     return vocab
 
 
@@ -369,72 +481,87 @@ def _tower_spec(
             "Side features of an item (seq_<f>, long_<f>) come from items.parquet; user features from users.parquet.",
             "Variants without long-term encoder ignore long_* and long_len but still take them.",
             "The program was exported on CPU.",
+            "user_tower.weights.pt holds the same tower's tensors and model config (torch.load(..., "
+            "weights_only=True)); sdm serves from it and never loads the .pt2, whose loading unpickles.",
         ],
     }
 
 
 def lookups_spec(manifest: dict[str, Any]) -> dict[str, Any]:
     """What `serve.sessions.Lookups` reads from a data manifest, for an export directory."""
-    keys = ("fingerprint", "item_features", "user_features", "max_session_len", "max_long_len", "num_items", "config")
+    keys = (
+        "fingerprint", "item_features", "user_features", "vocab_sizes", "max_session_len", "max_long_len", "num_items",
+        "config",
+    )  # fmt: skip
     return {"format": "sdm-lookups", "version": EXPORT_VERSION, **{k: manifest.get(k) for k in keys}}
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty `out` unless overwrite; then delete only the files export writes."""
-    if out.exists() and not out.is_dir():
-        raise SdmError(f"{out}: output path exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise SdmError(f"{out}: output directory is not empty; pass --overwrite to replace it")
-        # config.json first, so a half-cleared directory never looks like a finished export.
-        for name in OUTPUTS:
-            p = out / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def export(cfg: ExportConfig, progress: bool = False) -> dict[str, Any]:
     """Export the model in `cfg.model` for serving (see the module docstring for the files).
 
     Returns:
-        Summary: out, items, dim, variant, faiss (path or why skipped), seconds.
+        Summary: out, items, dim, variant, faiss (path or why skipped), onnx, seconds.
 
     Raises:
         SdmError: missing data or model directory, unfinished training run, a model
-            trained on another manifest than `cfg.data`, a non-empty `cfg.out`
-            without overwrite.
+            trained on another manifest than `cfg.data` (DataError); an `out` that
+            overlaps an input, holds foreign files, or holds an earlier export
+            without overwrite (OutputError); another export writing it
+            (LockedError); a failed write (StorageError).
     """
     from sdm.pipeline.evaluate import load_model  # same checkpoint checks as `sdm evaluate`
 
     t0 = time.time()
-    manifest = read_manifest(cfg.data)
-    model = load_model(cfg.model, cfg.data, manifest, torch.device("cpu"))
-    _prepare_out(cfg.out, cfg.overwrite)
+    inputs = {"data directory": cfg.data, "model directory": cfg.model}
+    with OutputDir(cfg.out, "export", OUTPUTS, overwrite=cfg.overwrite, inputs=inputs) as guard:
+        manifest = read_manifest(cfg.data)
+        if getattr(cfg, "verify", True):
+            verify_files(cfg.data, manifest)  # every data file against its recorded sha256
+        model = load_model(cfg.model, cfg.data, manifest, torch.device("cpu"))
+        raw = raw_item_ids(cfg.data, int(manifest["num_items"]))
+        guard.prepare(first=[CONFIG])  # config.json first: a half-cleared directory is never a finished export
+        try:
+            summary = _write(cfg, manifest, model, raw, progress)
+        except BaseException:
+            _discard(cfg.out)
+            raise
+    return {**summary, "seconds": time.time() - t0}
 
+
+def _write(cfg: ExportConfig, manifest: dict[str, Any], model: SDM, raw: pa.Array, progress: bool) -> dict[str, Any]:
+    """Write every export file into the prepared `cfg.out`, config.json last."""
+    out = Path(cfg.out)
     _say(progress, "item vectors")
     vectors = item_vectors(model)  # (V - 2, D)
-    write_item_vectors(cfg.out / ITEM_VECTORS, raw_item_ids(cfg.data, int(manifest["num_items"])), vectors)
-    faiss_status = write_faiss(cfg.out / FAISS_INDEX, vectors, progress) if cfg.faiss else "skipped: --no-faiss"
+    write_item_vectors(out / ITEM_VECTORS, raw, vectors)
+    faiss_status = write_faiss(out / FAISS_INDEX, vectors, progress) if cfg.faiss else "skipped: --no-faiss"
     _say(progress, f"faiss: {faiss_status}")
 
     _say(progress, "exporting the user tower (torch.export)")
-    dims = export_user_tower(model, cfg.out / USER_TOWER)
-    onnx_status = export_onnx(model, cfg.out / ONNX_TOWER) if cfg.onnx else "skipped: --no-onnx"
+    write_tower_weights(model, out / WEIGHTS)
+    dims = export_user_tower(model, out / USER_TOWER)
+    onnx_status = export_onnx(model, out / ONNX_TOWER) if cfg.onnx else "skipped: --no-onnx"
     _say(progress, f"onnx: {onnx_status}")
-    vocab = _copy_lookups(Path(cfg.data), cfg.out, model)
-    spec = _tower_spec(model, manifest, vocab, dims)
-    (cfg.out / TOWER_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
-    (cfg.out / LOOKUPS).write_text(json.dumps(lookups_spec(manifest), indent=2) + "\n")
-    save_config(cfg, cfg.out / CONFIG)  # last: marks a finished export
+    vocab = _copy_lookups(Path(cfg.data), out, manifest)
+    write_json(out / TOWER_SPEC, _tower_spec(model, manifest, vocab, dims))
+    write_json(out / LOOKUPS, lookups_spec(manifest))
+    write_text(out / CONFIG, cfg.model_dump_json(indent=2) + "\n")  # last: marks a finished export
     return {
-        "out": str(cfg.out),
+        "out": str(out),
         "items": int(vectors.shape[0]),
         "dim": int(vectors.shape[1]),
         "variant": model.config.variant,
         "faiss": faiss_status,
         "onnx": onnx_status,
-        "seconds": time.time() - t0,
     }
+
+
+def _discard(out: Path) -> None:
+    """Remove the export files a failed run wrote (config.json first), so no half export is left."""
+    for name in OUTPUTS:
+        path = out / name
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)

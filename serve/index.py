@@ -289,4 +289,6 @@ def _augment_queries(u: np.ndarray) -> np.ndarray:
 def describe(params: dict[str, Any]) -> str:
     """One line naming an index and its parameters, e.g. `ivf over 1,000,000 items: nlist 4096, nprobe 32`."""
     rest = ", ".join(f"{k} {v}" for k, v in params.items() if k not in ("kind", "items", "max_norm"))
-    return f"{params['kind']} over {params['items']:,} items" + (f": {rest}" if rest else "")
+    items = params.get("items")
+    count = f"{items:,}" if isinstance(items, int) else "?"  # `sdm inspect` of a damaged index.json
+    return f"{params.get('kind', '?')} over {count} items" + (f": {rest}" if rest else "")

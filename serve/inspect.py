@@ -11,14 +11,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdm.errors import SdmError
+from sdm.errors import DataError, SdmError
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file; unreadable, damaged or not an object is one DataError line naming it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SdmError(f"{path}: not readable JSON ({str(exc).splitlines()[0]})") from None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{path}: not readable JSON ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not an sdm file (a JSON {type(data).__name__}, expected an object)")
+    return data
+
+
+def _names(items: Any) -> list[str]:
+    """The `name` of each object of a list (inputs / outputs of user_tower.json), "?" where there is none."""
+    if not isinstance(items, list):
+        return []
+    return [str(i.get("name", "?")) if isinstance(i, dict) else "?" for i in items]
 
 
 def inspect_data(path: Path) -> dict[str, Any]:
@@ -118,8 +129,8 @@ def inspect_export(path: Path) -> dict[str, Any]:
         "variant": spec.get("variant"),
         "embedding_dim": spec.get("embedding_dim"),
         "fingerprint": spec.get("fingerprint"),
-        "inputs": [i["name"] for i in spec.get("inputs", [])],
-        "outputs": [o["name"] for o in spec.get("outputs", [spec.get("output", {})])],
+        "inputs": _names(spec.get("inputs")),
+        "outputs": _names(spec.get("outputs", [spec.get("output", {})])),
         "index": index,
         "onnx": "user_tower.onnx" in files,
         "files": files,

@@ -13,9 +13,14 @@ query at its end (tested). With `--index faiss` the user vectors go through
 
 Memory: users are hash-partitioned into buckets of about `bucket_events`
 events (the sessionizer's `bucket_expr`; the log is split by bucket in one
-streaming pass, `sessionize.read.split_log`, into a scratch directory next to the output), each
+streaming pass, `sessionize.read.split_log`, into a scratch folder next to the output), each
 bucket is sessionized on its own and scored in batches of `batch_size` users, and
 the output is streamed to a temporary Parquet file renamed into place at the end.
+
+Output: `outputs.OutputFile` refuses an `--out` that is the log, the data or model
+directory or the items table (or lies inside one), locks it against a second run,
+and removes the scratch (`.sdm-tmp-*-<name>`: the temporary Parquet file, the
+bucket split) that a killed run left beside it.
 """
 
 from __future__ import annotations
@@ -32,13 +37,15 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from sdm.config import RecommendConfig, save_config
-from sdm.errors import SdmError
+from sdm.config import RecommendConfig
+from sdm.errors import ConfigError
+from sdm.outputs import OutputFile, atomic_path, check_disjoint, scratch_name, write_text
 from sdm.pipeline.dataset import collate, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK, ModelScorer, _raw_items, load_model
+from sdm.pipeline.manifest import verify_files
 from sdm.pipeline.metrics import chunked_topk
-from sdm.sessionize.io import to_utc_us
+from sdm.sessionize.io import polars_errors, to_utc_us
 from sdm.serve.sessions import Lookups, Served, bucketed, open_log, take
 
 
@@ -121,11 +128,9 @@ def score_batch(
 
 
 class _Writer:
-    """Streams the output rows into `path`.tmp; `close` renames it into place (atomic)."""
+    """Streams the output rows into `tmp` (a scratch name beside the output, see `outputs.atomic_path`)."""
 
-    def __init__(self, path: Path, raw_items: pa.Array, user_type: pa.DataType) -> None:
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+    def __init__(self, tmp: Path, raw_items: pa.Array, user_type: pa.DataType) -> None:
         self.raw = raw_items
         self.schema = pa.schema(
             [
@@ -135,8 +140,7 @@ class _Writer:
                 ("scores", pa.list_(pa.float32())),
             ]
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        self.writer = pq.ParquetWriter(tmp, self.schema)
         self.rows = 0
 
     def write(self, served: Served, items: Tensor, scores: Tensor) -> None:
@@ -155,43 +159,58 @@ class _Writer:
         self.writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=self.schema))
         self.rows += len(top)
 
-    def close(self, ok: bool) -> None:
+    def close(self) -> None:
         self.writer.close()
-        if ok:
-            self.tmp.replace(self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+
+
+def side_config(out: Path) -> Path:
+    """The `<stem>.config.json` written beside an output Parquet file."""
+    return out.with_name(out.stem + ".config.json")
 
 
 def recommend(cfg: RecommendConfig, log: Path, progress: bool = False) -> dict[str, Any]:
     """Write the top-`cfg.k` items of every user of `log` to `cfg.out` (see the module docstring).
+
+    The output is guarded by `outputs.OutputFile`: refused when it is (or lies in,
+    or holds) the log, the data or model directory or the items table, or when
+    another sdm process writes it; the Parquet file and its `.config.json` are each
+    written under a scratch name and renamed into place, so a reader (and a killed
+    run) never leaves half a file.
 
     Returns:
         Summary: out, users, k, index, buckets, seconds.
 
     Raises:
         SdmError: missing or foreign model, a log the training config cannot read, K
-            beyond the catalogue, an existing output without overwrite, faiss missing.
+            beyond the catalogue, an output that overlaps an input or exists without
+            overwrite (OutputError), another run writing it (LockedError), a failed
+            write (StorageError), faiss missing.
     """
+    out = Path(cfg.out)
+    inputs = {"log": log, "data directory": cfg.data, "model directory": cfg.model, "items table": cfg.items}
+    check_disjoint(side_config(out), inputs)
+    with OutputFile(out, "recommend", overwrite=cfg.overwrite, inputs=inputs):
+        summary = _recommend(cfg, Path(log), out, progress)
+        write_text(side_config(out), cfg.model_dump_json(indent=2) + "\n")
+    return summary
+
+
+def _recommend(cfg: RecommendConfig, log: Path, out: Path, progress: bool) -> dict[str, Any]:
+    """`recommend` once the output is locked: read and check everything, then stream the output."""
     t0 = time.time()
     manifest = read_manifest(cfg.data)
+    if getattr(cfg, "verify", True):
+        verify_files(cfg.data, manifest)  # every data file against its recorded sha256
     num_items = int(manifest["num_items"])
     if cfg.k > num_items - 2:
-        raise SdmError(f"--k {cfg.k} is larger than the catalogue of {cfg.data} ({num_items - 2} items)")
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise SdmError(f"{out}: output exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise SdmError(f"{out}: output path is a directory, expected a Parquet file name")
+        raise ConfigError(f"--k {cfg.k} is larger than the catalogue of {cfg.data} ({num_items - 2} items)")
     device = pick_device(cfg.device)
     model = load_model(cfg.model, cfg.data, manifest, device)
     lookups = Lookups.load(cfg.data)
-    inp, missing = open_log(lookups, Path(log), cfg.items)
+    inp, missing = open_log(lookups, log, cfg.items)
     at_us = to_utc_us(cfg.at) if cfg.at is not None else None
-    try:
+    with polars_errors(str(log)):
         n_rows = inp.lf.select(pl.len()).collect().item()
-    except pl.exceptions.PolarsError as exc:
-        raise SdmError(f"{log}: {str(exc).strip().splitlines()[0]}") from None
     buckets = max(1, math.ceil(n_rows / cfg.bucket_events))
 
     with torch.no_grad():
@@ -204,28 +223,22 @@ def recommend(cfg: RecommendConfig, log: Path, progress: bool = False) -> dict[s
         user_type = pa.string()
         if inp.spec.user_key in inp.schema:
             user_type = pl.DataFrame(schema={"u": inp.schema[inp.spec.user_key]}).to_arrow().schema.field("u").type
-        writer = _Writer(out, _raw_items(cfg.data, num_items), user_type)
-        ok = False
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        raw_items = _raw_items(cfg.data, num_items)
+        from tqdm import tqdm
 
-            bar = tqdm(desc="recommend", unit="user", dynamic_ncols=True)
-        try:
-            for served in bucketed(inp, lookups, missing, at_us, buckets, out.parent):
-                for start in range(0, len(served), cfg.batch_size):
-                    part = take(served, slice(start, start + cfg.batch_size))
-                    batch = move_batch(collate(part.arrays, model.item_features, model.user_features), device)
-                    items, scores = score_batch(scorer, batch, cfg.k, num_items, cfg.exclude_seen, faiss_index)
-                    writer.write(part, items, scores)
-                    if bar is not None:
+        bar = tqdm(desc="recommend", unit="user", dynamic_ncols=True, disable=not progress)
+        with bar, atomic_path(out) as tmp, polars_errors(str(log)):
+            writer = _Writer(tmp, raw_items, user_type)
+            try:
+                for served in bucketed(inp, lookups, missing, at_us, buckets, scratch_name(out)):
+                    for start in range(0, len(served), cfg.batch_size):
+                        part = take(served, slice(start, start + cfg.batch_size))
+                        batch = move_batch(collate(part.arrays, model.item_features, model.user_features), device)
+                        items, scores = score_batch(scorer, batch, cfg.k, num_items, cfg.exclude_seen, faiss_index)
+                        writer.write(part, items, scores)
                         bar.update(len(part))
-            ok = True
-        finally:
-            if bar is not None:
-                bar.close()
-            writer.close(ok)
-    save_config(cfg, out.with_name(out.stem + ".config.json"))
+            finally:
+                writer.close()
     return {
         "out": str(out),
         "users": writer.rows,

@@ -195,12 +195,15 @@ def test_cli_good_path_with_overwrite(exported: dict[str, Any], tmp_path: Path) 
     (out / "notes.txt").write_text("not ours")
     args = ["export", "--data", str(exported["data"]), "--model", str(exported["model_dir"]), "--out", str(out)]
     runner = CliRunner()
-    one_line_error(runner.invoke(app, [*args, "--quiet"]), "not empty; pass --overwrite")
+    # a file export did not write: refused, even with --overwrite, and nothing is touched
+    one_line_error(runner.invoke(app, [*args, "--overwrite", "--quiet"]), "holds 'notes.txt', which `sdm export` did not write")
+    assert (out / "notes.txt").read_text() == "not ours" and (out / "items.faiss").read_text() == "stale"
+    (out / "notes.txt").unlink()
+    one_line_error(runner.invoke(app, [*args, "--quiet"]), "pass --overwrite")
     ok = runner.invoke(app, [*args, "--overwrite", "--quiet"])
     assert ok.exit_code == 0, ok.output
     assert ok.output.startswith("exported PSDMMAL-N: 20 item vectors of dim 16")
-    assert (out / "user_tower.pt2").is_file() and (out / "config.json").is_file()
-    assert (out / "notes.txt").is_file()  # overwrite replaces export files only
+    assert (out / "user_tower.pt2").is_file() and (out / "user_tower.weights.pt").is_file() and (out / "config.json").is_file()
     assert (out / "items.faiss").stat().st_size > 5 or "skipped" in ok.output
 
 

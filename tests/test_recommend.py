@@ -127,8 +127,7 @@ def test_every_user_once_and_buckets_agree(pipe: dict[str, Any], tmp_path: Path)
     assert a["user_id"].to_list() == users.to_list() == b["user_id"].to_list()
     assert a["items"].to_list() == b["items"].to_list()
     assert a.schema["user_id"] == pl.Int64  # the log's own type
-    assert not (tmp_path / "one.parquet.tmp").exists()
-    assert not list(tmp_path.glob(".sdm-recommend-*"))  # the bucket split is cleaned up
+    assert not list(tmp_path.glob(".sdm-tmp-*"))  # the temporary output and the bucket split are cleaned up
 
 
 def test_exclude_seen_and_faiss_agree_with_exact(pipe: dict[str, Any], tmp_path: Path) -> None:
@@ -177,7 +176,7 @@ def test_cli_good_and_bad(pipe: dict[str, Any], tmp_path: Path) -> None:
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
 
-    one_line(runner.invoke(app, [*args, "-q"]), "output exists; pass --overwrite")
+    one_line(runner.invoke(app, [*args, "-q"]), "pass --overwrite to replace it")
     one_line(runner.invoke(app, [*args, "--overwrite", "--k", "100000", "-q"]), "larger than the catalogue")
     bad = tmp_path / "bad.parquet"
     pl.read_parquet(pipe["log"]).drop("item_id").write_parquet(bad)

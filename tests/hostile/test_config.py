@@ -314,3 +314,16 @@ def test_train_bounds_fit_the_model_config() -> None:
         assert isinstance(model, ModelConfig)
     with pytest.raises(ValueError, match="repeat_prior"):
         ModelConfig(item_vocab={"item": 10}, repeat_prior=math.nan)
+
+
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_none_in_the_python_api_is_a_config_or_a_validation_error(section: str) -> None:
+    """`SessionizeConfig(ray_address=None)` raised a TypeError from a length constraint on an optional field."""
+    from pydantic import ValidationError
+
+    cls = SECTIONS[section]
+    for name in cls.model_fields:
+        try:
+            cls(**{name: None})
+        except ValidationError:
+            pass
