@@ -1,11 +1,12 @@
 """`sdm train`: one plain training loop over the streaming dataset.
 
 `train` reads as its named steps: `build_run` (distributed, device, data,
-model, optimizer, step plan), `start` (a fresh run clears the old files; a
-resumed one loads last.pt), then per epoch `train_epoch` (batches -> lr from
-`get_lr(step)` -> forward/loss -> backward -> clip -> step -> log, last.pt
-every `checkpoint_every` steps) and `end_epoch` (validate HR@K with the same
-code as `sdm evaluate`, keep best.pt, early stop), and `summarise`.
+model, with `--init-from` the previous model's weights, optimizer, step plan),
+`start` (a fresh run clears the old files; a resumed one loads last.pt), then
+per epoch `train_epoch` (batches -> lr from `get_lr(step)` -> forward/loss ->
+backward -> clip -> step -> log, last.pt every `checkpoint_every` steps) and
+`end_epoch` (validate HR@K with the same code as `sdm evaluate`, keep best.pt,
+early stop), and `summarise`.
 
 Runs in one process or under `torchrun` (DDP: gloo on CPU, NCCL on GPU). Each
 rank reads its own shards; every rank runs the same number of steps per epoch
@@ -58,6 +59,9 @@ from sdm.pipeline.device import pick_device
 from sdm.pipeline.manifest import verify_files
 from sdm.outputs import OutputDir, atomic_path
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model_config, model_features, resolve_loss
+from sdm.pipeline.warmstart import WarmStart, warm_start
+
+
 def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warmup, then cosine decay to 10% of `lr` at `total_steps`.
 
@@ -230,6 +234,10 @@ class Run:
     last_valid: dict[str, Any] = field(default_factory=dict)
     saved_step: int | None = None
     """Step of the newest last.pt this run wrote (None: none yet)."""
+    warm: WarmStart | None = None
+    """What `--init-from` loaded (a fresh run only)."""
+    init_from: dict[str, Any] | None = None
+    """The checkpoints' `init_from` record: this run's warm start, or the one last.pt carries when resumed."""
 
     @property
     def total_steps(self) -> int:
@@ -283,6 +291,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
         raise SdmError(f"{cfg.data}: some rank gets no training batch; sessionize with more --min-shards")
 
     model = SDM(model_cfg, load_item_table(cfg.data, manifest, list(model_cfg.item_vocab))).to(device)
+    warm = init_weights(cfg, model, manifest)  # every rank, before the DDP wrapper
     sampler = NegativeSampler(load_item_counts(cfg.data, manifest), cfg.num_negatives, cfg.neg_power).to(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1000 + rank)
@@ -301,7 +310,19 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
         cfg, rank, world, device, manifest, model_cfg, model, net, opt, sampler, gen,
         resolve_loss(cfg.loss, int(manifest["num_items"]), cfg.batch_size, int(manifest["max_session_len"])),
         dataset, loader, epoch_steps, t0, ema=WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None,
+        warm=warm, init_from=warm.record(cfg.init_from) if warm is not None else None,
     )  # fmt: skip
+
+
+def init_weights(cfg: TrainConfig, model: SDM, manifest: dict[str, Any]) -> WarmStart | None:
+    """`--init-from` on a fresh run: the previous model's weights, tables grown (`sdm.pipeline.warmstart`).
+
+    A resumed run continues last.pt instead. The optimizer stays fresh: Adam's moments of a
+    grown table would not line up with its rows, and the warm-up re-settles them.
+    """
+    if cfg.init_from is None or cfg.resume:
+        return None
+    return warm_start(model, cfg.init_from, manifest, cfg.data)
 
 
 # -- checkpoints ----------------------------------------------------------------------
@@ -321,6 +342,7 @@ def checkpoint(run: Run, state: Progress) -> dict[str, Any]:
         "best_metric": state.best,
         "bad_epochs": state.bad_epochs,
         **({"ema": run.ema.avg} if run.ema is not None else {}),
+        **({"init_from": run.init_from} if run.init_from is not None else {}),
         "rng": {
             "torch": torch.get_rng_state(),
             "sampler": run.gen.get_state(),
@@ -351,7 +373,8 @@ def claim_out(cfg: TrainConfig, rank: int) -> AbstractContextManager[Any]:
         return nullcontext()
     return OutputDir(
         cfg.out, "train", OWN_FILES, overwrite=cfg.overwrite, keep=cfg.resume,
-        inputs={"data directory": cfg.data}, hint="pass --overwrite to replace it or --resume to continue it",
+        inputs={"data directory": cfg.data, "--init-from model": cfg.init_from},
+        hint="pass --overwrite to replace it or --resume to continue it",
     )  # fmt: skip
 
 
@@ -366,6 +389,11 @@ def start(run: Run, guard: OutputDir | None) -> Progress:
     if run.cfg.resume:
         say(run, f"[train] resuming {run.cfg.out / 'last.pt'}: epoch {state.epoch}, step {state.step:,} "
                  f"({state.batch_in_epoch} batches into the epoch), best so far {max(state.best, 0.0):.4f}")  # fmt: skip
+        if run.cfg.init_from is not None and run.rank == 0:
+            print(f"note: --resume continues {run.cfg.out / 'last.pt'}; --init-from {run.cfg.init_from} is ignored",
+                  file=sys.stderr)  # fmt: skip
+    elif run.warm is not None:
+        say(run, run.warm.line())
     if guard is not None:
         guard.prepare(first=["best.pt"], clear=not run.cfg.resume)
     if run.world > 1:
@@ -400,6 +428,7 @@ def _resume(run: Run) -> Progress:
     if run.device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
     state = Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_metric"], ckpt["bad_epochs"])
+    run.init_from = ckpt.get("init_from")  # a warm-started run's record stays in its checkpoints
     if run.rank == 0:
         truncate_log(run.cfg.out / "train_log.jsonl", state.step)
     return state

@@ -1,0 +1,230 @@
+"""`sdm train --init-from PREV_MODEL`: start a run from the weights of yesterday's model.
+
+Daily retraining sessionizes the newest log with `sdm sessionize --vocab-from
+PREV_DATA`, so every raw id and feature value of PREV_DATA keeps its index and new
+ones are appended after. A model trained on PREV_DATA then fits the new data once
+its vocabulary-sized tables grow: rows [0, old size) are the old rows, and
+
+- a new item's id row is zero, so its item vector is item_proj(0, side features):
+  it comes from its side features alone (as a cold item's would);
+- new rows of the side-feature and user tables keep the fresh init of the new model.
+
+Every other weight has the same shape and is copied; the `item_table` buffer (each
+item's feature indices) is the new data's. Read top-down: `read_init` (best.pt,
+weights only), `check_compatible` (refusals, one line each), `grow_state_dict`
+(the copy), and `warm_start`, which does the three on a freshly built model.
+
+The optimizer is not carried over: Adam's moments of a grown table would not line
+up with its rows, and the learning-rate warm-up re-settles a fresh AdamW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdm.errors import ConfigError, DataError
+from sdm.model.sdm import SDM, ModelConfig
+from sdm.pipeline.checkpoint import MODEL_KEYS, read_checkpoint
+
+VOCAB_FIELDS = ("item_vocab", "user_vocab")
+TRAINING_ONLY = ("dropout", "id_dropout")
+"""Model settings a warm start may change: they act in training only and hold no weights."""
+DATA_BUFFERS = ("item_table",)
+"""State-dict entries that come from the new data, never from the previous model."""
+
+
+@dataclass
+class WarmStart:
+    """What `warm_start` did: recorded in the checkpoints and told on stderr."""
+
+    path: Path
+    """The previous model's best.pt."""
+    step: int | None
+    data_fingerprint: str
+    carried: int
+    """Weights copied (whole, or into the first rows of a grown table)."""
+    total: int
+    """Weights of the new model (the data buffers not counted)."""
+    items_before: int
+    items_after: int
+    side_features: bool
+    """Whether the model reads item side features (else a new item's vector starts at zero)."""
+
+    def record(self, given: Path) -> dict[str, Any]:
+        """The checkpoint's `init_from` entry."""
+        return {"path": str(given), "step": self.step, "data_fingerprint": self.data_fingerprint}
+
+    def line(self) -> str:
+        """The one line `sdm train` prints at the start."""
+        new = self.items_after - self.items_before
+        if new:
+            start = "their side features" if self.side_features else "a zero vector (the model reads no side features)"
+            items = f"item table grown {self.items_before:,} -> {self.items_after:,} ({new:,} new items start from {start})"
+        else:
+            items = f"item table unchanged ({self.items_after:,} rows)"
+        return f"[train] warm start from {self.path}: {self.carried} of {self.total} weights carried over, {items}"
+
+
+def read_init(model_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The previous model's best.pt (read with weights_only), and its path.
+
+    Raises:
+        SdmError: no model directory, no or unreadable best.pt (one line naming it).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(f"--init-from {model_dir}: not a model directory (give the --out of an earlier `sdm train`)")
+    path = model_dir / "best.pt"
+    return path, read_checkpoint(path, MODEL_KEYS)
+
+
+def _normalised(path: Path, config: Any) -> dict[str, Any]:
+    """A checkpoint's model config with the defaults of fields added since it was written."""
+    try:
+        return ModelConfig.model_validate(config).model_dump(mode="json")
+    except (ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a model config this sdm reads ({first})") from None
+
+
+def _trained_on(ckpt: dict[str, Any]) -> str:
+    """The data directory the checkpoint's run read, for the messages."""
+    config = ckpt.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    return str(data) if data else "the data the model was trained on"
+
+
+def check_compatible(path: Path, ckpt: dict[str, Any], manifest: dict[str, Any], data: Path, model_cfg: ModelConfig) -> None:
+    """Whether the model in `ckpt` (read from `path`) can seed a run on `data` with `model_cfg`.
+
+    Its vocabularies must be a prefix of the new data's: the new manifest's
+    `vocab_from` names the checkpoint's data (or the data is the same), no vocabulary
+    is smaller, and the model config is the same but for vocabulary sizes.
+
+    Raises:
+        DataError: the data does not extend the checkpoint's data, or a vocabulary shrinks.
+        ConfigError: another model setting (the first one named, `field old -> new`).
+    """
+    prev = _trained_on(ckpt)
+    old_fp, new_fp = ckpt["data_fingerprint"], manifest["fingerprint"]
+    vocab_from = manifest.get("vocab_from") or {}
+    from_fp = vocab_from.get("fingerprint") if isinstance(vocab_from, dict) else None
+    if old_fp != new_fp and from_fp != old_fp:
+        has = f"vocab_from {str(from_fp)[:12]}" if from_fp else "no vocab_from"
+        raise DataError(
+            f"--init-from {path}: the model was trained on data {str(old_fp)[:12]}, which {data} does not extend "
+            f"(its manifest has {has}); sessionize the new log with --vocab-from {prev} so every id keeps its index"
+        )
+    old = _normalised(path, ckpt["model_config"])
+    new = model_cfg.model_dump(mode="json")
+    for key in new:
+        if key in TRAINING_ONLY:
+            continue
+        if key in VOCAB_FIELDS:
+            before, after = list(old[key]), list(new[key])
+            what = f"{key.split('_')[0]} features {before} -> {after}"
+        else:
+            before, after = old.get(key), new[key]
+            what = f"{key} {before} -> {after}"
+        if before != after:
+            raise ConfigError(
+                f"--init-from {path}: the model has another config than this run ({what}); a warm start changes "
+                "only the vocabulary sizes, so train with the previous model's settings (or without --init-from)"
+            )
+    for key in VOCAB_FIELDS:
+        for name, size in old[key].items():
+            if size > new[key][name]:
+                raise DataError(
+                    f"--init-from {path}: vocabulary {name!r} shrinks {size} -> {new[key][name]} in {data}; the new "
+                    f"data must extend the model's vocabularies: sessionize the new log with --vocab-from {prev}"
+                )
+
+
+def _item_id_key(model: SDM) -> str:
+    """State-dict name of the item-id embedding table."""
+    table = model.item_emb.tables[model.item_emb.names.index("item")].weight
+    return next(k for k, v in model.state_dict(keep_vars=True).items() if v is table)
+
+
+def _vocab_tables(model: SDM) -> dict[str, str]:
+    """State-dict name of each embedding table -> its feature ("item:category", "user:age")."""
+    names = {id(v): k for k, v in model.state_dict(keep_vars=True).items()}
+    out = {}
+    for side, bank in (("item", model.item_emb), ("user", model.user_emb)):
+        for feature, table in zip(bank.names, bank.tables, strict=True):
+            out[names[id(table.weight)]] = f"{side}:{feature}"
+    return out
+
+
+def grow_state_dict(
+    old: dict[str, torch.Tensor], model: SDM, old_cfg: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """`model`'s state dict with `old`'s weights copied in; (state dict, weights carried over).
+
+    Equal shapes are copied; a tensor whose first dimension is a vocabulary size that
+    grew gets the old rows in [0, old size) and keeps the model's rows after them,
+    except the item-id table, whose new rows are zero. The data buffers are the model's.
+
+    Raises:
+        DataError: a weight whose shape differs otherwise (a checkpoint that does not match its config).
+    """
+    new_cfg = model.config.model_dump(mode="json")
+    sizes = {f"{k.split('_')[0]}:{f}": (old_cfg[k][f], new_cfg[k][f]) for k in VOCAB_FIELDS for f in new_cfg[k]}
+    grown = {pair for pair in sizes.values() if pair[0] < pair[1]}
+    tables, id_key = _vocab_tables(model), _item_id_key(model)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    carried = 0
+    for key, fresh in state.items():
+        if key in DATA_BUFFERS or key not in old:
+            continue
+        prev = old[key].to(device=fresh.device, dtype=fresh.dtype)
+        if prev.shape == fresh.shape:
+            fresh.copy_(prev)
+        elif _grows(prev, fresh, sizes.get(tables.get(key, "")), grown):
+            fresh[: prev.shape[0]] = prev
+            if key == id_key:
+                fresh[prev.shape[0] :] = 0.0
+        else:
+            raise DataError(
+                f"weight {key} of the --init-from model has shape {tuple(prev.shape)}, this run's "
+                f"{tuple(fresh.shape)}: the checkpoint does not match its own model config"
+            )
+        carried += 1
+    return state, carried
+
+
+def _grows(prev: torch.Tensor, fresh: torch.Tensor, table: tuple[int, int] | None, grown: set[tuple[int, int]]) -> bool:
+    """`prev` is `fresh` with fewer rows, and the row counts are a vocabulary's old and new size
+    (the table's own feature for an embedding table, any grown vocabulary for another tensor)."""
+    if prev.dim() == 0 or prev.shape[1:] != fresh.shape[1:]:
+        return False
+    pair = (prev.shape[0], fresh.shape[0])
+    return pair == table if table is not None else pair in grown
+
+
+def warm_start(model: SDM, model_dir: Path, manifest: dict[str, Any], data: Path) -> WarmStart:
+    """Load the previous model's weights into a freshly built `model` (checked, tables grown).
+
+    Raises:
+        SdmError: see `read_init` and `check_compatible`.
+    """
+    path, ckpt = read_init(model_dir)
+    check_compatible(path, ckpt, manifest, data, model.config)
+    old_cfg = _normalised(path, ckpt["model_config"])
+    state, carried = grow_state_dict(ckpt["model"], model, old_cfg)
+    model.load_state_dict(state)
+    step = ckpt.get("step")
+    return WarmStart(
+        path=path,
+        step=int(step) if isinstance(step, int) else None,
+        data_fingerprint=str(ckpt["data_fingerprint"]),
+        carried=carried,
+        total=sum(1 for k in state if k not in DATA_BUFFERS),
+        items_before=int(old_cfg["item_vocab"]["item"]),
+        items_after=int(model.config.item_vocab["item"]),
+        side_features=len(model.item_features) > 1,
+    )
