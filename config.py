@@ -396,6 +396,8 @@ class TrainConfig(_Base):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: bool = False
     """Continue from `out`/last.pt."""
+    tensorboard: OptPath = None
+    """Also write loss, learning rate and validation metrics as TensorBoard scalars to this directory (the `tensorboard` extra)."""
     init_from: OptPath = None
     """Warm start: a previous model directory (best.pt) trained on data whose vocabularies this data extends (`sdm sessionize --vocab-from`); every weight carried over, tables grown."""
     id_dropout: Annotated[float, _in(0, 1, hi_open=True)] = 0.0

@@ -16,7 +16,6 @@ diverges from another; rank 0 alone validates and writes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -57,6 +56,7 @@ from sdm.pipeline.dataset import (
 )
 from sdm.pipeline.device import pick_device
 from sdm.pipeline.manifest import verify_files
+from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model_config, model_features, resolve_loss
 from sdm.pipeline.warmstart import WarmStart, warm_start
@@ -439,8 +439,7 @@ def _resume(run: Run) -> Progress:
 
 def _log(run: Run, record: dict[str, Any]) -> None:
     if run.log is not None:
-        run.log.write(json.dumps(record) + "\n")
-        run.log.flush()
+        run.log.write(record)
 
 
 @torch.no_grad()
@@ -635,7 +634,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, t0: float, guard: OutputDir 
         state = start(run, guard)
         run.saved_step = state.step if cfg.resume else None
         if rank == 0:
-            run.log = open(cfg.out / "train_log.jsonl", "a")
+            run.log = TrainLog(cfg.out / "train_log.jsonl", cfg.tensorboard,
+                               {"data directory": cfg.data, "--init-from model": cfg.init_from})  # fmt: skip
             if progress:
                 from tqdm import tqdm
 

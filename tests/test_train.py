@@ -386,3 +386,44 @@ def test_new_flags_bad_values_are_one_line(tmp_path, args, message):
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and message in r.output and r.output.count("\n") == 1, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_tensorboard_gets_loss_lr_and_validation_scalars(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    train(cfg(data, tmp_path / "m", max_steps=3, tensorboard=tb), progress=False)
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "valid/hr@50", "valid/ndcg@50"} <= tags, tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_tensorboard_into_the_data_directory_is_refused(data, tmp_path):
+    r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--tensorboard", str(data / "tb")])
+    assert r.exit_code == 1 and "--tensorboard" in r.output and "data directory" in r.output
+
+
+def test_epoch_lines_resume_line_and_interrupt_line(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "m"
+    train(cfg(data, out, epochs=2), progress=True)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("[train] epoch")]
+    assert len(lines) == 2 and "valid hr@50" in lines[0] and "loss" in lines[0], err
+    train(cfg(data, out, epochs=3, resume=True), progress=True)
+    assert "[train] resuming" in capsys.readouterr().err
+    train(cfg(data, tmp_path / "q", epochs=1), progress=False)
+    assert "[train] epoch" not in capsys.readouterr().err  # -q: silent
+
+    from sdm.pipeline import train as tr
+
+    def interrupt(run, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "end_epoch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(data, tmp_path / "k", epochs=1), progress=False)
+    err = capsys.readouterr().err
+    assert "[train] interrupted at step" in err and "--resume" in err
