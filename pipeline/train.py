@@ -111,9 +111,10 @@ def train_step(
 
 
 def _setup_distributed(device_name: str) -> tuple[int, int]:
-    """Join the process group when launched by torchrun; (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    """Join the process group when launched by torchrun (even with one process, so that
+    `torchrun --nproc_per_node 1` runs the DDP code path); (rank, world_size)."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and not dist.is_initialized():
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -296,7 +297,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1000 + rank)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    net = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    net = DistributedDataParallel(model, broadcast_buffers=False) if dist.is_initialized() else model
     items, users = model_features(manifest, cfg)
     dataset = SessionDataset(
         cfg.data, "train", cfg.batch_size, items, users, shuffle=True, shuffle_buffer=cfg.shuffle_buffer,
@@ -304,7 +305,8 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     )  # fmt: skip
     # A private generator: creating a DataLoader iterator otherwise draws from the
     # global RNG, which would shift dropout masks after a resume.
-    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+    # pinned host memory lets move_batch's non_blocking copies overlap the GPU's work
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     return Run(
         cfg, rank, world, device, manifest, model_cfg, model, net, opt, sampler, gen,
@@ -620,7 +622,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             return _train(cfg, rank, world, t0, guard, progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
