@@ -46,6 +46,8 @@ from typing import Any
 
 import polars as pl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/bootstrap.py beside this script
+
 from sdm.config import SessionizeConfig, TrainConfig
 from sdm.pipeline.baselines import BASELINES, build_baseline
 from sdm.pipeline.dataset import read_manifest
@@ -139,8 +141,9 @@ def sessionize_dataset(name: str, spec: dict[str, Any], work: Path) -> Path:
     return root / "data"
 
 
-def run_model(data: Path, out: Path, seed: int, split: str, train_args: dict[str, Any]) -> dict[str, Any]:
-    """Train with the defaults over `train_args`, evaluate best.pt on `split`."""
+def run_model(data: Path, out: Path, seed: int, split: str, train_args: dict[str, Any],
+              dump: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train with the defaults over `train_args`, evaluate best.pt on `split` (top-K per query to `dump`)."""
     from sdm.pipeline.train import train
 
     shutil.rmtree(out, ignore_errors=True)
@@ -148,16 +151,37 @@ def run_model(data: Path, out: Path, seed: int, split: str, train_args: dict[str
     summary = train(cfg, progress=False)
     device = pick_device(cfg.device)
     model = load_model(out, data, read_manifest(data), device)
-    m = evaluate_model(model, data, split, KS, device=device)
+    m = evaluate_model(model, data, split, KS, device=device, dump_topk=dump, dump_k=max(KS))
     return {**m, "seed": seed, "train_seconds": summary["seconds"], "steps": summary["steps"],
             "epochs": summary["epochs"], "best_valid": summary["best_metric"]}  # fmt: skip
 
 
-def run_baseline(data: Path, name: str, split: str) -> dict[str, Any]:
+def run_baseline(data: Path, name: str, split: str, dump: Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     scorer = build_baseline(name, data, read_manifest(data))
     fit = time.perf_counter() - t0
-    return {**evaluate_model(scorer, data, split, KS, device="cpu"), "train_seconds": fit}
+    m = evaluate_model(scorer, data, split, KS, device="cpu", dump_topk=dump, dump_k=max(KS))
+    return {**m, "train_seconds": fit}
+
+
+def intervals(dumps: dict[str, list[Path]], results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per method and headline metric: the paired, user-clustered bootstrap interval of its
+    difference to the best OTHER method of the same log (best by mean; seeds averaged per query)."""
+    from bootstrap import mean_of_runs, paired_interval, per_query
+
+    out: dict[str, dict[str, Any]] = {}
+    for key in HEADLINE:
+        metric, k = key.split("@")
+        scores = {m: mean_of_runs([per_query(p, int(k)) for p in paths]) for m, paths in dumps.items()}
+        means = {m: statistics.fmean(r[key] for r in runs) for m, runs in results.items()}
+        for method in dumps:
+            others = [m for m in dumps if m != method]
+            if not others:
+                continue
+            best = max(others, key=lambda m: means[m])
+            ci = paired_interval(scores[method], scores[best], metric)
+            out.setdefault(method, {})[key] = {"vs": best, **ci}
+    return out
 
 
 def spread(values: list[float]) -> str:
@@ -165,13 +189,22 @@ def spread(values: list[float]) -> str:
     return f"{mean:.4f}" if len(values) == 1 else f"{mean:.4f} ({min(values):.4f}..{max(values):.4f})"
 
 
-def table(results: dict[str, Any], targets: dict[str, Any], split: str) -> str:
+def _delta(ci: dict[str, Any] | None) -> str:
+    if not ci:
+        return "-"
+    return f"{ci['diff']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] vs {ci['vs']}"
+
+
+def table(results: dict[str, Any], targets: dict[str, Any], split: str, cis: dict[str, Any] | None = None) -> str:
     """One row per dataset and method: HR@50 and NDCG@50 (mean, min..max over seeds) vs the targets."""
     lines = [
         f"Split: {split}. sdm: mean (min..max) over seeds; target: best row of TARGETS.md (test split).",
         "",
-        "| dataset | method | HR@50 | target HR@50 | NDCG@50 | target NDCG@50 | train s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "Δ: mean difference to the best other method run on the same log, with its paired bootstrap 95% interval",
+        "(users resampled, 1000 draws); an interval above 0 is a win beyond noise.",
+        "",
+        "| dataset | method | HR@50 | target HR@50 | Δ HR@50 [95% CI] | NDCG@50 | target NDCG@50 | Δ NDCG@50 [95% CI] | train s |",
+        "|---|---|---:|---:|---|---:|---:|---|---:|",
     ]
     for ds, methods in results.items():
         tgt = targets.get(ds, {})
@@ -181,7 +214,8 @@ def table(results: dict[str, Any], targets: dict[str, Any], split: str) -> str:
                 vals = [r[key] for r in runs]
                 best = tgt.get(key)
                 mark = "" if best is None else (" >=" if statistics.fmean(vals) >= best[0] else " <")
-                cells += [spread(vals) + mark, f"{best[0]:.4f} ({best[1]})" if best else "-"]
+                cells += [spread(vals) + mark, f"{best[0]:.4f} ({best[1]})" if best else "-",
+                          _delta(((cis or {}).get(ds) or {}).get(method, {}).get(key))]  # fmt: skip
             secs = statistics.fmean(r["train_seconds"] for r in runs)
             lines.append(f"| {ds} | {method} | " + " | ".join(cells) + f" | {secs:.0f} |")
     return "\n".join(lines)
@@ -219,28 +253,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown method(s) {bad}; models: {list(PRESETS)}; baselines: {list(BASELINES)}", file=sys.stderr)
         return 1
     results: dict[str, Any] = {}
+    cis: dict[str, Any] = {}
     for name in names:
         data = sessionize_dataset(name, sets[name], args.work)
-        results[name] = {}
+        results[name], dumps = {}, {}
         for method in methods:
             if method in BASELINES:
-                results[name][method] = [run_baseline(data, method, args.split)]
+                dumps[method] = [args.work / name / "dumps" / f"{method}.parquet"]
+                results[name][method] = [run_baseline(data, method, args.split, dumps[method][0])]
                 continue
             runs = results[name][method] = []
             for seed in seeds:
                 out = args.work / name / f"{method}-{seed}"
-                runs.append(run_model(data, out, seed, args.split, {**PRESETS[method], **args.train_args}))
+                dumps.setdefault(method, []).append(args.work / name / "dumps" / f"{method}-{seed}.parquet")
+                runs.append(run_model(data, out, seed, args.split, {**PRESETS[method], **args.train_args},
+                                      dumps[method][-1]))  # fmt: skip
                 r = runs[-1]
                 print(f"{name} {method} seed {seed}: hr@50 {r['hr@50']:.4f} ndcg@50 {r['ndcg@50']:.4f} "
                       f"({r['train_seconds']:.0f}s, {r['epochs']} epochs)", file=sys.stderr, flush=True)  # fmt: skip
-    md = table(results, targets, args.split)
+        cis[name] = intervals(dumps, results[name])
+    md = table(results, targets, args.split, cis)
     print(md)
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / (f"quality_{args.split}" + (f"_{args.tag}" if args.tag else ""))
     stem.with_suffix(".md").write_text(md + "\n")
     meta = {"split": args.split, "seeds": seeds, "methods": methods, "train_args": args.train_args,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "intervals": cis}, indent=2,
+                                                    default=str) + "\n")  # fmt: skip
     return 0
 
 

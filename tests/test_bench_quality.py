@@ -78,3 +78,42 @@ def test_unknown_method_is_an_error(quality, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SDM_SHARED", str(shared))
     assert quality.main(["--methods", "sdm,bogus", "--results", str(tmp_path / "r")]) == 1
     assert "unknown method(s) ['bogus']" in capsys.readouterr().err
+
+
+def _load_bootstrap():
+    spec = importlib.util.spec_from_file_location("bench_bootstrap", SCRIPT.parent / "bootstrap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dump(path, rows):
+    import datetime as dt
+
+    import polars as pl
+
+    t = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    pl.DataFrame(
+        {"user_id": [r[0] for r in rows], "session_start": [t] * len(rows), "position": list(range(len(rows))),
+         "target": [r[1] for r in rows], "topk": [r[2] for r in rows]}
+    ).write_parquet(path)  # fmt: skip
+    return path
+
+
+def test_per_query_scores_and_paired_interval(tmp_path):
+    import math
+
+    b = _load_bootstrap()
+    rows_a = [("u1", "x", ["x", "y"]), ("u1", "y", ["x", "y"]), ("u2", "z", ["z"]), ("u3", None, ["x"])]
+    rows_b = [("u1", "x", ["y", "q"]), ("u1", "y", ["q", "r"]), ("u2", "z", ["q"]), ("u3", None, ["x"])]
+    a = b.per_query(_dump(tmp_path / "a.parquet", rows_a), 2)
+    assert a.get_column("hr").to_list() == [1, 1, 1, 0]
+    assert a.get_column("ndcg").to_list() == pytest.approx([1, 1 / math.log2(3), 1, 0])
+    same = b.paired_interval(a, a, "hr")
+    assert same["diff"] == same["low"] == same["high"] == 0
+    other = b.per_query(_dump(tmp_path / "b.parquet", rows_b), 2)
+    ci = b.paired_interval(a, other, "hr", resamples=500)
+    assert ci["diff"] == pytest.approx((1 - 0 + 1 - 0 + 1 - 0 + 0) / 4) and ci["users"] == 3
+    assert 0 <= ci["low"] <= ci["diff"] <= ci["high"] <= 1
+    both = b.mean_of_runs([a, other])
+    assert both.get_column("hr").to_list() == [0.5, 0.5, 0.5, 0]
