@@ -60,7 +60,7 @@ from typing import Any
 
 import polars as pl
 
-from sdm.errors import SdmError
+from sdm.errors import OutputError, SdmError
 from sdm.logs.synth import claim_targets, side_paths
 from sdm.outputs import scratch_name
 
@@ -513,12 +513,28 @@ def convert(fmt: str, raw_paths: Sequence[Path], out: Path | None = None, overwr
         raise SdmError(f"{files[0]}: could not read as {fmt} ({first})") from None
     items_path, users_path = side_paths(out)
     targets = {out: tables.log, items_path: tables.items, users_path: tables.users}
+    _refuse_stale_side_tables(targets)
     with claim_targets(list(targets), files, overwrite, "convert"):
-        _write_targets(targets, files, overwrite)
+        _write_targets(targets, files)
     return _summary(fmt, out, tables, files, items_path, users_path, t0)
 
 
-def _write_targets(targets: dict[Path, Any], files: list[Path], overwrite: bool) -> None:
+def _refuse_stale_side_tables(targets: dict[Path, Any]) -> None:
+    """A side table this dataset does not have must not sit beside the new log: a reader would
+    take it for this log's, and sdm deletes only files it writes, so the user moves it.
+
+    Raises:
+        OutputError: naming the file.
+    """
+    for p, lf in targets.items():
+        if lf is None and p.exists():
+            raise OutputError(
+                f"{p}: this dataset has no {p.stem} table, and a {p.name} from elsewhere sits beside the new log; "
+                "sdm deletes only what it writes: move it away or choose another --out"
+            )
+
+
+def _write_targets(targets: dict[Path, Any], files: list[Path]) -> None:
     """Sink each table to a temporary name, then rename them all into place."""
     tmp = {p: scratch_name(p) for p in targets}
     try:
@@ -528,8 +544,6 @@ def _write_targets(targets: dict[Path, Any], files: list[Path], overwrite: bool)
         for p, lf in targets.items():
             if lf is not None:
                 tmp[p].replace(p)
-            elif overwrite and p.exists():
-                p.unlink()  # a stale side table from another dataset would be misleading
     finally:
         for t in tmp.values():
             t.unlink(missing_ok=True)

@@ -88,7 +88,7 @@ def test_convert_refuses_stale_side_table_without_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "users.parquet").write_text("from another dataset")
     code, lines = cli("convert", "otto", raw, "--out", tmp_path / "out" / "logs.parquet")
-    one_error(code, lines, "users.parquet: already exists")
+    one_error(code, lines, "users.parquet: this dataset has no users table")
 
 
 # --- exit 0 with an unusable result ------------------------------------------------------

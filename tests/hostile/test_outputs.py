@@ -332,3 +332,13 @@ def test_a_shard_replaced_by_a_valid_file_of_the_same_size_is_refused(data_copy:
 def test_api_errors_are_sdm_errors() -> None:
     for cls in (DataError, OutputError, LockedError, StorageError):
         assert issubclass(cls, SdmError) and issubclass(cls, ValueError)
+
+
+def test_convert_overwrite_never_deletes_a_side_table_it_does_not_write(tmp_path: Path) -> None:
+    """convert --overwrite deleted a users.parquet beside the log when the dataset had no users table."""
+    raw = tmp_path / "s.jsonl"
+    raw.write_text('{"session": 1, "events": [{"aid": 1, "ts": 1659304800, "type": "clicks"}]}\n')
+    theirs = tmp_path / "users.parquet"
+    theirs.write_text("somebody's table")
+    line = one_error_line(run("convert", "otto", raw, "--out", tmp_path / "logs.parquet", "--overwrite"))
+    assert "users.parquet" in line and theirs.read_text() == "somebody's table"
