@@ -9,7 +9,11 @@ The stages, one module each, in the order the data meets them:
     split     cutoffs and each session's split (SPEC 4)
     windows   long-term windows (SPEC 3) and the per-(user, split) timelines
     encode    vocabularies from the training split, ids -> indices, item/user tables
+    catalogue the cold items (outside the vocabulary) the item tower can still embed
     write     shards, tables and (last) the manifest
+
+`previous` reads the data directory of `--vocab-from`, whose vocabularies
+are kept (seeding the plan's).
 
 `passes` calls them for one user hash bucket (a first pass up to the
 sessions, a second pass from the split on), `plan` combines the buckets'
@@ -43,7 +47,7 @@ from typing import Any, Callable
 from sdm.config import SessionizeConfig
 from sdm.errors import storage_error
 from sdm.outputs import OutputDir
-from sdm.sessionize import engine, write
+from sdm.sessionize import catalogue, engine, previous, write
 from sdm.sessionize.plan import make_plan
 from sdm.sessionize.read import check_behaviors, open_input
 from sdm.sessionize.split import SPLITS
@@ -79,7 +83,7 @@ def run(cfg: SessionizeConfig, log: Path, progress: bool = True) -> dict[str, An
     t0 = time.perf_counter()
     say = _stage_printer(progress, t0)
     out = Path(cfg.out)
-    inputs = {"log": log, "items table": cfg.items, "users table": cfg.users}
+    inputs = {"log": log, "items table": cfg.items, "users table": cfg.users, "--vocab-from data directory": cfg.vocab_from}
     with OutputDir(out, "sessionize", write.OWNS, overwrite=cfg.overwrite, inputs=inputs,
                    scratch=(write.WORK_PREFIX,)) as guard:  # fmt: skip
         try:
@@ -96,6 +100,9 @@ def _run(cfg: SessionizeConfig, log: Path, guard: OutputDir, say: Callable[[str]
     inp = open_input(cfg, log)
     check_behaviors(inp)
     inp.cfg = cfg = engine.resolve_buckets(inp)  # with defaulted side features and the bucket count
+    prev = previous.load(inp)  # --vocab-from: read and checked before the first pass
+    if prev is not None:
+        say(f"keeping the vocabularies of {cfg.vocab_from} ({prev.entry['vocab_sizes']['item'] - 2} items)")
     say(f"reading {inp.log}" + (f" in {cfg.buckets} buckets" if cfg.buckets > 1 else "") + f" ({cfg.engine} engine)")
     for note in inp.notes:
         say(note)
@@ -110,7 +117,8 @@ def _run(cfg: SessionizeConfig, log: Path, guard: OutputDir, say: Callable[[str]
     try:
         with engine.ray_session(cfg):
             parts = engine.first_passes(inp, work, say)
-            plan = make_plan(inp, parts)
+            plan = make_plan(inp, parts, prev)
+            del prev
             rows_kept = plan.rows_in - sum(plan.dropped.values())
             say(f"sessionized {rows_kept} events ({plan.rows_in - rows_kept} dropped); vocabularies done")
             # Only now touch the output: bad input above leaves an old directory intact.
@@ -121,7 +129,9 @@ def _run(cfg: SessionizeConfig, log: Path, guard: OutputDir, say: Callable[[str]
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
     shards = {name: [s for r in results for s in r[name]] for name in SPLITS}
-    return write.finish(cfg, plan, out, shards, t0, say)
+    cold = catalogue.build(plan, [r[catalogue.KEY] for r in results])
+    say(f"catalogue: {cold.height} cold items (outside the item vocabulary)")
+    return write.finish(cfg, plan, out, shards, t0, say, cold)
 
 
 def _stage_printer(progress: bool, t0: float) -> Callable[[str], None]:

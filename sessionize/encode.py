@@ -14,6 +14,7 @@ import polars as pl
 from sdm.config import SessionizeConfig
 from sdm.sessionize.io import ITEM, ROW, TS, USER, feat_col, polars_errors, values_col
 from sdm.sessionize.io import collect as _collect
+from sdm.sessionize.previous import seed
 from sdm.sessionize.sessions import SLEN
 
 
@@ -100,15 +101,31 @@ def count_values(values: pl.LazyFrame) -> pl.LazyFrame:
     return values.drop_nulls("raw").group_by("raw").agg(pl.len().cast(pl.Int64).alias("count"))
 
 
-def build_vocab(counts: pl.LazyFrame, unique: bool = False) -> pl.LazyFrame:
+def build_vocab(counts: pl.LazyFrame, unique: bool = False, prev: pl.DataFrame | None = None) -> pl.LazyFrame:
     """Vocabulary from value counts (`count_values`; several frames' counts may repeat a value: summed).
 
     Returns `raw`, `index` (int32, 2.. by descending count then raw value) and
-    `count` (int64). Nulls are not vocabulary entries (they map to 1).
-    `unique`: each value has one row already (a `Tally`), nothing to sum.
+    `count` (int64), in index order. Nulls are not vocabulary entries (they
+    map to 1). `unique`: each value has one row already (a `Tally`), nothing
+    to sum. `prev` (`--vocab-from`, `previous.seed`): a previous vocabulary
+    (`raw`, `index` 2..n+1) whose values keep their indices, with this run's
+    counts (0 for a value absent now); the new values follow from n+2, in
+    the usual order.
     """
     if not unique:
         counts = counts.group_by("raw").agg(pl.col("count").sum())
+    if prev is None:
+        return _ranked(counts, 2)
+    old = prev.lazy().select(pl.col("raw"), pl.col("index"))
+    kept = old.join(counts, on="raw", how="left", maintain_order="left").select(
+        pl.col("raw"), pl.col("index"), pl.col("count").fill_null(0).cast(pl.Int64)
+    )
+    new = counts.join(old.select(pl.col("raw")), on="raw", how="anti")
+    return pl.concat([kept, _ranked(new, 2 + prev.height)])
+
+
+def _ranked(counts: pl.LazyFrame, first: int) -> pl.LazyFrame:
+    """`raw`, `index` (first.. by descending count then raw value), `count` of unique value counts."""
     return (
         counts
         # (count desc, raw) as two single-key sorts, the second stable: 4M items (100M events)
@@ -117,7 +134,7 @@ def build_vocab(counts: pl.LazyFrame, unique: bool = False) -> pl.LazyFrame:
         .sort("raw")
         .with_row_index("_by_raw")
         .sort("count", descending=True, maintain_order=True)
-        .with_row_index("index", offset=2)
+        .with_row_index("index", offset=first)
         .select(pl.col("raw"), pl.col("index").cast(pl.Int32), pl.col("count"))
     )
 
@@ -165,6 +182,7 @@ def vocabularies(
     user_features: list[str],
     profile: pl.LazyFrame,
     table: pl.DataFrame | None = None,
+    prev: dict[str, pl.DataFrame] | None = None,
 ) -> dict[str, pl.DataFrame]:
     """Every vocabulary from the training events of each bucket: item, item features, user, profile features.
 
@@ -175,8 +193,10 @@ def vocabularies(
     the number of distinct values, not of events. A feature of the items
     `table` (`normalise.item_table`) follows its item, so its counts are the
     items' training counts summed per value: the same numbers, without the
-    feature riding along every event.
+    feature riding along every event. `prev` (`--vocab-from`): name -> a
+    previous vocabulary whose indices are kept (`build_vocab`).
     """
+    prev = prev or {}
     in_table = [] if table is None else [f for f in cfg.item_features if feat_col(f) in table.columns]
     columns = {"item": pl.col(ITEM)}
     for f in cfg.item_features:
@@ -205,12 +225,17 @@ def vocabularies(
             per_value.append((value.explode("raw") if f in cfg.multi_valued else value).drop_nulls("raw"))
         counts.update(zip(in_table, _collect_all(per_value, "vocabularies of the items table")))
     names = ("item", *cfg.item_features, "user")
-    built = _collect_all([build_vocab(counts[name].lazy(), unique=name in tallies) for name in names], "vocabularies")
+    seeded = {name: seed(prev.get(name), counts[name], name) for name in names}
+    built = _collect_all(
+        [build_vocab(seeded[name][0].lazy(), unique=name in tallies, prev=seeded[name][1]) for name in names],
+        "vocabularies",
+    )
     vocabs = dict(zip(names, built))
     train_users = train_sessions.lazy().select(pl.col(USER)).unique()
     for f in user_features:
-        values = train_users.join(profile, on=USER, how="inner").select(pl.col(f).alias("raw"))
-        vocabs[f] = _collect(build_vocab(count_values(values)), str(cfg.users))
+        values = count_values(train_users.join(profile, on=USER, how="inner").select(pl.col(f).alias("raw")))
+        values, old = seed(prev.get(f), values, f)
+        vocabs[f] = _collect(build_vocab(values, prev=old), str(cfg.users))
     return vocabs
 
 
@@ -263,8 +288,18 @@ def encode_events(events: pl.DataFrame, vocabs: dict[str, pl.DataFrame], feature
     seq = encode_series(item, vocabs["item"]).alias("seq_item")
     columns = [seq, *[encode_series(events.get_column(feat_col(f)), vocabs[f]).alias(f"seq_{f}") for f in features]]
     oov = (seq == 1).arg_true()
-    seq_oov = pl.zeros(len(seq), dtype=pl.Int64, eager=True).scatter(oov, (item.gather(oov).hash(7) // 4).cast(pl.Int64) + 1)
+    seq_oov = pl.zeros(len(seq), dtype=pl.Int64, eager=True).scatter(oov, oov_hash(item.gather(oov)))
     return pl.DataFrame([*columns, seq_oov.alias("seq_oov")])
+
+
+def oov_hash(items: pl.Series) -> pl.Series:
+    """The 62-bit hash (int64, >= 1) of raw item ids that `seq_oov` stores for an OOV event.
+
+    Also catalogue.parquet's `oov_hash`: a cold item and its OOV events carry
+    the same number. Depends on the raw type (give the log's item type) and
+    on the polars version, like every polars hash.
+    """
+    return (items.hash(7) // 4).cast(pl.Int64) + 1
 
 
 def encode_series(values: pl.Series, vocab: pl.DataFrame) -> pl.Series:
@@ -381,12 +416,17 @@ def users_table(
     )
 
 
+_FROM = {"log": "_from_log", "table": "_from_table"}
+"""Marker columns of `items_table`: true where this run's training events (log) / items table hold the item."""
+
+
 def items_table(
     trains: list[pl.LazyFrame],
     vocabs: dict[str, pl.DataFrame],
     features: list[str],
     multi: list[str] | None = None,
     table: pl.DataFrame | None = None,
+    prev: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """items.parquet: every item index 2.., its raw id, and each feature of its last training event.
 
@@ -395,7 +435,9 @@ def items_table(
     last training event, the one with the largest (time, input row): two
     window maxima per bucket, then the same over the buckets' candidates. A
     multi-valued feature f also gets `f_values`: the indices of all its values
-    (a multi-hot as an index list; OOV values are 1).
+    (a multi-hot as an index list; OOV values are 1). `prev` (`--vocab-from`):
+    the previous items.parquet, whose values an item keeps where this run
+    does not describe it (`carry_items`).
     """
     multi = multi or []
     index = vocabs["item"].select(pl.col("index").alias("item"), pl.col("raw").alias("item_id"))
@@ -418,9 +460,12 @@ def items_table(
 
         keep = [pl.col(ITEM), pl.col(TS), pl.col(ROW), *[pl.col(c) for c in cols(from_log)]]
         last = pl.concat([_collect(latest(t.select(keep)), "items table") for t in trains]).lazy().pipe(latest)
-        found = found.join(last.select(pl.col(ITEM).alias("item_id"), *cols(from_log)), on="item_id", how="left", maintain_order="left")
+        found = found.join(
+            last.select(pl.col(ITEM).alias("item_id"), *cols(from_log), pl.lit(True).alias(_FROM["log"])),
+            on="item_id", how="left", maintain_order="left",
+        )  # fmt: skip
     if in_table:
-        rows = table.lazy().select(pl.col(ITEM).alias("item_id"), *cols(in_table))
+        rows = table.lazy().select(pl.col(ITEM).alias("item_id"), *cols(in_table), pl.lit(True).alias(_FROM["table"]))
         found = found.join(rows, on="item_id", how="left", maintain_order="left")
     for f in features:
         found = found.pipe(encode, feat_col(f), vocabs[f], f)
@@ -428,9 +473,37 @@ def items_table(
     for f in multi:
         values = found.get_column(values_col(f)).fill_null(pl.lit([], dtype=found.schema[values_col(f)]))
         found = found.with_columns(encode_values(values, vocabs[f]).alias(f"{f}_values"))
+    if prev is not None:
+        found = carry_items(found, prev, {"log": from_log, "table": in_table}, multi)
     return found.select(
         pl.col("item"), pl.col("item_id"), *[pl.col(f) for f in features], *[pl.col(f"{f}_values") for f in multi]
     ).sort("item")
+
+
+def carry_items(found: pl.DataFrame, prev: pl.DataFrame, sources: dict[str, list[str]], multi: list[str]) -> pl.DataFrame:
+    """Keep an old item's previous values (`--vocab-from`) for the features this run has no source for.
+
+    An item of the previous vocabulary that has no training event in this
+    run has no "last training event" to read its log features from, and one
+    the new items table lacks has no table features: its row would turn to
+    OOV (1), and the model's item table would change meaning for an index
+    that did not. Such features keep the previous items.parquet's values
+    (encoded with the previous vocabularies, which this run keeps).
+    `sources`: "log" / "table" -> the features read from there.
+    """
+    carried = [c for fs in sources.values() for f in fs for c in (f, *([f"{f}_values"] if f in multi else []))]
+    old = prev.select(pl.col("item").cast(pl.Int32), *[pl.col(c).alias(f"_prev_{c}") for c in carried], pl.lit(True).alias("_prev"))
+    found = found.with_columns(pl.col("item").cast(pl.Int32)).join(old, on="item", how="left", maintain_order="left")
+    for source, fs in sources.items():
+        if not fs:
+            continue
+        missing = pl.col(_FROM[source]).is_null() & pl.col("_prev").fill_null(False)
+        found = found.with_columns(
+            pl.when(missing).then(pl.col(f"_prev_{c}")).otherwise(pl.col(c)).alias(c)
+            for f in fs
+            for c in (f, *([f"{f}_values"] if f in multi else []))
+        )
+    return found
 
 
 def encode_values(lists: pl.Series, vocab: pl.DataFrame) -> pl.Series:

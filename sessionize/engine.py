@@ -106,7 +106,7 @@ def first_passes(inp: Input, work: Path | None, say: Say) -> list[Part]:
             shutil.rmtree(split_dir, ignore_errors=True)
 
 
-def second_passes(inp: Input, plan: Plan, parts: list[Any], out: Path, say: Say) -> list[dict[str, list[dict[str, Any]]]]:
+def second_passes(inp: Input, plan: Plan, parts: list[Any], out: Path, say: Say) -> list[dict[str, Any]]:
     """The second pass over every bucket (writes the shards), by the config's engine."""
     cfg, n = inp.cfg, len(parts)
     jobs = [(cfg, inp.log, plan, b, parts[b], out) for b in range(n)]

@@ -523,7 +523,7 @@ def check_output_names(cfg: SessionizeConfig, log_feats: list[str], table_feats:
     """Refuse feature names that would collide with another name in an output file, before anything is written.
 
     A feature's name becomes columns (`seq_<f>`, `oov_<f>`, `user_<f>`, `<f>` and
-    `<f>_values` of items.parquet) and a vocabulary file (`names.vocab_file`,
+    `<f>_values` of items.parquet, `<f>` of catalogue.parquet) and a vocabulary file (`names.vocab_file`,
     never a path outside `vocab/`); `item` and `user` are the id vocabularies.
     Two names whose vocabulary files differ only in case would be one file on
     a case-insensitive file system.
@@ -542,6 +542,7 @@ def check_output_names(cfg: SessionizeConfig, log_feats: list[str], table_feats:
         ],
         "items.parquet": ["item", "item_id", *item_feats, *[f"{f}_values" for f in cfg.multi_valued]],
         "users.parquet": [USER, "user_id", "user", *user_feats],
+        "catalogue.parquet": ["item_id", "oov_hash", "known_from", *item_feats],
     }  # fmt: skip
     for where, columns in outputs.items():
         seen: set[str] = set()

@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from sdm.config import SessionizeConfig
-from sdm.sessionize import encode, split, windows, write
+from sdm.sessionize import catalogue, encode, split, windows, write
 from sdm.sessionize.io import ITEM, ROW, SID, TS, USER, collect, polars_errors
 from sdm.sessionize.normalise import clean_events
 from sdm.sessionize.plan import Part, Plan, global_sess, positions
@@ -52,11 +52,13 @@ def first_pass(inp: Input, b: int, n: int, spill: Path | None, split_dir: Path |
     return Part(rows_in, dropped, sessions, min_ts, max_ts, ev, spill)
 
 
-def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[str, list[dict[str, Any]]]:
+def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[str, Any]:
     """Split, long-term windows, encoding and shard rows of bucket `b`; writes its shards into `out`.
 
     Returns:
-        Per split, the manifest entries of the shards written.
+        Per split, the manifest entries of the shards written; under
+        `catalogue.KEY` the bucket's items outside the vocabulary
+        (`catalogue.bucket_cold`).
     """
     cfg = inp.cfg
     ev = collect(part.frame())
@@ -73,6 +75,7 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
     with polars_errors(str(inp.log)):
         enc_df = encode.encode_events(ev, plan.vocabs, per_event).insert_column(0, ev.get_column(TS))
     oov = encode.oov_codes(ev.get_column(ITEM), enc_df.get_column("seq_item"), plan.codes) if plan.codes else None
+    cold = catalogue.bucket_cold(ev, enc_df, per_event)
     del ev  # from here on the encoded columns are all the events there are
     # users.parquet is sorted by user: each row finds its user by a binary search, not a hash
     # join that builds a table of every user of the log per bucket (0.6 s in all at 100M events)
@@ -100,6 +103,7 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
         size = sizes.get(code, 0)
         written[name] = write.write_shards(out, name, rows.slice(offset, size), first, count, build=shard)
         offset += size
+    written[catalogue.KEY] = cold
     return written
 
 
@@ -109,7 +113,7 @@ def first_pass_job(args: tuple[SessionizeConfig, Path, int, int, Path | None, Pa
     return first_pass(open_input(cfg, log), b, n, spill, split_dir)
 
 
-def second_pass_job(args: tuple[SessionizeConfig, Path, Plan, int, Part, Path]) -> dict[str, list[dict[str, Any]]]:
+def second_pass_job(args: tuple[SessionizeConfig, Path, Plan, int, Part, Path]) -> dict[str, Any]:
     """`second_pass` in a worker."""
     cfg, log, plan, b, part, out = args
     return second_pass(open_input(cfg, log), plan, b, part, out)

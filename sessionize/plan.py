@@ -19,6 +19,7 @@ from sdm.errors import SdmError
 from sdm.sessionize import encode, split
 from sdm.sessionize.io import DROP_REASONS, USER, collect
 from sdm.sessionize.normalise import item_columns, raw_item_rows
+from sdm.sessionize.previous import Previous
 from sdm.sessionize.read import Input
 from sdm.sessionize.sessions import SESS, START
 
@@ -71,6 +72,8 @@ class Plan:
     """Per items-table feature: item -> feature index (`encode.feature_codes`)."""
     items_raw: pl.DataFrame | None = None
     """items_raw.parquet (`normalise.raw_item_rows`) when an items table was given."""
+    vocab_from: dict[str, Any] | None = None
+    """The manifest's `vocab_from` entry (`previous.Previous.entry`), None without `--vocab-from`."""
 
     def __getstate__(self) -> dict[str, Any]:
         # a worker's pass never reads the raw items table: it stays in the driver
@@ -94,8 +97,12 @@ def allocate(rows: list[int], rows_per_shard: int, min_shards: int) -> list[tupl
     return list(zip(firsts, counts))
 
 
-def make_plan(inp: Input, parts: list[Part]) -> Plan:
-    """Combine the buckets' first passes into the plan (reads no raw event, only the parts)."""
+def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Plan:
+    """Combine the buckets' first passes into the plan (reads no raw event, only the parts).
+
+    `prev` (`--vocab-from`): the vocabularies are seeded with its, and its
+    items.parquet rows fill what this run cannot describe (`encode.items_table`).
+    """
     cfg, spec = inp.cfg, inp.spec
     rows_in = sum(p.rows_in for p in parts)
     if rows_in == 0:
@@ -141,14 +148,19 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
         if spec.table_item_features:
             table = collect(item_columns(raw.lazy(), cfg, spec), str(cfg.items))
     train_sessions = sessions.filter(pl.col(START) < cut.valid_start)
-    vocabs = encode.vocabularies(cfg, trains, train_sessions, list(spec.user_features), profile, table)
+    old = None if prev is None else prev.vocabs
+    vocabs = encode.vocabularies(cfg, trains, train_sessions, list(spec.user_features), profile, table, old)
     users_table = encode.users_table(per_user.lazy(), profile, vocabs, spec.user_features)
-    items_table = encode.items_table(trains, vocabs, list(cfg.item_features), list(cfg.multi_valued), table)
+    items_table = encode.items_table(
+        trains, vocabs, list(cfg.item_features), list(cfg.multi_valued), table, None if prev is None else prev.items
+    )
     codes = {} if table is None else encode.feature_codes(table, vocabs, list(spec.table_item_features))
     # the log's distinct items: the training ones are the item vocabulary, only the rest are read
     # (negated when read: no second mask per bucket is held)
     others = [f.filter(~pl.lit(m)) for f, m in zip(frames, in_train)]
-    side = encode.side_tables(inp, others, vocabs["item"].get_column("raw"), per_user)
+    # (a kept item of --vocab-from that training no longer has is not one of the log's items)
+    train_items = vocabs["item"] if prev is None else vocabs["item"].filter(pl.col("count") > 0)
+    side = encode.side_tables(inp, others, train_items.get_column("raw"), per_user)
     for what, st in side.items():
         if st["log_keys_found"] == 0:
             warnings.append(f"no {what.split()[0][:-1]} of the log is in the {what} {st['path']}: every side feature from it is OOV (wrong key column?)")
@@ -169,6 +181,7 @@ def make_plan(inp: Input, parts: list[Part]) -> Plan:
         notes=list(inp.notes),
         codes=codes,
         items_raw=raw,
+        vocab_from=None if prev is None else prev.entry,
     )
 
 

@@ -40,8 +40,10 @@ WORK_PREFIX = ".sdm-work-"
 """Spill folders of a bucketed run live inside the output directory under this prefix."""
 ITEMS_RAW = "items_raw.parquet"
 """The items table as the sessionizer read it (`normalise.raw_item_rows`), when one was given."""
+CATALOGUE = "catalogue.parquet"
+"""The cold catalogue (`catalogue.build`), written always (possibly with no row)."""
 OWNS = (
-    MANIFEST, "config.json", "vocab", "items.parquet", "users.parquet", ITEMS_RAW, "train", "valid", "test",
+    MANIFEST, "config.json", "vocab", "items.parquet", "users.parquet", ITEMS_RAW, CATALOGUE, "train", "valid", "test",
 )  # fmt: skip
 """The top-level entries `sdm sessionize` writes (`outputs.OutputDir` replaces only these)."""
 
@@ -174,8 +176,9 @@ def finish(
     shards: dict[str, list[dict[str, Any]]],
     t0: float,
     say: Callable[[str], None],
+    catalogue: pl.DataFrame,
 ) -> dict[str, Any]:
-    """Write vocabularies, side tables, config and (last) the manifest of a shard directory."""
+    """Write vocabularies, side tables, the cold `catalogue`, config and (last) the manifest of a shard directory."""
     splits = {name: split_entry(sorted(shards[name], key=lambda s: s["path"])) for name in SPLITS}
     for name in SPLITS:
         say(f"{name}: {splits[name]['sessions']} sessions in {len(splits[name]['shards'])} shards")
@@ -186,6 +189,7 @@ def finish(
     write_table(plan.users_table.drop("_user"), out / "users.parquet")
     if plan.items_raw is not None:
         write_table(plan.items_raw, out / ITEMS_RAW)
+    write_table(catalogue, out / CATALOGUE)
     write_text(out / "config.json", cfg.model_dump_json(indent=2) + "\n")
     files = file_table(out)
 
@@ -211,6 +215,8 @@ def finish(
         "side_tables": plan.side_tables,
         "items_raw": None if plan.items_raw is None else {"path": ITEMS_RAW, "item_col": cfg.item_col, "features": list(plan.items_raw.columns[1:])},
         "multi_valued": {f: {"sep": cfg.value_sep, "items_column": f"{f}_values"} for f in cfg.multi_valued},
+        "catalogue": {"path": CATALOGUE, "items": catalogue.height},
+        "vocab_from": plan.vocab_from,
         "notes": plan.notes,
         "warnings": plan.warnings,
         "files": files,
