@@ -59,6 +59,8 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: corrupt manifest ({exc})") from None
+    except RecursionError:
+        raise DataError(f"{path}: corrupt manifest (nested too deeply)") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
     if not isinstance(manifest, dict):
@@ -185,7 +187,9 @@ def _check_files(data_dir: Path, m: dict[str, Any]) -> None:
             )
     for name, size in m["vocab_sizes"].items():
         p = data_dir / vocab_file(name)
-        if not p.is_file():  # (a listed file was checked above; a hand-made directory may lack the others)
+        if not p.is_file():
+            if files:  # sessionize writes every vocabulary; an unlisted size could ask for any table
+                raise DataError(f"{p}: missing from the data directory (vocabulary {name!r} of its manifest)")
             continue
         try:
             rows = pq.read_metadata(p).num_rows

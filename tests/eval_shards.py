@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shard_builder import file_table
+from shard_builder import file_table, write_plain_vocabs
 
 HOUR_US = 3_600_000_000
 MINUTE_US = 60_000_000
@@ -100,6 +100,7 @@ def write_session_shards(root: Path, sessions: Sessions, fingerprint: str = "fp-
         "splits": splits,
         "dropped": {},
     }
+    write_plain_vocabs(root, manifest["vocab_sizes"])
     manifest["files"] = file_table(root)
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root

@@ -125,6 +125,7 @@ def build_shards(
         "splits": splits,
         "dropped": {},
     }
+    write_plain_vocabs(root, manifest["vocab_sizes"])
     manifest["files"] = file_table(root)
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
@@ -137,3 +138,16 @@ def file_table(root: Path) -> dict[str, dict[str, object]]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != "manifest.json"
     }
+
+
+def write_plain_vocabs(root: Path, sizes: dict[str, int]) -> None:
+    """A vocabulary file for every feature that has none yet: raw value "v<i>" at index i (2..size-1)."""
+    for name, size in sizes.items():
+        path = root / "vocab" / f"{name}.parquet"
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            pq.write_table(
+                pa.table({"raw": [f"v{i}" for i in range(2, size)], "index": pa.array(range(2, size), pa.int32()),
+                          "count": pa.array([1] * (size - 2), pa.int64())}),
+                path,
+            )  # fmt: skip

@@ -342,3 +342,17 @@ def test_convert_overwrite_never_deletes_a_side_table_it_does_not_write(tmp_path
     theirs.write_text("somebody's table")
     line = one_error_line(run("convert", "otto", raw, "--out", tmp_path / "logs.parquet", "--overwrite"))
     assert "users.parquet" in line and theirs.read_text() == "somebody's table"
+
+
+def test_a_deeply_nested_manifest_is_one_line(data_copy: Path) -> None:
+    (data_copy / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        read_manifest(data_copy)
+
+
+def test_a_vocabulary_size_without_its_file_is_refused(data_copy: Path) -> None:
+    """A manifest could otherwise ask for an embedding table of any size (an out-of-memory traceback)."""
+    (data_copy / "vocab" / "age.parquet").unlink()
+    _edit_manifest(data_copy, lambda m: (m["files"].pop("vocab/age.parquet"), m["vocab_sizes"].update(age=10**12)))
+    with pytest.raises(DataError, match="age"):
+        read_manifest(data_copy)
