@@ -277,6 +277,10 @@ class SessionizeConfig(_Base):
     """Item features whose strings hold several values ('Comedy|Romance'): the model gets the first, items.parquet all (`<f>_values`)."""
     value_sep: Annotated[str, AfterValidator(_name), Field(max_length=16)] = "|"
     """Separator of the values of a `multi_valued` feature."""
+    numeric_features: OptNames = None
+    """Features bucketised by quantiles of their training values instead of used as categories (default: the float columns among the features)."""
+    numeric_buckets: Annotated[int, _in(2, 1000)] = 16
+    """At most this many quantile buckets per numeric feature (plus one for missing values)."""
     user_features: Names = []
     """User profile columns from the users table, comma-separated."""
     time_unit: Literal["s", "ms"] | None = None
