@@ -451,7 +451,7 @@ class EvaluateConfig(_Base):
     overwrite: bool = False
     """Replace the reports of an earlier evaluation in `out` (without it a non-empty `out` is refused)."""
     baseline: Annotated[
-        list[Literal["popularity", "itemcf", "itemcf-repeat", "stan", "vsknn"]],
+        list[Literal["popularity", "itemcf", "itemcf-repeat", "stan", "vsknn", "cold-category"]],
         BeforeValidator(_split_list),
         AfterValidator(_no_duplicates),
     ] = []

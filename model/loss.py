@@ -14,6 +14,13 @@ vectors (SPEC section 5) and dispatches to one of them.
 Logits are computed, masked and normalised in float32, so masking with -inf is
 safe under bf16 autocast. Indices 0 (padding) and 1 (OOV) are never a negative
 and never a target.
+
+Id dropout (`ModelConfig.id_dropout` = p) happens in the item tower the losses call
+(`SDM.item_vectors`, `SDM.all_item_vectors`), in training mode only: with probability
+p each target occurrence (P pairs) and each sampled negative (S) of the sampled and
+in-batch losses, and each catalogue item once per batch of the full softmax, is
+scored by its side-feature vector with a zero id embedding, the vector a cold item
+gets at evaluation. The session input side keeps its ids.
 """
 
 from __future__ import annotations

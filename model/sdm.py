@@ -67,6 +67,10 @@ class ModelConfig(BaseModel):
     get a learned extra score (`RepeatHead`); off = the paper's model."""
     repeat_prior: float = 0.0
     """Initial copy bonus of the session's last item (`RepeatHead`); 0 = start neutral."""
+    id_dropout: float = 0.0
+    """Training only: probability that an item occurrence of the item tower (a target or a
+    negative of the loss) loses its id embedding (index 0, a zero row), so its vector must also
+    work from side features alone, as a cold item's does (`SDM.cold_item_vectors`); 0 = off."""
 
     @field_validator("embedding_dim", "lstm_layers", "num_heads", "num_blocks", "num_targets", "max_session_len", "max_long_len")
     @classmethod
@@ -80,11 +84,11 @@ class ModelConfig(BaseModel):
             raise ValueError(f"must be <= {top}, got {v}")
         return v
 
-    @field_validator("dropout")
+    @field_validator("dropout", "id_dropout")
     @classmethod
-    def _probability(cls, v: float) -> float:
+    def _probability(cls, v: float, info) -> float:  # noqa: ANN001 (pydantic's ValidationInfo)
         if not 0.0 <= v < 1.0:  # nan fails too
-            raise ValueError(f"dropout must be in [0, 1), got {v}")
+            raise ValueError(f"{info.field_name} must be in [0, 1), got {v}")
         return v
 
     @field_validator("repeat_prior")
@@ -463,6 +467,14 @@ class RepeatHead(nn.Module):
         return History(torch.cat(items, dim=1), logits.masked_fill(~torch.cat(ok, dim=2), NO_COPY))
 
 
+def _copy_items(batch: Batch, seq_items: Tensor, long_items: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The history's candidate indices: `batch["copy_items"]` where given, else the item indices."""
+    given = batch.get("copy_items")
+    if given is None:
+        return seq_items, long_items
+    return given["seq"], given["long"] if long_items is not None else None
+
+
 def copy_scores(history: History, qb: Tensor, qp: Tensor) -> tuple[Tensor, Tensor]:
     """Per query, each distinct history item once with its summed copy score R = logsumexp of its logits.
 
@@ -649,17 +661,48 @@ class SDM(nn.Module):
     def item_vectors(self, items: Tensor) -> Tensor:
         """Item tower: vectors in the user vectors' space, for dot-product retrieval.
 
+        In training with `id_dropout` > 0, each entry of `items` independently loses its
+        id embedding with that probability (`_drop_ids`).
+
         Args:
             items: LongTensor (...) of item indices.
 
         Returns:
             (..., D).
         """
-        return self.item_input(self.item_table[items].unbind(-1))  # (..., F) -> (..., D)
+        return self.item_input(self._drop_ids(self.item_table[items]).unbind(-1))  # (..., F) -> (..., D)
 
     def all_item_vectors(self) -> Tensor:
-        """Returns: (num_items, D), rows 0 (padding) and 1 (OOV) included; callers mask them."""
-        return self.item_input(self.item_table.unbind(-1))
+        """Returns: (num_items, D), rows 0 (padding) and 1 (OOV) included; callers mask them.
+        In training with `id_dropout`, each item's id is dropped (once for the whole call) as in
+        `item_vectors`."""
+        return self.item_input(self._drop_ids(self.item_table).unbind(-1))
+
+    def cold_item_vectors(self, side: Tensor) -> Tensor:
+        """Item tower of items without an id embedding (cold items: side info, no training event).
+
+        The id part is index 0, whose embedding is the zero padding row: the vector comes
+        from the side features alone, as in training under `id_dropout`.
+
+        Args:
+            side: LongTensor (..., F - 1), the item's side feature indices in `item_features[1:]`
+                order (1 = a value training never saw).
+
+        Returns:
+            (..., D).
+        """
+        ids = torch.zeros(side.shape[:-1], dtype=torch.long, device=side.device)
+        return self.item_input([ids, *side.long().unbind(-1)])
+
+    def _drop_ids(self, rows: Tensor) -> Tensor:
+        """`rows` (..., F) of feature indices with column 0 (the id) set to 0 with probability
+        `id_dropout` per row, in training only; otherwise `rows` itself, and no random number
+        is drawn (so id_dropout 0 leaves every later random draw as it was)."""
+        p = self.config.id_dropout
+        if not self.training or p == 0.0:
+            return rows
+        drop = torch.rand(rows.shape[:-1], device=rows.device) < p  # (...)
+        return torch.cat([rows[..., :1].masked_fill(drop.unsqueeze(-1), PAD), rows[..., 1:]], dim=-1)
 
     # -- user side ---------------------------------------------------------
 
@@ -677,6 +720,10 @@ class SDM(nn.Module):
                 "long": feature -> LongTensor (B, L) (L may be 0); "long_len" (B,);
                 "user": feature -> LongTensor (B,). Features the variant does not read are ignored.
             with_history: also return the repeat head's `History` (None without the head).
+                Optional batch key "copy_items": {"seq": (B, T), "long": (B, L)} candidate indices
+                of the history events for the head (default: their item indices); evaluation
+                with cold candidates gives an OOV event of a cold item its candidate index, so
+                that item can be copied (`pipeline/catalogue.py`).
 
         Returns:
             (B, T, D); positions >= seq_len are finite but meaningless. With `with_history`,
@@ -711,7 +758,8 @@ class SDM(nn.Module):
             return o, None
         long_items = long["item"] if long is not None else None
         long_len = batch["long_len"] if long is not None else None
-        return o, self.repeat(o, x, seq["item"], long_x, long_items, long_len)
+        seq_items, long_items = _copy_items(batch, seq["item"], long_items)
+        return o, self.repeat(o, x, seq_items, long_x, long_items, long_len)
 
     @property
     def reads_long(self) -> bool:

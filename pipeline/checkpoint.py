@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sdm.errors import SdmError
+from sdm.errors import DataError, SdmError
 from sdm.outputs import atomic_path, write_text
 
 CHECKPOINT_VERSION = 1
@@ -82,7 +82,7 @@ def check_resume(
     """
     if ckpt["data_fingerprint"] != fingerprint:
         raise SdmError(f"{path}: checkpoint was trained on another data manifest than this run's --data")
-    if ckpt["model_config"] != model_config:
+    if normalised_model_config(path, ckpt["model_config"]) != model_config:
         raise SdmError(f"{path}: checkpoint has another model config (variant/dimensions) than this run")
     before = ckpt["config"]
     fixed = [k for k in RESUME_FIXED if before.get(k) != config.get(k)]
@@ -95,6 +95,21 @@ def check_resume(
         raise SdmError(f"{path}: --resume with another {flags}: best.pt was chosen by the checkpoint's metric")
     changed = [k for k in config if k not in RESUME_FREE and k not in RESUME_METRIC and k not in RESUME_FIXED and before.get(k) != config.get(k)]
     return [f"{k} {before.get(k)} -> {config.get(k)}" for k in changed]
+
+
+def normalised_model_config(path: Path, config: Any) -> dict[str, Any]:
+    """A checkpoint's model config with the defaults of fields added since it was written.
+
+    Raises:
+        DataError: a model config this version cannot read.
+    """
+    from sdm.model.sdm import ModelConfig
+
+    try:
+        return ModelConfig.model_validate(config).model_dump(mode="json")
+    except (ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a model config this sdm reads ({first})") from None
 
 
 def truncate_log(path: Path, step: int) -> None:

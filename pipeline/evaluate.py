@@ -6,6 +6,14 @@ with target set G = distinct(i_t .. i_m). Candidates are every item of the
 training vocabulary (padding and OOV masked), ranked exactly by chunked top-K
 (`metrics.chunked_topk`) or approximately by a faiss index.
 
+With `candidates="catalogue"` the cold items of the data directory's catalogue
+(`pipeline/catalogue.py`) follow the vocabulary as candidates V .. V + C - 1: an
+OOV event whose `seq_oov` hash is a cold item becomes that index (in the target,
+the target set and the prefix), a cold item is scored only while the catalogue
+knows it (the availability rule) and the metrics are also reported on the
+queries whose target is a cold item and on those whose target is a warm one
+(in the vocabulary).
+
 A *scorer* is anything with `name`, `begin_batch(batch) -> state` and
 `score_fn(state, qb, qp, prefix) -> (start, end) -> (Q, end - start) scores`:
 the model (wrapped in `ModelScorer`) and the baselines (`baselines.py`) go
@@ -31,6 +39,7 @@ from torch import Tensor
 from sdm.config import EvaluateConfig, save_config
 from sdm.errors import ConfigError, SdmError
 from sdm.outputs import OutputDir, atomic_path, scratch_name, write_json, write_text
+from sdm.pipeline.catalogue import Catalogue, CatalogueSessions, ColdIndex, cold_item_vectors, read_catalogue
 from sdm.pipeline.checkpoint import read_checkpoint
 from sdm.pipeline.manifest import verify_files
 from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, read_manifest
@@ -63,14 +72,18 @@ class ModelScorer:
     Args:
         model: the model, already on its device and in eval mode.
         name: shown in reports (default: the model config's variant).
+        catalogue: cold items to score after the vocabulary (their side-feature vectors).
     """
 
-    def __init__(self, model: torch.nn.Module, name: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, name: str | None = None, catalogue: Catalogue | None = None) -> None:
         self.model = model
         cfg = getattr(model, "config", None)
         self.name = name or str(getattr(cfg, "variant", type(model).__name__))
+        self.scores_cold = catalogue is not None
         with torch.no_grad():
             self.items = model.all_item_vectors().float()  # (V, D)
+            if catalogue is not None:
+                self.items = torch.cat([self.items, cold_item_vectors(model, catalogue)])  # (V + C, D)
 
     def begin_batch(self, batch: dict[str, Any]) -> tuple[Tensor, History | None]:
         """User vectors of every session position (B, T, D), and the repeat head's history (or None)."""
@@ -114,7 +127,8 @@ class Queries:
         target: (Q,) next item y = item at qp + 1.
         targets: (Q, T) target set G: items at positions qp+1 .. len-1, 0 elsewhere.
         prefix: (Q, T) prefix items at positions 0 .. qp, 0 elsewhere.
-        target_oov: (Q,) raw-identity hash of an OOV next item (0 when known or not recorded).
+        target_oov: (Q,) raw-identity hash of an OOV next item (0 when known or not recorded;
+            also set when the item is a cold candidate).
     """
 
     qb: Tensor
@@ -132,7 +146,7 @@ class Queries:
         return Queries(self.qb[sl], self.qp[sl], self.target[sl], self.targets[sl], self.prefix[sl], self.target_oov[sl])
 
 
-def session_queries(items: Tensor, seq_len: Tensor, oov: Tensor | None = None) -> Queries:
+def session_queries(items: Tensor, seq_len: Tensor, oov: Tensor | None = None, cold: Tensor | None = None) -> Queries:
     """Every query of a batch, vectorised (no Python loop over sessions or positions).
 
     Args:
@@ -141,6 +155,8 @@ def session_queries(items: Tensor, seq_len: Tensor, oov: Tensor | None = None) -
         oov: optional (B, T) raw-identity hash of OOV events (0 elsewhere; the shards'
             `seq_oov`): distinct unknown items then stay distinct in the target set G
             (as negative keys, which no top-K list holds), instead of all being index 1.
+        cold: optional (B, T) candidate index of the events of cold items (0 elsewhere,
+            `ColdIndex.lookup`): such an event is that index in target, targets and prefix.
 
     Returns:
         The batch's `Queries`, ordered by session then position.
@@ -149,6 +165,10 @@ def session_queries(items: Tensor, seq_len: Tensor, oov: Tensor | None = None) -
     pos = torch.arange(T, device=items.device)
     qb, qp = (pos.unsqueeze(0) < (seq_len - 1).unsqueeze(1)).nonzero(as_tuple=True)  # p + 1 < len
     keyed = items if oov is None else torch.where(oov > 0, -oov, items.long())  # (B, T)
+    target_oov = (-keyed[qb, qp + 1]).clamp(min=0)
+    if cold is not None:
+        items = torch.where(cold > 0, cold, items.long())
+        keyed = torch.where(cold > 0, cold, keyed.long())
     rows = keyed[qb]  # (Q, T)
     in_session = pos.unsqueeze(0) < seq_len[qb].unsqueeze(1)
     after = pos.unsqueeze(0) > qp.unsqueeze(1)
@@ -159,16 +179,26 @@ def session_queries(items: Tensor, seq_len: Tensor, oov: Tensor | None = None) -
         target=items[qb, qp + 1],
         targets=torch.where(after & in_session, rows, zero),
         prefix=torch.where(~after, items[qb], torch.zeros_like(items[qb])),
-        target_oov=(-keyed[qb, qp + 1]).clamp(min=0),
+        target_oov=target_oov,
     )
 
 
-def _raw_items(data_dir: Path, num_items: int) -> pa.Array:
-    """Raw item id of every index 0..V-1 (null for padding, OOV and unknown indices)."""
+def _raw_items(data_dir: Path, num_items: int, catalogue: Catalogue | None = None) -> pa.Array:
+    """Raw item id of every index 0..V-1 (null for padding, OOV and unknown indices), then of
+    every cold item V..V+C-1 of `catalogue`."""
     vocab = pq.read_table(Path(data_dir) / "vocab" / "item.parquet", columns=["raw", "index"])
     pos = np.full(num_items, -1, dtype=np.int64)
     pos[vocab.column("index").to_numpy()] = np.arange(vocab.num_rows)
-    return vocab.column("raw").combine_chunks().take(pa.array(pos, mask=pos < 0))
+    raw = vocab.column("raw").combine_chunks().take(pa.array(pos, mask=pos < 0))
+    if catalogue is None:
+        return raw
+    try:
+        cold = catalogue.item_id.cast(raw.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise SdmError(
+            f"{data_dir}: catalogue item_id is {catalogue.item_id.type}, the vocabulary's raw ids {raw.type}"
+        ) from None
+    return pa.concat_arrays([raw, cold])
 
 
 class _TopkWriter:
@@ -214,6 +244,114 @@ class _TopkWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+class Candidates:
+    """Which items a query may be recommended, and which are masked for it.
+
+    `vocabulary`: the items of the training vocabulary, 2 .. V-1. With a catalogue, also
+    its cold items V .. V+C-1, each only while the catalogue knows it at the query's
+    time (`pipeline/catalogue.py`); OOV events of cold items become their indices.
+    `exclude_seen` masks the session prefix, `exclude_history` also the long-term window.
+
+    Args:
+        num_items: V.
+        catalogue: the cold items, or None (vocabulary only).
+        device: where the batches (and so the lookups) live.
+        exclude_seen: mask each query's prefix items.
+        exclude_history: mask each query's long-term window items too (implies exclude_seen).
+    """
+
+    def __init__(self, num_items: int, catalogue: Catalogue | None = None, device: torch.device | str = "cpu",
+                 exclude_seen: bool = False, exclude_history: bool = False) -> None:  # fmt: skip
+        self.num_items = num_items
+        self.catalogue = catalogue
+        self.cold = ColdIndex(catalogue, device) if catalogue is not None else None
+        self.total = catalogue.candidates if catalogue is not None else num_items
+        self.exclude_seen = exclude_seen or exclude_history
+        self.exclude_history = exclude_history
+
+    def prepare(self, batch: dict[str, Any]) -> None:
+        """Add the cold indices of the batch's events: "seq_cold" (B, T), "long_cold" (B, L), and
+        "copy_items" for the model's repeat head (so it can copy a cold item); nothing without a catalogue."""
+        if self.cold is None:
+            return
+        if "seq_oov" not in batch:
+            raise SdmError(
+                "--candidates catalogue needs shards with seq_oov (the raw identity of OOV events); "
+                "rerun `sdm sessionize`"
+            )
+        batch["seq_cold"] = self.cold.lookup(batch["seq_oov"])
+        batch["long_cold"] = self.cold.lookup(batch["long_oov"])
+        seq, long = batch["seq"]["item"], batch["long"]["item"]
+        batch["copy_items"] = {
+            "seq": torch.where(batch["seq_cold"] > 0, batch["seq_cold"], seq.long()),
+            "long": torch.where(batch["long_cold"] > 0, batch["long_cold"], long.long()),
+        }
+
+    def queries(self, batch: dict[str, Any]) -> Queries:
+        """The batch's queries (after `prepare`)."""
+        return session_queries(batch["seq"]["item"], batch["seq_len"], batch.get("seq_oov"), batch.get("seq_cold"))
+
+    def exclude(self, batch: dict[str, Any], q: Queries) -> Tensor | None:
+        """(Q, X) items to mask per query (0 = nothing), or None."""
+        if not self.exclude_seen:
+            return None
+        if not self.exclude_history:
+            return q.prefix
+        long = batch["copy_items"]["long"] if "copy_items" in batch else batch["long"]["item"]
+        return torch.cat([q.prefix, long[q.qb].to(q.prefix.dtype)], dim=1)
+
+    def score_fn(self, scorer: Scorer, state: Any, q: Queries, batch: dict[str, Any]) -> ScoreFn:
+        """The scorer's scores of any candidate range. Without a catalogue: the scorer's own.
+        With one, a scorer that does not know cold items (`scores_cold`) sees prefixes as
+        before (cold events are OOV, 1) and its cold scores are -inf; unavailable cold items
+        get -inf for every scorer."""
+        if self.cold is None:
+            return scorer.score_fn(state, q.qb, q.qp, q.prefix)
+        if getattr(scorer, "scores_cold", False):
+            fn = scorer.score_fn(state, q.qb, q.qp, q.prefix)
+        else:
+            vocab_prefix = torch.where(q.prefix >= self.num_items, torch.ones_like(q.prefix), q.prefix)
+            fn = _vocabulary_only(scorer.score_fn(state, q.qb, q.qp, vocab_prefix), self.num_items, len(q))
+        return _available_only(fn, self.cold, batch["seq_ts"][q.qb, q.qp])
+
+    def out_of_vocabulary(self, q: Queries) -> Tensor:
+        """(Q,) bool: the target is not in the training vocabulary (OOV, or a cold item)."""
+        return (q.target == 1) | (q.target >= self.num_items)
+
+    def target_kinds(self, q: Queries) -> dict[str, Tensor]:
+        """With a catalogue, {"cold": target is a cold item, "warm": target is in the vocabulary} (Q,) masks."""
+        if self.cold is None:
+            return {}
+        return {"cold": q.target >= self.num_items, "warm": (q.target > 1) & (q.target < self.num_items)}
+
+
+def _vocabulary_only(fn: ScoreFn, num_items: int, n_queries: int) -> ScoreFn:
+    """`fn` over vocabulary indices, -inf for the cold candidates from `num_items` on."""
+
+    def score(start: int, end: int) -> Tensor:
+        parts = [fn(start, min(end, num_items)).float()] if start < num_items else []
+        if end > num_items:
+            device = parts[0].device if parts else "cpu"
+            parts.append(torch.full((n_queries, end - max(start, num_items)), float("-inf"), device=device))
+        return torch.cat(parts, dim=1)
+
+    return score
+
+
+def _available_only(fn: ScoreFn, cold: ColdIndex, query_time: Tensor) -> ScoreFn:
+    """`fn` with -inf for the cold candidates that are not yet known at each query's time (Q,)."""
+
+    def score(start: int, end: int) -> Tensor:
+        s = fn(start, end).float()
+        lo = max(start, cold.num_items)
+        if end > lo:
+            ok = cold.available(lo, end, query_time.to(cold.known_from.device)).to(s.device)
+            s[:, lo - start :].masked_fill_(~ok, float("-inf"))
+        return s
+
+    return score
+
+
 def evaluate_model(
     scorer: Scorer | torch.nn.Module,
     data_dir: Path,
@@ -226,6 +364,8 @@ def evaluate_model(
     progress: bool = False,
     index: str = "exact",
     dump_k: int | None = None,
+    candidates: str = "vocabulary",
+    exclude_history: bool = False,
 ) -> dict[str, Any]:
     """Mean SPEC-6 metrics of a model or baseline over every query of a split.
 
@@ -241,17 +381,25 @@ def evaluate_model(
         progress: show a progress bar.
         index: "exact" or "faiss" (vector models only; adds `faiss_recall@K`
             against exact search on the same queries).
+        candidates: "vocabulary", or "catalogue": also the data directory's cold items while
+            they are known (`Candidates`); adds "cold_items", "cold_target_share" and
+            "targets": {"cold": {...}, "warm": {...}}, each "queries" and every metric on the
+            queries whose target is a cold / a vocabulary item.
+        exclude_history: also mask the items of each query's long-term window (implies exclude_seen).
 
     Returns:
         {"hr@K", "recall@K", "precision@K", "f1@K", "ndcg@K", "mrr@K" for each K,
-        "queries", "sessions", "users", "oov_target_share", "name", "split",
-        "fingerprint", "index"}; metrics are 0 when there are no queries.
+        "queries", "sessions", "users", "oov_target_share" (targets outside the vocabulary),
+        "name", "split", "fingerprint", "index", "candidates"}; metrics are 0 when there are no queries.
+
+    Raises:
+        ConfigError: faiss with catalogue candidates. SdmError / DataError: as the readers.
     """
     device = torch.device(device)
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     ks = sorted(set(int(k) for k in ks))
-
+    catalogue = _read_candidates(data_dir, manifest, candidates, index)
     module = scorer if isinstance(scorer, torch.nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None:
@@ -259,7 +407,7 @@ def evaluate_model(
     try:
         with torch.no_grad():
             if module is not None:
-                scorer = ModelScorer(module)
+                scorer = ModelScorer(module, catalogue=catalogue)
             faiss_index = None
             if index == "faiss":
                 if not isinstance(scorer, ModelScorer):
@@ -267,20 +415,42 @@ def evaluate_model(
                 faiss_index = FaissIndex(scorer.items, announce=progress)
             elif index != "exact":
                 raise SdmError(f"unknown index {index!r}; expected 'exact' or 'faiss'")
+            cands = Candidates(int(manifest["num_items"]), catalogue, device, exclude_seen, exclude_history)
             sums, counts, users = _run(
-                scorer, data_dir, manifest, split, ks, batch_size, device, exclude_seen, dump_topk, dump_k, progress,
+                scorer, data_dir, manifest, split, ks, batch_size, device, cands, dump_topk, dump_k, progress,
                 faiss_index,
             )  # fmt: skip
     finally:
         if module is not None and was_training:
             module.train()
+    return _results(scorer.name, split, manifest, ks, sums, counts, users, index, catalogue, faiss_index is not None)
 
+
+def _read_candidates(data_dir: Path, manifest: dict[str, Any], candidates: str, index: str) -> Catalogue | None:
+    """The catalogue for `candidates="catalogue"` (None for the vocabulary).
+
+    Raises:
+        ConfigError: catalogue with the faiss index (its item index holds the vocabulary
+            only: evaluate cold candidates with the exact index), or an unknown value.
+    """
+    if candidates == "vocabulary":
+        return None
+    if candidates != "catalogue":
+        raise ConfigError(f"unknown candidates {candidates!r}; expected 'vocabulary' or 'catalogue'")
+    if index == "faiss":
+        raise ConfigError("--candidates catalogue ranks with the exact index only; drop --index faiss")
+    return read_catalogue(data_dir, manifest)
+
+
+def _results(
+    name: str, split: str, manifest: dict[str, Any], ks: list[int], sums: dict[str, float], counts: dict[str, int],
+    users: int, index: str, catalogue: Catalogue | None, faiss: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """`evaluate_model`'s result from the loop's sums and counts."""
     n = counts["queries"]
-    out: dict[str, Any] = {"name": scorer.name, "split": split, "fingerprint": manifest.get("fingerprint")}
-    for k in ks:
-        for m in METRICS:
-            out[f"{m}@{k}"] = sums[f"{m}@{k}"] / n if n else 0.0
-    if faiss_index is not None:
+    out: dict[str, Any] = {"name": name, "split": split, "fingerprint": manifest.get("fingerprint")}
+    out.update(_means(sums, n, ks))
+    if faiss:
         for k in ks:
             out[f"faiss_recall@{k}"] = sums[f"faiss_recall@{k}"] / n if n else 0.0
     out.update(
@@ -289,8 +459,25 @@ def evaluate_model(
         users=users,
         oov_target_share=counts["oov"] / n if n else 0.0,
         index=index,
+        candidates="vocabulary" if catalogue is None else "catalogue",
     )
+    if catalogue is not None:
+        out["cold_items"] = len(catalogue)
+        out["cold_target_share"] = counts["cold"] / n if n else 0.0
+        out["targets"] = {
+            kind: {"queries": counts[kind], **_means(sums, counts[kind], ks, f"{kind}/")} for kind in ("cold", "warm")
+        }
     return out
+
+
+def _means(sums: dict[str, float], n: int, ks: list[int], prefix: str = "") -> dict[str, float]:
+    """Every metric at every K: the sums of keys `prefix + "hr@K"` ... over n queries (0 when n is 0)."""
+    return {f"{m}@{k}": sums.get(f"{prefix}{m}@{k}", 0.0) / n if n else 0.0 for k in ks for m in METRICS}
+
+
+def _add(sums: dict[str, float], more: dict[str, float], prefix: str = "") -> None:
+    for key, v in more.items():
+        sums[prefix + key] = sums.get(prefix + key, 0.0) + v
 
 
 def _run(
@@ -301,19 +488,19 @@ def _run(
     ks: list[int],
     batch_size: int,
     device: torch.device,
-    exclude_seen: bool,
+    cands: Candidates,
     dump_topk: Path | None,
     dump_k: int | None,
     progress: bool,
     faiss_index: FaissIndex | None,
 ) -> tuple[dict[str, float], dict[str, int], int]:
     """The evaluation loop: returns metric sums, counts and the number of distinct users."""
-    num_items = int(manifest["num_items"])
     k_max = ks[-1]
-    ds = SessionDataset(data_dir, split, batch_size, shuffle=False, manifest=manifest)
-    writer = _TopkWriter(Path(dump_topk), _raw_items(data_dir, num_items)) if dump_topk else None
+    dataset = CatalogueSessions if cands.catalogue is not None else SessionDataset
+    ds = dataset(data_dir, split, batch_size, shuffle=False, manifest=manifest)
+    writer = _TopkWriter(Path(dump_topk), _raw_items(data_dir, cands.num_items, cands.catalogue)) if dump_topk else None
     sums: dict[str, float] = {}
-    counts = {"queries": 0, "sessions": 0, "oov": 0}
+    counts = {"queries": 0, "sessions": 0, "oov": 0, "cold": 0, "warm": 0}
     seen_users: set[str] = set()
     batches: Any = ds
     if progress:
@@ -326,7 +513,8 @@ def _run(
     try:
         for batch in batches:
             batch = move_batch(batch, device)
-            queries = session_queries(batch["seq"]["item"], batch["seq_len"], batch.get("seq_oov"))
+            cands.prepare(batch)
+            queries = cands.queries(batch)
             counts["sessions"] += int(batch["seq_len"].shape[0])
             seen_users.update(batch["user_id"])
             if not len(queries):
@@ -334,20 +522,23 @@ def _run(
             state = scorer.begin_batch(batch)
             for start in range(0, len(queries), QUERY_CHUNK):
                 q = queries.take(slice(start, start + QUERY_CHUNK))
-                fn = scorer.score_fn(state, q.qb, q.qp, q.prefix)
-                exclude = q.prefix if exclude_seen else None
+                exclude = cands.exclude(batch, q)
                 chunk_items = max(1024, MAX_SCORES // len(q))
-                topk = chunked_topk(fn, num_items, k_max, chunk_items, exclude).to(q.target.device)
+                topk = chunked_topk(cands.score_fn(scorer, state, q, batch), cands.total, k_max, chunk_items, exclude)
+                topk = topk.to(q.target.device)
                 if faiss_index is not None:
                     approx = scorer.index_topk(faiss_index, state, q, k_max, exclude).to(topk.device)
                     for k in ks:
                         key = f"faiss_recall@{k}"
                         sums[key] = sums.get(key, 0.0) + float(overlap_at_k(approx[:, :k], topk[:, :k]).sum())
                     topk = approx
-                for key, v in metric_sums(topk, q.target, q.targets, ks).items():
-                    sums[key] = sums.get(key, 0.0) + v
+                _add(sums, metric_sums(topk, q.target, q.targets, ks))
+                for kind, mask in cands.target_kinds(q).items():
+                    if mask.any():
+                        counts[kind] += int(mask.sum())
+                        _add(sums, metric_sums(topk[mask], q.target[mask], q.targets[mask], ks), f"{kind}/")
                 counts["queries"] += len(q)
-                counts["oov"] += int((q.target == 1).sum())
+                counts["oov"] += int(cands.out_of_vocabulary(q).sum())
                 if writer is not None:
                     writer.write(batch, q, topk[:, : dump_k or k_max])
         ok = True
@@ -432,7 +623,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False) -> dict[str, Any]:
 
     Raises:
         SdmError: K beyond the catalogue, a split without queries, a missing or
-            foreign model, faiss requested but not installed or without a model.
+            foreign model, faiss requested but not installed or without a model,
+            catalogue candidates without a (valid) catalogue or with faiss.
     """
     with OutputDir(cfg.out, "evaluate", REPORTS, overwrite=cfg.overwrite,
                    inputs={"data directory": cfg.data, "model directory": cfg.model}) as guard:  # fmt: skip
@@ -444,7 +636,8 @@ def _evaluate(cfg: EvaluateConfig, guard: OutputDir, progress: bool) -> dict[str
     manifest = read_manifest(cfg.data)
     if cfg.verify:
         verify_files(cfg.data, manifest)
-    catalogue = int(manifest["num_items"]) - 2
+    cold = _read_candidates(cfg.data, manifest, cfg.candidates, cfg.index)  # validated before any work
+    catalogue = int(manifest["num_items"]) - 2 + (len(cold) if cold is not None else 0)
     ks = _cutoffs(cfg, catalogue)
     split_info = manifest["splits"].get(cfg.split, {})
     if not split_info.get("samples", 1):
@@ -466,12 +659,16 @@ def _evaluate(cfg: EvaluateConfig, guard: OutputDir, progress: bool) -> dict[str
         m = evaluate_model(
             scorer, cfg.data, cfg.split, sorted(set(ks) | set(curve)), cfg.batch_size, device,
             exclude_seen=cfg.exclude_seen, dump_topk=dump, dump_k=max(ks), progress=progress,
-            index=cfg.index if kind == "model" else "exact",
+            index=cfg.index if kind == "model" else "exact", candidates=cfg.candidates,
+            exclude_history=cfg.exclude_history,
         )  # fmt: skip
         if m["queries"] == 0:
             raise SdmError(f"{cfg.data}: split {cfg.split!r} has no queries: no sessions of length >= 2 after the cutoff")
         first = first or m
-        entries.append(method_entry(m, kind, ks, curve, exclude_seen=cfg.exclude_seen, index=m["index"], **extra))
+        excluded = {"exclude_seen": cfg.exclude_seen or cfg.exclude_history}
+        if cfg.exclude_history:
+            excluded["exclude_history"] = True
+        entries.append(method_entry(m, kind, ks, curve, **excluded, index=m["index"], **extra))
     report = build_report(manifest, first, ks, entries)
     table = markdown_table(report)
     with atomic_path(cfg.out / "config.json") as tmp:

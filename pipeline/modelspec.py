@@ -71,6 +71,7 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
         state_query=cfg.state_query,
         repeat=cfg.repeat,
         repeat_prior=cfg.repeat_prior,
+        id_dropout=cfg.id_dropout,
     )
 
 

@@ -2,14 +2,20 @@
 
 `metrics.json` is
 
-    {"format": "sdm-metrics", "version": 1, "split", "fingerprint", "catalogue",
+    {"format": "sdm-metrics", "version": 1, "split", "fingerprint", "candidates", "catalogue",
      "queries", "sessions", "users", "oov_target_share", "ks", "curve_ks",
      "methods": [{"name", "kind" ("model" | "baseline"), "checkpoint_step" (models),
                   "hr@K", "recall@K", "precision@K", "f1@K", "ndcg@K", "mrr@K" for every K of "ks",
                   "curve": {"hr": [...], "recall": [...], "ndcg": [...]} over "curve_ks"}, ...]}
 
 with K = 1 .. min(100, catalogue) for the curves; `report.md` is `markdown_table`
-and `report.png` draws the curves, one line per method.
+and `report.png` draws the curves, one line per method. `candidates` is
+"vocabulary" or "catalogue"; `catalogue` counts the items ranked (the vocabulary,
+plus the cold items with "catalogue"). With "catalogue" the report also has
+`cold_items` and `cold_target_share`, and each method `targets`: {"cold": {...},
+"warm": {...}}, each with its `queries` and every metric at every K of "ks" on the
+queries whose next item is a cold item / a vocabulary item (the top level stays
+every query).
 """
 
 from __future__ import annotations
@@ -36,18 +42,28 @@ def method_entry(metrics: dict[str, Any], kind: str, ks: list[int], curve: list[
     keys = [f"{m}@{k}" for k in ks for m in METRICS] + [k for k in metrics if k.startswith("faiss_recall@")]
     entry.update({key: metrics[key] for key in keys if key in metrics})
     entry["curve"] = {m: [metrics[f"{m}@{k}"] for k in curve] for m, _ in CURVES}
+    if "targets" in metrics:
+        entry["targets"] = {
+            kind: {"queries": part["queries"], **{f"{m}@{k}": part[f"{m}@{k}"] for k in ks for m in METRICS}}
+            for kind, part in metrics["targets"].items()
+        }
     return entry
 
 
-def build_report(manifest: dict[str, Any], first: dict[str, Any], ks: list[int], methods: list[dict[str, Any]]) -> dict[str, Any]:
+def build_report(
+    manifest: dict[str, Any], first: dict[str, Any], ks: list[int], methods: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The whole report: the split's counts (from any method's metrics, `first`) and every method."""
-    catalogue = int(manifest["num_items"]) - 2
+    catalogue = int(manifest["num_items"]) - 2 + int(first.get("cold_items", 0))
+    cold = {k: first[k] for k in ("cold_items", "cold_target_share") if k in first}
     return {
         "format": "sdm-metrics",
         "version": 1,
         "split": first["split"],
         "fingerprint": manifest.get("fingerprint"),
+        "candidates": first.get("candidates", "vocabulary"),
         "catalogue": catalogue,
+        **cold,
         **{k: first[k] for k in ("queries", "sessions", "users", "oov_target_share")},
         "ks": ks,
         "curve_ks": curve_ks(catalogue),
@@ -56,7 +72,8 @@ def build_report(manifest: dict[str, Any], first: dict[str, Any], ks: list[int],
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """A title line and one row per method and K."""
+    """A title line and one row per method and K; with catalogue candidates, one row per method,
+    target kind (all, cold, warm) and K."""
     names = ", ".join(m["name"] for m in report["methods"])
     title = (
         f"**{names}** on {report['split']}: {report['queries']:,} queries, "
@@ -65,13 +82,25 @@ def markdown_table(report: dict[str, Any]) -> str:
     )
     faiss = any(f"faiss_recall@{report['ks'][0]}" in m for m in report["methods"])
     cols = list(METRICS) + (["faiss_recall"] if faiss else [])
-    header = "| method | K | " + " | ".join(NAMES.get(c, "faiss recall") for c in cols) + " |"
-    sep = "|---|---:|" + "---:|" * len(cols)
+    cold = "cold_items" in report
+    if cold:
+        title += (
+            f" ({report['cold_items']:,} cold, each from the time the catalogue knows it); "
+            f"cold targets {100 * report['cold_target_share']:.2f}%"
+        )
+    names = " | ".join(NAMES.get(c, "faiss recall") for c in cols)
+    header = "| method | " + ("targets | " if cold else "") + "K | " + names + " |"
+    sep = "|---|" + ("---|" if cold else "") + "---:|" + "---:|" * len(cols)
     rows = []
     for m in report["methods"]:
-        for k in report["ks"]:
-            cells = [f"{m[f'{c}@{k}']:.4f}" if f"{c}@{k}" in m else "-" for c in cols]
-            rows.append(f"| {m['name']} | {k} | " + " | ".join(cells) + " |")
+        parts = [(None, m)]
+        if cold:
+            parts = [("all", {**m, "queries": report["queries"]}), *m.get("targets", {}).items()]
+        for kind, part in parts:
+            label = f"{m['name']} | {kind} ({part['queries']:,})" if kind else m["name"]
+            for k in report["ks"]:
+                cells = [f"{part[f'{c}@{k}']:.4f}" if f"{c}@{k}" in part else "-" for c in cols]
+                rows.append(f"| {label} | {k} | " + " | ".join(cells) + " |")
     return "\n".join([title, "", header, sep, *rows])
 
 

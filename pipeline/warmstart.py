@@ -28,7 +28,7 @@ import torch
 
 from sdm.errors import ConfigError, DataError
 from sdm.model.sdm import SDM, ModelConfig
-from sdm.pipeline.checkpoint import MODEL_KEYS, read_checkpoint
+from sdm.pipeline.checkpoint import MODEL_KEYS, normalised_model_config, read_checkpoint
 
 VOCAB_FIELDS = ("item_vocab", "user_vocab")
 TRAINING_ONLY = ("dropout", "id_dropout")
@@ -82,15 +82,6 @@ def read_init(model_dir: Path) -> tuple[Path, dict[str, Any]]:
     return path, read_checkpoint(path, MODEL_KEYS)
 
 
-def _normalised(path: Path, config: Any) -> dict[str, Any]:
-    """A checkpoint's model config with the defaults of fields added since it was written."""
-    try:
-        return ModelConfig.model_validate(config).model_dump(mode="json")
-    except (ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a model config this sdm reads ({first})") from None
-
-
 def _trained_on(ckpt: dict[str, Any]) -> str:
     """The data directory the checkpoint's run read, for the messages."""
     config = ckpt.get("config")
@@ -119,7 +110,7 @@ def check_compatible(path: Path, ckpt: dict[str, Any], manifest: dict[str, Any],
             f"--init-from {path}: the model was trained on data {str(old_fp)[:12]}, which {data} does not extend "
             f"(its manifest has {has}); sessionize the new log with --vocab-from {prev} so every id keeps its index"
         )
-    old = _normalised(path, ckpt["model_config"])
+    old = normalised_model_config(path, ckpt["model_config"])
     new = model_cfg.model_dump(mode="json")
     for key in new:
         if key in TRAINING_ONLY:
@@ -214,7 +205,7 @@ def warm_start(model: SDM, model_dir: Path, manifest: dict[str, Any], data: Path
     """
     path, ckpt = read_init(model_dir)
     check_compatible(path, ckpt, manifest, data, model.config)
-    old_cfg = _normalised(path, ckpt["model_config"])
+    old_cfg = normalised_model_config(path, ckpt["model_config"])
     state, carried = grow_state_dict(ckpt["model"], model, old_cfg)
     model.load_state_dict(state)
     step = ckpt.get("step")

@@ -1,10 +1,12 @@
 """Serving: from a trained model to recommendations.
 
-- `export`: `sdm export` — item vectors, the user tower (weights, torch.export and ONNX), the index.
+- `export`: `sdm export` — item vectors (the catalogue's cold items after the vocabulary's),
+  the user tower (weights, torch.export and ONNX), the index.
 - `sessions`: a user's latest session and its long-term window from raw events,
   built by the sessionizer's own stage functions and the training vocabularies.
 - `recommend`: `sdm recommend LOG` — batch top-K for every user of a log.
-- `api`: `Recommender.load(export_dir).recommend(events, k=...)` for services.
+- `api`: `Recommender.load(export_dir).recommend(events, k=...)` for services;
+  `add_items(table)` gives items added after export vectors and puts them in the index.
 - `rank`: the one function that turns user vectors (and optional per-candidate
   extra scores) into a top-K list over an item index.
 - `index`: exact and faiss indexes (parameters chosen from the catalogue size).

@@ -21,12 +21,25 @@ config); a polars / pandas frame, a list of dicts or a dict of lists. The
 result is a polars frame: `user_id`, `session_start`, `items` (raw ids, best
 first), `scores`, one row per user.
 
+Candidates: "vocabulary" (the default) ranks the items training saw, exactly as
+before cold items existed. "catalogue" also ranks the cold items: the export's
+(`item_vectors.parquet` rows with `cold` true: items with side info but no
+training event) and those given to `add_items` since loading (known from the
+moment they were added). A cold item is a candidate for a request at time `at`
+(default: now) only when its `known_from` is null or <= `at`: the availability
+rule of `sdm evaluate --candidates catalogue`, with the request's time as the
+query's. `exclude_seen` drops the items of the current session, cold ones
+included; `exclude_history` also those of the long-term window.
+
 Safety: nothing in an export directory is unpickled (`user_tower.pt2` is never
 loaded: `torch.export.load` unpickles, which runs code a crafted file holds).
 Every file is checked as it is loaded: a missing, damaged or foreign one, or
 files that do not fit each other (vector dims, index size, tower inputs), is one
-`DataError` line naming the file; a bad argument (`k`, `at`, events) is a
+`DataError` line naming the file; a bad argument (`k`, `at`, events, items) is a
 `ConfigError`.
+
+`add_items` changes the Recommender in place: do not call it while another
+thread is inside `recommend` on the same object.
 """
 
 from __future__ import annotations
@@ -43,52 +56,62 @@ import torch
 
 from sdm.errors import ConfigError, DataError, SdmError
 from sdm.names import vocab_file
+from sdm.pipeline.catalogue import ALWAYS
 from sdm.pipeline.dataset import collate, user_column
 from sdm.serve.export import (
     CONFIG, FAISS_INDEX, INDEX_SPEC, ITEM_VECTORS, LOOKUPS, ONNX_TOWER, TOWER_SPEC, WEIGHTS, load_tower,
 )  # fmt: skip
-from sdm.serve.index import ExactIndex, FaissIndex
+from sdm.serve.index import Allowed, ExactIndex, FaissIndex
 from sdm.serve.rank import rank
-from sdm.serve.sessions import Lookups, first_line, latest_sessions, open_frame, read_json
+from sdm.serve.sessions import COLD, ColdItems, Lookups, first_line, latest_sessions, now_us, open_frame, read_json
+from sdm.sessionize.encode import encode
 from sdm.sessionize.io import polars_errors, to_utc_us
 
 INT64 = (-(2**63), 2**63 - 1)
+CANDIDATES = ("vocabulary", "catalogue")
 
 
-def to_frame(events: Any) -> pl.DataFrame:
+def to_frame(events: Any, what: str = "events") -> pl.DataFrame:
     """A polars DataFrame from a polars/pandas frame, a list of dicts or a dict of lists.
 
     Raises:
-        ConfigError: anything else, rows polars cannot put in one frame, or integers beyond int64.
+        ConfigError: anything else, rows polars cannot put in one frame, or integers beyond int64
+            (naming `what`, the argument).
     """
     if isinstance(events, pl.LazyFrame):
-        with polars_errors("events"):
+        with polars_errors(what):
             events = events.collect()
     if isinstance(events, pl.DataFrame):
-        return _check_int64(events)
+        return _check_int64(events, what)
     try:
         if type(events).__module__.startswith("pandas"):
-            return _check_int64(pl.from_pandas(events))
+            return _check_int64(pl.from_pandas(events), what)
         if isinstance(events, (list, tuple, dict)):
-            return _check_int64(pl.DataFrame(events))
+            return _check_int64(pl.DataFrame(events), what)
     except (pl.exceptions.PolarsError, pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
         if isinstance(exc, SdmError):
             raise
-        raise ConfigError(f"events: not one table ({first_line(exc)})") from None
+        raise ConfigError(f"{what}: not one table ({first_line(exc)})") from None
     raise ConfigError(
-        f"events: expected a polars or pandas frame, a list of dicts or a dict of lists, got {type(events).__name__}"
+        f"{what}: expected a polars or pandas frame, a list of dicts or a dict of lists, got {type(events).__name__}"
     )
 
 
-def _check_int64(frame: pl.DataFrame) -> pl.DataFrame:
+def _check_int64(frame: pl.DataFrame, what: str = "events") -> pl.DataFrame:
     """Refuse integer columns holding values beyond int64 (ids sdm's tables cannot hold)."""
     for name, dtype in frame.schema.items():
         if dtype in (pl.Int128, pl.UInt64, pl.UInt128) and frame.height:
             col = frame.get_column(name).drop_nulls()
             if len(col) and (col.min() < INT64[0] or col.max() > INT64[1]):
                 bad = col.max() if col.max() > INT64[1] else col.min()
-                raise ConfigError(f"events: column {name!r} holds {bad}, beyond the 64-bit integers sdm reads")
+                raise ConfigError(f"{what}: column {name!r} holds {bad}, beyond the 64-bit integers sdm reads")
     return frame
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _check_k(k: Any) -> int:
@@ -177,11 +200,19 @@ class Recommender:
     """Recommendations from an export directory (see the module docstring).
 
     Use `Recommender.load`; the constructor takes the loaded parts.
+
+    Attributes:
+        num_items: V, the vocabulary size: item indices 2..V-1 are warm, V.. cold.
+        raw_items: (V + C,) raw id of every item index (None for 0 and 1).
+        item_vecs: (V + C, D) vectors by item index (rows 0, 1 zero).
+        known_from: (C,) int64 us since epoch of each cold item (`ALWAYS` = known at all times).
+        candidates: the default of `recommend(candidates=...)`.
     """
 
     def __init__(
         self, root: Path, lookups: Lookups, spec: dict[str, Any], tower: Any, index: Any, item_vecs: torch.Tensor,
-        raw_items: np.ndarray, runtime: str,
+        raw_items: np.ndarray, runtime: str, item_ids: pl.Series | None = None, known_from: np.ndarray | None = None,
+        candidates: str = "vocabulary",
     ) -> None:  # fmt: skip
         self.root = root
         self.lookups = lookups
@@ -191,12 +222,26 @@ class Recommender:
         self.item_vecs = item_vecs
         self.raw_items = raw_items
         self.runtime = runtime
+        self.candidates = candidates
         self.item_features = list(spec["item_features"])
         self.user_features = list(spec["user_features"])
         self.input_names = [i["name"] for i in spec["inputs"]]
+        self.num_items = lookups.num_items
+        self.item_col = str(lookups.config.get("item_col", "item_id"))
+        self.item_ids = item_ids if item_ids is not None else pl.Series(self.item_col, list(raw_items[2:]))
+        self.known_from = known_from if known_from is not None else np.zeros(0, dtype=np.int64)
+        # side features of each cold item for the sessions' events: 0 = the events' own (`ColdItems`)
+        self.cold_side = np.zeros((len(self.known_from), len(lookups.item_features)), dtype=np.int64)
+        self.cold: ColdItems | None = None
+        self.cold = self._cold_items()
+        self._ids: set[Any] | None = None  # every known raw id, built on the first add_items
+        self._model: Any = None  # the SDM whose item tower add_items runs
 
     @classmethod
-    def load(cls, export_dir: Path | str, runtime: str = "auto", index: str = "auto", threads: int = 1) -> Recommender:
+    def load(
+        cls, export_dir: Path | str, runtime: str = "auto", index: str = "auto", threads: int = 1,
+        candidates: str = "vocabulary",
+    ) -> Recommender:  # fmt: skip
         """Load an `sdm export` directory, checking every file it reads.
 
         Args:
@@ -206,14 +251,16 @@ class Recommender:
                 approximate index and faiss is installed, else exact).
             threads: CPU threads of the tower (1 keeps a single request's latency lowest
                 and leaves the other cores to other requests).
+            candidates: the default of `recommend`'s `candidates`: "vocabulary" or "catalogue".
 
         Raises:
-            ConfigError: an unknown runtime or index, threads < 1.
+            ConfigError: an unknown runtime, index or candidates, threads < 1.
             DataError: not a finished export, the asked runtime / index missing, or a
                 file missing, damaged or not fitting the others (naming the file).
         """
         _choice("runtime", runtime, ("auto", "onnx", "torch"))
         _choice("index", index, ("auto", "exact", "faiss"))
+        _choice("candidates", candidates, CANDIDATES)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
         root = Path(export_dir)
@@ -237,54 +284,218 @@ class Recommender:
             tower = _TorchTower(root / WEIGHTS, names, lookups)
         d = int(spec["embedding_dim"])
         _probe(tower, spec, d)
-        vecs, raw = _read_item_vectors(root / ITEM_VECTORS, d, lookups.num_items)
+        vecs, raw, ids, known = _read_item_vectors(root / ITEM_VECTORS, d, lookups.num_items)
         idx = _load_index(root, vecs, index)
-        return cls(root, lookups, spec, tower, idx, torch.from_numpy(vecs), raw, "onnx" if use_onnx else "torch")
+        runtime = "onnx" if use_onnx else "torch"
+        return cls(root, lookups, spec, tower, idx, torch.from_numpy(vecs), raw, runtime, ids, known, candidates)
 
     def recommend(
-        self, events: Any, k: int = 10, at: dt.datetime | str | None = None, exclude_seen: bool = False
-    ) -> pl.DataFrame:
+        self, events: Any, k: int = 10, at: dt.datetime | str | None = None, exclude_seen: bool = False,
+        exclude_history: bool = False, candidates: str | None = None,
+    ) -> pl.DataFrame:  # fmt: skip
         """Top-k items for every user of `events` (latest session before `at`, see the module docstring).
 
         Args:
             events: a polars / pandas frame, a list of dicts or a dict of lists (the log's columns).
-            k: items per user (an integer >= 1; at most the catalogue is returned).
-            at: a datetime or an ISO 8601 string (naive = UTC): events at or after it are ignored.
+            k: items per user (an integer >= 1; at most the candidates are returned).
+            at: a datetime or an ISO 8601 string (naive = UTC): events at or after it are ignored,
+                and cold items known after it are no candidates. Default: now.
             exclude_seen: never recommend items of the user's current session.
+            exclude_history: never recommend items of the user's long-term window (the history
+                before the session) either; implies exclude_seen.
+            candidates: "vocabulary" (the items training saw) or "catalogue" (also the cold
+                items known at `at`); default: the one given to `load`.
 
         Returns:
             polars frame: user_id, session_start (UTC), items (raw ids, best first), scores.
 
         Raises:
-            ConfigError: a bad k, at, exclude_seen or events value.
+            ConfigError: a bad k, at, exclude_seen, exclude_history, candidates or events value.
             SdmError: events the training config cannot read (missing column, wrong type).
             DataError: an export file that fails at request time (naming it).
         """
-        k = min(_check_k(k), len(self.raw_items) - 2)
+        mode = self.candidates if candidates is None else candidates
+        _choice("candidates", mode, CANDIDATES)
+        k = _check_k(k)
         at_us = _at_us(at)
-        if not isinstance(exclude_seen, (bool, np.bool_)):
-            raise ConfigError(f"exclude_seen must be True or False, got {exclude_seen!r}")
+        seen = _check_bool("exclude_seen", exclude_seen)
+        history = _check_bool("exclude_history", exclude_history)
+        allowed, total = self._allowed(mode, at_us)
+        k = min(k, total)
         frame = to_frame(events)
+        # cold ids in the events matter to "catalogue" (exclusion), and added items' features to both
+        cold = self.cold if self.cold is not None and (mode == "catalogue" or self.cold.side is not None) else None
         with polars_errors("events"):
             inp, missing = open_frame(self.lookups, frame)
-            served = latest_sessions(inp, self.lookups, missing, at_us)
+            served = latest_sessions(inp, self.lookups, missing, at_us, cold=cold)
         user_type = frame.schema.get(inp.spec.user_key, pl.String)
         if not len(served):
             return _frame(served.user_id.cast(user_type), np.zeros(0, np.int64), [], [])
-        batch = collate(served.arrays, self.item_features, self.user_features)
-        inputs = _inputs(batch, self.item_features, self.user_features)
-        out = self.tower(inputs)
+        extra = [COLD] if cold is not None else []
+        batch = collate(served.arrays, self.item_features + extra, self.user_features)
+        out = self.tower(_inputs(batch, self.item_features, self.user_features))
         u = torch.from_numpy(out[0])
-        prefix = batch["seq"]["item"] if exclude_seen else None
+        exclude = _exclusion(batch, mode == "catalogue" and bool(extra), seen or history, history)
         if len(out) == 3:
-            scores, items = rank(u, self.index, k, prefix, torch.from_numpy(out[1]), torch.from_numpy(out[2]),
-                                 self.item_vecs)  # fmt: skip
+            scores, items = rank(u, self.index, k, exclude, torch.from_numpy(out[1]), torch.from_numpy(out[2]),
+                                 self.item_vecs, allowed=allowed)  # fmt: skip
         else:
-            scores, items = rank(u, self.index, k, prefix)
+            scores, items = rank(u, self.index, k, exclude, allowed=allowed)
         ids = items.numpy()
         raw = [[self.raw_items[j] for j in row if j > 1] for row in ids]
         sc = [[float(s) for s, j in zip(srow, row) if j > 1] for srow, row in zip(scores.numpy(), ids)]
         return _frame(served.user_id, served.session_start, raw, sc)
+
+    def _allowed(self, mode: str, at_us: int | None) -> tuple[Allowed, int]:
+        """The index rows a request may return (`serve.index.Allowed`), and how many.
+
+        "vocabulary": the warm rows (all rows when there is no cold one: the search of
+        an export without cold items). "catalogue": also each cold row whose `known_from`
+        is <= `at_us` (default now).
+        """
+        warm, cold = self.num_items - 2, len(self.known_from)
+        if mode == "vocabulary" or not cold:
+            return (warm if cold else None), warm
+        known = self.known_from <= (now_us() if at_us is None else at_us)
+        n = int(np.count_nonzero(known))
+        if n == cold:
+            return None, warm + cold
+        if n == 0:
+            return warm, warm
+        return np.concatenate([np.ones(warm, dtype=bool), known]), warm + n
+
+    def add_items(self, items: Any) -> pl.DataFrame:
+        """Give vectors to items added after export and put them in the index: candidates at once.
+
+        Each is a cold item known from now (`candidates="catalogue"` returns it for requests
+        at or after this call), its vector the item tower of its side features with the id
+        part neutral, as export computes the catalogue's (`SDM.cold_item_vectors`, with the
+        weights of user_tower.weights.pt: read on the first call under the ONNX runtime).
+        An event of it in a request's session is its candidate index (`exclude_seen`) and
+        takes these side features where the events carry none, as an items table row would.
+
+        Args:
+            items: a polars / pandas frame, a list of dicts or a dict of lists: the data's item
+                column (`item_col` of its sessionize config, e.g. "item_id") and raw side
+                features, named as in the items table the data was sessionized with. A missing
+                feature, a null, or a value its vocabulary lacks is 1 (unknown), as in training.
+
+        Returns:
+            polars frame: the item column and each side feature's index (1 = unknown), one row per item.
+
+        Raises:
+            ConfigError: no item column, a null or repeated id, an id that does not cast to the
+                export's id type, or an id the Recommender already knows (warm, cold, or added
+                before: ids are never replaced), naming it.
+            DataError: the weights file is missing or damaged.
+        """
+        frame = to_frame(items, "items")
+        ids = self._new_ids(frame)
+        side = self._encode_side(frame)  # (A, F)
+        if len(ids):
+            self._append(ids, side, self._cold_vectors(side))
+        features = [pl.Series(f, side[:, j], dtype=pl.Int32) for j, f in enumerate(self.lookups.item_features)]
+        return pl.DataFrame([ids, *features])
+
+    def _new_ids(self, frame: pl.DataFrame) -> pl.Series:
+        """The item column of `frame`, cast to the export's id type; refused when null, repeated or known."""
+        col = self.item_col
+        if col not in frame.columns:
+            raise ConfigError(f"items: no column {col!r} (the item column of the data; found: {', '.join(frame.columns[:8])})")
+        given = frame.get_column(col)
+        if given.null_count():
+            raise ConfigError(f"items: column {col!r} has nulls")
+        try:
+            ids = given.cast(self.item_ids.dtype, strict=True).alias(col)
+        except (pl.exceptions.PolarsError, pl.exceptions.PanicException):
+            raise ConfigError(f"items: column {col!r} holds {given.dtype}, not the export's item ids ({self.item_ids.dtype})") from None
+        twice = ids.filter(ids.is_duplicated())
+        if len(twice):
+            raise ConfigError(f"items: item {twice[0]!r} occurs twice")
+        if self._ids is None:
+            self._ids = set(self.item_ids.to_list())
+        known = [v for v in ids.to_list() if v in self._ids]
+        if known:
+            raise ConfigError(f"items: item {known[0]!r} is already known to this export; ids are never replaced")
+        return ids
+
+    def _encode_side(self, frame: pl.DataFrame) -> np.ndarray:
+        """(A, F) int64 index of each side feature (`Lookups.item_features`) by its vocabulary; 1 = unknown."""
+        out = np.ones((frame.height, len(self.lookups.item_features)), dtype=np.int64)
+        for j, f in enumerate(self.lookups.item_features):
+            if f in frame.columns and f != self.item_col and frame.schema[f] != pl.Null:
+                try:
+                    enc = encode(frame.lazy().select(f), f, self.lookups.vocabs[f], "index").collect()
+                except (pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
+                    raise ConfigError(f"items: column {f!r} cannot be looked up in its vocabulary ({first_line(exc)})") from None
+                out[:, j] = enc.get_column("index").to_numpy()
+        return out
+
+    def _cold_vectors(self, side: np.ndarray) -> np.ndarray:
+        """(A, D) float32 item-tower vectors of items with side features `side` and no id."""
+        model = self._item_model()
+        cols = [self.lookups.item_features.index(f) for f in model.item_features[1:]]
+        try:
+            with torch.no_grad():
+                vecs = model.cold_item_vectors(torch.from_numpy(side[:, cols]))
+        except (RuntimeError, IndexError) as exc:
+            raise DataError(f"{self.root / WEIGHTS}: the item tower failed ({first_line(exc)})") from None
+        return np.ascontiguousarray(vecs.float().numpy())
+
+    def _item_model(self) -> Any:
+        """The SDM of user_tower.weights.pt (the torch tower's own; read once under ONNX)."""
+        if self._model is None:
+            tower = self.tower if isinstance(self.tower, _TorchTower) else None
+            tower = tower or _TorchTower(self.root / WEIGHTS, self.input_names, self.lookups)
+            self._model = tower.module.model
+        return self._model
+
+    def _append(self, ids: pl.Series, side: np.ndarray, vecs: np.ndarray) -> None:
+        """Add cold rows: the index first (the step that may fail), then every lookup."""
+        self.index.add(vecs)
+        self.item_vecs = torch.cat([self.item_vecs, torch.from_numpy(vecs)])
+        self.raw_items = np.concatenate([self.raw_items, _objects(ids.to_list())])
+        self.item_ids = pl.concat([self.item_ids, ids.alias(self.item_ids.name)])
+        self.known_from = np.concatenate([self.known_from, np.full(len(ids), now_us(), dtype=np.int64)])
+        self.cold_side = np.concatenate([self.cold_side, side])
+        if self._ids is not None:
+            self._ids.update(ids.to_list())
+        self.cold = self._cold_items()
+
+    def _cold_items(self) -> ColdItems | None:
+        """Raw id -> candidate index of every cold row, for the sessions' events (None without cold rows)."""
+        if self.cold is not None:  # `serve.sessions` caches lookups by the vocabulary's id(): drop the old one's
+            self.lookups.row_of.pop(id(self.cold.vocab), None)
+        n = len(self.known_from)
+        if not n:
+            return None
+        vocab = pl.DataFrame(
+            {"raw": self.item_ids.slice(self.num_items - 2), "index": np.arange(self.num_items, self.num_items + n)}
+        )
+        return ColdItems(vocab, self.cold_side if self.cold_side.any() else None)
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    """A 1-d object array of `values` (np.array would nest tuples or lists)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _exclusion(batch: dict[str, Any], cold: bool, seen: bool, history: bool) -> torch.Tensor | None:
+    """(B, X) item indices never to return: the session's (`seen`) and the long-term window's (`history`).
+
+    With `cold`, an event of a cold item is its candidate index (`serve.sessions.COLD`), not OOV.
+    """
+    if not seen:
+        return None
+
+    def items(side: str) -> torch.Tensor:
+        x = batch[side]["item"]
+        return torch.where(batch[side][COLD] > 1, batch[side][COLD].long(), x.long()) if cold else x
+
+    seq = items("seq")
+    return torch.cat([seq, items("long").to(seq.dtype)], 1) if history else seq
 
 
 def _frame(user_id: pl.Series, start: np.ndarray, items: list[list[Any]], scores: list[list[float]]) -> pl.DataFrame:
@@ -386,15 +597,17 @@ def _probe(tower: Any, spec: dict[str, Any], d: int) -> None:
         raise DataError(f"{tower.path}: the tower's outputs {shapes} do not fit {TOWER_SPEC} ({want} output(s), dim {d})")
 
 
-def _read_item_vectors(path: Path, d: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """(V, d) float32 vectors (rows 0, 1 zero) and (V,) raw ids (object) from item_vectors.parquet, checked."""
+def _read_item_vectors(path: Path, d: int, num_items: int) -> tuple[np.ndarray, np.ndarray, pl.Series, np.ndarray]:
+    """item_vectors.parquet, checked: (N + 2, d) float32 vectors by item index (rows 0, 1 zero),
+    (N + 2,) raw ids (object), the `item_id` column as stored (N,), and (C,) `known_from` of the
+    cold rows (us, `ALWAYS` = known at all times). An export without `cold` column has none."""
     if not path.is_file():
         raise DataError(f"{path}: not found; re-run `sdm export`")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
-    n = num_items - 2
+    warm = num_items - 2
     if "vector" not in table.column_names or "item_id" not in table.column_names:
         raise DataError(f"{path}: not item vectors (no item_id / vector column; found {', '.join(table.column_names)})")
     vtype = table.schema.field("vector").type
@@ -402,8 +615,8 @@ def _read_item_vectors(path: Path, d: int, num_items: int) -> tuple[np.ndarray, 
         raise DataError(f"{path}: column 'vector' holds {vtype}, expected fixed_size_list<float>")
     if vtype.list_size != d:
         raise DataError(f"{path}: vectors of dim {vtype.list_size}, but the user tower's are of dim {d}")
-    if table.num_rows != n:
-        raise DataError(f"{path}: {table.num_rows} vectors, but the catalogue has {n} items")
+    known = _cold_rows(path, table, warm)
+    n = table.num_rows
     column = table.column("vector").combine_chunks()
     if "index" in table.column_names and table.column("index").to_pylist() != list(range(2, n + 2)):
         raise DataError(f"{path}: column 'index' is not 2..{n + 1} in order")
@@ -412,9 +625,45 @@ def _read_item_vectors(path: Path, d: int, num_items: int) -> tuple[np.ndarray, 
         raise DataError(f"{path}: missing or non-finite vector values")
     vecs = np.zeros((n + 2, d), dtype=np.float32)
     vecs[2:] = flat.reshape(n, d)
+    ids = pl.Series("item_id", table.column("item_id").combine_chunks())
+    if ids.null_count():
+        raise DataError(f"{path}: column 'item_id' has nulls")
     raw = np.empty(n + 2, dtype=object)
-    raw[2:] = table.column("item_id").to_pylist()
-    return vecs, raw
+    raw[2:] = ids.to_list()
+    return vecs, raw, ids, known
+
+
+def _cold_rows(path: Path, table: pa.Table, warm: int) -> np.ndarray:
+    """(C,) `known_from` (us, `ALWAYS` for null) of the cold rows after the `warm` vocabulary rows.
+
+    Raises:
+        DataError: fewer rows than the vocabulary, rows beyond it without a `cold` column, a
+            `cold` column that is not bool, has nulls or is not false then true, or a
+            `known_from` that is missing, not a timestamp, or set on a warm row.
+    """
+    n = table.num_rows
+    if n < warm or ("cold" not in table.column_names and n != warm):
+        raise DataError(f"{path}: {n} vectors, but the catalogue has {warm} items")
+    if "cold" not in table.column_names:
+        return np.zeros(0, dtype=np.int64)  # an export of an older sdm: every row warm
+    cold = table.column("cold")
+    if not pa.types.is_boolean(cold.type) or cold.null_count:
+        raise DataError(f"{path}: column 'cold' holds {cold.type} with {cold.null_count} nulls, expected bool without nulls")
+    flags = cold.to_numpy()
+    if flags[:warm].any() or not flags[warm:].all():
+        raise DataError(f"{path}: column 'cold' must be false for the vocabulary's {warm} items and true after them")
+    if "known_from" not in table.column_names:
+        raise DataError(f"{path}: a 'cold' column without 'known_from'")
+    known = table.column("known_from")
+    if not pa.types.is_timestamp(known.type):
+        raise DataError(f"{path}: column 'known_from' holds {known.type}, expected timestamp[us, tz=UTC]")
+    if known.slice(0, warm).null_count != warm:
+        raise DataError(f"{path}: column 'known_from' is set for an item of the vocabulary (null expected)")
+    try:
+        us = known.slice(warm).cast(pa.timestamp("us", tz=known.type.tz)).cast(pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"{path}: column 'known_from' is not a usable time ({first_line(exc)})") from None
+    return us.fill_null(ALWAYS).to_numpy().astype(np.int64)
 
 
 def _load_index(root: Path, vecs: np.ndarray, kind: str) -> Any:

@@ -4,10 +4,19 @@ Reads `best.pt` of a training run and the shard directory it was trained on,
 and writes to the output directory:
 
 - `item_vectors.parquet`: `item_id` (raw), `index` (int32), `vector`
-  (fixed_size_list<float32>[D]) for every real item index 2..V-1, in index order.
-- `items.faiss` + `index.json`: a `serve.index.FaissIndex` over the same vectors
-  (exact below 50,000 items, IVF with tuned nprobe above; faiss row i = parquet
-  row i), and its parameters (only when faiss is installed and `faiss` is on).
+  (fixed_size_list<float32>[D]), `cold` (bool), `known_from` (timestamp[us, UTC]):
+  every real item index 2..V-1 of the vocabulary in index order (`cold` false,
+  `known_from` null), then every cold item j of the data directory's
+  `catalogue.parquet` (`pipeline/catalogue.py`: items with side info but no
+  training event) as index V + j (`cold` true, `known_from` the catalogue's: null =
+  known at all times). A cold item's vector is the item tower with the id part
+  neutral (index 0, the zero padding row) and its side features
+  (`SDM.cold_item_vectors`). A data directory without a catalogue gives no cold
+  rows; exports of older sdm versions lack both columns (all rows warm).
+- `items.faiss` + `index.json`: a `serve.index.FaissIndex` over the same vectors,
+  warm and cold (exact below 50,000 items, IVF with tuned nprobe above; faiss
+  row i = parquet row i), and its parameters (only when faiss is installed and
+  `faiss` is on).
 - `user_tower.pt2`: a `torch.export` program (`UserTower`) taking the batch
   tensors as flat positional inputs and returning the user vector after the
   last valid session position, (B, D): the query vector for the item index.
@@ -16,6 +25,8 @@ and writes to the output directory:
 - `user_tower.weights.pt`: the tower's tensors and its model config (JSON text),
   readable with `torch.load(..., weights_only=True)`; `Recommender` rebuilds
   `UserTower` from this package's model code and these weights (`load_tower`).
+  They are the whole model's state, the item tower's included: `Recommender.add_items`
+  computes vectors of new items from them.
 - `user_tower.onnx`: the same tower as ONNX (same inputs, names and output), for
   ONNX Runtime / Triton (only when the `onnx` extra is installed and `onnx` is on).
 - `user_tower.json`: input names, order, shapes and vocab files, dims, how to
@@ -61,6 +72,7 @@ from sdm.errors import DataError, StorageError
 from sdm.model.sdm import SDM
 from sdm.names import vocab_file
 from sdm.outputs import OutputDir, atomic_path, write_json, write_text
+from sdm.pipeline.catalogue import ALWAYS, Catalogue, cold_item_vectors, read_catalogue
 from sdm.pipeline.dataset import read_manifest, user_column
 from sdm.pipeline.manifest import verify_files
 from sdm.serve.sessions import first_line
@@ -356,15 +368,46 @@ def raw_item_ids(data_dir: Path, num_items: int) -> pa.Array:
     return vocab.column("raw").combine_chunks()
 
 
-def write_item_vectors(path: Path, raw: pa.Array, vectors: Tensor) -> None:
-    """`item_id`, `index`, `vector` (fixed_size_list<float32>[D]) for items 2..V-1."""
+def read_cold(data_dir: Path, manifest: dict[str, Any], raw_type: pa.DataType) -> Catalogue | None:
+    """The cold items of a data directory (`pipeline.catalogue.read_catalogue`), ids cast to the vocabulary's type.
+
+    None when the manifest records no catalogue (a data directory of an older sdm).
+
+    Raises:
+        DataError: a damaged catalogue, or ids that do not cast to the vocabulary's raw type.
+    """
+    if "catalogue" not in manifest:
+        return None
+    catalogue = read_catalogue(Path(data_dir), manifest)
+    try:
+        catalogue.item_id = catalogue.item_id.cast(raw_type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        path = Path(data_dir) / manifest["catalogue"]["path"]
+        raise DataError(f"{path}: item_id is {catalogue.item_id.type}, the item vocabulary's raw ids {raw_type}") from None
+    return catalogue
+
+
+def write_item_vectors(
+    path: Path, raw: pa.Array, vectors: Tensor, cold_raw: pa.Array | None = None, known_from: np.ndarray | None = None
+) -> None:
+    """`item_id`, `index`, `vector` (fixed_size_list<float32>[D]), `cold`, `known_from` of every row.
+
+    `vectors` (N, D) holds the vocabulary's items 2..V-1 (`raw`), then the cold items
+    (`cold_raw`, `known_from` in us since epoch UTC, `ALWAYS` = null), indices V...
+    """
     n, d = vectors.shape
+    cold_raw = cold_raw if cold_raw is not None else raw.slice(0, 0)
+    known = np.asarray(known_from if known_from is not None else [], dtype=np.int64)
+    warm = n - len(cold_raw)
+    known = np.concatenate([np.full(warm, ALWAYS, dtype=np.int64), known])
     flat = pa.array(vectors.numpy().astype(np.float32, copy=False).reshape(-1))
     table = pa.table(
         {
-            "item_id": raw,
+            "item_id": pa.concat_arrays([raw, cold_raw]),
             "index": pa.array(np.arange(2, n + 2, dtype=np.int32)),
             "vector": pa.FixedSizeListArray.from_arrays(flat, d),
+            "cold": pa.array(np.arange(n) >= warm),
+            "known_from": pa.array(known, pa.int64(), mask=known == ALWAYS).cast(pa.timestamp("us", tz="UTC")),
         }
     )
     with atomic_path(path) as tmp:
@@ -519,21 +562,30 @@ def export(cfg: ExportConfig, progress: bool = False) -> dict[str, Any]:
             verify_files(cfg.data, manifest)  # every data file against its recorded sha256
         model = load_model(cfg.model, cfg.data, manifest, torch.device("cpu"))
         raw = raw_item_ids(cfg.data, int(manifest["num_items"]))
+        cold = read_cold(cfg.data, manifest, raw.type)
         guard.prepare(first=[CONFIG])  # config.json first: a half-cleared directory is never a finished export
         try:
-            summary = _write(cfg, manifest, model, raw, progress)
+            summary = _write(cfg, manifest, model, raw, cold, progress)
         except BaseException:
             _discard(cfg.out)
             raise
     return {**summary, "seconds": time.time() - t0}
 
 
-def _write(cfg: ExportConfig, manifest: dict[str, Any], model: SDM, raw: pa.Array, progress: bool) -> dict[str, Any]:
+def _write(
+    cfg: ExportConfig, manifest: dict[str, Any], model: SDM, raw: pa.Array, cold: Catalogue | None, progress: bool
+) -> dict[str, Any]:
     """Write every export file into the prepared `cfg.out`, config.json last."""
     out = Path(cfg.out)
     _say(progress, "item vectors")
-    vectors = item_vectors(model)  # (V - 2, D)
-    write_item_vectors(out / ITEM_VECTORS, raw, vectors)
+    warm = item_vectors(model)  # (V - 2, D)
+    vectors = warm
+    if cold is not None and len(cold):
+        with torch.no_grad():
+            vectors = torch.cat([warm, cold_item_vectors(model, cold).float().cpu()])  # (V - 2 + C, D)
+        write_item_vectors(out / ITEM_VECTORS, raw, vectors, cold.item_id, cold.known_from)
+    else:
+        write_item_vectors(out / ITEM_VECTORS, raw, vectors)
     faiss_status = write_faiss(out / FAISS_INDEX, vectors, progress) if cfg.faiss else "skipped: --no-faiss"
     _say(progress, f"faiss: {faiss_status}")
 
@@ -548,7 +600,8 @@ def _write(cfg: ExportConfig, manifest: dict[str, Any], model: SDM, raw: pa.Arra
     write_text(out / CONFIG, cfg.model_dump_json(indent=2) + "\n")  # last: marks a finished export
     return {
         "out": str(out),
-        "items": int(vectors.shape[0]),
+        "items": int(warm.shape[0]),
+        "cold_items": int(vectors.shape[0] - warm.shape[0]),
         "dim": int(vectors.shape[1]),
         "variant": model.config.variant,
         "faiss": faiss_status,

@@ -2,9 +2,15 @@
 
 Both take the item table as the model returns it, (V, D) with rows 0 (padding)
 and 1 (OOV) included, index items 2..V-1 only, and return item *indices*
-(2..V-1; 0 = "no item") with their scores. `search_scores(u, k, exclude)` is
+(2..V-1; 0 = "no item") with their scores. `search_scores(u, k, exclude, allowed)` is
 what `serve.rank.rank` calls; `search(u, k, exclude)` returns the indices only
 (what `sdm evaluate --index faiss` calls).
+
+`allowed` restricts a search to some rows (row i = item index i + 2): None = every
+row, an int n = the first n rows, or an (N,) bool array. Serving uses it to keep
+the cold rows of an export (after the vocabulary's) out of a "vocabulary" request,
+and cold items not yet known at the request's time out of a "catalogue" one
+(`serve.api`). `add(vecs)` appends rows (items added after export, `Recommender.add_items`).
 
 `FaissIndex(kind="auto")` picks the index from the catalogue size N:
 
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -40,6 +46,8 @@ from sdm.errors import SdmError
 
 FLAT_BELOW = 50_000
 TUNE_K = 100
+Allowed = Union[int, np.ndarray, None]
+"""Rows a search may return: None = all, an int n = rows 0..n-1, an (N,) bool array = its True rows."""
 
 
 def import_faiss():  # type: ignore[no-untyped-def]
@@ -93,15 +101,32 @@ class ExactIndex:
         self.params: dict[str, Any] = {"kind": "exact", "items": self.vecs.shape[0]}
 
     def search_scores(
-        self, user_vecs: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None
+        self, user_vecs: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None,
+        allowed: Allowed = None,
     ) -> tuple[Tensor, Tensor]:
-        """(scores, item indices), each (Q, k), best first; (-inf, 0) where fewer than k items are left."""
+        """(scores, item indices), each (Q, k), best first; (-inf, 0) where fewer than k items are left.
+
+        `allowed` (see `Allowed`): an int scores only the first rows, so a search over them
+        is the very computation an index of those rows alone does.
+        """
         u = torch.from_numpy(_np(user_vecs))
-        n = self.vecs.shape[0]
-        k_search = min(k + (0 if exclude is None else exclude.shape[1]), n)
+        vecs = self._vecs_t[:allowed] if isinstance(allowed, int) else self._vecs_t
         # torch, not numpy BLAS: it honours torch.set_num_threads (a service sets 1 per request).
-        s, part = (u @ self._vecs_t.T).topk(k_search, dim=1)  # (Q, k_search)
+        scores = u @ vecs.T  # (Q, n)
+        n = vecs.shape[0]
+        if isinstance(allowed, np.ndarray):
+            scores.masked_fill_(~torch.from_numpy(np.asarray(allowed[:n], dtype=bool)), float("-inf"))
+            n = int(np.count_nonzero(allowed[:n]))
+        k_search = min(k + (0 if exclude is None else exclude.shape[1]), n)
+        s, part = scores.topk(k_search, dim=1)  # (Q, k_search)
         return _finish(s.numpy(), part.numpy(), k, exclude)
+
+    def add(self, item_vecs: Tensor | np.ndarray) -> None:
+        """Append (A, D) vectors as rows N..N+A-1 (item indices N+2..)."""
+        self.vecs = np.concatenate([self.vecs, _np(item_vecs)])
+        self._vecs_t = torch.from_numpy(self.vecs)
+        self.num_items = self.vecs.shape[0] + 2
+        self.params["items"] = self.vecs.shape[0]
 
     def search(self, user_vecs: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None) -> Tensor:
         """(Q, k) item indices, best first."""
@@ -155,6 +180,7 @@ class FaissIndex:
         self.kind = kind
         self.ef_search = ef_search
         self.max_norm = 0.0
+        self._no_tail(d)
         self.params: dict[str, Any] = {"kind": kind, "items": n}
         if kind == "flat":
             self.index = faiss.IndexFlatIP(d)
@@ -182,6 +208,11 @@ class FaissIndex:
             raise SdmError(f"unknown faiss index kind {kind!r}; expected auto, flat, ivf or hnsw")
         if announce:
             print(f"[index] faiss {describe(self.params)}", file=sys.stderr, flush=True)
+
+    def _no_tail(self, d: int) -> None:
+        """No vector kept aside yet (IVF's `add` of vectors longer than the build's, see `add`)."""
+        self.tail_rows = np.zeros(0, dtype=np.int64)
+        self.tail_vecs = np.zeros((0, d), dtype=np.float32)
 
     # -- IVF ----------------------------------------------------------------------
 
@@ -236,23 +267,94 @@ class FaissIndex:
     # -- search -------------------------------------------------------------------
 
     def search_scores(
-        self, user_vecs: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None
+        self, user_vecs: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None,
+        allowed: Allowed = None,
     ) -> tuple[Tensor, Tensor]:
-        """(scores u . v, item indices), each (Q, k), best first; (-inf, 0) where fewer than k were found."""
+        """(scores u . v, item indices), each (Q, k), best first; (-inf, 0) where fewer than k were found.
+
+        `allowed` (see `Allowed`) becomes a faiss ID selector: the search itself skips the other
+        rows. An exact ("flat") index searches the first n rows (an int) as an index of them alone
+        would, bit for bit; IVF and HNSW stay approximate, their lists / graph built over all rows.
+        """
         u = _np(user_vecs)
         extra = 0 if exclude is None else exclude.shape[1]
         k_search = max(1, min(k + extra, self.num_items - 2))
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.ef_search, 2 * k_search)
+        bitmap, params = self._search_params(allowed)  # the bitmap must live while faiss reads it
         if self.kind == "ivf":
-            dist, ids = self.index.search(_augment_queries(u), k_search)
+            dist, ids = self.index.search(_augment_queries(u), k_search, params=params)
             # |(u, 0) - (v, e)|^2 = |u|^2 + M^2 - 2 u.v: the L2 order is the u.v order,
             # and u.v = (|u|^2 + M^2 - dist) / 2 up to float32 rounding.
             scores = ((u * u).sum(1, keepdims=True) + self.max_norm**2 - dist) / 2
             scores[ids < 0] = -np.inf
+            if len(self.tail_rows):
+                t_scores, t_ids = self._tail(u, allowed)
+                scores, ids = np.concatenate([scores, t_scores], 1), np.concatenate([ids, t_ids], 1)
+        elif self.kind == "flat" and isinstance(allowed, int):
+            scores, ids = self._flat_prefix(u, k_search, allowed)
         else:
-            scores, ids = self.index.search(u, k_search)
+            scores, ids = self.index.search(u, k_search, params=params)
+        del bitmap
         return _finish(scores, ids, k, exclude)
+
+    def _flat_prefix(self, u: np.ndarray, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """An exact index's search over its first n rows: the very call (`knn_inner_product`, same
+        kernel, same tie order) an `IndexFlatIP` of those rows alone makes, on a view of its vectors."""
+        xb = self.faiss.rev_swig_ptr(self.index.get_xb(), int(self.index.ntotal) * int(self.index.d))
+        xb = xb.reshape(int(self.index.ntotal), int(self.index.d))[:n]
+        if n == 0:
+            return np.full((len(u), k), -np.inf, dtype=np.float32), np.full((len(u), k), -1, dtype=np.int64)
+        return self.faiss.knn(u, xb, min(k, n), metric=self.faiss.METRIC_INNER_PRODUCT)
+
+    def _search_params(self, allowed: Allowed) -> tuple[np.ndarray | None, Any]:
+        """(bitmap, faiss search parameters) that restrict a search to the `allowed` rows; (None, None) for all."""
+        if allowed is None:
+            return None, None
+        faiss = self.faiss
+        bitmap = None
+        if isinstance(allowed, np.ndarray):
+            bitmap = np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")
+            sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+        else:
+            sel = faiss.IDSelectorRange(0, int(allowed))
+        if self.kind == "ivf":
+            return bitmap, faiss.SearchParametersIVF(sel=sel, nprobe=int(self.index.nprobe))
+        if self.kind == "hnsw":
+            return bitmap, faiss.SearchParametersHNSW(sel=sel, efSearch=int(self.index.hnsw.efSearch))
+        return bitmap, faiss.SearchParameters(sel=sel)
+
+    def add(self, item_vecs: Tensor | np.ndarray) -> None:
+        """Append (A, D) vectors as rows N..N+A-1 (item indices N+2..), without retraining the index.
+
+        IVF: each goes to its nearest list by the same MIPS-to-L2 transform, which needs
+        |v| <= M, the build's largest norm; a longer vector is kept aside (`tail`) and
+        scored exactly at every search instead, so it is never missed.
+        """
+        vecs = _np(item_vecs)
+        rows = np.arange(self.num_items - 2, self.num_items - 2 + len(vecs), dtype=np.int64)
+        if self.kind != "ivf":
+            self.index.add(vecs)
+        else:
+            norm2 = (vecs.astype(np.float64) ** 2).sum(1)
+            fits = norm2 <= self.max_norm**2
+            extra = np.sqrt(np.maximum(self.max_norm**2 - norm2[fits], 0.0)).astype(np.float32)
+            aug = np.ascontiguousarray(np.concatenate([vecs[fits], extra[:, None]], axis=1))
+            self.index.add_with_ids(aug, rows[fits])
+            self.tail_rows = np.concatenate([self.tail_rows, rows[~fits]])
+            self.tail_vecs = np.concatenate([self.tail_vecs, vecs[~fits]])
+        self.num_items += len(vecs)
+        self.params["items"] = self.num_items - 2
+
+    def _tail(self, u: np.ndarray, allowed: Allowed) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, T) exact scores and row ids (-1 where not allowed) of the vectors `add` kept aside."""
+        rows = self.tail_rows
+        if isinstance(allowed, np.ndarray):
+            ok = allowed[rows]
+        else:
+            ok = np.ones(len(rows), dtype=bool) if allowed is None else rows < allowed
+        scores = np.where(ok, u @ self.tail_vecs.T, -np.inf).astype(np.float32)
+        return scores, np.broadcast_to(np.where(ok, rows, -1), scores.shape)
 
     def search(self, user_vecs: Tensor | np.ndarray, k: int, exclude: Tensor | np.ndarray | None = None) -> Tensor:
         """(Q, k) approximate top-k item indices; 0 where the index found fewer than k."""
@@ -276,6 +378,7 @@ class FaissIndex:
         self.num_items = int(params["items"]) + 2
         self.ef_search = int(params.get("ef_search", 256))
         self.max_norm = float(params.get("max_norm", 0.0))
+        self._no_tail(int(self.index.d) - (1 if self.kind == "ivf" else 0))
         if self.kind == "ivf":
             self.index.nprobe = int(params["nprobe"])
         return self

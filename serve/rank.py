@@ -11,7 +11,7 @@ call it, so a change of the repeat term only has to reach the candidate scores.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +24,13 @@ class ItemIndex(Protocol):
     def search_scores(self, user_vecs: Tensor, k: int, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
 
 
+def _search(index: ItemIndex, u: Tensor, k: int, exclude: Tensor | None, allowed: Any) -> tuple[Tensor, Tensor]:
+    """`index.search_scores`, with `allowed` passed only when given (an index need not know it)."""
+    if allowed is None:
+        return index.search_scores(u, k, exclude)
+    return index.search_scores(u, k, exclude, allowed=allowed)  # type: ignore[call-arg]
+
+
 def rank(
     user_vecs: Tensor | np.ndarray,
     index: ItemIndex,
@@ -32,6 +39,7 @@ def rank(
     candidates: Tensor | None = None,
     candidate_logits: Tensor | None = None,
     item_vecs: Tensor | None = None,
+    allowed: Any = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-k items per query: u . v_j for every item, logaddexp(u . v_j, R_j) for candidates.
 
@@ -46,6 +54,9 @@ def rank(
         candidate_logits: (Q, C) copy logits R of the candidates (a very negative value,
             e.g. `NO_COPY`, leaves the dot product); needs `item_vecs`.
         item_vecs: (V, D) item vectors, rows indexed by item index, to re-score candidates.
+        allowed: the index rows the search may return (`serve.index.Allowed`: None = all, an
+            int n = the first n, a bool array); the history candidates are always allowed
+            (they are items of the vocabulary).
 
     Returns:
         (scores (Q, k) float32, items (Q, k) long), best first; (-inf, 0) where fewer
@@ -53,13 +64,13 @@ def rank(
     """
     u = torch.as_tensor(user_vecs).float()
     if candidates is None:
-        return index.search_scores(u, k, exclude)
+        return _search(index, u, k, exclude, allowed)
     if candidate_logits is None or item_vecs is None:
         raise ValueError("candidates need candidate_logits and item_vecs")
     cand = candidates.long().cpu()
     C = cand.shape[1]
     # K + C from the index: after dropping up to C candidates, K non-candidates remain.
-    s_idx, i_idx = index.search_scores(u, k + C, exclude)
+    s_idx, i_idx = _search(index, u, k + C, exclude, allowed)
     valid = cand > 1  # padding and OOV are never recommended
     same = cand.unsqueeze(2) == cand.unsqueeze(1)  # (Q, C, C)
     earlier = torch.ones(C, C, dtype=torch.bool).tril(-1)

@@ -11,6 +11,16 @@ list for a session prefix is the list `sdm evaluate --dump-topk` gives for the
 query at its end (tested). With `--index faiss` the user vectors go through
 `serve.rank.rank` over a `serve.index.FaissIndex` instead.
 
+Candidates: `--candidates vocabulary` (the default) ranks the items training saw.
+`--candidates catalogue` also ranks the cold items of the data directory's
+`catalogue.parquet` (`pipeline/catalogue.py`), after the vocabulary: those known at
+`--at` (default: now), i.e. whose `known_from` is null or <= it, the availability
+rule of `sdm evaluate --candidates catalogue` with the request's time as the
+query's. Their vectors come from their side features (`ModelScorer` with the
+catalogue), and an event of a cold item in a session is its candidate index for
+`--exclude-seen` and the repeat head (batch key `copy_items`), as in evaluation.
+`--exclude-history` also excludes the long-term window's items.
+
 Memory: users are hash-partitioned into buckets of about `bucket_events`
 events (the sessionizer's `bucket_expr`; the log is split by bucket in one
 streaming pass, `sessionize.read.split_log`, into a scratch folder next to the output), each
@@ -40,14 +50,14 @@ from torch import Tensor
 from sdm.config import RecommendConfig
 from sdm.errors import ConfigError
 from sdm.outputs import OutputFile, atomic_path, check_disjoint, scratch_name, write_text
+from sdm.pipeline.catalogue import Catalogue
 from sdm.pipeline.dataset import collate, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK, ModelScorer, _raw_items, load_model
 from sdm.pipeline.manifest import verify_files
 from sdm.pipeline.metrics import chunked_topk
 from sdm.sessionize.io import polars_errors, to_utc_us
-from sdm.serve.sessions import Lookups, Served, bucketed, open_log, take
-
+from sdm.serve.sessions import COLD, ColdItems, Lookups, Served, bucketed, now_us, open_log, take
 
 
 def session_queries_last(batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -83,17 +93,46 @@ def history_candidates(state: Any, qb: Tensor, qp: Tensor) -> tuple[Tensor, Tens
     return None
 
 
+def cold_events(batch: dict[str, Any]) -> None:
+    """Give events of cold candidates their candidate index (`serve.sessions.COLD`, 1 = none), in place.
+
+    As `batch["copy_items"]` (`SDM.forward`: the repeat head's candidates), which `score_batch`
+    also takes the queries' prefixes and the excluded items from; the model's inputs stay the
+    item indices training used (a cold item is OOV, 1, for the user tower).
+    """
+    seq, long = batch["seq"].pop(COLD), batch["long"].pop(COLD)
+    batch["copy_items"] = {
+        "seq": torch.where(seq > 1, seq.long(), batch["seq"]["item"].long()),
+        "long": torch.where(long > 1, long.long(), batch["long"]["item"].long()),
+    }
+
+
+def excluded(batch: dict[str, Any], prefix: Tensor, qb: Tensor, history: bool) -> Tensor:
+    """(Q, X) items never to return: the session prefix, and with `history` the long-term window too."""
+    if not history:
+        return prefix
+    long = batch["copy_items"]["long"] if "copy_items" in batch else batch["long"]["item"]
+    return torch.cat([prefix, long[qb].to(prefix.dtype)], dim=1)
+
+
 def score_batch(
-    scorer: ModelScorer, batch: dict[str, Any], k: int, num_items: int, exclude_seen: bool, faiss_index: Any = None
+    scorer: ModelScorer, batch: dict[str, Any], k: int, num_items: int, exclude_seen: bool, faiss_index: Any = None,
+    exclude_history: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(items (B, k), scores (B, k)) for the last position of every session of a batch."""
-    qb_all, qp_all, prefix_all = session_queries_last(batch)
+    """(items (B, k), scores (B, k)) for the last position of every session of a batch.
+
+    `num_items`: the candidates, indices 0 .. num_items - 1 (the vocabulary's V, or V + C
+    with cold items; `cold_events` then gave the batch their indices).
+    """
+    # queries and prefixes over candidate indices; the model reads the batch as training did
+    view = {**batch, "seq": {**batch["seq"], "item": batch["copy_items"]["seq"]}} if "copy_items" in batch else batch
+    qb_all, qp_all, prefix_all = session_queries_last(view)
     state = scorer.begin_batch(batch)
     items, scores = [], []
     for start in range(0, len(qb_all), QUERY_CHUNK):
         sl = slice(start, start + QUERY_CHUNK)
         qb, qp, prefix = qb_all[sl], qp_all[sl], prefix_all[sl]
-        exclude = prefix if exclude_seen else None
+        exclude = excluded(batch, prefix, qb, exclude_history) if exclude_seen or exclude_history else None
         if faiss_index is not None:
             from sdm.serve.rank import rank
 
@@ -163,6 +202,36 @@ class _Writer:
         self.writer.close()
 
 
+def available_cold(data_dir: Path, manifest: dict[str, Any], at_us: int | None) -> Catalogue | None:
+    """The data directory's cold items known at `at_us` (default now), in catalogue order; None when none is.
+
+    A data directory without a catalogue (an older sdm) has no cold items. Their ids
+    take the item vocabulary's type (the output's `items` column holds both).
+
+    Raises:
+        DataError: a damaged catalogue (`pipeline.catalogue.read_catalogue`) or item vocabulary.
+    """
+    from sdm.serve.export import raw_item_ids, read_cold
+
+    cat = read_cold(Path(data_dir), manifest, raw_item_ids(Path(data_dir), int(manifest["num_items"])).type)
+    if cat is None:
+        return None
+    keep = np.flatnonzero(cat.known_from <= (now_us() if at_us is None else at_us))
+    if not len(keep):
+        return None
+    features = {f: v[keep] for f, v in cat.features.items()}
+    return Catalogue(cat.num_items, cat.item_id.take(pa.array(keep)), cat.oov_hash[keep], cat.known_from[keep], features)
+
+
+def cold_items(catalogue: Catalogue | None) -> ColdItems | None:
+    """Raw id -> candidate index (V + j) of the cold candidates, for the sessions' events."""
+    if catalogue is None:
+        return None
+    ids = pl.Series("raw", catalogue.item_id)
+    index = np.arange(catalogue.num_items, catalogue.num_items + len(catalogue), dtype=np.int64)
+    return ColdItems(pl.DataFrame({"raw": ids, "index": index}))
+
+
 def side_config(out: Path) -> Path:
     """The `<stem>.config.json` written beside an output Parquet file."""
     return out.with_name(out.stem + ".config.json")
@@ -202,19 +271,24 @@ def _recommend(cfg: RecommendConfig, log: Path, out: Path, progress: bool) -> di
     if getattr(cfg, "verify", True):
         verify_files(cfg.data, manifest)  # every data file against its recorded sha256
     num_items = int(manifest["num_items"])
-    if cfg.k > num_items - 2:
-        raise ConfigError(f"--k {cfg.k} is larger than the catalogue of {cfg.data} ({num_items - 2} items)")
+    at_us = to_utc_us(cfg.at) if cfg.at is not None else None
+    catalogue = available_cold(cfg.data, manifest, at_us) if cfg.candidates == "catalogue" else None
+    total = num_items + (len(catalogue) if catalogue is not None else 0)  # candidate indices 0 .. total - 1
+    if cfg.k > total - 2:
+        what = f"{total - 2} items" + (" with the cold ones known at --at" if cfg.candidates == "catalogue" else "")
+        raise ConfigError(f"--k {cfg.k} is larger than the catalogue of {cfg.data} ({what})")
     device = pick_device(cfg.device)
     model = load_model(cfg.model, cfg.data, manifest, device)
     lookups = Lookups.load(cfg.data)
     inp, missing = open_log(lookups, log, cfg.items)
-    at_us = to_utc_us(cfg.at) if cfg.at is not None else None
     with polars_errors(str(log)):
         n_rows = inp.lf.select(pl.len()).collect().item()
     buckets = max(1, math.ceil(n_rows / cfg.bucket_events))
+    cold = cold_items(catalogue)
+    features = model.item_features + ([COLD] if cold is not None else [])
 
     with torch.no_grad():
-        scorer = ModelScorer(model)
+        scorer = ModelScorer(model, catalogue=catalogue) if catalogue is not None else ModelScorer(model)
         faiss_index = None
         if cfg.index == "faiss":
             from sdm.serve.index import FaissIndex
@@ -224,17 +298,22 @@ def _recommend(cfg: RecommendConfig, log: Path, out: Path, progress: bool) -> di
         if inp.spec.user_key in inp.schema:
             user_type = pl.DataFrame(schema={"u": inp.schema[inp.spec.user_key]}).to_arrow().schema.field("u").type
         raw_items = _raw_items(cfg.data, num_items)
+        if catalogue is not None:
+            raw_items = pa.concat_arrays([raw_items, catalogue.item_id])
         from tqdm import tqdm
 
         bar = tqdm(desc="recommend", unit="user", dynamic_ncols=True, disable=not progress)
         with bar, atomic_path(out) as tmp, polars_errors(str(log)):
             writer = _Writer(tmp, raw_items, user_type)
             try:
-                for served in bucketed(inp, lookups, missing, at_us, buckets, scratch_name(out)):
+                for served in bucketed(inp, lookups, missing, at_us, buckets, scratch_name(out), cold):
                     for start in range(0, len(served), cfg.batch_size):
                         part = take(served, slice(start, start + cfg.batch_size))
-                        batch = move_batch(collate(part.arrays, model.item_features, model.user_features), device)
-                        items, scores = score_batch(scorer, batch, cfg.k, num_items, cfg.exclude_seen, faiss_index)
+                        batch = move_batch(collate(part.arrays, features, model.user_features), device)
+                        if cold is not None:
+                            cold_events(batch)
+                        items, scores = score_batch(scorer, batch, cfg.k, total, cfg.exclude_seen, faiss_index,
+                                                    cfg.exclude_history)  # fmt: skip
                         writer.write(part, items, scores)
                         bar.update(len(part))
             finally:
@@ -244,6 +323,8 @@ def _recommend(cfg: RecommendConfig, log: Path, out: Path, progress: bool) -> di
         "users": writer.rows,
         "k": cfg.k,
         "index": cfg.index if faiss_index is None else f"faiss {faiss_index.params['kind']}",
+        "candidates": cfg.candidates,
+        "cold_items": len(catalogue) if catalogue is not None else 0,
         "buckets": buckets,
         "seconds": time.time() - t0,
     }

@@ -15,6 +15,15 @@ table: `items_raw.parquet` of the data or export directory (sessionize and expor
 copy it there), or the caller's `--items`. The path recorded in the training
 config is never read, so answers never depend on the working directory.
 
+A numeric feature (price) is bucketised by the training buckets its vocabulary
+holds (`sessionize.numeric`), through the same `encode`. Events of items outside
+the vocabulary are index 1 (OOV), as in training. Given
+`ColdItems` (serving's cold candidates, `--candidates catalogue`), each such event
+also gets its candidate index in `seq___cold` / `long___cold` (1 = not a cold
+item), so a cold item of the session can be excluded or copied; and an item added
+with `Recommender.add_items` gets its side features, in the features the events
+did not carry, as if it were a row of the items table.
+
 `Lookups` holds what is needed: a data directory (`manifest.json`) or an export
 directory (`lookups.json`, written by `sdm export`) both work. Every file is
 checked when it is loaded; a missing, damaged or foreign one is one `DataError`
@@ -39,6 +48,7 @@ from sdm.errors import DataError, storage_error
 from sdm.names import vocab_file
 from sdm.pipeline.dataset import sessions_from_record_batch, user_column
 # the training code itself
+from sdm.sessionize import numeric
 from sdm.sessionize.encode import encode
 from sdm.sessionize.io import ITEM, ROW, SID, TS, USER, check_log, feat_col, timestamp_expr
 from sdm.sessionize.normalise import read_events
@@ -178,7 +188,8 @@ class Lookups:
         in_table = [f for f in self.item_features if f not in in_log and f in table_cols]
         missing = [f for f in self.item_features if f not in in_log and f not in in_table]
         # Fields left at their defaults are dropped, not set: an explicit None is "asked for" too.
-        for key in ("items", "users", "ray_address", "bucket", "plan", "plan_only"):  # (the last three: older manifests)
+        # (numeric features: the vocabularies' buckets say which, whatever features these events carry)
+        for key in ("items", "users", "ray_address", "bucket", "plan", "plan_only", "numeric_features", "numeric_buckets"):
             base.pop(key, None)
         if in_table:
             base["items"] = raw_items
@@ -188,6 +199,26 @@ class Lookups:
             return SessionizeConfig(**base), missing
         except (TypeError, ValueError) as exc:
             raise DataError(f"{self.source or self.root}: not a valid sessionize config ({first_line(exc)})") from None
+
+
+COLD = "__cold"
+"""Pseudo item feature of served sessions: each event's cold candidate index (`ColdItems`), 1 = none."""
+
+
+@dataclass
+class ColdItems:
+    """Items outside the vocabulary that serving may recommend, by raw id (cold candidates).
+
+    Attributes:
+        vocab: a vocabulary frame (`raw`, `index`): raw id -> candidate index (num_items + j).
+        side: (C, F) int64, row j = candidate num_items + j, columns `Lookups.item_features`:
+            side feature indices that events of the item take for the features they do not
+            carry themselves; 0 = keep the event's own (export's cold items: training gave them
+            the events' and the items table's values, and so does serving).
+    """
+
+    vocab: pl.DataFrame
+    side: np.ndarray | None = None
 
 
 @dataclass
@@ -247,7 +278,8 @@ def open_frame(lookups: Lookups, frame: pl.DataFrame, items: Path | None = None)
 
 
 def latest_sessions(
-    inp: _Input, lookups: Lookups, missing: list[str], at_us: int | None, raw: pl.DataFrame | None = None
+    inp: _Input, lookups: Lookups, missing: list[str], at_us: int | None, raw: pl.DataFrame | None = None,
+    cold: ColdItems | None = None,
 ) -> Served:
     """Every user's latest session starting before `at_us` (events at or after it ignored), with its window.
 
@@ -257,6 +289,7 @@ def latest_sessions(
         missing: side features to take from items.parquet (second value of `open_*`).
         at_us: cut time in us since epoch UTC, or None for the whole log.
         raw: the raw rows to use (with `_row`), default all of `inp.lf`.
+        cold: cold candidates: the arrays then also hold `seq___cold` / `long___cold` (see `ColdItems`).
     """
     cfg = inp.cfg
     if raw is None:
@@ -286,7 +319,11 @@ def latest_sessions(
     for f in read:
         vocab = _vocab_for(lookups, lookups.vocabs[f], raw, f) if f in inp.spec.log_item_features else lookups.vocabs[f]
         enc = encode(enc, feat_col(f), vocab, f"seq_{f}")
-    enc = enc.select(pl.col(TS), pl.col("seq_item"), *[pl.col(f"seq_{f}") for f in read])
+    extra = []
+    if cold is not None:
+        enc = encode(enc, ITEM, _vocab_for(lookups, cold.vocab, raw, cfg.item_col), f"seq_{COLD}")
+        extra = [f"seq_{COLD}"]
+    enc = enc.select(pl.col(TS), pl.col("seq_item"), *[pl.col(f"seq_{f}") for f in read], *extra)
     # the in-memory engine, as the sessionizer's own collects: for one user's events, planning
     # and the streaming engine's hand-offs cost more than the work (7 ms vs 2.6 ms measured)
     enc_df = enc.collect(engine="in-memory")
@@ -296,13 +333,39 @@ def latest_sessions(
             pl.Series(f"seq_{f}", lookups.item_table[idx, 1 + lookups.item_features.index(f)], dtype=pl.Int32)
             for f in missing
         )
-    seq_cols = ["seq_item"] + [f"seq_{f}" for f in lookups.item_features]
+    if cold is not None and cold.side is not None:
+        enc_df = _cold_features(enc_df, cold.side, lookups, [f for f in lookups.item_features
+                                                             if f not in inp.spec.log_item_features])  # fmt: skip
+    seq_cols = ["seq_item"] + [f"seq_{f}" for f in lookups.item_features] + extra
     rows = timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})
     arrays = _to_arrays(rows, lookups, seq_cols)
     return Served(arrays, rows.get_column(USER).gather(arrays["row"]))
 
 
 _US = __import__("datetime").timedelta(microseconds=1)
+
+
+def now_us() -> int:
+    """The current time, us since epoch UTC: a request's time by default (which cold items are known),
+    and the `known_from` of an item added to a `Recommender`."""
+    import datetime as dt
+
+    return (dt.datetime.now(dt.timezone.utc) - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // _US
+
+
+def _cold_features(enc: pl.DataFrame, side: np.ndarray, lookups: Lookups, features: list[str]) -> pl.DataFrame:
+    """Events of cold candidates take `side`'s non-zero values for `features` (those not read from the events)."""
+    rows = enc.get_column(f"seq_{COLD}").to_numpy().astype(np.int64) - lookups.num_items
+    at = np.flatnonzero(rows >= 0)
+    if not len(at) or not features:
+        return enc
+    cols = []
+    for f in features:
+        values = enc.get_column(f"seq_{f}").to_numpy().astype(np.int32)  # a writable copy
+        new = side[rows[at], lookups.item_features.index(f)]
+        values[at[new > 0]] = new[new > 0]
+        cols.append(pl.Series(f"seq_{f}", values, dtype=pl.Int32))
+    return enc.with_columns(cols)
 
 
 def first_line(exc: BaseException) -> str:
@@ -414,6 +477,8 @@ def _read_vocab(root: Path, name: str, size: int | None) -> pl.DataFrame:
     if vocab.get_column("index").null_count():
         raise DataError(f"{path}: column 'index' has nulls")
     indices(path, vocab, "index", 2, size)
+    if numeric.is_numeric(vocab):  # a numeric feature's buckets: `encode` maps a value as training did
+        numeric.check(vocab, str(path))
     return vocab
 
 
@@ -486,7 +551,7 @@ def _vocab_for(lookups: Lookups, vocab: pl.DataFrame, raw: pl.DataFrame, column:
     `encode` joins events to the vocabulary; for one user's few events, hashing a
     100k-row vocabulary each request cost ~10 ms. The subset gives the same indices.
     """
-    if vocab.height <= SMALL_VOCAB or column not in raw.columns:
+    if vocab.height <= SMALL_VOCAB or column not in raw.columns or numeric.is_numeric(vocab):
         return vocab
     return _rows_for(lookups, vocab, "raw", raw.get_column(column))
 
@@ -528,13 +593,13 @@ def _to_arrays(rows: pl.DataFrame, lookups: Lookups, seq_cols: list[str]) -> dic
         }
     )
     rb = table.combine_chunks().to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
-    return sessions_from_record_batch(
-        rb, ["item", *lookups.item_features], profile, lookups.max_session_len, lookups.max_long_len, min_len=1
-    )
+    features = [c.removeprefix("seq_") for c in seq_cols]  # "item", the side features (and COLD)
+    return sessions_from_record_batch(rb, features, profile, lookups.max_session_len, lookups.max_long_len, min_len=1)
 
 
 def bucketed(
-    inp: _Input, lookups: Lookups, missing: list[str], at_us: int | None, buckets: int, scratch: Path | None = None
+    inp: _Input, lookups: Lookups, missing: list[str], at_us: int | None, buckets: int, scratch: Path | None = None,
+    cold: ColdItems | None = None,
 ) -> Iterator[Served]:
     """`latest_sessions` one hash bucket of users at a time (the sessionizer's `bucket_expr`): bounded memory.
 
@@ -561,7 +626,7 @@ def bucketed(
         for b in range(buckets):
             raw = _bucket_input(inp, b, buckets, None if split is None else split / "input")
             if raw.height:
-                yield latest_sessions(inp, lookups, missing, at_us, raw)
+                yield latest_sessions(inp, lookups, missing, at_us, raw, cold)
     finally:
         if split is not None:
             shutil.rmtree(split, ignore_errors=True)

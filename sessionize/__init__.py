@@ -9,6 +9,7 @@ The stages, one module each, in the order the data meets them:
     split     cutoffs and each session's split (SPEC 4)
     windows   long-term windows (SPEC 3) and the per-(user, split) timelines
     encode    vocabularies from the training split, ids -> indices, item/user tables
+              (numeric: a numeric feature's buckets, cut at training quantiles)
     catalogue the cold items (outside the vocabulary) the item tower can still embed
     write     shards, tables and (last) the manifest
 
@@ -33,6 +34,10 @@ Choices where the SPEC is silent:
   `*_days` count back from the end of the log = last timestamp + 1 us.
 - Vocabulary counts: events of training sessions (item and its features,
   user); for profile features, training users (each counted once).
+- Numeric features (`numeric_features`, by default the float and decimal
+  features; integers are ids or codes unless listed) are bucketised at
+  inverted-CDF quantiles of those same training values, at most
+  `numeric_buckets` buckets, null and NaN a bucket of their own.
 """
 
 from __future__ import annotations

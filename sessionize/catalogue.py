@@ -12,7 +12,9 @@ catalogue lists every such item sdm knows of, one row each:
 Its side features follow the shards' rule: a log feature is the value at
 the item's first event, a feature of the items table the table's value
 (`encode.feature_codes`, as `oov_<f>` of the shards); values training never
-saw are 1. `oov_hash` is `seq_oov`'s number for the item (`encode.oov_hash`).
+saw are 1. A numeric feature is bucketised by the training buckets, and no
+value at all is its missing bucket (`numeric`). `oov_hash` is `seq_oov`'s
+number for the item (`encode.oov_hash`).
 
 No pass of its own: each second pass keeps its bucket's OOV events, which
 the encoding found anyway, reduced to one row per item (`bucket_cold`), and
@@ -25,7 +27,7 @@ from typing import Any
 
 import polars as pl
 
-from sdm.sessionize import encode
+from sdm.sessionize import encode, numeric
 from sdm.sessionize.io import ITEM, ROW, TS, collect
 
 KEY = "catalogue"
@@ -91,8 +93,13 @@ def build(plan: Any, colds: list[pl.DataFrame]) -> pl.DataFrame:
         pl.when(pl.col("_static").fill_null(False)).then(None).otherwise(pl.col(TS)).cast(pl.Datetime("us", "UTC")).alias("known_from")
     )
     for f in plan.item_features:
-        # a table feature as `oov_<f>` has it; a log feature at the first event (none for a table-only item: 1)
-        frame = encode.encode(frame, ITEM, plan.codes[f], f) if f in plan.codes else frame.with_columns(pl.col(f).fill_null(1))
+        # a table feature as `oov_<f>` has it; a log feature at the first event (none for a table-only
+        # item: 1, or a numeric feature's missing bucket, as for an item the table lacks)
+        none = numeric.null_index(plan.vocabs[f])
+        if f in plan.codes:
+            frame = encode.encode(frame, ITEM, plan.codes[f], f, none)
+        else:
+            frame = frame.with_columns(pl.col(f).fill_null(none))
     cold = collect(frame, "the cold catalogue")
     return (
         cold.select(

@@ -1,7 +1,9 @@
 """Stage: encode. Vocabularies from the training split, raw ids -> indices, the item and user tables.
 
 Index 0 is padding, 1 out-of-vocabulary (or null); known values get 2.. by
-descending training count, then raw value.
+descending training count, then raw value. A numeric feature's vocabulary is
+instead buckets of training quantiles, null and NaN a bucket of their own
+(`numeric`); `encode` tells the two apart by the vocabulary's columns.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from sdm.config import SessionizeConfig
+from sdm.sessionize import numeric
 from sdm.sessionize.io import ITEM, ROW, TS, USER, feat_col, polars_errors, values_col
 from sdm.sessionize.io import collect as _collect
 from sdm.sessionize.previous import seed
@@ -143,8 +146,16 @@ LUT_MAX = 1 << 24
 """Largest integer id range encoded by a lookup array (64 MiB of int32) instead of a join."""
 
 
-def encode(frame: pl.LazyFrame, column: str, vocab: pl.LazyFrame | pl.DataFrame, alias: str) -> pl.LazyFrame:
-    """Replace raw values of `column` by vocabulary indices in a new column `alias` (1 = OOV or null).
+def encode(
+    frame: pl.LazyFrame, column: str, vocab: pl.LazyFrame | pl.DataFrame, alias: str, missing: int = 1
+) -> pl.LazyFrame:
+    """Replace raw values of `column` by vocabulary indices in a new column `alias` (`missing`, 1, = OOV or null).
+
+    A numeric feature's vocabulary (`numeric.is_numeric`) buckets the values
+    instead (`numeric.bucket_expr`: no value is OOV, null and NaN get the
+    missing bucket). `missing`: the index of a value the vocabulary lacks;
+    1 but for a lookup of items (`feature_codes`) of a numeric feature, where
+    an item the table lacks has no value: its missing bucket (`numeric.null_index`).
 
     Integer ids whose range spans at most `LUT_MAX` values (and at most 16x
     the vocabulary) are looked up in a dense array: one gather, about 6x
@@ -154,23 +165,25 @@ def encode(frame: pl.LazyFrame, column: str, vocab: pl.LazyFrame | pl.DataFrame,
     slower (4M items over 25M events: 181 s against 7 s for the join, polars 2.1).
     """
     vocab = vocab.collect() if isinstance(vocab, pl.LazyFrame) else vocab
+    if numeric.is_numeric(vocab):
+        return frame.with_columns(numeric.bucket_expr(pl.col(column), vocab).alias(alias))
     dtype = frame.collect_schema()[column]
     raw = vocab.get_column("raw").cast(dtype, strict=False)
     if dtype.is_integer() and vocab.height and raw.null_count() == 0:
         lo, hi = int(raw.min()), int(raw.max())
-        lut = _lookup_array(raw, vocab.get_column("index"), lo, hi)
+        lut = _lookup_array(raw, vocab.get_column("index"), lo, hi, missing)
         if lut is not None:
             col = pl.col(column).cast(pl.Int64)
             looked = pl.lit(lut).gather((col - lo).clip(0, hi - lo))
             return frame.with_columns(
-                pl.when(col.is_between(lo, hi)).then(looked).otherwise(1).fill_null(1).cast(pl.Int32).alias(alias)
+                pl.when(col.is_between(lo, hi)).then(looked).otherwise(missing).fill_null(missing).cast(pl.Int32).alias(alias)
             )
     tmp = "__sdm_enc"
     lut_frame = pl.DataFrame({column: raw, tmp: vocab.get_column("index")}).lazy()
     return (
         frame
         .join(lut_frame, on=column, how="left", maintain_order="left")
-        .with_columns(pl.col(tmp).fill_null(1).cast(pl.Int32).alias(alias))
+        .with_columns(pl.col(tmp).fill_null(missing).cast(pl.Int32).alias(alias))
         .drop(tmp)
     )
 
@@ -195,6 +208,10 @@ def vocabularies(
     items' training counts summed per value: the same numbers, without the
     feature riding along every event. `prev` (`--vocab-from`): name -> a
     previous vocabulary whose indices are kept (`build_vocab`).
+
+    A numeric feature (`cfg.numeric_features`) is counted the same way, and
+    its buckets are cut from those counts (`numeric.vocabulary`); with `prev`
+    its previous buckets are kept.
     """
     prev = prev or {}
     in_table = [] if table is None else [f for f in cfg.item_features if feat_col(f) in table.columns]
@@ -225,15 +242,25 @@ def vocabularies(
             per_value.append((value.explode("raw") if f in cfg.multi_valued else value).drop_nulls("raw"))
         counts.update(zip(in_table, _collect_all(per_value, "vocabularies of the items table")))
     names = ("item", *cfg.item_features, "user")
-    seeded = {name: seed(prev.get(name), counts[name], name) for name in names}
+    numbers = set(cfg.numeric_features or [])
+    cats = [name for name in names if name not in numbers]
+    seeded = {name: seed(prev.get(name), counts[name], name) for name in cats}
     built = _collect_all(
-        [build_vocab(seeded[name][0].lazy(), unique=name in tallies, prev=seeded[name][1]) for name in names],
+        [build_vocab(seeded[name][0].lazy(), unique=name in tallies, prev=seeded[name][1]) for name in cats],
         "vocabularies",
     )
-    vocabs = dict(zip(names, built))
+    vocabs = dict(zip(cats, built))
+    events = int(counts["item"].get_column("count").sum())  # every training event has an item
+    for f in numbers & set(cfg.item_features):
+        vocabs[f] = numeric.vocabulary(counts[f], events, cfg.numeric_buckets, prev.get(f))
+    vocabs = {name: vocabs[name] for name in names}  # in the usual order
     train_users = train_sessions.lazy().select(pl.col(USER)).unique()
     for f in user_features:
         values = count_values(train_users.join(profile, on=USER, how="inner").select(pl.col(f).alias("raw")))
+        if f in numbers:
+            users = train_sessions.get_column(USER).n_unique()
+            vocabs[f] = numeric.vocabulary(_collect(values, str(cfg.users)), users, cfg.numeric_buckets, prev.get(f))
+            continue
         values, old = seed(prev.get(f), values, f)
         vocabs[f] = _collect(build_vocab(values, prev=old), str(cfg.users))
     return vocabs
@@ -243,7 +270,9 @@ def feature_codes(table: pl.DataFrame, vocabs: dict[str, pl.DataFrame], features
     """Per table feature f: every item of the items table with the index of its f (`raw` = item, `index`).
 
     `encode(events, ITEM, codes[f], ...)` then gives each event its item's
-    feature index; items missing from the table get 1, as a null feature does.
+    feature index; items missing from the table get 1, as a null feature
+    does (pass `numeric.null_index` as `missing` for a numeric feature's
+    missing bucket).
     """
     return {
         f: _collect(
@@ -256,15 +285,15 @@ def feature_codes(table: pl.DataFrame, vocabs: dict[str, pl.DataFrame], features
     }
 
 
-def _lookup_array(raw: pl.Series, index: pl.Series, lo: int, hi: int) -> pl.Series | None:
-    """Int32 array over the ids lo..hi: each raw id's index, 1 elsewhere; None when the range is too wide.
+def _lookup_array(raw: pl.Series, index: pl.Series, lo: int, hi: int, missing: int = 1) -> pl.Series | None:
+    """Int32 array over the ids lo..hi: each raw id's index, `missing` elsewhere; None when the range is too wide.
 
     Too wide: more than `LUT_MAX` values or 16x the vocabulary, or ids of 2^63
     and above, which do not fit the int64 arithmetic (those get the join).
     """
     if hi - lo >= min(LUT_MAX, 16 * len(raw) + 1024) or hi >= 2**63:
         return None
-    lut = np.ones(hi - lo + 1, dtype=np.int32)
+    lut = np.full(hi - lo + 1, missing, dtype=np.int32)
     lut[raw.cast(pl.Int64).to_numpy() - lo] = index.to_numpy()
     return pl.Series(lut)
 
@@ -308,11 +337,11 @@ def encode_series(values: pl.Series, vocab: pl.DataFrame) -> pl.Series:
     When the integer range of the values and the vocabulary together passes
     `encode`'s bounds, the lookup array covers all of it (1 outside the
     vocabulary) and the column is one gather: no clip, no range mask.
-    Otherwise `encode` does it.
+    Otherwise `encode` does it, as it does a numeric feature's buckets.
     """
     dtype = values.dtype
     raw = vocab.get_column("raw").cast(dtype, strict=False)
-    if dtype.is_integer() and vocab.height and raw.null_count() == 0 and values.len() > values.null_count():
+    if dtype.is_integer() and not numeric.is_numeric(vocab) and vocab.height and raw.null_count() == 0 and values.len() > values.null_count():
         lo, hi = min(int(raw.min()), int(values.min())), max(int(raw.max()), int(values.max()))
         lut = _lookup_array(raw, vocab.get_column("index"), lo, hi)
         if lut is not None:
@@ -323,21 +352,24 @@ def encode_series(values: pl.Series, vocab: pl.DataFrame) -> pl.Series:
     return _collect(frame, "encode").to_series()
 
 
-def oov_codes(items: pl.Series, seq_item: pl.Series, codes: dict[str, pl.DataFrame]) -> pl.DataFrame:
+def oov_codes(
+    items: pl.Series, seq_item: pl.Series, codes: dict[str, pl.DataFrame], vocabs: dict[str, pl.DataFrame]
+) -> pl.DataFrame:
     """Items-table features of the OOV events (`seq_item` 1): `_pos` (event position, ascending) and `oov_<f>`.
 
     An item unseen in training has index 1, yet the items table may still
     know its category: shards keep these values (docs/FORMAT.md, `oov_<f>`),
-    the only ones items.parquet cannot give.
+    the only ones items.parquet cannot give. An item the table lacks has
+    no value: 1, or a numeric feature's missing bucket (`numeric.null_index`).
 
     Args:
         items: raw item of every event; seq_item: its index (same order).
-        codes: `feature_codes` of the table features.
+        codes: `feature_codes` of the table features; vocabs: the vocabularies.
     """
     pos = (seq_item == 1).arg_true().cast(pl.Int64)
     frame = pl.DataFrame({ITEM: items.gather(pos), "_pos": pos}).lazy()
     for f, table in codes.items():
-        frame = encode(frame, ITEM, table, f"oov_{f}")
+        frame = encode(frame, ITEM, table, f"oov_{f}", numeric.null_index(vocabs[f]))
     return _collect(frame.select(pl.col("_pos"), *[pl.col(f"oov_{f}") for f in codes]), "OOV items of the items table")
 
 

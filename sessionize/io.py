@@ -23,6 +23,7 @@ import polars as pl
 from sdm.config import SessionizeConfig
 from sdm.errors import ConfigError, DataError, SdmError
 from sdm.names import vocab_file
+from sdm.sessionize.numeric import default_numeric
 
 # Normalised column names used by the rest of the package. `ROW` and `DROP` are
 # added next to the log's own columns, so they carry a prefix no log uses
@@ -380,8 +381,9 @@ def resolve_features(
     """Default side features to the tables' columns when a table is given without a feature list.
 
     `--items T` without `--item-features` takes every categorical (integer,
-    string, boolean) column of T except its key; the same for `--users` and
-    `--user-features`. Other columns (floats, lists, ...) are left out and
+    string, boolean) and numeric (float, decimal: bucketised, see
+    `numeric`) column of T except its key; the same for `--users` and
+    `--user-features`. Other columns (dates, lists, ...) are left out and
     named in the returned notes. An explicit list, even an empty one, is kept.
 
     Returns:
@@ -398,14 +400,18 @@ def resolve_features(
         if schema is None or field_name in cfg.model_fields_set:
             continue
         cols = [c for c in schema.names() if c != key and c not in reserved and not c.startswith(RESERVED_PREFIX)]
-        used = [c for c in cols if _categorical(schema[c])]
+        used = [c for c in cols if _categorical(schema[c]) or default_numeric(schema[c])]
         skipped = [c for c in cols if c not in used]
         if kind == "user":  # a name already an item feature would collide (see check_log)
             used = [c for c in used if c not in update.get("item_features", cfg.item_features)]
         update[field_name] = used
-        note = f"{kind} features from {table}: {', '.join(used) or 'none'}"
+        listed = cfg.numeric_features
+        shown = [
+            f"{c} (numeric)" if (c in listed if listed is not None else default_numeric(schema[c])) else c for c in used
+        ]
+        note = f"{kind} features from {table}: {', '.join(shown) or 'none'}"
         if skipped:
-            note += f" (not categorical, left out: {', '.join(skipped)})"
+            note += f" (neither categorical nor numeric, left out: {', '.join(skipped)})"
         notes.append(note)
     return (cfg.model_copy(update=update) if update else cfg), notes
 

@@ -74,7 +74,9 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
     seq_cols = ["seq_item"] + [f"seq_{f}" for f in per_event] + ["seq_oov"]
     with polars_errors(str(inp.log)):
         enc_df = encode.encode_events(ev, plan.vocabs, per_event).insert_column(0, ev.get_column(TS))
-    oov = encode.oov_codes(ev.get_column(ITEM), enc_df.get_column("seq_item"), plan.codes) if plan.codes else None
+    oov = None
+    if plan.codes:
+        oov = encode.oov_codes(ev.get_column(ITEM), enc_df.get_column("seq_item"), plan.codes, plan.vocabs)
     cold = catalogue.bucket_cold(ev, enc_df, per_event)
     del ev  # from here on the encoded columns are all the events there are
     # users.parquet is sorted by user: each row finds its user by a binary search, not a hash

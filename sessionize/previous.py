@@ -8,10 +8,14 @@ an item this run no longer describes keeps its row of items.parquet
 (`encode.items_table`). users.parquet is keyed by raw user id (one row per
 user of this log), not by user index, so it has nothing to carry over.
 
+A numeric feature keeps PREV_DATA's buckets: the same edges and indices
+(`numeric.vocabulary`), so a value lands in the bucket it did yesterday;
+`numeric_buckets` then has no say, and only the counts are this run's.
+
 `load` reads and checks PREV_DATA before the first pass, so a wrong
 directory costs nothing: its manifest is validated and every file's sha256
-verified, and the feature sets and the raw types of the vocabularies must be
-this run's.
+verified, and the feature sets (numeric ones included) and the raw types of
+the vocabularies must be this run's.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import polars as pl
 from sdm.errors import DataError, SdmError
 from sdm.names import vocab_file
 from sdm.pipeline.manifest import read_manifest, verify_files
+from sdm.sessionize import numeric
 from sdm.sessionize.io import polars_errors
 from sdm.sessionize.read import Input
 
@@ -63,8 +68,9 @@ def load(inp: Input) -> Previous | None:
         raise DataError(f"--vocab-from: {exc}") from None
     _check_features(path, manifest, inp)
     names = [*manifest["item_features"], *manifest["user_features"]]
-    vocabs = {name: _read_vocab(path, name, manifest["vocab_sizes"][name]) for name in names}
-    _check_types(path, vocabs, _source_types(inp))
+    numbers = set(manifest.get("numeric") or {})
+    vocabs = {name: _read_vocab(path, name, manifest["vocab_sizes"][name], name in numbers) for name in names}
+    _check_types(path, {n: v for n, v in vocabs.items() if n not in numbers}, _source_types(inp))
     items = None
     if len(manifest["item_features"]) > 1:
         with polars_errors(f"--vocab-from {path / 'items.parquet'}"):
@@ -74,12 +80,13 @@ def load(inp: Input) -> Previous | None:
 
 
 def _check_features(path: Path, manifest: dict[str, Any], inp: Input) -> None:
-    """The item, user and multi-valued feature sets must be PREV_DATA's: one line naming those that differ."""
+    """The item, user, multi-valued and numeric feature sets must be PREV_DATA's: one line naming those that differ."""
     cfg, spec = inp.cfg, inp.spec
     pairs = {
         "item features": (manifest["item_features"][1:], cfg.item_features),
         "user features": (manifest["user_features"][1:], spec.user_features),
         "multi-valued features": (list(manifest.get("multi_valued") or {}), cfg.multi_valued),
+        "numeric features": (list(manifest.get("numeric") or {}), cfg.numeric_features or []),
     }
     problems = []
     for what, (before, now) in pairs.items():
@@ -88,16 +95,22 @@ def _check_features(path: Path, manifest: dict[str, Any], inp: Input) -> None:
             parts = ([f"{', '.join(map(repr, gone))} only in {path}"] if gone else []) + (
                 [f"{', '.join(map(repr, new))} only in this run"] if new else []
             )
-            problems.append(f"{what}: " + " and ".join(parts))
+            hint = " (--numeric-features sets them; floats are numeric by default)" if what == "numeric features" else ""
+            problems.append(f"{what}: " + " and ".join(parts) + hint)
     if problems:
         raise SdmError(f"--vocab-from {path}: the features differ ({'; '.join(problems)}); its vocabularies cannot be kept")
 
 
-def _read_vocab(path: Path, name: str, size: int) -> pl.DataFrame:
-    """PREV_DATA's vocabulary of `name`: `raw`, `index`, sorted by index, which must be 2..size-1."""
+def _read_vocab(path: Path, name: str, size: int, buckets: bool = False) -> pl.DataFrame:
+    """PREV_DATA's vocabulary of `name`: `raw`, `index`, sorted by index, which must be 2..size-1.
+
+    `buckets`: a numeric feature's, read with its bounds `lo`, `hi` and checked (`numeric.check`).
+    """
     file = path / vocab_file(name)
     with polars_errors(f"--vocab-from {file}"):
-        vocab = pl.read_parquet(file, columns=["raw", "index"]).sort("index")
+        vocab = pl.read_parquet(file, columns=["raw", "index", *(["lo", "hi"] if buckets else [])]).sort("index")
+    if buckets:
+        numeric.check(vocab, f"--vocab-from {file}")
     index = vocab.get_column("index")
     if vocab.height != size - 2 or (vocab.height and (index[0] != 2 or index[-1] != size - 1 or index.n_unique() != vocab.height)):
         raise DataError(f"--vocab-from {file}: not the indices 2..{size - 1} its manifest records")

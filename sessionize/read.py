@@ -14,6 +14,7 @@ import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.errors import ConfigError, SdmError
+from sdm.sessionize import numeric
 from sdm.sessionize.io import (
     ROW,
     USER,
@@ -52,7 +53,8 @@ def open_input(cfg: SessionizeConfig, log: Path) -> Input:
     """Open the log and side tables lazily and check their schemas (metadata only).
 
     The returned `cfg` has the side features filled in when a table came
-    without a feature list (`io.resolve_features`); use it, not the argument.
+    without a feature list (`io.resolve_features`) and the numeric features
+    resolved (`numeric.resolve`); use it, not the argument.
     """
     log = Path(log)
     # a time column parsed by --time-format is read as the strings it holds
@@ -62,11 +64,24 @@ def open_input(cfg: SessionizeConfig, log: Path) -> Input:
     users_lf, users_schema = scan_table(cfg.users, "users table", None, cfg.delimiter) if cfg.users else (None, None)
     cfg, notes = resolve_features(cfg, items_schema, users_schema)
     spec = check_log(cfg, log, schema, items_schema, users_schema)
+    cfg = numeric.resolve(cfg, feature_types(spec, schema, items_schema, users_schema))
     sample = None
     if schema[cfg.time_col] == pl.String or _kind(log, cfg) == "csv":
         sample = _peek(lf, cfg.time_col, log, cfg)
     ts = timestamp_expr(cfg, schema[cfg.time_col], log, sample)
     return Input(cfg, log, lf, schema, items_lf, users_lf, spec, ts, notes)
+
+
+def feature_types(
+    spec: LogSpec, schema: pl.Schema, items_schema: pl.Schema | None, users_schema: pl.Schema | None
+) -> dict[str, pl.DataType]:
+    """The raw type of every side feature, from where `check_log` found it (log, items or users table)."""
+    types = {f: schema[f] for f in spec.log_item_features}
+    if items_schema is not None:
+        types.update({f: items_schema[f] for f in spec.table_item_features})
+    if users_schema is not None:
+        types.update({f: users_schema[f] for f in spec.user_features})
+    return types
 
 
 def _kind(log: Path, cfg: SessionizeConfig) -> str:

@@ -25,6 +25,7 @@ from sdm.config import SessionizeConfig
 from sdm.errors import storage_error
 from sdm.names import vocab_file
 from sdm.outputs import atomic_path, write_json, write_text
+from sdm.sessionize import numeric
 from sdm.sessionize.io import from_us
 from sdm.sessionize.split import SPLITS
 
@@ -215,6 +216,7 @@ def finish(
         "side_tables": plan.side_tables,
         "items_raw": None if plan.items_raw is None else {"path": ITEMS_RAW, "item_col": cfg.item_col, "features": list(plan.items_raw.columns[1:])},
         "multi_valued": {f: {"sep": cfg.value_sep, "items_column": f"{f}_values"} for f in cfg.multi_valued},
+        "numeric": numeric.manifest_entry(plan.vocabs),
         "catalogue": {"path": CATALOGUE, "items": catalogue.height},
         "vocab_from": plan.vocab_from,
         "notes": plan.notes,

@@ -164,7 +164,8 @@ def test_items_and_users_tables_default_to_their_columns_with_coverage(tmp_path)
     assert "60.0% of items in the items table (1 duplicate keys)" in summary
     assert "66.7% of users in the users table" in summary
     m = json.loads((out / "manifest.json").read_text())
-    assert m["item_features"] == ["item", "brand"] and m["user_features"] == ["user", "age"]
+    assert m["item_features"] == ["item", "brand", "price"] and m["user_features"] == ["user", "age"]
+    assert "price" in m["numeric"]  # a float column is a numeric feature, bucketised
     assert m["side_tables"]["items table"] == {"path": str(items), "rows": 5, "duplicate_keys": 1, "log_keys_found": 0.6}
     assert m["side_tables"]["users table"]["log_keys_found"] == pytest.approx(2 / 3, abs=1e-6)
 

@@ -44,6 +44,12 @@ chunked top-K, masking and metrics apply to models and baselines alike.
   docstrings. Scores are divided by the query's best, so they lie in (0, 1];
   items of no neighbour get the popularity fallback in (-1, 0) as in item-CF.
 
+- `ColdCategory` (`cold-category`): the one baseline that ranks cold items (the
+  catalogue's items without training events; every other baseline gives them -inf):
+  candidates score by how often their category occurs in the session prefix, ties
+  cold items first (newest `known_from` first, then category popularity), then
+  vocabulary items by popularity. Exact rule: `coldcategory.py`.
+
 Item-CF scoring is a sparse (Q, V) x (V, V) product per query chunk, on CPU;
 session-kNN scoring two sparse products per group of queries (prefix x
 item -> sessions, then neighbours x session -> items), also on CPU.
@@ -55,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from sdm.errors import SdmError
+from sdm.pipeline.baselines.coldcategory import ColdCategory
 from sdm.pipeline.baselines.itemcf import ItemCF, cooccurrence_similarity, prefix_weights
 from sdm.pipeline.baselines.popularity import Popularity, popularity_scores
 from sdm.pipeline.baselines.scoring import ScoreFn
@@ -68,6 +75,7 @@ from sdm.pipeline.baselines.sessionknn import (
 
 __all__ = [
     "BASELINES",
+    "ColdCategory",
     "STAN",
     "VSKNN",
     "ItemCF",
@@ -82,12 +90,12 @@ __all__ = [
     "training_session_events",
 ]
 
-BASELINES = ("popularity", "itemcf", "itemcf-repeat", "stan", "vsknn")
+BASELINES = ("popularity", "itemcf", "itemcf-repeat", "stan", "vsknn", "cold-category")
 
 
 def build_baseline(
     name: str, data_dir: Path, manifest: dict[str, Any] | None = None
-) -> Popularity | ItemCF | STAN | VSKNN:
+) -> Popularity | ItemCF | STAN | VSKNN | ColdCategory:
     """The named baseline, fitted on the training split of `data_dir`.
 
     Raises:
@@ -101,4 +109,6 @@ def build_baseline(
         return STAN.from_data(data_dir, manifest)
     if name == "vsknn":
         return VSKNN.from_data(data_dir, manifest)
+    if name == "cold-category":
+        return ColdCategory.from_data(data_dir, manifest)
     raise SdmError(f"unknown baseline {name!r}; expected one of {BASELINES}")

@@ -1,0 +1,250 @@
+"""Cold items: the catalogue of a data directory, their vectors, and when each may be recommended.
+
+An item training never saw is out of vocabulary (index 1) and, ranked over the
+vocabulary alone, a guaranteed miss. The sessionizer also writes
+`catalogue.parquet`: one row per item that is NOT in the item vocabulary but that
+the data knows (from the items table, or from events after the training split),
+with columns
+
+    item_id      raw id
+    oov_hash     int64, the hash the shards store in `seq_oov` for an event of that item
+    known_from   timestamp[us, UTC]; null = known at all times (a row of a static items
+                 table), else the time of the item's first event in the log
+    <feature>    int32, one per item side feature (the manifest's item_features[1:], in
+                 that order), encoded with the training vocabularies (1 = unseen value)
+
+and the manifest records `"catalogue": {"path": "catalogue.parquet", "items": n}`.
+Row j is cold item j, candidate index `num_items + j` (after the vocabulary's
+0 .. num_items - 1).
+
+A cold item has no id embedding, but SDM's item vector is a function of side
+features too: its vector is the item tower with the id part zero
+(`SDM.cold_item_vectors`; training with `id_dropout` teaches the tower that input).
+
+The availability rule (no leakage): cold item j is a candidate for a query iff
+`known_from[j]` is null or `known_from[j] <= ` the time of the query's last prefix
+event, i.e. what a live system knows when it recommends. An item known only from
+the log counts from its first event on, so a target that is its item's first
+event anywhere is still a miss: nothing could have known it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from sdm.errors import DataError, SdmError
+from sdm.pipeline.dataset import SessionDataset, _gather, _list_parts, sessions_from_record_batch
+
+ALWAYS = np.iinfo(np.int64).min
+"""`known_from` (us) of an item known at all times (null in the file)."""
+FIXED_COLUMNS = ("item_id", "oov_hash", "known_from")
+VECTOR_CHUNK = 65536
+
+
+@dataclass
+class Catalogue:
+    """The cold items of a data directory (row j = candidate index `num_items + j`).
+
+    Attributes:
+        num_items: V, the vocabulary size (padding and OOV included).
+        item_id: (C,) raw ids.
+        oov_hash: (C,) int64 `seq_oov` hash of each item.
+        known_from: (C,) int64 microseconds since epoch; `ALWAYS` = known at all times.
+        features: side feature -> (C,) int64 indices.
+    """
+
+    num_items: int
+    item_id: pa.Array
+    oov_hash: np.ndarray
+    known_from: np.ndarray
+    features: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.oov_hash)
+
+    @property
+    def candidates(self) -> int:
+        """V + C: candidate indices 0 .. V + C - 1."""
+        return self.num_items + len(self)
+
+    def side(self, names: list[str]) -> Tensor:
+        """(C, len(names)) LongTensor of the named side features."""
+        cols = [torch.from_numpy(self.features[f]) for f in names]
+        return torch.stack(cols, dim=1) if cols else torch.zeros(len(self), 0, dtype=torch.long)
+
+
+def read_catalogue(data_dir: Path, manifest: dict[str, Any]) -> Catalogue:
+    """The catalogue of a data directory, validated.
+
+    Raises:
+        DataError (one line): no catalogue in the manifest, an unreadable file, other
+            columns or types than the format's, nulls, repeated items or hashes, a
+            feature index outside its vocabulary, a row count the manifest does not record.
+    """
+    entry = manifest.get("catalogue")
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise DataError(
+            f"{data_dir}: no cold-item catalogue in the manifest; sessionize with this sdm to write catalogue.parquet"
+        )
+    path = Path(data_dir) / entry["path"]
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable catalogue ({first})") from None
+    features = list(manifest["item_features"][1:])
+    _check_schema(path, table.schema, features)
+    if entry.get("items") != table.num_rows:
+        raise DataError(f"{path}: {table.num_rows} rows, the manifest records {entry.get('items')!r}")
+    for name in table.column_names:
+        if table.column(name).null_count and name != "known_from":
+            raise DataError(f"{path}: column {name!r} has nulls")
+    hashes = table.column("oov_hash").to_numpy().copy()
+    _check_unique(path, table, hashes)
+    known = table.column("known_from").cast(pa.int64()).fill_null(ALWAYS).to_numpy().copy()
+    encoded = {f: table.column(f).to_numpy().astype(np.int64) for f in features}
+    for f, values in encoded.items():
+        size = int(manifest["vocab_sizes"][f])
+        if len(values) and (values.min() < 1 or values.max() >= size):
+            raise DataError(
+                f"{path}: feature {f!r} has indices in [{values.min()}, {values.max()}], "
+                f"outside 1 .. {size - 1} of its vocabulary"
+            )
+    return Catalogue(int(manifest["num_items"]), table.column("item_id").combine_chunks(), hashes, known, encoded)
+
+
+def _check_schema(path: Path, schema: pa.Schema, features: list[str]) -> None:
+    """Columns item_id, oov_hash (int64), known_from (timestamp[us, UTC]), then int32 features in order."""
+    expected = [*FIXED_COLUMNS, *features]
+    if schema.names != expected:
+        raise DataError(f"{path}: columns {schema.names}, expected {expected}")
+    if schema.field("oov_hash").type != pa.int64():
+        raise DataError(f"{path}: oov_hash is {schema.field('oov_hash').type}, expected int64")
+    known = schema.field("known_from").type
+    if not (pa.types.is_timestamp(known) and known.unit == "us" and known.tz in ("UTC", "+00:00", "Etc/UTC")):
+        raise DataError(f"{path}: known_from is {known}, expected timestamp[us, tz=UTC]")
+    wrong = [f"{f} ({schema.field(f).type})" for f in features if schema.field(f).type != pa.int32()]
+    if wrong:
+        raise DataError(f"{path}: feature column(s) {', '.join(wrong)} are not int32")
+
+
+def _check_unique(path: Path, table: pa.Table, hashes: np.ndarray) -> None:
+    """Each item once, each hash once and positive (0 marks a known item in `seq_oov`)."""
+    if len(hashes) and hashes.min() < 1:
+        raise DataError(f"{path}: oov_hash must be >= 1, got {hashes.min()}")
+    if len(np.unique(hashes)) != len(hashes):
+        raise DataError(f"{path}: an oov_hash occurs twice (two rows for one item, or a hash collision)")
+    if len(pc.unique(table.column("item_id"))) != table.num_rows:
+        raise DataError(f"{path}: an item_id occurs twice")
+
+
+def cold_item_vectors(model: torch.nn.Module, catalogue: Catalogue) -> Tensor:
+    """(C, D) item-tower vectors of the cold items: id part zero, side features from the catalogue.
+
+    Only the side features the model reads are used (`--item-features`); a model
+    without side features (PSDMMAL-NoS) gets zero vectors: it cannot tell cold items apart.
+    """
+    side = catalogue.side(list(model.item_features[1:]))
+    device = model.item_table.device
+    out = [model.cold_item_vectors(side[s : s + VECTOR_CHUNK].to(device)) for s in range(0, len(catalogue), VECTOR_CHUNK)]
+    dim = model.config.embedding_dim
+    return torch.cat(out).float() if out else torch.zeros(0, dim, device=device)
+
+
+class ColdIndex:
+    """`seq_oov` hash -> candidate index of the cold item, on one device.
+
+    Args:
+        catalogue: the cold items.
+        device: where the lookups run.
+    """
+
+    def __init__(self, catalogue: Catalogue, device: torch.device | str = "cpu") -> None:
+        order = np.argsort(catalogue.oov_hash, kind="stable")
+        self.hashes = torch.from_numpy(catalogue.oov_hash[order]).to(device)
+        self.index = torch.from_numpy(order).to(device) + catalogue.num_items
+        self.known_from = torch.from_numpy(catalogue.known_from).to(device)
+        self.num_items = catalogue.num_items
+
+    def lookup(self, oov: Tensor) -> Tensor:
+        """Candidate index of each hash in `oov` (any shape), 0 where it is 0 or not a cold item."""
+        if not len(self.hashes):
+            return torch.zeros_like(oov)
+        pos = torch.searchsorted(self.hashes, oov.contiguous()).clamp_(max=len(self.hashes) - 1)
+        found = (self.hashes[pos] == oov) & (oov > 0)
+        return torch.where(found, self.index[pos], torch.zeros_like(oov))
+
+    def available(self, start: int, end: int, query_time: Tensor) -> Tensor:
+        """(Q, end - start) bool: whether cold candidates start .. end - 1 (indices >= num_items)
+        are known at each query's time (Q,) (the availability rule of the module docs)."""
+        known = self.known_from[start - self.num_items : end - self.num_items]
+        return known.unsqueeze(0) <= query_time.unsqueeze(1)
+
+
+def session_extras(
+    rb: pa.RecordBatch, max_session_len: int, max_long_len: int, min_len: int = 2
+) -> dict[str, np.ndarray]:
+    """`seq_ts` (S, max_session_len) event times and `long_oov` (S, max_long_len) `seq_oov` hashes of the
+    long-term window, for the sessions `sessions_from_record_batch` returns for `rb` (same order, same cuts)."""
+    t = pa.Table.from_batches([rb])
+    ts_off, ts = _list_parts(t.column("ts"))
+    s_off, s_start = _list_parts(t.column("sess_start"))
+    _, s_len = _list_parts(t.column("sess_len"))
+    _, l_start = _list_parts(t.column("long_start"))
+    _, l_end = _list_parts(t.column("long_end"))
+    row = np.repeat(np.arange(t.num_rows), np.diff(s_off))
+    keep = s_len >= min_len
+    row, s_start, s_len, l_start, l_end = (a[keep] for a in (row, s_start, s_len, l_start, l_end))
+    base = ts_off[row]
+    s_len = np.minimum(s_len.astype(np.int64), max_session_len)
+    l_len = np.minimum((l_end - l_start).astype(np.int64), max_long_len)
+    out = {"seq_ts": _gather(ts, base + s_start.astype(np.int64), s_len, max_session_len)}
+    oov = _list_parts(t.column("seq_oov"))[1] if "seq_oov" in t.column_names else np.zeros(len(ts), np.int64)
+    out["long_oov"] = _gather(oov, base + l_end.astype(np.int64) - l_len, l_len, max_long_len)
+    return out
+
+
+class CatalogueSessions(SessionDataset):
+    """The evaluation stream (`shuffle=False`) plus what cold candidates need per session:
+    `seq_ts` (B, T) event times (the query time of the availability rule) and `long_oov`
+    (B, L) hashes of the long-term window's OOV events (its cold items, for --exclude-history
+    and the repeat head)."""
+
+    def iter_sessions(self, shard_ids: list[int]) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
+        """`SessionDataset.iter_sessions` with `session_extras` added to each chunk."""
+        for sid in shard_ids:
+            path = self.shards[sid]
+            try:
+                pf = pq.ParquetFile(path)
+                for rb in pf.iter_batches(batch_size=self.read_rows, columns=self._columns(pf.schema_arrow.names)):
+                    chunk = sessions_from_record_batch(
+                        rb, self.item_features, self.user_features, self.max_session_len, self.max_long_len,
+                        item_lookup=self.item_lookup,
+                    )  # fmt: skip
+                    if len(chunk["seq_len"]):
+                        chunk.update(session_extras(rb, self.max_session_len, self.max_long_len))
+                        yield chunk, rb.column("user_id").to_pylist()
+            except (OSError, pa.ArrowException, KeyError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SdmError(
+                    f"{path}: damaged shard ({first}); `sdm check {self.data_dir}` verifies every file"
+                ) from None
+
+    def _batches(self, merged: dict[str, np.ndarray], last: bool = False) -> Iterator[dict[str, Any]]:
+        """`SessionDataset._batches` with `seq_ts` and `long_oov`, trimmed as the batch's own columns."""
+        for i, batch in enumerate(super()._batches(merged, last)):
+            part = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            t, l_max = batch["seq"]["item"].shape[1], batch["long"]["item"].shape[1]
+            batch["seq_ts"] = torch.from_numpy(np.ascontiguousarray(merged["seq_ts"][part, :t]))
+            batch["long_oov"] = torch.from_numpy(np.ascontiguousarray(merged["long_oov"][part, :l_max]))
+            yield batch
