@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sdm.errors import SdmError
-from sdm.pipeline.manifest import check_data_dir, read_manifest  # noqa: F401 - re-exported: the readers import them from here
+from sdm.manifest import check_data_dir, read_manifest  # noqa: F401 - re-exported: the readers import them from here
 
 SPLITS = ("train", "valid", "test")
 

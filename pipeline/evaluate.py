@@ -41,7 +41,7 @@ from sdm.errors import ConfigError, SdmError
 from sdm.outputs import OutputDir, atomic_path, scratch_name, write_json, write_text
 from sdm.pipeline.catalogue import Catalogue, CatalogueSessions, ColdIndex, cold_item_vectors, read_catalogue
 from sdm.pipeline.checkpoint import read_checkpoint
-from sdm.pipeline.manifest import verify_files
+from sdm.manifest import verify_files
 from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.model.sdm import History, copy_scores

@@ -55,7 +55,7 @@ from sdm.pipeline.dataset import (
     read_manifest,
 )
 from sdm.pipeline.device import pick_device
-from sdm.pipeline.manifest import verify_files
+from sdm.manifest import verify_files
 from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model_config, model_features, resolve_loss

@@ -74,7 +74,7 @@ from sdm.names import vocab_file
 from sdm.outputs import OutputDir, atomic_path, write_json, write_text
 from sdm.pipeline.catalogue import ALWAYS, Catalogue, cold_item_vectors, read_catalogue
 from sdm.pipeline.dataset import read_manifest, user_column
-from sdm.pipeline.manifest import verify_files
+from sdm.manifest import verify_files
 from sdm.serve.sessions import first_line
 
 EXPORT_VERSION = 1

@@ -54,7 +54,7 @@ from sdm.pipeline.catalogue import Catalogue
 from sdm.pipeline.dataset import collate, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK, ModelScorer, _raw_items, load_model
-from sdm.pipeline.manifest import verify_files
+from sdm.manifest import verify_files
 from sdm.pipeline.metrics import chunked_topk
 from sdm.sessionize.io import polars_errors, to_utc_us
 from sdm.serve.sessions import COLD, ColdItems, Lookups, Served, bucketed, now_us, open_log, take

@@ -28,7 +28,7 @@ import polars as pl
 
 from sdm.errors import DataError, SdmError
 from sdm.names import vocab_file
-from sdm.pipeline.manifest import read_manifest, verify_files
+from sdm.manifest import read_manifest, verify_files
 from sdm.sessionize import numeric
 from sdm.sessionize.io import polars_errors
 from sdm.sessionize.read import Input

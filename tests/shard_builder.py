@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sdm.pipeline.manifest import file_digest
+from sdm.manifest import file_table  # noqa: F401 - the test builders seal their manifests with it
 
 HOUR_US = 3_600_000_000
 
@@ -129,15 +129,6 @@ def build_shards(
     manifest["files"] = file_table(root)
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
-
-
-def file_table(root: Path) -> dict[str, dict[str, object]]:
-    """Size and sha256 of every file under `root` but the manifest, as sessionize records them."""
-    return {
-        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
-    }
 
 
 def write_plain_vocabs(root: Path, sizes: dict[str, int]) -> None:

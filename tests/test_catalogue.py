@@ -18,7 +18,7 @@ from conftest import at, us, vocab, write_log
 
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
-from sdm.pipeline.manifest import check_data_dir
+from sdm.manifest import check_data_dir
 from sdm.sessionize import encode, run
 
 VALID, TEST = at(days=5), at(days=10)

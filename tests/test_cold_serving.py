@@ -30,7 +30,7 @@ from sdm.errors import ConfigError, DataError, SdmError
 from sdm.pipeline.catalogue import read_catalogue
 from sdm.pipeline.dataset import read_manifest
 from sdm.pipeline.evaluate import load_model
-from sdm.pipeline.manifest import file_digest
+from sdm.manifest import file_digest
 from sdm.serve import Recommender
 from sdm.serve.export import FAISS_INDEX, INDEX_SPEC, export, write_faiss
 from sdm.serve.index import ExactIndex, FaissIndex

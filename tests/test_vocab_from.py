@@ -26,7 +26,7 @@ from test_sessionize_scale import _cfg, _random_log, _same_output
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 from sdm.names import vocab_file
-from sdm.pipeline.manifest import read_manifest
+from sdm.manifest import read_manifest
 from sdm.sessionize import encode, run
 
 BASE = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)

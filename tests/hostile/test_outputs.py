@@ -21,7 +21,7 @@ from sdm.cli import app
 from sdm.config import TrainConfig
 from sdm.errors import DataError, LockedError, OutputError, SdmError, StorageError
 from sdm.outputs import MARKER, OutputDir, OutputFile, atomic_path, check_disjoint
-from sdm.pipeline.manifest import read_manifest
+from sdm.manifest import read_manifest
 from sdm.pipeline.train import train
 
 runner = CliRunner()
