@@ -489,7 +489,7 @@ class ExportConfig(_Base):
     overwrite: bool = False
     """Replace the export files of a non-empty output directory."""
     faiss: bool = True
-    """Write items.faiss (an index chosen by catalogue size, see serve/index.py) when faiss is installed."""
+    """Write items.faiss (an index chosen by catalogue size, see retrieval/index.py) when faiss is installed."""
     onnx: bool = True
     """Also write user_tower.onnx when the onnx extra is installed."""
     verify: bool = True
@@ -518,7 +518,7 @@ class RecommendConfig(_Base):
     candidates: Literal["vocabulary", "catalogue"] = "vocabulary"
     """vocabulary: recommend items training saw; catalogue: also cold items with side info (their vectors come from side features)."""
     index: Literal["exact", "faiss"] = "exact"
-    """Exact chunked scoring (the code of `sdm evaluate`) or a faiss index (serve/index.py)."""
+    """Exact chunked scoring (the code of `sdm evaluate`) or a faiss index (retrieval/index.py)."""
     items: OptPath = None
     """Raw items table for side features the log lacks (default: the one training used, if it still exists)."""
     batch_size: Annotated[int, _in(1, 10_000_000)] = 1024

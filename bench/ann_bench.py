@@ -13,7 +13,7 @@
    position of the validation and test splits, sampled).
 4. Exact baseline: faiss `IndexFlatIP` (BLAS; the fastest exact search here) and
    the evaluator's chunked torch top-k, same queries, same run. The index:
-   `serve.index.FaissIndex()` with its automatic parameters (what `sdm export` and
+   `retrieval.index.FaissIndex()` with its automatic parameters (what `sdm export` and
    `sdm evaluate --index faiss` build), then an nprobe sweep on the same index.
    Recall@100 = |ANN top-100 ∩ exact top-100| / 100, averaged over queries.
 
@@ -129,7 +129,7 @@ def bench_vectors(name: str, items: np.ndarray, queries: np.ndarray, sweep: list
     import faiss
 
     from sdm.pipeline.metrics import topk_scores
-    from sdm.serve.index import FaissIndex, describe
+    from sdm.retrieval.index import FaissIndex, describe
 
     n = items.shape[0] - 2
     print(f"[{name}] {n:,} items, {len(queries):,} queries", file=sys.stderr)

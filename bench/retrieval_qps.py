@@ -47,7 +47,7 @@ from torch import Tensor
 
 from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK
 from sdm.pipeline.metrics import overlap_at_k, topk_scores
-from sdm.serve.index import FaissIndex, import_faiss
+from sdm.retrieval.index import FaissIndex, import_faiss
 
 FAISS_DEFAULTS = {
     name: p.default

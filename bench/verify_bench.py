@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
 
-    from sdm.pipeline.manifest import read_manifest, verify_files
+    from sdm.manifest import read_manifest, verify_files
 
     data = data_dir(args.events)
     manifest = read_manifest(data)

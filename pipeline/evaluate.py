@@ -46,7 +46,7 @@ from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, re
 from sdm.pipeline.device import pick_device
 from sdm.model.sdm import History, copy_scores
 from sdm.pipeline.metrics import METRICS, add_copy_scores, chunked_topk, metric_sums, overlap_at_k
-from sdm.serve.index import FaissIndex, import_faiss
+from sdm.retrieval.index import FaissIndex, import_faiss
 from sdm.pipeline.report import build_report, curve_ks, markdown_table, method_entry, plot_report
 
 ScoreFn = Callable[[int, int], Tensor]
@@ -99,7 +99,7 @@ class ModelScorer:
     def index_topk(self, index: Any, state: tuple[Tensor, History | None], q: Queries, k: int,
                    exclude: Tensor | None) -> Tensor:  # fmt: skip
         """(Q, k) top-k from an item index, merged with the repeat head's candidates as serving does."""
-        from sdm.serve.rank import rank
+        from sdm.retrieval.rank import rank
 
         u = self.query_vectors(state, q.qb, q.qp)
         if state[1] is None:

@@ -21,7 +21,7 @@ __all__ = ["Recommender"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `import sdm.serve.index` must not pull in polars, onnxruntime or the model.
+    # Lazy: `import sdm.retrieval.index` must not pull in polars, onnxruntime or the model.
     if name == "Recommender":
         from sdm.serve.api import Recommender
 

@@ -10,7 +10,7 @@ recommendations:
    window, with the sessionizer's own stage functions and the training vocabularies;
 2. the exported tower: user vector (and, with a repeat head, the history candidates
    and their copy logits) after the session's last event;
-3. `serve.rank.rank`: index top-K merged with the re-scored history candidates.
+3. `retrieval.rank.rank`: index top-K merged with the re-scored history candidates.
 
     >>> from sdm.serve import Recommender
     >>> rec = Recommender.load("runs/export")
@@ -61,8 +61,8 @@ from sdm.pipeline.dataset import collate, user_column
 from sdm.serve.export import (
     CONFIG, FAISS_INDEX, INDEX_SPEC, ITEM_VECTORS, LOOKUPS, ONNX_TOWER, TOWER_SPEC, WEIGHTS, load_tower,
 )  # fmt: skip
-from sdm.serve.index import Allowed, ExactIndex, FaissIndex
-from sdm.serve.rank import rank
+from sdm.retrieval.index import Allowed, ExactIndex, FaissIndex
+from sdm.retrieval.rank import rank
 from sdm.serve.sessions import COLD, ColdItems, Lookups, first_line, latest_sessions, now_us, open_frame, read_json
 from sdm.sessionize.encode import encode
 from sdm.sessionize.io import polars_errors, to_utc_us
@@ -347,7 +347,7 @@ class Recommender:
         return _frame(served.user_id, served.session_start, raw, sc)
 
     def _allowed(self, mode: str, at_us: int | None) -> tuple[Allowed, int]:
-        """The index rows a request may return (`serve.index.Allowed`), and how many.
+        """The index rows a request may return (`retrieval.index.Allowed`), and how many.
 
         "vocabulary": the warm rows (all rows when there is no cold one: the search of
         an export without cold items). "catalogue": also each cold row whose `known_from`

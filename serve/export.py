@@ -13,7 +13,7 @@ and writes to the output directory:
   neutral (index 0, the zero padding row) and its side features
   (`SDM.cold_item_vectors`). A data directory without a catalogue gives no cold
   rows; exports of older sdm versions lack both columns (all rows warm).
-- `items.faiss` + `index.json`: a `serve.index.FaissIndex` over the same vectors,
+- `items.faiss` + `index.json`: a `retrieval.index.FaissIndex` over the same vectors,
   warm and cold (exact below 50,000 items, IVF with tuned nprobe above; faiss
   row i = parquet row i), and its parameters (only when faiss is installed and
   `faiss` is on).
@@ -117,7 +117,7 @@ class UserTower(nn.Module):
     also returns its history candidates at that position, as `copy_scores` gives
     them: `history_items` (B, C) int64 (distinct items, 0 = none) and
     `history_logits` (B, C) float32 copy logits R, C = max_session_len + L; the final
-    score of a history item j is logaddexp(u . v_j, R_j) (`serve.rank.rank`).
+    score of a history item j is logaddexp(u . v_j, R_j) (`retrieval.rank.rank`).
 
     `nn.LSTM` unrolls over time when exported, which fixes T; so the wrapper right-pads
     the session to `max_session_len` itself. Every encoder is causal, so the padding
@@ -420,7 +420,7 @@ def write_faiss(path: Path, vectors: Tensor, progress: bool = False) -> str:
         import faiss  # noqa: F401
     except ImportError:
         return "skipped: faiss is not installed (pip install 'sdm[faiss]')"
-    from sdm.serve.index import FaissIndex, describe
+    from sdm.retrieval.index import FaissIndex, describe
 
     padded = torch.cat([vectors.new_zeros(2, vectors.shape[1]), vectors])  # rows 0, 1: padding, OOV
     index = FaissIndex(padded, announce=progress)

@@ -209,7 +209,7 @@ def format_summary(s: dict[str, Any]) -> str:
             lines.append(f"validations logged: {s['validations']}"
                          + (f"; last: {json.dumps(s['last_validation'])[:200]}" if s.get("last_validation") else ""))  # fmt: skip
     else:
-        from sdm.serve.index import describe
+        from sdm.retrieval.index import describe
 
         lines.append(f"export directory {s['path']}: {s['variant']}, D {s['embedding_dim']}"
                      + ("" if s["finished"] else " (UNFINISHED: no config.json)"))  # fmt: skip

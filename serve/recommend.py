@@ -9,7 +9,7 @@ the training vocabularies (`serve.sessions`), then scored by **the code of
 `pipeline.metrics.chunked_topk` takes the top K with the same masking. So the
 list for a session prefix is the list `sdm evaluate --dump-topk` gives for the
 query at its end (tested). With `--index faiss` the user vectors go through
-`serve.rank.rank` over a `serve.index.FaissIndex` instead.
+`retrieval.rank.rank` over a `retrieval.index.FaissIndex` instead.
 
 Candidates: `--candidates vocabulary` (the default) ranks the items training saw.
 `--candidates catalogue` also ranks the cold items of the data directory's
@@ -134,7 +134,7 @@ def score_batch(
         qb, qp, prefix = qb_all[sl], qp_all[sl], prefix_all[sl]
         exclude = excluded(batch, prefix, qb, exclude_history) if exclude_seen or exclude_history else None
         if faiss_index is not None:
-            from sdm.serve.rank import rank
+            from sdm.retrieval.rank import rank
 
             hist = history_candidates(state, qb, qp)
             u = scorer.query_vectors(state, qb, qp)
@@ -291,7 +291,7 @@ def _recommend(cfg: RecommendConfig, log: Path, out: Path, progress: bool) -> di
         scorer = ModelScorer(model, catalogue=catalogue) if catalogue is not None else ModelScorer(model)
         faiss_index = None
         if cfg.index == "faiss":
-            from sdm.serve.index import FaissIndex
+            from sdm.retrieval.index import FaissIndex
 
             faiss_index = FaissIndex(scorer.items, announce=progress)
         user_type = pa.string()

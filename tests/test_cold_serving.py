@@ -33,7 +33,7 @@ from sdm.pipeline.evaluate import load_model
 from sdm.manifest import file_digest
 from sdm.serve import Recommender
 from sdm.serve.export import FAISS_INDEX, INDEX_SPEC, export, write_faiss
-from sdm.serve.index import ExactIndex, FaissIndex
+from sdm.retrieval.index import ExactIndex, FaissIndex
 from sdm.serve.recommend import recommend
 from sdm.serve.sessions import latest_sessions, open_frame
 from sdm.sessionize.encode import oov_hash

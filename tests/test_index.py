@@ -1,4 +1,4 @@
-"""Item indexes (`serve.index`) and the ranking merge (`serve.rank.rank`) against brute force."""
+"""Item indexes (`retrieval.index`) and the ranking merge (`retrieval.rank.rank`) against brute force."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sdm.pipeline.metrics import overlap_at_k, topk_scores
-from sdm.serve.index import ExactIndex, FaissIndex, auto_nlist, describe
-from sdm.serve.rank import rank
+from sdm.retrieval.index import ExactIndex, FaissIndex, auto_nlist, describe
+from sdm.retrieval.rank import rank
 
 
 def clustered(n: int, d: int, seed: int) -> torch.Tensor:
@@ -114,7 +114,7 @@ def _has_faiss() -> bool:
 def test_auto_falls_back_to_exact_when_ivf_would_scan_too_much(monkeypatch: pytest.MonkeyPatch) -> None:
     """Random vectors (no clusters) need most IVF lists for recall: "auto" keeps exact search."""
     pytest.importorskip("faiss")
-    monkeypatch.setattr("sdm.serve.index.FLAT_BELOW", 1000)  # small catalogues, same rule
+    monkeypatch.setattr("sdm.retrieval.index.FLAT_BELOW", 1000)  # small catalogues, same rule
     g = torch.Generator().manual_seed(9)
     rand = torch.randn(5002, 32, generator=g)
     index = FaissIndex(rand)

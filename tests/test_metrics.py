@@ -22,7 +22,7 @@ from sdm.pipeline.metrics import (
     target_set_size,
     topk_scores,
 )
-from sdm.serve.index import FaissIndex, import_faiss
+from sdm.retrieval.index import FaissIndex, import_faiss
 
 # 4 queries, K = 3. Item 1 is OOV, 0 pads the target sets.
 TOPK = torch.tensor([[2, 3, 4], [5, 6, 7], [9, 2, 3], [4, 5, 6]])

@@ -139,7 +139,7 @@ def test_exclude_seen_and_faiss_agree_with_exact(pipe: dict[str, Any], tmp_path:
     recommend(RecommendConfig(**base, out=approx, index="faiss"), pipe["log"])
     a = pl.read_parquet(exact).sort("user_id")
     b = pl.read_parquet(approx).sort("user_id")
-    # The catalogue is small, so the faiss index is exact (flat) and `serve.rank.rank`
+    # The catalogue is small, so the faiss index is exact (flat) and `retrieval.rank.rank`
     # (index top-K merged with the repeat head's candidates) must equal the evaluate path.
     assert a["items"].to_list() == b["items"].to_list()
     for sa, sb in zip(a["scores"].to_list(), b["scores"].to_list()):

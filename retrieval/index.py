@@ -3,7 +3,7 @@
 Both take the item table as the model returns it, (V, D) with rows 0 (padding)
 and 1 (OOV) included, index items 2..V-1 only, and return item *indices*
 (2..V-1; 0 = "no item") with their scores. `search_scores(u, k, exclude, allowed)` is
-what `serve.rank.rank` calls; `search(u, k, exclude)` returns the indices only
+what `retrieval.rank.rank` calls; `search(u, k, exclude)` returns the indices only
 (what `sdm evaluate --index faiss` calls).
 
 `allowed` restricts a search to some rows (row i = item index i + 2): None = every

@@ -19,7 +19,7 @@ from torch import Tensor
 
 
 class ItemIndex(Protocol):
-    """What `rank` needs from an index (`serve.index.ExactIndex`, `serve.index.FaissIndex`)."""
+    """What `rank` needs from an index (`retrieval.index.ExactIndex`, `retrieval.index.FaissIndex`)."""
 
     def search_scores(self, user_vecs: Tensor, k: int, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
 
@@ -54,7 +54,7 @@ def rank(
         candidate_logits: (Q, C) copy logits R of the candidates (a very negative value,
             e.g. `NO_COPY`, leaves the dot product); needs `item_vecs`.
         item_vecs: (V, D) item vectors, rows indexed by item index, to re-score candidates.
-        allowed: the index rows the search may return (`serve.index.Allowed`: None = all, an
+        allowed: the index rows the search may return (`retrieval.index.Allowed`: None = all, an
             int n = the first n, a bool array); the history candidates are always allowed
             (they are items of the vocabulary).
 

@@ -1,0 +1,212 @@
+"""Daily retraining, replayed: from scratch every day against a warm start on the newest day.
+
+    python bench/daily.py --dataset yoochoose_rsc15_100k           # a shared 7-day log
+    python bench/daily.py --dataset synth --synth-days 14           # a synthetic 14-day log with an items table
+
+A retriever is retrained every day. For each day d of the log (from
+`--first-day` on, the day before the last), with day d as validation and day
+d+1 as the test:
+
+    (a) scratch   `sdm sessionize` of every day <= d+1, `sdm train` from random weights
+                  on every day before d;
+    (b) warm      `sdm sessionize` of the newest training day d-1 plus d and d+1
+                  (`--history-days` widens it) with `--vocab-from` yesterday's (b) data,
+                  `sdm train --init-from` yesterday's (b) model (day one: (a)'s);
+
+both evaluated on day d+1 (`sdm evaluate --candidates catalogue` when the
+data has a catalogue: HR@50 / NDCG@50 over all targets and over cold targets,
+items training never saw). Each day prints both rows, the training seconds and
+the ratios (b)/(a); the last lines average the days. The targets: (b) reaches
+at least 99% of (a)'s HR@50 and NDCG@50 averaged over days, in at most a third
+of its training time. Results go to bench/results/daily_<dataset>.json.
+
+`shared/` is found at `$SDM_SHARED` or `../shared` beside the repository;
+without it a shared dataset is skipped with a message (synth needs nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out" / "daily"
+DAY = dt.timedelta(days=1)
+SHARED_LOGS = {
+    "yoochoose_rsc15_100k": {"log": "datasets/yoochoose_rsc15_100k/interactions.parquet", "session_col": "session_id",
+                             "user_col": "none"},
+    "rees46_sample": {"log": "datasets/rees46_ecommerce_sample/interactions.parquet", "user_col": "user_id",
+                      "session_col": "session_id", "item_features": ["category_id", "brand"]},
+}  # fmt: skip
+
+
+def shared_dir() -> Path | None:
+    for cand in (os.environ.get("SDM_SHARED"), HERE.parent.parent / "shared"):
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    return None
+
+
+def source(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The log of the replay and its sessionize settings (columns, features, items table)."""
+    if args.dataset == "synth":
+        from sdm.config import SynthConfig
+        from sdm.logs.synth import generate
+
+        log = OUT / f"synth_{args.synth_days}d" / "logs.parquet"
+        if not log.exists():
+            generate(SynthConfig(out=log, events=args.synth_events, days=args.synth_days, seed=0), progress=False)
+        return log, {"items": log.parent / "items.parquet"}
+    shared = shared_dir()
+    if shared is None:
+        print(f"skipped: {args.dataset} needs shared/ ($SDM_SHARED or ../shared); it is not there", file=sys.stderr)
+        sys.exit(0)
+    spec = dict(SHARED_LOGS[args.dataset])
+    log = shared / spec.pop("log")
+    if spec.get("user_col") == "none":  # each session its own user: read the log without a user column
+        spec.pop("user_col")
+        plain = OUT / args.dataset / "log.parquet"
+        if not plain.exists():
+            plain.parent.mkdir(parents=True, exist_ok=True)
+            pl.read_parquet(log).drop("user_id", strict=False).write_parquet(plain)
+        log = plain
+    return log, spec
+
+
+def day_slice(log: Path, lo: dt.datetime, hi: dt.datetime, dest: Path, time_col: str = "timestamp") -> Path:
+    """The events of [lo, hi) as their own Parquet file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pl.scan_parquet(log).filter((pl.col(time_col) >= lo) & (pl.col(time_col) < hi)).sink_parquet(dest)
+    return dest
+
+
+def sessionize(log: Path, out: Path, spec: dict[str, Any], valid: dt.datetime, test: dt.datetime,
+               vocab_from: Path | None) -> dict[str, Any]:  # fmt: skip
+    from sdm.config import SessionizeConfig
+    from sdm.sessionize import run
+
+    cfg = SessionizeConfig(out=out, overwrite=True, valid_start=valid, test_start=test, vocab_from=vocab_from, **spec)
+    return run(cfg, log, progress=False)
+
+
+def train(data: Path, out: Path, args: argparse.Namespace, init_from: Path | None) -> float:
+    from sdm.config import TrainConfig
+    from sdm.pipeline.train import train as run_train
+
+    extra = json.loads(args.train_args)
+    cfg = TrainConfig(data=data, out=out, overwrite=True, seed=args.seed, init_from=init_from, **extra)
+    t0 = time.perf_counter()
+    run_train(cfg, progress=False)
+    return time.perf_counter() - t0
+
+
+def evaluate(data: Path, model: Path, out: Path) -> dict[str, float]:
+    from sdm.config import EvaluateConfig
+    from sdm.pipeline.dataset import read_manifest
+    from sdm.pipeline.evaluate import evaluate as run_eval
+
+    candidates = "catalogue" if read_manifest(data).get("catalogue") else "vocabulary"
+    cfg = EvaluateConfig(data=data, model=model, out=out, overwrite=True, k=[50], candidates=candidates)
+    report = run_eval(cfg)["report"]
+    method = report["methods"][0]
+    row = {"candidates": candidates, "queries": report.get("queries")}
+    for key in ("hr@50", "ndcg@50"):
+        row[key] = method.get(key)
+        for part in ("cold", "warm"):
+            row[f"{part}_{key}"] = ((method.get("targets") or {}).get(part) or {}).get(key)
+    return row
+
+
+def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
+    log, spec = source(args)
+    times = pl.scan_parquet(log).select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi"))
+    lo, hi = times.collect().row(0)
+    start = dt.datetime(lo.year, lo.month, lo.day, tzinfo=dt.timezone.utc)
+    days = (hi - start) // DAY  # whole days: a partial last day would make a test of a few queries
+    work = OUT / args.dataset
+    rows, prev_data, prev_model = [], None, None
+    for d in range(args.first_day, days - 1):  # the test day d + 1 is the last whole day at most
+        valid, test, end = start + d * DAY, start + (d + 1) * DAY, start + (d + 2) * DAY
+        a_log = day_slice(log, start, end, work / f"day{d}" / "a_log.parquet")
+        a_data, a_model = work / f"day{d}" / "a_data", work / f"day{d}" / "a_model"
+        sessionize(a_log, a_data, spec, valid, test, None)
+        a_s = train(a_data, a_model, args, None)
+        a = evaluate(a_data, a_model, work / f"day{d}" / "a_eval")
+        if prev_data is None:  # day one: the warm chain starts from the scratch run
+            prev_data, prev_model = a_data, a_model
+            rows.append({"day": d, "scratch": a, "scratch_s": a_s})
+            print(f"day {d}: scratch hr@50 {a['hr@50']:.4f} ndcg@50 {a['ndcg@50']:.4f} ({a_s:.1f}s); warm chain starts here")
+            continue
+        b_log = day_slice(log, valid - args.history_days * DAY, end, work / f"day{d}" / "b_log.parquet")
+        b_data, b_model = work / f"day{d}" / "b_data", work / f"day{d}" / "b_model"
+        sessionize(b_log, b_data, spec, valid, test, prev_data)
+        b_s = train(b_data, b_model, args, prev_model)
+        b = evaluate(b_data, b_model, work / f"day{d}" / "b_eval")
+        prev_data, prev_model = b_data, b_model
+        row = {"day": d, "scratch": a, "scratch_s": a_s, "warm": b, "warm_s": b_s,
+               "ratio": {k: (b[k] / a[k] if a[k] else None) for k in ("hr@50", "ndcg@50")}, "time_ratio": b_s / a_s}  # fmt: skip
+        rows.append(row)
+        print(
+            f"day {d}: scratch hr@50 {a['hr@50']:.4f} ndcg@50 {a['ndcg@50']:.4f} ({a_s:.1f}s) | warm hr@50 "
+            f"{b['hr@50']:.4f} ndcg@50 {b['ndcg@50']:.4f} ({b_s:.1f}s) | ratios {row['ratio']['hr@50']:.3f} "
+            f"{row['ratio']['ndcg@50']:.3f} time {row['time_ratio']:.2f}"
+        )
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Averages over the days that have both runs: the metrics, their ratio and the time ratio."""
+    both = [r for r in rows if "warm" in r]
+    if not both:
+        return {}
+    out: dict[str, Any] = {"days": len(both)}
+    for key in ("hr@50", "ndcg@50", "cold_hr@50", "cold_ndcg@50"):
+        a = [r["scratch"][key] for r in both if r["scratch"].get(key) is not None]
+        b = [r["warm"][key] for r in both if r["warm"].get(key) is not None]
+        if a and b:
+            out[key] = {"scratch": statistics.mean(a), "warm": statistics.mean(b), "ratio": statistics.mean(b) / statistics.mean(a) if statistics.mean(a) else None}  # fmt: skip
+    out["scratch_s"] = statistics.mean(r["scratch_s"] for r in both)
+    out["warm_s"] = statistics.mean(r["warm_s"] for r in both)
+    out["time_ratio"] = out["warm_s"] / out["scratch_s"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="yoochoose_rsc15_100k", choices=[*SHARED_LOGS, "synth"])
+    parser.add_argument("--first-day", type=int, default=3, help="the first day d replayed (days before it only train)")
+    parser.add_argument("--history-days", type=int, default=1, help="training days the warm run reads (1: the newest only)")
+    parser.add_argument("--train-args", default='{"epochs": 5}', help="TrainConfig fields as JSON, for both runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synth-days", type=int, default=14)
+    parser.add_argument("--synth-events", type=int, default=300_000)
+    args = parser.parse_args()
+
+    shutil.rmtree(OUT / args.dataset, ignore_errors=True)
+    rows = replay(args)
+    s = summary(rows)
+    if s:
+        print(
+            f"mean over {s['days']} days: hr@50 scratch {s['hr@50']['scratch']:.4f} warm {s['hr@50']['warm']:.4f} "
+            f"({s['hr@50']['ratio']:.3f}x); ndcg@50 scratch {s['ndcg@50']['scratch']:.4f} warm "
+            f"{s['ndcg@50']['warm']:.4f} ({s['ndcg@50']['ratio']:.3f}x); training {s['warm_s']:.1f}s vs "
+            f"{s['scratch_s']:.1f}s ({s['time_ratio']:.2f}x)"
+        )
+    result = {"dataset": args.dataset, "args": vars(args), "days": rows, "summary": s}
+    path = HERE / "results" / f"daily_{args.dataset}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
