@@ -225,6 +225,25 @@ def _check_fingerprint(data_dir: Path, m: dict[str, Any]) -> None:
         )
 
 
+OOV_WARN_SHARE = 0.3
+"""A held-out split whose targets are OOV beyond this share gets a warning: those queries are guaranteed misses."""
+
+
+def oov_warnings(splits: dict[str, Any]) -> list[str]:
+    """A warning for each held-out split whose share of OOV targets exceeds OOV_WARN_SHARE."""
+    out = []
+    for name in ("valid", "test"):
+        sp = splits.get(name) or {}
+        if sp.get("samples") and sp.get("oov_samples", 0) / sp["samples"] > OOV_WARN_SHARE:
+            share = sp["oov_samples"] / sp["samples"]
+            out.append(
+                f"{share:.0%} of the {name} split's targets ({sp['oov_samples']:,} of {sp['samples']:,}) are items "
+                f"training never saw: they are guaranteed misses, so HR@K is at most {1 - share:.2f} on it "
+                "(evaluate --candidates catalogue ranks items with side info too; see docs: cold items)"
+            )
+    return out
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's content, read in blocks."""
     with open(path, "rb") as fh:

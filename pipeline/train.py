@@ -55,7 +55,7 @@ from sdm.pipeline.dataset import (
     read_manifest,
 )
 from sdm.pipeline.device import pick_device
-from sdm.manifest import verify_files
+from sdm.manifest import oov_warnings, verify_files
 from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model_config, model_features, resolve_loss
@@ -269,6 +269,9 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     if cfg.verify and rank == 0:
         verify_files(cfg.data, manifest)
     check_eval_k(cfg, manifest)
+    if rank == 0:
+        for line in oov_warnings({"valid": manifest["splits"]["valid"]}):
+            print(f"warning: {line}; validation (best.pt, early stopping) sees the rest", file=sys.stderr)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)

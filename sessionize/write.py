@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.errors import storage_error
-from sdm.manifest import MANIFEST, file_table, fingerprint
+from sdm.manifest import MANIFEST, file_table, fingerprint, oov_warnings
 from sdm.names import vocab_file
 from sdm.outputs import atomic_path, write_json, write_text
 from sdm.sessionize import numeric
@@ -46,18 +47,38 @@ OWNS = (
 """The top-level entries `sdm sessionize` writes (`outputs.OutputDir` replaces only these)."""
 
 
-def _stats(df: pl.DataFrame) -> dict[str, int]:
-    """Row, session, event and sample counts of a block of shard rows."""
+def _stats(df: pl.DataFrame, held_out: bool = False) -> dict[str, int]:
+    """Row, session, event and sample counts of a block of shard rows (and, for a held-out
+    split, `oov_samples`: samples whose target item training never saw, a guaranteed miss)."""
     if df.height == 0:
-        return {"rows": 0, "sessions": 0, "events": 0, "samples": 0}
+        return {"rows": 0, "sessions": 0, "events": 0, "samples": 0, **({"oov_samples": 0} if held_out else {})}
     lens = df.get_column("sess_len").explode().drop_nulls()
     # a session of n >= 1 events has n - 1 samples (length 0 is only a hand-made block)
-    return {
+    stats = {
         "rows": df.height,
         "sessions": len(lens),
         "events": int(lens.sum()),
         "samples": int((lens.cast(pl.Int64) - 1).clip(lower_bound=0).sum()),
     }
+    if held_out:
+        stats["oov_samples"] = oov_targets(df)
+    return stats
+
+
+def oov_targets(df: pl.DataFrame) -> int:
+    """Targets (session positions 1..n-1) whose item is OOV (index 1), over a block of shard rows."""
+    items = df.get_column("seq_item").to_arrow()
+    flat = np.asarray(items.flatten())
+    offsets = np.asarray(items.offsets)
+    row_start = offsets[:-1] - offsets[0]  # a sliced array's offsets start past 0; flatten() does not
+    per_row = np.asarray(df.get_column("sess_start").list.len())
+    starts = np.asarray(df.get_column("sess_start").to_arrow().flatten(), dtype=np.int64) + np.repeat(row_start, per_row)
+    lens = np.asarray(df.get_column("sess_len").to_arrow().flatten(), dtype=np.int64)
+    keep = lens >= 2
+    edge = np.zeros(len(flat) + 1, dtype=np.int64)  # +1 where a session's targets start, -1 past its end
+    np.add.at(edge, starts[keep] + 1, 1)
+    np.add.at(edge, starts[keep] + lens[keep], -1)
+    return int(((flat == 1) & (np.cumsum(edge)[:-1] > 0)).sum())
 
 
 def even_bounds(n_rows: int, count: int) -> list[tuple[int, int]]:
@@ -98,19 +119,21 @@ def write_shards(
             part.write_parquet(
                 tmp, compression=COMPRESSION, compression_level=LEVEL, row_group_size=ROW_GROUP, statistics=False
             )
-        shards.append({"path": rel, **_stats(part)})
+        shards.append({"path": rel, **_stats(part, held_out=split != "train")})
     return shards
 
 
 def split_entry(shards: list[dict[str, Any]]) -> dict[str, Any]:
     """A split's manifest entry from its shard entries (totals + the list)."""
-    return {
+    entry = {
         "users": sum(s["rows"] for s in shards),
         "sessions": sum(s["sessions"] for s in shards),
         "events": sum(s["events"] for s in shards),
         "samples": sum(s["samples"] for s in shards),
-        "shards": shards,
     }
+    if any("oov_samples" in s for s in shards):
+        entry["oov_samples"] = sum(s.get("oov_samples", 0) for s in shards)
+    return {**entry, "shards": shards}
 
 
 def write_table(df: pl.DataFrame, path: Path) -> None:
@@ -183,7 +206,7 @@ def finish(
         "catalogue": {"path": CATALOGUE, "items": catalogue.height},
         "vocab_from": plan.vocab_from,
         "notes": plan.notes,
-        "warnings": plan.warnings,
+        "warnings": plan.warnings + oov_warnings(splits),
         "files": files,
         "config": config,
         "seconds": round(time.perf_counter() - t0, 3),

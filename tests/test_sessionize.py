@@ -578,3 +578,24 @@ def test_oov_events_keep_a_distinct_identity_for_evaluation(tmp_path):
     assert oov[-3] == oov[-1] != oov[-2] and min(oov[-3:]) > 0
     train = pl.read_parquet(next((tmp_path / "out" / "train").glob("*.parquet")))
     assert set(train["seq_oov"].explode().to_list()) == {0}
+
+
+def test_held_out_oov_targets_are_counted_and_a_high_share_warns(tmp_path):
+    """Most test targets are items training never saw: the manifest counts them, sessionize and train warn."""
+    from typer.testing import CliRunner
+
+    from sdm.cli import app
+
+    rows = []
+    for u in range(6):  # training: items 1-3; test (the last day): new items 100+ after one known item
+        rows += [(u, i, at(minutes=m, days=0)) for m, i in enumerate((1, 2, 3))]
+        rows += [(u, i, at(minutes=m, days=5)) for m, i in enumerate((1, 100 + u, 200 + u))]
+    log = write_log(pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row"), tmp_path / "log.parquet")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["sessionize", str(log), "--out", str(out), "--test-days", "1", "--valid-days", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["splits"]["test"]["samples"] == 12 and m["splits"]["test"]["oov_samples"] == 12
+    assert "oov_samples" not in m["splits"]["train"]
+    assert any("100% of the test split's targets" in w for w in m["warnings"])
+    assert "warning: 100% of the test split's targets" in r.output
