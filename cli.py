@@ -263,7 +263,9 @@ def export(cfg: ExportConfig, config: ConfigOpt = None, quiet: QuietOpt = False)
 
     s = run_export(cfg, progress=not quiet)
     typer.echo(
-        f"exported {s['variant']}: {s['items']:,} item vectors of dim {s['dim']}, user tower, "
+        f"exported {s['variant']}: {s['items']:,} item vectors"
+        + (f" (+{s['cold_items']:,} cold items from side features)" if s.get("cold_items") else "")
+        + f" of dim {s['dim']}, user tower, "
         f"faiss: {s['faiss']}; onnx: {s['onnx']}; {s['seconds']:.1f}s -> {s['out']}"
     )
 
