@@ -220,7 +220,7 @@ def check(
 ) -> None:
     """Verify a shard directory: manifest structure, every file's size and sha256 against the manifest."""
     from sdm.outputs import describe, written_by
-    from sdm.pipeline.dataset import check_data_dir
+    from sdm.manifest import check_data_dir
 
     with one_line_errors():
         if data.is_dir() and written_by(data) not in (None, "sessionize"):

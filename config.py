@@ -298,6 +298,8 @@ class SessionizeConfig(_Base):
     long_window: Duration = "7d"
     """Long-term window before each session (e.g. 7d, 12h; a bare number is seconds)."""
     max_long_len: Annotated[int, _in(1, 100_000)] = 50
+    train_start: Time = None
+    """Sessions starting before this time are not samples of any split: their events only fill later sessions' long-term windows (train on the newest days of a longer log, e.g. daily retraining with --init-from). Default: none."""
     valid_start: Time = None
     test_start: Time = None
     valid_days: Days = None
@@ -320,7 +322,7 @@ class SessionizeConfig(_Base):
     ray_address: Optional[Annotated[str, AfterValidator(_name), Field(max_length=1024)]] = None
     """Ray cluster to run on with engine "ray" (e.g. "ray://head:10001" or "auto"); default: a Ray started on this machine."""
 
-    @field_validator("valid_start", "test_start")
+    @field_validator("train_start", "valid_start", "test_start")
     @classmethod
     def _as_utc(cls, v: dt.datetime | None) -> dt.datetime | None:
         """Naive cutoffs are UTC, like naive log timestamps."""
@@ -338,6 +340,13 @@ class SessionizeConfig(_Base):
             raise ValueError(
                 f"--valid-start ({self.valid_start.isoformat()}) must not be after --test-start ({self.test_start.isoformat()})"
             )
+        for name in ("valid", "test"):
+            later = getattr(self, f"{name}_start")
+            if self.train_start and later and self.train_start >= later:
+                raise ValueError(
+                    f"--train-start ({self.train_start.isoformat()}) must be before --{name}-start ({later.isoformat()}): "
+                    "the training split would be empty"
+                )
         for f in self.item_features + self.user_features:
             if f in ("item", "user"):
                 raise ValueError(f"feature name {f!r} is reserved (rename the column)")

@@ -42,8 +42,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from sdm.errors import DataError, SdmError
-from sdm.pipeline.dataset import SessionDataset, _gather, _list_parts, sessions_from_record_batch
+from sdm.errors import DataError
+from sdm.pipeline.dataset import SessionDataset
 
 ALWAYS = np.iinfo(np.int64).min
 """`known_from` (us) of an item known at all times (null in the file)."""
@@ -191,54 +191,14 @@ class ColdIndex:
         return known.unsqueeze(0) <= query_time.unsqueeze(1)
 
 
-def session_extras(
-    rb: pa.RecordBatch, max_session_len: int, max_long_len: int, min_len: int = 2
-) -> dict[str, np.ndarray]:
-    """`seq_ts` (S, max_session_len) event times and `long_oov` (S, max_long_len) `seq_oov` hashes of the
-    long-term window, for the sessions `sessions_from_record_batch` returns for `rb` (same order, same cuts)."""
-    t = pa.Table.from_batches([rb])
-    ts_off, ts = _list_parts(t.column("ts"))
-    s_off, s_start = _list_parts(t.column("sess_start"))
-    _, s_len = _list_parts(t.column("sess_len"))
-    _, l_start = _list_parts(t.column("long_start"))
-    _, l_end = _list_parts(t.column("long_end"))
-    row = np.repeat(np.arange(t.num_rows), np.diff(s_off))
-    keep = s_len >= min_len
-    row, s_start, s_len, l_start, l_end = (a[keep] for a in (row, s_start, s_len, l_start, l_end))
-    base = ts_off[row]
-    s_len = np.minimum(s_len.astype(np.int64), max_session_len)
-    l_len = np.minimum((l_end - l_start).astype(np.int64), max_long_len)
-    out = {"seq_ts": _gather(ts, base + s_start.astype(np.int64), s_len, max_session_len)}
-    oov = _list_parts(t.column("seq_oov"))[1] if "seq_oov" in t.column_names else np.zeros(len(ts), np.int64)
-    out["long_oov"] = _gather(oov, base + l_end.astype(np.int64) - l_len, l_len, max_long_len)
-    return out
-
-
 class CatalogueSessions(SessionDataset):
     """The evaluation stream (`shuffle=False`) plus what cold candidates need per session:
     `seq_ts` (B, T) event times (the query time of the availability rule) and `long_oov`
     (B, L) hashes of the long-term window's OOV events (its cold items, for --exclude-history
     and the repeat head)."""
 
-    def iter_sessions(self, shard_ids: list[int]) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
-        """`SessionDataset.iter_sessions` with `session_extras` added to each chunk."""
-        for sid in shard_ids:
-            path = self.shards[sid]
-            try:
-                pf = pq.ParquetFile(path)
-                for rb in pf.iter_batches(batch_size=self.read_rows, columns=self._columns(pf.schema_arrow.names)):
-                    chunk = sessions_from_record_batch(
-                        rb, self.item_features, self.user_features, self.max_session_len, self.max_long_len,
-                        item_lookup=self.item_lookup,
-                    )  # fmt: skip
-                    if len(chunk["seq_len"]):
-                        chunk.update(session_extras(rb, self.max_session_len, self.max_long_len))
-                        yield chunk, rb.column("user_id").to_pylist()
-            except (OSError, pa.ArrowException, KeyError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise SdmError(
-                    f"{path}: damaged shard ({first}); `sdm check {self.data_dir}` verifies every file"
-                ) from None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs, times=True)
 
     def _batches(self, merged: dict[str, np.ndarray], last: bool = False) -> Iterator[dict[str, Any]]:
         """`SessionDataset._batches` with `seq_ts` and `long_oov`, trimmed as the batch's own columns."""

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sdm.errors import SdmError
-from sdm.manifest import check_data_dir, read_manifest  # noqa: F401 - re-exported: the readers import them from here
+from sdm.manifest import read_manifest
 
 SPLITS = ("train", "valid", "test")
 
@@ -141,8 +141,13 @@ def sessions_from_record_batch(
     max_long_len: int,
     min_len: int = 2,
     item_lookup: dict[str, np.ndarray] | None = None,
+    times: bool = False,
 ) -> dict[str, np.ndarray]:
     """Every session of a record batch of shard rows, as padded arrays.
+
+    With `times`, also `seq_ts` (S, max_session_len) event times and `long_oov`
+    (S, max_long_len) `seq_oov` hashes of the long-term window (what cold
+    candidates need: the query time, and the window's unknown items).
 
     `item_lookup`: item index -> value of each feature of the items table
     (`item_lookups`), for shards that do not store it per event.
@@ -184,6 +189,10 @@ def sessions_from_record_batch(
     if "seq_oov" in t.column_names:  # evaluation only: the raw identity of OOV events
         _, vals = _list_parts(t.column("seq_oov"))
         out["seq_oov"] = _gather(vals, g_start, s_len, max_session_len)
+    if times:
+        out["seq_ts"] = _gather(ts, g_start, s_len, max_session_len)
+        hashes = _list_parts(t.column("seq_oov"))[1] if "seq_oov" in t.column_names else np.zeros(len(ts), np.int64)
+        out["long_oov"] = _gather(hashes, g_long, l_len, max_long_len)
     for f in user_features:
         out[f"user_{f}"] = t.column(user_column(f)).to_numpy().astype(np.int64)[row]
     return out
@@ -236,6 +245,7 @@ class SessionDataset(IterableDataset):
         rank / world_size: this process's place in a distributed run.
         drop_last: drop a last incomplete batch of each worker.
         read_rows: user rows per pyarrow record batch.
+        times: also yield `seq_ts` and `long_oov` (`sessions_from_record_batch`).
     """
 
     def __init__(
@@ -253,6 +263,7 @@ class SessionDataset(IterableDataset):
         drop_last: bool = False,
         read_rows: int = 1024,
         manifest: dict[str, Any] | None = None,
+        times: bool = False,
     ) -> None:
         super().__init__()
         if split not in SPLITS:
@@ -271,6 +282,7 @@ class SessionDataset(IterableDataset):
         self.world_size = world_size
         self.drop_last = drop_last
         self.read_rows = read_rows
+        self.times = times
         self.epoch = 0
         self.max_session_len = int(self.manifest["max_session_len"])
         self.max_long_len = int(self.manifest["max_long_len"])
@@ -300,7 +312,7 @@ class SessionDataset(IterableDataset):
                 for rb in batches:
                     chunk = sessions_from_record_batch(
                         rb, self.item_features, self.user_features, self.max_session_len, self.max_long_len,
-                        item_lookup=self.item_lookup,
+                        item_lookup=self.item_lookup, times=self.times,
                     )
                     if len(chunk["seq_len"]):
                         yield chunk, rb.column("user_id").to_pylist()

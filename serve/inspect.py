@@ -179,7 +179,8 @@ def format_summary(s: dict[str, Any]) -> str:
         for name, sp in s["splits"].items():
             lines.append(f"| {name} | {_fmt(sp.get('users'))} | {_fmt(sp.get('sessions'))} | {_fmt(sp.get('events'))} "
                          f"| {_fmt(sp.get('samples'))} | {_fmt(sp.get('shards'))} |")  # fmt: skip
-        lines.append(f"cutoffs: valid {s['cutoffs'].get('valid_start')}, test {s['cutoffs'].get('test_start')}")
+        train = f"train {s['cutoffs']['train_start']}, " if s["cutoffs"].get("train_start") else ""
+        lines.append(f"cutoffs: {train}valid {s['cutoffs'].get('valid_start')}, test {s['cutoffs'].get('test_start')}")
         lines.append(f"sessions: gap {s['gap']}, cut at {s['max_session_len']}; long-term {s['long_window']}, "
                      f"last {s['max_long_len']}")  # fmt: skip
         vs = s["vocab_sizes"]

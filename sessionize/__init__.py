@@ -34,6 +34,10 @@ Choices where the SPEC is silent:
   `*_days` count back from the end of the log = last timestamp + 1 us.
 - Vocabulary counts: events of training sessions (item and its features,
   user); for profile features, training users (each counted once).
+- `train_start`: sessions starting before it are history, in no split (no
+  shard row, no sample, no vocabulary count: their only items are OOV unless
+  `--vocab-from` keeps them), counted under the manifest's `history`; their
+  events still fill later sessions' long-term windows exactly as without it.
 - Numeric features (`numeric_features`, by default the float and decimal
   features; integers are ids or codes unless listed) are bucketised at
   inverted-CDF quantiles of those same training values, at most

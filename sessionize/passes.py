@@ -67,6 +67,10 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
     sessions = windows.long_windows(sessions, ev, cfg.long_window_td // _US, cfg.max_long_len)
     if plan.buckets > 1:
         sessions = sessions.with_columns(global_sess(part.sessions, plan.offsets))
+    if plan.cut.train_start is not None:
+        # history sessions (before train_start) are in no split: no row of their own, but their
+        # events stay in `ev`, where the windows above (and the timelines below) reach them
+        sessions = sessions.filter(pl.col(split.SPLIT) != split.HISTORY)
     rows = windows.rows_table(sessions)
     del sessions
     # features of the items table ride along as items.parquet's rows (+ `oov_<f>`), not per event

@@ -72,6 +72,8 @@ class Plan:
     """Per items-table feature: item -> feature index (`encode.feature_codes`)."""
     items_raw: pl.DataFrame | None = None
     """items_raw.parquet (`normalise.raw_item_rows`) when an items table was given."""
+    history: dict[str, int] = field(default_factory=lambda: {"sessions": 0, "events": 0})
+    """Sessions and events before `train_start`, in no split (`split.history_counts`)."""
     vocab_from: dict[str, Any] | None = None
     """The manifest's `vocab_from` entry (`previous.Previous.entry`), None without `--vocab-from`."""
 
@@ -117,6 +119,7 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
     cut = split.compute_cutoffs(cfg, starts, max_ts)
     warnings = split.time_warnings(cfg, starts, min_ts, max_ts)
     warnings += split.check_splits(cfg, inp.log, sessions, cut, min_ts, max_ts)
+    history = split.history_counts(sessions, cut)
     del starts
 
     # global sess_id = sessions of all users before this one (users in sort order) + ordinal
@@ -147,7 +150,7 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
         raw = collect(raw_item_rows(inp.items_lf, cfg, spec, inp.schema[cfg.item_col]), str(cfg.items))
         if spec.table_item_features:
             table = collect(item_columns(raw.lazy(), cfg, spec), str(cfg.items))
-    train_sessions = sessions.filter(pl.col(START) < cut.valid_start)
+    train_sessions = sessions.filter(split.is_train(pl.col(START), cut))
     old = None if prev is None else prev.vocabs
     vocabs = encode.vocabularies(cfg, trains, train_sessions, list(spec.user_features), profile, table, old)
     users_table = encode.users_table(per_user.lazy(), profile, vocabs, spec.user_features)
@@ -167,6 +170,7 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
     return Plan(
         buckets=len(parts),
         cut=cut,
+        history=history,
         rows_in=rows_in,
         dropped=dropped,
         vocabs=vocabs,

@@ -1,7 +1,9 @@
 """Stage: split (SPEC 4). Cutoffs from session start times, each session's split, sanity checks.
 
 Sessions are assigned by their start time: train before the validation cutoff,
-validation up to the test cutoff, test after.
+validation up to the test cutoff, test after. With `train_start`, sessions
+starting before it are history: in no split (no shard row, no sample, no
+vocabulary count), their events only fill later sessions' long-term windows.
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ from sdm.errors import SdmError
 from sdm.sessionize.io import from_us, to_utc_us
 from sdm.sessionize.sessions import SLEN, START
 
-SPLIT = "_split"      # 0 train, 1 valid, 2 test
+SPLIT = "_split"      # 0 train, 1 valid, 2 test, 3 history (before train_start: no split)
 SPLITS = ("train", "valid", "test")
+HISTORY = 3
 
 
 @dataclass(frozen=True)
 class Cutoffs:
-    """Split cutoffs in us since epoch, UTC: train < valid_start <= valid < test_start <= test."""
+    """Split cutoffs in us since epoch, UTC: history < train_start <= train < valid_start <= valid < test_start <= test.
+
+    `train_start` None: no history, every session before `valid_start` trains.
+    """
 
     valid_start: int
     test_start: int
+    train_start: int | None = None
 
 
 def _fraction_position(n: int, fraction: float) -> int:
@@ -50,8 +57,11 @@ def compute_cutoffs(cfg: SessionizeConfig, starts: pl.Series, max_ts: int) -> Cu
     test cutoff. With nothing given, valid_fraction = test_fraction = 0.1.
     An empty test split has test_start = end of the log.
 
+    `train_start` is taken as given (None without it).
+
     Raises:
-        SdmError: an explicit valid_start after the computed test cutoff.
+        SdmError: an explicit valid_start after the computed test cutoff; a
+            train_start not before the validation cutoff.
     """
     n = len(starts)
     end = max_ts + 1
@@ -80,23 +90,44 @@ def compute_cutoffs(cfg: SessionizeConfig, starts: pl.Series, max_ts: int) -> Cu
         p_test = int(starts.search_sorted(test_start, side="left"))
         p = max(0, p_test - math.floor(f * n + 1e-9))
         valid_start = int(starts[p]) if p < p_test else test_start
-    return Cutoffs(valid_start=valid_start, test_start=test_start)
+    train_start = None
+    if cfg.train_start is not None:
+        train_start = to_utc_us(cfg.train_start)
+        if train_start >= valid_start:
+            raise SdmError(
+                f"train_start {cfg.train_start.isoformat()} is not before the validation cutoff "
+                f"({from_us(valid_start)}): the training split would be empty; choose an earlier train_start"
+            )
+    return Cutoffs(valid_start=valid_start, test_start=test_start, train_start=train_start)
 
 
 def split_of(start: pl.Expr, cut: Cutoffs) -> pl.Expr:
-    """The split code (0 train, 1 valid, 2 test) of sessions starting at `start`."""
-    return pl.when(start < cut.valid_start).then(0).when(start < cut.test_start).then(1).otherwise(2).cast(pl.Int8)
+    """The split code (0 train, 1 valid, 2 test, 3 history before `train_start`) of sessions starting at `start`."""
+    code = pl.when(start < cut.valid_start).then(0).when(start < cut.test_start).then(1).otherwise(2)
+    if cut.train_start is not None:
+        code = pl.when(start < cut.train_start).then(HISTORY).otherwise(code)
+    return code.cast(pl.Int8)
+
+
+def is_train(start: pl.Expr, cut: Cutoffs) -> pl.Expr:
+    """True for sessions of the training split: from `train_start` (if any) to before `valid_start`."""
+    train = start < cut.valid_start
+    return train if cut.train_start is None else train & (start >= cut.train_start)
 
 
 def in_train(sessions: pl.DataFrame, cut: Cutoffs) -> pl.Series:
-    """True for the events of training sessions (started before `valid_start`) of a bucket's
+    """True for the events of training sessions (started in [`train_start`, `valid_start`)) of a bucket's
     sessionized events, in their frame order, from its session rows alone (`START`, `SLEN`, in
     frame order, as `sessions.session_starts` lists them): no event column is read.
 
     At 100M events (9 buckets) the vocabulary counts read one column of each spill instead
     of three, and skip a forward fill over every event.
     """
-    train = (sessions.get_column(START) < cut.valid_start).to_numpy()
+    start = sessions.get_column(START)
+    train = start < cut.valid_start
+    if cut.train_start is not None:
+        train = train & (start >= cut.train_start)
+    train = train.to_numpy()
     return pl.Series("_train", np.repeat(train, sessions.get_column(SLEN).to_numpy()))
 
 
@@ -109,13 +140,23 @@ def split_settings(cfg: SessionizeConfig) -> str:
     """The split flags in effect, for messages ("--test-days 1000, --valid-fraction 0.1 (default)")."""
     given = [
         f"--{k.replace('_', '-')} {v.isoformat() if isinstance(v, dt.datetime) else v}"
-        for k in ("valid_start", "valid_days", "valid_fraction", "test_start", "test_days", "test_fraction")
+        for k in ("train_start", "valid_start", "valid_days", "valid_fraction", "test_start", "test_days", "test_fraction")
         if (v := getattr(cfg, k)) is not None
     ]
     for name in ("valid", "test"):
         if all(getattr(cfg, f"{name}_{k}") is None for k in ("start", "days", "fraction")):
             given.append(f"--{name}-fraction 0.1 (default)")
     return ", ".join(given)
+
+
+def history_counts(sessions: pl.DataFrame, cut: Cutoffs) -> dict[str, int]:
+    """Sessions and events before `train_start` (in no split: long-term window events only)."""
+    if cut.train_start is None:
+        return {"sessions": 0, "events": 0}
+    row = sessions.filter(pl.col(START) < cut.train_start).select(
+        pl.len().alias("sessions"), pl.col(SLEN).cast(pl.Int64).sum().alias("events")
+    ).row(0, named=True)
+    return {k: int(v or 0) for k, v in row.items()}
 
 
 def check_splits(cfg: SessionizeConfig, log: Path, sessions: pl.DataFrame, cut: Cutoffs, min_ts: int, max_ts: int) -> list[str]:
@@ -132,7 +173,7 @@ def check_splits(cfg: SessionizeConfig, log: Path, sessions: pl.DataFrame, cut: 
     # (100M events) 0.08 s against 0.15-0.36 s
     start, samples = pl.col(START), pl.col(SLEN).cast(pl.Int64) - 1
     after_valid = start >= cut.valid_start
-    masks = [~after_valid, after_valid & (start < cut.test_start), after_valid & (start >= cut.test_start)]
+    masks = [is_train(start, cut), after_valid & (start < cut.test_start), after_valid & (start >= cut.test_start)]
     row = sessions.select(
         *[m.sum().alias(f"n{s}") for s, m in enumerate(masks)],
         *[samples.filter(m).sum().alias(f"samples{s}") for s, m in enumerate(masks)],
@@ -140,11 +181,13 @@ def check_splits(cfg: SessionizeConfig, log: Path, sessions: pl.DataFrame, cut: 
     per = {s: (int(row[f"n{s}"]), int(row[f"samples{s}"])) for s in range(3)}
     span = f"the log runs {from_us(min_ts)} to {from_us(max_ts)}"
     cuts = f"cutoffs valid {from_us(cut.valid_start)}, test {from_us(cut.test_start)}"
+    if cut.train_start is not None:
+        cuts = f"cutoffs train {from_us(cut.train_start)}, valid {from_us(cut.valid_start)}, test {from_us(cut.test_start)}"
     n_train, train_samples = per.get(0, (0, 0))
     if n_train == 0:
         raise SdmError(
             f"{log}: the training split is empty ({cuts}; {span}; {split_settings(cfg)}); "
-            "choose later cutoffs or smaller valid/test shares"
+            "choose later cutoffs, an earlier train_start or smaller valid/test shares"
         )
     warnings = []
     if train_samples == 0:

@@ -194,7 +194,12 @@ def finish(
         "num_items": vocab_sizes["item"],
         "max_session_len": cfg.max_session_len,
         "max_long_len": cfg.max_long_len,
-        "cutoffs": {"valid_start": from_us(plan.cut.valid_start), "test_start": from_us(plan.cut.test_start)},
+        "cutoffs": {
+            **({} if plan.cut.train_start is None else {"train_start": from_us(plan.cut.train_start)}),
+            "valid_start": from_us(plan.cut.valid_start),
+            "test_start": from_us(plan.cut.test_start),
+        },
+        "history": plan.history,
         "rows_in": plan.rows_in,
         "rows_kept": plan.rows_in - sum(plan.dropped.values()),
         "dropped": plan.dropped,

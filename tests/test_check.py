@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from sdm.cli import app
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
-from sdm.pipeline.dataset import SessionDataset, check_data_dir, read_manifest
+from sdm.manifest import check_data_dir
+from sdm.pipeline.dataset import SessionDataset, read_manifest
 from sdm.sessionize import run
 
 
