@@ -9,8 +9,10 @@ d+1 as the test:
 
     (a) scratch   `sdm sessionize` of every day <= d+1, `sdm train` from random weights
                   on every day before d;
-    (b) warm      `sdm sessionize` of the newest training day d-1 plus d and d+1
-                  (`--history-days` widens it) with `--vocab-from` yesterday's (b) data,
+    (b) warm      `sdm sessionize` of the last 7 days before d plus d and d+1 with
+                  `--train-start` d-1 (training samples from the newest day only,
+                  `--history-days` widens it; the earlier days only fill long-term
+                  windows) and `--vocab-from` yesterday's (b) data, then
                   `sdm train --init-from` yesterday's (b) model (day one: (a)'s);
 
 both evaluated on day d+1 (`sdm evaluate --candidates catalogue` when the
@@ -42,6 +44,8 @@ import polars as pl
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "daily"
 DAY = dt.timedelta(days=1)
+WINDOW = dt.timedelta(days=7)
+"""The long-term window: the warm run's log reaches this far before its first training day."""
 SHARED_LOGS = {
     "yoochoose_rsc15_100k": {"log": "datasets/yoochoose_rsc15_100k/interactions.parquet", "session_col": "session_id",
                              "user_col": "none"},
@@ -91,11 +95,12 @@ def day_slice(log: Path, lo: dt.datetime, hi: dt.datetime, dest: Path, time_col:
 
 
 def sessionize(log: Path, out: Path, spec: dict[str, Any], valid: dt.datetime, test: dt.datetime,
-               vocab_from: Path | None) -> dict[str, Any]:  # fmt: skip
+               vocab_from: Path | None, train_start: dt.datetime | None = None) -> dict[str, Any]:  # fmt: skip
     from sdm.config import SessionizeConfig
     from sdm.sessionize import run
 
-    cfg = SessionizeConfig(out=out, overwrite=True, valid_start=valid, test_start=test, vocab_from=vocab_from, **spec)
+    cfg = SessionizeConfig(out=out, overwrite=True, valid_start=valid, test_start=test, vocab_from=vocab_from,
+                           train_start=train_start, **spec)  # fmt: skip
     return run(cfg, log, progress=False)
 
 
@@ -147,9 +152,10 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append({"day": d, "scratch": a, "scratch_s": a_s})
             print(f"day {d}: scratch hr@50 {a['hr@50']:.4f} ndcg@50 {a['ndcg@50']:.4f} ({a_s:.1f}s); warm chain starts here")
             continue
-        b_log = day_slice(log, valid - args.history_days * DAY, end, work / f"day{d}" / "b_log.parquet")
+        train_start = valid - args.history_days * DAY
+        b_log = day_slice(log, max(start, train_start - WINDOW), end, work / f"day{d}" / "b_log.parquet")
         b_data, b_model = work / f"day{d}" / "b_data", work / f"day{d}" / "b_model"
-        sessionize(b_log, b_data, spec, valid, test, prev_data)
+        sessionize(b_log, b_data, spec, valid, test, prev_data, train_start)
         b_s = train(b_data, b_model, args, prev_model)
         b = evaluate(b_data, b_model, work / f"day{d}" / "b_eval")
         prev_data, prev_model = b_data, b_model
