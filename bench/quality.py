@@ -114,8 +114,9 @@ def parse_targets(path: Path) -> dict[str, dict[str, tuple[float, str]]]:
     return best
 
 
-def sessionize_dataset(name: str, spec: dict[str, Any], work: Path) -> Path:
-    """Shards of one dataset in `work/<name>/data` (rebuilt every run: it takes seconds)."""
+def sessionize_dataset(name: str, spec: dict[str, Any], work: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Shards of one dataset in `work/<name>/data` (rebuilt every run: it takes seconds); `extra`
+    sessionize settings go over quality.toml's (e.g. more item features, numeric features)."""
     from sdm.sessionize import run
 
     root = work / name
@@ -137,6 +138,7 @@ def sessionize_dataset(name: str, spec: dict[str, Any], work: Path) -> Path:
     for key in ("user_col", "session_col", "items", "users"):
         if key in spec:
             values[key] = spec[key]
+    values.update(extra or {})
     run(SessionizeConfig(**values), log, progress=False)
     return root / "data"
 
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-args", type=json.loads, default={}, help='JSON over the training defaults, e.g. \'{"epochs": 20}\'')
     p.add_argument("--methods", default="sdm", help=f"comma list of models ({', '.join(PRESETS)}) and baselines "
                    f"({', '.join(BASELINES)}); default sdm")  # fmt: skip
+    p.add_argument("--sessionize-args", type=json.loads, default={},
+                   help='JSON over each dataset\'s sessionize settings, e.g. \'{"numeric_features": ["release_year"]}\'')
     p.add_argument("--tag", default="", help="suffix of the result files (quality_<split>_<tag>.md)")
     p.add_argument("--work", type=Path, default=HERE / "out" / "quality")
     p.add_argument("--results", type=Path, default=HERE / "results")
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     cis: dict[str, Any] = {}
     for name in names:
-        data = sessionize_dataset(name, sets[name], args.work)
+        data = sessionize_dataset(name, sets[name], args.work, args.sessionize_args)
         results[name], dumps = {}, {}
         for method in methods:
             if method in BASELINES:
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.results / (f"quality_{args.split}" + (f"_{args.tag}" if args.tag else ""))
     stem.with_suffix(".md").write_text(md + "\n")
     meta = {"split": args.split, "seeds": seeds, "methods": methods, "train_args": args.train_args,
+            "sessionize_args": args.sessionize_args,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "intervals": cis}, indent=2,
                                                     default=str) + "\n")  # fmt: skip

@@ -327,3 +327,46 @@ def test_none_in_the_python_api_is_a_config_or_a_validation_error(section: str) 
             cls(**{name: None})
         except ValidationError:
             pass
+
+
+# --- property: the CLI answers any flag values with exit 0 or exactly one `error:` line ------------
+
+FLAG_TEXT = ["0", "-1", "1", "2.5", "nan", "inf", "-inf", "1e400", "99999999999999999999", "", "x", "a,b", ",",
+             "10m", "2024-01-01", "auto", "exact", "faiss", "sampled", "catalogue", "/", "../x"]  # fmt: skip
+COMMANDS = {"sessionize": ["LOG"], "train": [], "evaluate": [], "export": [], "recommend": ["LOG"], "synth": [],
+            "demo": []}  # fmt: skip
+"""Each command with its positional arguments; every run points at inputs that do not exist (or an
+--out below a file), so whatever the flags, nothing heavy can start: the answer is a refusal."""
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    command=st.sampled_from(sorted(COMMANDS)),
+    picks=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(FLAG_TEXT)), min_size=1, max_size=4),
+)
+def test_any_flags_of_any_command_are_exit_0_or_one_error_line(tmp_path: Path, command: str, picks: list) -> None:
+    """Hostile flag values on the command line: never a traceback, never more than one line."""
+    cls = SECTIONS[command]
+    names = sorted(cls.model_fields)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = [command, *[str(tmp_path / "missing.parquet") for _ in COMMANDS[command]]]
+    chosen = {}
+    for index, value in picks:
+        chosen[names[index % len(names)]] = value
+    for name, value in chosen.items():
+        flag = "--" + name.replace("_", "-")
+        typ = str(cls.model_fields[name].annotation)
+        if "bool" in typ and "Optional" not in typ and "list" not in typ:
+            args.append(flag if value not in ("0", "") else "--no-" + flag[2:])
+        else:
+            args += [flag, value]
+    for name, path in (("data", tmp_path / "no-data"), ("model", tmp_path / "no-model"), ("out", blocker / "out")):
+        if name in cls.model_fields and name not in chosen:
+            args += ["--" + name, str(path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code in (0, 1), (args, r.output)
+    assert "Traceback" not in r.output, (args, r.output)
+    if r.exit_code == 1:
+        lines = [x for x in r.output.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1, (args, r.output)
