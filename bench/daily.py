@@ -109,6 +109,8 @@ def train(data: Path, out: Path, args: argparse.Namespace, init_from: Path | Non
     from sdm.pipeline.train import train as run_train
 
     extra = json.loads(args.train_args)
+    if init_from is not None and args.dataset and args.warm_train_args:  # the warm run's own settings on top
+        extra.update(json.loads(args.warm_train_args))
     cfg = TrainConfig(data=data, out=out, overwrite=True, seed=args.seed, init_from=init_from, **extra)
     t0 = time.perf_counter()
     run_train(cfg, progress=False)
@@ -193,6 +195,7 @@ def main() -> None:
     parser.add_argument("--first-day", type=int, default=3, help="the first day d replayed (days before it only train)")
     parser.add_argument("--history-days", type=int, default=1, help="training days the warm run reads (1: the newest only)")
     parser.add_argument("--train-args", default='{"epochs": 5}', help="TrainConfig fields as JSON, for both runs")
+    parser.add_argument("--warm-train-args", default="", help="TrainConfig fields as JSON over --train-args, warm runs only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synth-days", type=int, default=14)
     parser.add_argument("--synth-events", type=int, default=300_000)
