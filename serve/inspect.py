@@ -11,18 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdm.errors import DataError, SdmError
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file; unreadable, damaged or not an object is one DataError line naming it."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise DataError(f"{path}: not readable JSON ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: not an sdm file (a JSON {type(data).__name__}, expected an object)")
-    return data
+from sdm.errors import SdmError
+from sdm.serve.sessions import read_json
 
 
 def _names(items: Any) -> list[str]:
@@ -34,7 +24,7 @@ def _names(items: Any) -> list[str]:
 
 def inspect_data(path: Path) -> dict[str, Any]:
     """Summary of a shard directory (from its manifest)."""
-    m = _read_json(path / "manifest.json")
+    m = read_json(path / "manifest.json", "a shard manifest")
     if m.get("format") != "sdm-shards":
         raise SdmError(f"{path / 'manifest.json'}: not an sdm shard manifest (format {m.get('format')!r})")
     splits = {
@@ -119,8 +109,8 @@ def inspect_model(path: Path) -> dict[str, Any]:
 
 def inspect_export(path: Path) -> dict[str, Any]:
     """Summary of an `sdm export` directory."""
-    spec = _read_json(path / "user_tower.json")
-    index = _read_json(path / "index.json") if (path / "index.json").is_file() else None
+    spec = read_json(path / "user_tower.json", "a user tower spec")
+    index = read_json(path / "index.json", "an index spec") if (path / "index.json").is_file() else None
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
     return {
         "kind": "export",
