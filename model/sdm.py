@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -581,6 +581,8 @@ class SDM(nn.Module):
         self.user_features = config.user_features
 
         self.register_buffer("item_table", self._check_item_table(config, item_table))  # (num_items, F)
+        # Cold items' vectors are multiplied by this (chosen on validation after training, `pipeline/coldscale.py`).
+        self.register_buffer("cold_scale", torch.tensor(1.0))
 
         # Item side: shared by the session input, the long-term history and the item tower.
         self.item_emb = EmbeddingBank({f: config.item_vocab[f] for f in self.item_features}, D)
@@ -689,10 +691,16 @@ class SDM(nn.Module):
                 order (1 = a value training never saw).
 
         Returns:
-            (..., D).
+            (..., D), multiplied by the `cold_scale` buffer: how far a side-feature-only vector
+            is trusted against the vocabulary's (1 = as the tower gives it).
         """
         ids = torch.zeros(side.shape[:-1], dtype=torch.long, device=side.device)
-        return self.item_input([ids, *side.long().unbind(-1)])
+        return self.item_input([ids, *side.long().unbind(-1)]) * self.cold_scale
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A state dict written before `cold_scale` existed loads with scale 1 (what its vectors were)."""
+        state_dict.setdefault(prefix + "cold_scale", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _drop_ids(self, rows: Tensor) -> Tensor:
         """`rows` (..., F) of feature indices with column 0 (the id) set to 0 with probability
