@@ -415,6 +415,10 @@ class TrainConfig(_Base):
     """Warm start: a previous model directory (best.pt) trained on data whose vocabularies this data extends (`sdm sessionize --vocab-from`); every weight carried over, tables grown."""
     id_dropout: Annotated[float, _in(0, 1, hi_open=True)] = 0.0
     """Probability that an item's id embedding is left out of the item tower in training, so its vector must also come from side features (cold items)."""
+    cold_scale: Annotated[Optional[float], _in(0, 100)] = None
+    """Multiplier of cold items' side-feature vectors (data with a catalogue, `--candidates catalogue`); default: chosen on validation after training, within --cold-budget."""
+    cold_budget: Annotated[float, _in(0, 1)] = 0.01
+    """When --cold-scale is chosen: the largest relative loss of validation HR@eval_k on warm targets (items in the vocabulary) that cold candidates may cost."""
     overwrite: bool = False
     """Replace the checkpoints and log of an earlier run in `out` (without it a fresh run there is refused)."""
     num_workers: Annotated[int, _in(0, 1024)] = 0

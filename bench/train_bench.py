@@ -31,7 +31,8 @@ from sdm.pipeline.baselines import build_baseline
 from sdm.pipeline.dataset import SessionDataset, load_item_counts, load_item_table, read_manifest
 from sdm.pipeline.evaluate import evaluate_model
 from sdm.pipeline.modelspec import build_model_config, model_features, resolve_loss
-from sdm.pipeline.train import get_lr, selection_value, train, train_step
+from sdm.pipeline.metrics import selection_value
+from sdm.pipeline.train import get_lr, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SDM_SHARED", ROOT.parent / "shared"))

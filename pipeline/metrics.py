@@ -18,6 +18,7 @@ masking); it never matches a target.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -303,3 +304,10 @@ def overlap_at_k(approx: Tensor, exact: Tensor) -> Tensor:
         (Q,) float.
     """
     return _set_hits(approx, exact).sum(1).float() / target_set_size(exact).clamp(min=1).float()
+
+
+def selection_value(metrics: dict[str, Any], select: str, k: int) -> float:
+    """The number best.pt and early stopping follow: HR@k, NDCG@k or their sum (0 without queries)."""
+    if not metrics["queries"]:
+        return 0.0
+    return sum(metrics[f"{name}@{k}"] for name in select.split("+"))

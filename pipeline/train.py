@@ -54,10 +54,12 @@ from sdm.pipeline.dataset import (
     move_batch,
     read_manifest,
 )
+from sdm.pipeline.coldscale import choose_cold_scale, has_cold_items
 from sdm.pipeline.device import pick_device
 from sdm.manifest import oov_warnings, verify_files
 from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
+from sdm.pipeline.metrics import selection_value
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model_config, model_features, resolve_loss
 from sdm.pipeline.warmstart import WarmStart, warm_start
 
@@ -269,6 +271,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     if cfg.verify and rank == 0:
         verify_files(cfg.data, manifest)
     check_eval_k(cfg, manifest)
+    check_cold_flags(cfg, manifest)
     if rank == 0:
         for line in oov_warnings({"valid": manifest["splits"]["valid"]}):
             print(f"warning: {line}; validation (best.pt, early stopping) sees the rest", file=sys.stderr)
@@ -466,13 +469,6 @@ def validate(run: Run, state: Progress) -> float:
     return float(value[0])
 
 
-def selection_value(metrics: dict[str, Any], select: str, k: int) -> float:
-    """The number best.pt and early stopping follow: HR@k, NDCG@k or their sum (0 without queries)."""
-    if not metrics["queries"]:
-        return 0.0
-    return sum(metrics[f"{name}@{k}"] for name in select.split("+"))
-
-
 def train_epoch(run: Run, state: Progress) -> str | None:
     """Train the rest of epoch `state.epoch`; returns "nan" or "max_steps" when the run must stop there."""
     cfg = run.cfg
@@ -553,6 +549,36 @@ def end_cut_run(run: Run, state: Progress) -> None:
             save(run, state, "best.pt")
     save(run, state, "last.pt")
     say_validated(run, state, value)
+
+
+def store_cold_scale(run: Run) -> None:
+    """Write the cold items' scale into best.pt (rank 0, data with cold items): --cold-scale,
+    or the one validation prefers (`pipeline/coldscale.py`), said and logged."""
+    cfg, path = run.cfg, run.cfg.out / "best.pt"
+    if run.rank != 0 or not has_cold_items(run.manifest) or not path.exists():
+        return
+    ckpt = read_checkpoint(path)
+    run.model.load_state_dict(ckpt["model"])  # training is over: the model becomes best.pt
+    run.model.eval()
+    if cfg.cold_scale is not None:
+        run.model.cold_scale.fill_(cfg.cold_scale)
+    else:
+        choice = choose_cold_scale(run.model, cfg.data, cfg.eval_k, cfg.cold_budget, cfg.select_metric, run.device)
+        if choice is None:
+            return
+        say(run, f"[train] {choice.summary(cfg.cold_budget)}")
+        _log(run, {"cold_scale": choice.as_dict()})
+    ckpt["model"]["cold_scale"] = run.model.cold_scale.detach().cpu().clone()
+    atomic_save(ckpt, path)
+
+
+def check_cold_flags(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """--cold-scale / --cold-budget set for data without cold items match nothing: an error."""
+    named = [f"--{f.replace('_', '-')}" for f in ("cold_scale", "cold_budget") if f in cfg.model_fields_set]
+    if named and not has_cold_items(manifest):
+        raise ConfigError(f"{' and '.join(named)}: {cfg.data} has no cold items (its catalogue is empty or missing)")
+    if "cold_budget" in cfg.model_fields_set and cfg.cold_scale is not None:
+        raise ConfigError("--cold-budget chooses --cold-scale on validation; it does nothing with --cold-scale set")
 
 
 def say(run: Run, line: str) -> None:
@@ -662,6 +688,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, t0: float, guard: OutputDir 
             if end_epoch(run, state):
                 reason = "early_stop"
                 break
+        store_cold_scale(run)
         summary = summarise(run, state, reason)
         if world > 1:
             dist.barrier()  # no rank tears the group down while another still talks to it

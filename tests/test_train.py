@@ -270,7 +270,7 @@ def test_resume_refuses_changed_data_order_and_notes_changed_lr(data, tmp_path, 
 
 
 def test_selection_value_is_the_named_metric_or_the_sum():
-    from sdm.pipeline.train import selection_value
+    from sdm.pipeline.metrics import selection_value
 
     m = {"queries": 7, "hr@50": 0.5, "ndcg@50": 0.25, "hr@20": 0.125, "ndcg@20": 0.0625}
     assert selection_value(m, "hr", 50) == 0.5
