@@ -112,9 +112,23 @@ def train(data: Path, out: Path, args: argparse.Namespace, init_from: Path | Non
     if init_from is not None and args.dataset and args.warm_train_args:  # the warm run's own settings on top
         extra.update(json.loads(args.warm_train_args))
     cfg = TrainConfig(data=data, out=out, overwrite=True, seed=args.seed, init_from=init_from, **extra)
+    kept = kept_seconds(out, cfg) if init_from is None and args.keep_scratch else None
+    if kept is not None:
+        return kept
     t0 = time.perf_counter()
     run_train(cfg, progress=False)
     return time.perf_counter() - t0
+
+
+def kept_seconds(out: Path, cfg: Any) -> float | None:
+    """The training seconds of a finished scratch run in `out` with the same settings (`--keep-scratch`), else None."""
+    try:
+        same = json.loads((out / "config.json").read_text()) == json.loads(cfg.model_dump_json())
+        lines = (out / "train_log.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    summary = json.loads(lines[-1]).get("summary") if lines else None
+    return float(summary["seconds"]) if same and summary else None
 
 
 def evaluate(data: Path, model: Path, out: Path) -> dict[str, float]:
@@ -146,7 +160,8 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         valid, test, end = start + d * DAY, start + (d + 1) * DAY, start + (d + 2) * DAY
         a_log = day_slice(log, start, end, work / f"day{d}" / "a_log.parquet")
         a_data, a_model = work / f"day{d}" / "a_data", work / f"day{d}" / "a_model"
-        sessionize(a_log, a_data, spec, valid, test, None)
+        if not (args.keep_scratch and (a_data / "manifest.json").exists()):
+            sessionize(a_log, a_data, spec, valid, test, None)
         a_s = train(a_data, a_model, args, None)
         a = evaluate(a_data, a_model, work / f"day{d}" / "a_eval")
         if prev_data is None:  # day one: the warm chain starts from the scratch run
@@ -199,9 +214,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synth-days", type=int, default=14)
     parser.add_argument("--synth-events", type=int, default=300_000)
+    parser.add_argument("--keep-scratch", action="store_true",
+                        help="reuse the scratch runs of an earlier replay with the same settings (their measured seconds)")
+    parser.add_argument("--tag", default="", help="suffix of the results file (daily_<dataset>_<tag>.json)")
     args = parser.parse_args()
 
-    shutil.rmtree(OUT / args.dataset, ignore_errors=True)
+    if not args.keep_scratch:
+        shutil.rmtree(OUT / args.dataset, ignore_errors=True)
     rows = replay(args)
     s = summary(rows)
     if s:
@@ -212,7 +231,7 @@ def main() -> None:
             f"{s['scratch_s']:.1f}s ({s['time_ratio']:.2f}x)"
         )
     result = {"dataset": args.dataset, "args": vars(args), "days": rows, "summary": s}
-    path = HERE / "results" / f"daily_{args.dataset}.json"
+    path = HERE / "results" / f"daily_{args.dataset}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"-> {path}")
 

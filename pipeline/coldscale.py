@@ -11,7 +11,8 @@ the repeat head's copy score, which the scale leaves alone.
 The model's `cold_scale` buffer multiplies every cold vector (`SDM.cold_item_vectors`;
 a scale folds into the vectors, so export, ONNX and every index keep a plain dot
 product). After training, `choose_cold_scale` evaluates the best model on the
-validation split with `--candidates catalogue` at each scale of `GRID` and keeps
+validation split with `--candidates catalogue` at every scale of `GRID` (one pass:
+the user vectors are computed once, `evaluate_model(cold_factors=...)`) and keeps
 the one with the best selection metric (`--select-metric` at `--eval-k`) on all
 targets among those that keep HR@K on warm targets (targets in the vocabulary)
 within `--cold-budget` (relative) of ranking the vocabulary alone. Ties go to the
@@ -31,7 +32,7 @@ from sdm.manifest import read_manifest
 from sdm.pipeline.metrics import selection_value
 
 GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-"""Scales tried, one validation pass each (plus one over the vocabulary alone)."""
+"""Scales tried, all in one validation pass (plus one over the vocabulary alone)."""
 
 
 @dataclass
@@ -102,15 +103,14 @@ def choose_cold_scale(
     vocabulary = evaluate_model(model, data_dir, "valid", [k], batch_size, device)
     if not vocabulary["queries"]:
         return None
-    rows, warm, cold = [], 0, 0
-    for scale in grid:
-        model.cold_scale.fill_(scale)
-        m = evaluate_model(model, data_dir, "valid", [k], batch_size, device, candidates="catalogue")
-        warm, cold = m["targets"]["warm"]["queries"], m["targets"]["cold"]["queries"]
-        rows.append({
-            "scale": scale, "hr": m[f"hr@{k}"], "ndcg": m[f"ndcg@{k}"], "select": selection_value(m, select, k),
-            "warm_hr": m["targets"]["warm"][f"hr@{k}"], "cold_hr": m["targets"]["cold"][f"hr@{k}"],
-        })  # fmt: skip
+    model.cold_scale.fill_(1.0)
+    m = evaluate_model(model, data_dir, "valid", [k], batch_size, device, candidates="catalogue", cold_factors=grid)
+    warm, cold = m["targets"]["warm"]["queries"], m["targets"]["cold"]["queries"]
+    rows = [
+        {"scale": r["factor"], "hr": r[f"hr@{k}"], "ndcg": r[f"ndcg@{k}"], "select": selection_value(r, select, k),
+         "warm_hr": r["targets"]["warm"][f"hr@{k}"], "cold_hr": r["targets"]["cold"][f"hr@{k}"]}
+        for r in m["cold_factors"]
+    ]  # fmt: skip
     # Ranked over the vocabulary alone, every hit is a warm target's: its warm HR is the hits over the warm queries.
     warm_vocabulary = vocabulary[f"hr@{k}"] * vocabulary["queries"] / warm if warm else 0.0
     for row in rows:

@@ -82,8 +82,16 @@ class ModelScorer:
         self.scores_cold = catalogue is not None
         with torch.no_grad():
             self.items = model.all_item_vectors().float()  # (V, D)
+            self.num_warm = len(self.items)
             if catalogue is not None:
                 self.items = torch.cat([self.items, cold_item_vectors(model, catalogue)])  # (V + C, D)
+        self._cold: Tensor | None = None  # the cold vectors as built, kept by the first `rescale_cold`
+
+    def rescale_cold(self, factor: float) -> None:
+        """Score the cold items with their vectors as built times `factor` (one pass, several cold scales)."""
+        if self._cold is None:
+            self._cold = self.items[self.num_warm :].clone()
+        torch.mul(self._cold, factor, out=self.items[self.num_warm :])
 
     def begin_batch(self, batch: dict[str, Any]) -> tuple[Tensor, History | None]:
         """User vectors of every session position (B, T, D), and the repeat head's history (or None)."""
@@ -366,6 +374,7 @@ def evaluate_model(
     dump_k: int | None = None,
     candidates: str = "vocabulary",
     exclude_history: bool = False,
+    cold_factors: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     """Mean SPEC-6 metrics of a model or baseline over every query of a split.
 
@@ -386,6 +395,9 @@ def evaluate_model(
             "targets": {"cold": {...}, "warm": {...}}, each "queries" and every metric on the
             queries whose target is a cold / a vocabulary item.
         exclude_history: also mask the items of each query's long-term window (implies exclude_seen).
+        cold_factors: with a model and `candidates="catalogue"`, also rank with the cold vectors
+            times each factor, in the same pass (the user vectors are computed once); adds
+            "cold_factors": [the result of each factor, without "table"].
 
     Returns:
         {"hr@K", "recall@K", "precision@K", "f1@K", "ndcg@K", "mrr@K" for each K,
@@ -416,14 +428,32 @@ def evaluate_model(
             elif index != "exact":
                 raise SdmError(f"unknown index {index!r}; expected 'exact' or 'faiss'")
             cands = Candidates(int(manifest["num_items"]), catalogue, device, exclude_seen, exclude_history)
+            factors = _cold_factors(scorer, catalogue, cold_factors)
             sums, counts, users = _run(
                 scorer, data_dir, manifest, split, ks, batch_size, device, cands, dump_topk, dump_k, progress,
-                faiss_index,
+                faiss_index, factors,
             )  # fmt: skip
     finally:
         if module is not None and was_training:
             module.train()
-    return _results(scorer.name, split, manifest, ks, sums, counts, users, index, catalogue, faiss_index is not None)
+    out = _results(scorer.name, split, manifest, ks, sums, counts, users, index, catalogue, faiss_index is not None)
+    if cold_factors:
+        out["cold_factors"] = [
+            {"factor": f, **_results(scorer.name, split, manifest, ks, sums, counts, users, index, catalogue, False, f"x{f}/")}
+            for f in cold_factors
+        ]
+    return out
+
+
+def _cold_factors(scorer: Any, catalogue: Catalogue | None, factors: tuple[float, ...]) -> tuple[float | None, ...]:
+    """The passes of `_run`: None (the scorer as built), then each cold factor.
+
+    Raises:
+        ConfigError: cold factors without cold candidates or without a model.
+    """
+    if factors and (catalogue is None or not isinstance(scorer, ModelScorer)):
+        raise ConfigError("cold factors need a model and candidates='catalogue'")
+    return (None, *factors)
 
 
 def _read_candidates(data_dir: Path, manifest: dict[str, Any], candidates: str, index: str) -> Catalogue | None:
@@ -444,12 +474,12 @@ def _read_candidates(data_dir: Path, manifest: dict[str, Any], candidates: str, 
 
 def _results(
     name: str, split: str, manifest: dict[str, Any], ks: list[int], sums: dict[str, float], counts: dict[str, int],
-    users: int, index: str, catalogue: Catalogue | None, faiss: bool,
+    users: int, index: str, catalogue: Catalogue | None, faiss: bool, prefix: str = "",
 ) -> dict[str, Any]:  # fmt: skip
-    """`evaluate_model`'s result from the loop's sums and counts."""
+    """`evaluate_model`'s result from the loop's sums (keys under `prefix`) and counts."""
     n = counts["queries"]
     out: dict[str, Any] = {"name": name, "split": split, "fingerprint": manifest.get("fingerprint")}
-    out.update(_means(sums, n, ks))
+    out.update(_means(sums, n, ks, prefix))
     if faiss:
         for k in ks:
             out[f"faiss_recall@{k}"] = sums[f"faiss_recall@{k}"] / n if n else 0.0
@@ -465,7 +495,7 @@ def _results(
         out["cold_items"] = len(catalogue)
         out["cold_target_share"] = counts["cold"] / n if n else 0.0
         out["targets"] = {
-            kind: {"queries": counts[kind], **_means(sums, counts[kind], ks, f"{kind}/")} for kind in ("cold", "warm")
+            kind: {"queries": counts[kind], **_means(sums, counts[kind], ks, f"{prefix}{kind}/")} for kind in ("cold", "warm")
         }
     return out
 
@@ -493,9 +523,13 @@ def _run(
     dump_k: int | None,
     progress: bool,
     faiss_index: FaissIndex | None,
+    factors: tuple[float | None, ...] = (None,),
 ) -> tuple[dict[str, float], dict[str, int], int]:
-    """The evaluation loop: returns metric sums, counts and the number of distinct users."""
-    k_max = ks[-1]
+    """The evaluation loop: returns metric sums, counts and the number of distinct users.
+
+    Each batch's user vectors are computed once and ranked once per entry of `factors`:
+    None as the scorer was built, a number with the cold vectors times it (sums under "x<f>/").
+    """
     dataset = CatalogueSessions if cands.catalogue is not None else SessionDataset
     ds = dataset(data_dir, split, batch_size, shuffle=False, manifest=manifest)
     writer = _TopkWriter(Path(dump_topk), _raw_items(data_dir, cands.num_items, cands.catalogue)) if dump_topk else None
@@ -520,32 +554,52 @@ def _run(
             if not len(queries):
                 continue
             state = scorer.begin_batch(batch)
-            for start in range(0, len(queries), QUERY_CHUNK):
-                q = queries.take(slice(start, start + QUERY_CHUNK))
-                exclude = cands.exclude(batch, q)
-                chunk_items = max(1024, MAX_SCORES // len(q))
-                topk = chunked_topk(cands.score_fn(scorer, state, q, batch), cands.total, k_max, chunk_items, exclude)
-                topk = topk.to(q.target.device)
-                if faiss_index is not None:
-                    approx = scorer.index_topk(faiss_index, state, q, k_max, exclude).to(topk.device)
-                    for k in ks:
-                        key = f"faiss_recall@{k}"
-                        sums[key] = sums.get(key, 0.0) + float(overlap_at_k(approx[:, :k], topk[:, :k]).sum())
-                    topk = approx
-                _add(sums, metric_sums(topk, q.target, q.targets, ks))
-                for kind, mask in cands.target_kinds(q).items():
-                    if mask.any():
-                        counts[kind] += int(mask.sum())
-                        _add(sums, metric_sums(topk[mask], q.target[mask], q.targets[mask], ks), f"{kind}/")
-                counts["queries"] += len(q)
-                counts["oov"] += int(cands.out_of_vocabulary(q).sum())
-                if writer is not None:
-                    writer.write(batch, q, topk[:, : dump_k or k_max])
+            for factor in factors:
+                if factor is None:
+                    _rank(scorer, state, queries, batch, cands, ks, faiss_index, sums, counts, writer, dump_k)
+                else:
+                    scorer.rescale_cold(factor)
+                    _rank(scorer, state, queries, batch, cands, ks, None, sums, None, None, None, f"x{factor}/")
+            if len(factors) > 1:
+                scorer.rescale_cold(1.0)
         ok = True
     finally:
         if writer is not None:
             writer.close(ok)
     return sums, counts, len(seen_users)
+
+
+def _rank(
+    scorer: Any, state: Any, queries: Queries, batch: dict[str, Any], cands: Candidates, ks: list[int],
+    faiss_index: FaissIndex | None, sums: dict[str, float], counts: dict[str, int] | None,
+    writer: _TopkWriter | None, dump_k: int | None, prefix: str = "",
+) -> None:  # fmt: skip
+    """Rank a batch's queries and add their metrics to `sums` (keys under `prefix`); count them
+    into `counts` and dump them unless None."""
+    k_max = ks[-1]
+    for start in range(0, len(queries), QUERY_CHUNK):
+        q = queries.take(slice(start, start + QUERY_CHUNK))
+        exclude = cands.exclude(batch, q)
+        chunk_items = max(1024, MAX_SCORES // len(q))
+        topk = chunked_topk(cands.score_fn(scorer, state, q, batch), cands.total, k_max, chunk_items, exclude)
+        topk = topk.to(q.target.device)
+        if faiss_index is not None:
+            approx = scorer.index_topk(faiss_index, state, q, k_max, exclude).to(topk.device)
+            for k in ks:
+                key = f"faiss_recall@{k}"
+                sums[key] = sums.get(key, 0.0) + float(overlap_at_k(approx[:, :k], topk[:, :k]).sum())
+            topk = approx
+        _add(sums, metric_sums(topk, q.target, q.targets, ks), prefix)
+        for kind, mask in cands.target_kinds(q).items():
+            if mask.any():
+                if counts is not None:
+                    counts[kind] += int(mask.sum())
+                _add(sums, metric_sums(topk[mask], q.target[mask], q.targets[mask], ks), f"{prefix}{kind}/")
+        if counts is not None:
+            counts["queries"] += len(q)
+            counts["oov"] += int(cands.out_of_vocabulary(q).sum())
+        if writer is not None:
+            writer.write(batch, q, topk[:, : dump_k or k_max])
 
 
 # -- the CLI command ----------------------------------------------------------------
@@ -585,8 +639,11 @@ def load_model_and_checkpoint(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdmError(f"{path}: invalid model config in the checkpoint ({first})") from None
     item_table = load_item_table(data_dir, manifest, list(model_cfg.item_vocab))
+    from sdm.pipeline.dataset import load_item_values  # each item's values of the multi-valued features
+
+    item_values = load_item_values(data_dir, manifest, model_cfg.multi_valued)
     try:
-        model = SDM(model_cfg, item_table)
+        model = SDM(model_cfg, item_table, item_values)
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

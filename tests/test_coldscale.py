@@ -40,15 +40,19 @@ def _validation(monkeypatch: pytest.MonkeyPatch, table: dict[float, tuple[float,
     """evaluate_model answers from `table`: scale -> (HR@50 on all 100 queries, HR@50 on the 60 warm ones);
     ranked over the vocabulary alone, HR@50 is `vocab_hr` (its hits are all warm targets')."""
 
-    def fake(model: Any, data: Path, split: str, ks: list[int], *args: Any, candidates: str = "vocabulary", **kw: Any):
-        assert split == "valid" and ks == [50]
-        if candidates == "vocabulary":
-            return {"queries": 100, "hr@50": vocab_hr, "ndcg@50": 0.0}
-        hr, warm = table[round(float(model.cold_scale), 6)]
+    def one(hr: float, warm: float) -> dict[str, Any]:
         return {
             "queries": 100, "hr@50": hr, "ndcg@50": 0.0,
             "targets": {"warm": {"queries": 60, "hr@50": warm}, "cold": {"queries": 40, "hr@50": (100 * hr - 60 * warm) / 40}},
         }  # fmt: skip
+
+    def fake(model: Any, data: Path, split: str, ks: list[int], *args: Any, candidates: str = "vocabulary",
+             cold_factors: tuple[float, ...] = (), **kw: Any) -> dict[str, Any]:  # fmt: skip
+        assert split == "valid" and ks == [50]
+        if candidates == "vocabulary":
+            return {"queries": 100, "hr@50": vocab_hr, "ndcg@50": 0.0}
+        assert float(model.cold_scale) == 1.0 and cold_factors == GRID
+        return {**one(*table[1.0]), "cold_factors": [{"factor": f, **one(*table[f])} for f in cold_factors]}
 
     monkeypatch.setattr(evaluate_module, "evaluate_model", fake)
     monkeypatch.setattr("sdm.pipeline.coldscale.read_manifest", lambda data: {"catalogue": {"items": 3}})
@@ -121,6 +125,23 @@ def test_train_chooses_the_scale_on_validation_and_best_pt_carries_it(data: Path
     row = next(r for r in chosen[0]["rows"] if r["scale"] == chosen[0]["scale"])
     metrics = evaluate_module.evaluate_model(model, data, "valid", [50], 512, candidates="catalogue")
     assert metrics["hr@50"] == pytest.approx(row["hr"]) and metrics["targets"]["warm"]["hr@50"] == pytest.approx(row["warm_hr"])
+
+
+def test_one_pass_over_cold_factors_equals_one_pass_per_scale(data: Path, tmp_path: Path) -> None:
+    train(_cfg(data, tmp_path / "m", cold_scale=1.0), progress=False)
+    model = load_model(tmp_path / "m", data, read_manifest(data), torch.device("cpu"))
+    factors = (0.0, 0.5, 2.0)
+    together = evaluate_module.evaluate_model(model, data, "test", [5, 50], 64, candidates="catalogue", cold_factors=factors)
+    plain = {k: v for k, v in together.items() if k != "cold_factors"}
+    assert plain == evaluate_module.evaluate_model(model, data, "test", [5, 50], 64, candidates="catalogue")
+    for one in together["cold_factors"]:
+        model.cold_scale.fill_(one["factor"])
+        alone = evaluate_module.evaluate_model(model, data, "test", [5, 50], 64, candidates="catalogue")
+        assert {k: v for k, v in one.items() if k != "factor"} == alone, one["factor"]
+    differ = {round(one["hr@50"], 9) for one in together["cold_factors"]} | {round(one["ndcg@50"], 9) for one in together["cold_factors"]}
+    assert len(differ) > 2  # the factors change the ranking: the comparison is not vacuous
+    with pytest.raises(ConfigError, match="cold factors"):
+        evaluate_module.evaluate_model(model, data, "test", [5], 64, cold_factors=factors)
 
 
 def test_an_explicit_scale_is_written_as_given(data: Path, tmp_path: Path) -> None:
