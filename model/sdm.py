@@ -11,7 +11,12 @@ one causal pass: the vector at position p has read events 0..p of the session
 in `loss.py`; the model never sees targets.
 
 Shape letters: B sessions, T session positions, L long-term events, D
-`embedding_dim`, F item features, U = width of e_u.
+`embedding_dim`, F item features, U = width of e_u, K values of a multi-valued
+item feature.
+
+A multi-valued item feature (genres 'Comedy|Romance') is embedded as the mean of
+its values' embeddings wherever an item is embedded: session input, long-term
+window, item tower, cold items (`ItemValues`, `pooled_embedding`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ Batch = Mapping[str, Mapping[str, Tensor] | Tensor]
 
 # Vocabulary index 0 is padding and 1 is out-of-vocabulary (docs/FORMAT.md).
 PAD, OOV = 0, 1
+
+MAX_VALUES = 16
+"""Most values of a multi-valued item feature that an item is embedded with: its first 16 (in the
+order of its string); later ones are dropped when items.parquet and catalogue.parquet are read
+(`pipeline.dataset.pad_values`). A list's width K is the longest one the data holds, up to this
+cap, and pooling looks up (..., K, D) embeddings: the full softmax's item tower holds
+num_items x K x D floats at once. 16 is well above the handful of genres or tags an item
+usually lists, and keeps that at most 16x the embedding table's own size."""
 
 
 class ModelConfig(BaseModel):
@@ -71,6 +84,10 @@ class ModelConfig(BaseModel):
     """Training only: probability that an item occurrence of the item tower (a target or a
     negative of the loss) loses its id embedding (index 0, a zero row), so its vector must also
     work from side features alone, as a cold item's does (`SDM.cold_item_vectors`); 0 = off."""
+    multi_valued: list[str] = []
+    """Item features of `item_vocab` that hold several values per item ('Comedy|Romance'): an
+    item's embedding of such a feature is the mean of its values' embeddings (`ItemValues`)
+    instead of its first value's. Empty = every feature single-valued (checkpoints before it)."""
 
     @field_validator("embedding_dim", "lstm_layers", "num_heads", "num_blocks", "num_targets", "max_session_len", "max_long_len")
     @classmethod
@@ -117,6 +134,11 @@ class ModelConfig(BaseModel):
                     raise ValueError(f"{kind} has an empty feature name")
                 if size < 2:
                     raise ValueError(f"{kind}[{name!r}] must be >= 2 (padding and OOV included), got {size}")
+        wrong = [f for f in self.multi_valued if f == "item" or f not in self.item_vocab]
+        if wrong or len(set(self.multi_valued)) != len(self.multi_valued):
+            raise ValueError(
+                f"multi_valued must name distinct item side features of item_vocab, got {self.multi_valued}"
+            )
         return self
 
     @property
@@ -161,6 +183,48 @@ class EmbeddingBank(nn.Module):
     def forward(self, ids: Sequence[Tensor]) -> list[Tensor]:
         """Args: ids: one LongTensor (...) per feature, in `names` order. Returns: one (..., D) per feature."""
         return [table(x) for table, x in zip(self.tables, ids, strict=True)]
+
+
+class ItemValues(nn.Module):
+    """The value indices of every item, per multi-valued item feature (`ModelConfig.multi_valued`).
+
+    One buffer `values_<k>` (num_items, K) per feature, k in `names` order (not the feature's
+    name: names come from user data and could clash with nn.Module attributes). Row i holds item
+    i's value indices (items.parquet's `<f>_values`, at most `MAX_VALUES`), right-padded with 0.
+    Rows 0 (padding) and 1 (OOV), and an item without values, are all 0: there the single value
+    index an event carries is embedded (`pooled_embedding`). The buffers travel in the state
+    dict, so a model rebuilt from its weights alone (serving) needs no data directory.
+
+    Args:
+        tables: feature name -> (num_items, K) LongTensor, checked by `SDM`.
+    """
+
+    def __init__(self, tables: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.names = list(tables)
+        for k, table in enumerate(tables.values()):
+            self.register_buffer(f"values_{k}", table)
+
+    def rows(self, items: Tensor | None) -> dict[str, Tensor]:
+        """feature -> (..., K) value indices of the item indices `items` (...); None: every item's (num_items, K)."""
+        tables = {f: getattr(self, f"values_{k}") for k, f in enumerate(self.names)}
+        return tables if items is None else {f: t[items] for f, t in tables.items()}
+
+
+def pooled_embedding(table: nn.Embedding, single: Tensor, values: Tensor) -> Tensor:
+    """A multi-valued feature's embedding: the mean of the embeddings of `values` (..., K) (0 = padding,
+    left out of the mean), or where a row holds no value, the embedding of `single` (...). Returns (..., D)."""
+    count = (values != PAD).sum(-1, keepdim=True)  # (..., 1)
+    mean = table(values).sum(-2) / count.clamp_min(1).to(table.weight.dtype)  # (..., K, D) -> (..., D)
+    return torch.where(count > 0, mean, table(single))
+
+
+def state_item_values(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The `ItemValues` buffers of an `SDM` state dict, by feature: with the state's `item_table`,
+    what `SDM(config, ...)` needs to rebuild the model from its weights alone (serving)."""
+    names = [f for f in config.multi_valued if f in config.item_features]
+    keys = {f: f"item_values.values_{k}" for k, f in enumerate(names)}
+    return {f: state[key] for f, key in keys.items() if key in state}
 
 
 class UserAttention(nn.Module):
@@ -566,14 +630,20 @@ class SDM(nn.Module):
     Args:
         config: the model config.
         item_table: LongTensor (num_items, F_all): row i holds item i's feature indices,
-            columns in `config.item_vocab` order (column 0 = i). None = item id only,
-            allowed when the variant reads no side feature.
+            columns in `config.item_vocab` order (column 0 = i; a multi-valued feature's
+            first value). None = item id only, allowed when the variant reads no side feature.
+        item_values: multi-valued feature -> LongTensor (num_items, K): row i holds item i's
+            value indices, padded with 0 (`ItemValues`; `pipeline.dataset.load_item_values`).
+            Needed for each feature of `config.multi_valued` the variant reads.
 
     Raises:
-        ValueError: when item_table does not match item_vocab.
+        ValueError: when item_table does not match item_vocab, or item_values does not hold a
+            valid table for each feature of config.multi_valued the variant reads.
     """
 
-    def __init__(self, config: ModelConfig, item_table: Tensor | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, item_table: Tensor | None = None, item_values: Mapping[str, Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         D = config.embedding_dim
@@ -583,6 +653,9 @@ class SDM(nn.Module):
         self.register_buffer("item_table", self._check_item_table(config, item_table))  # (num_items, F)
         # Cold items' vectors are multiplied by this (chosen on validation after training, `pipeline/coldscale.py`).
         self.register_buffer("cold_scale", torch.tensor(1.0))
+        # Multi-valued features: each item's value indices, mean-pooled wherever an item is embedded.
+        self.multi_valued = [f for f in config.multi_valued if f in self.item_features]
+        self.item_values = ItemValues(self._check_item_values(config, item_values))
 
         # Item side: shared by the session input, the long-term history and the item tower.
         self.item_emb = EmbeddingBank({f: config.item_vocab[f] for f in self.item_features}, D)
@@ -647,18 +720,62 @@ class SDM(nn.Module):
                 )
         return table[:, [names.index(f) for f in self.item_features]].clone()  # (num_items, F)
 
+    def _check_item_values(self, config: ModelConfig, values: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """The value tables of the multi-valued features this variant reads; check shapes and ranges."""
+        values = values or {}
+        missing = [f for f in self.multi_valued if f not in values]
+        if missing:
+            raise ValueError(
+                f"item_values lacks the multi-valued features {missing}; pass each item's value indices "
+                "(items.parquet's <f>_values, `pipeline.dataset.load_item_values`)"
+            )
+        num_items = config.item_vocab["item"]
+        out = {}
+        for f in self.multi_valued:
+            t = values[f]
+            if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 2 or t.shape[0] != num_items or not t.shape[1]:
+                raise ValueError(
+                    f"item_values[{f!r}] must be a 2-D integer tensor of shape (item_vocab['item'], K >= 1) = "
+                    f"({num_items}, K), got {t.dtype} of shape {tuple(t.shape)}"
+                )
+            t = t.long()
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= config.item_vocab[f]:
+                raise ValueError(
+                    f"item_values[{f!r}] has indices in [{lo}, {hi}], outside its vocabulary of size {config.item_vocab[f]}"
+                )
+            if bool(t[:2].any()):
+                raise ValueError(f"item_values[{f!r}]: rows 0 (padding) and 1 (OOV) must be all 0")
+            out[f] = t.clone()
+        return out
+
     # -- item side ---------------------------------------------------------
 
-    def item_input(self, ids: Sequence[Tensor]) -> Tensor:
+    def item_embs(self, ids: Sequence[Tensor], values: Mapping[str, Tensor]) -> list[Tensor]:
+        """One embedding per feature of `item_features`, each (..., D).
+
+        Args:
+            ids: one LongTensor (...) per feature: its value index (a multi-valued feature's first).
+            values: multi-valued feature -> LongTensor (..., K) of value indices (0 = padding):
+                that feature's embedding is the mean of theirs, and `ids`'s only where a row holds
+                no value (`pooled_embedding`). Any other feature: the embedding of `ids`.
+        """
+        embs = []
+        for f, table, x in zip(self.item_emb.names, self.item_emb.tables, ids, strict=True):
+            embs.append(pooled_embedding(table, x, values[f]) if f in values else table(x))
+        return embs
+
+    def item_input(self, ids: Sequence[Tensor], values: Mapping[str, Tensor] | None = None) -> Tensor:
         """Item representation from its feature indices: proj(concat of feature embeddings).
 
         Args:
             ids: one LongTensor (...) per feature of `item_features`.
+            values: multi-valued feature -> (..., K) value indices (`item_embs`); None = none.
 
         Returns:
             (..., D).
         """
-        return self.item_proj(torch.cat(self.item_emb(ids), dim=-1))  # (..., F*D) -> (..., D)
+        return self.item_proj(torch.cat(self.item_embs(ids, values or {}), dim=-1))  # (..., F*D) -> (..., D)
 
     def item_vectors(self, items: Tensor) -> Tensor:
         """Item tower: vectors in the user vectors' space, for dot-product retrieval.
@@ -672,15 +789,16 @@ class SDM(nn.Module):
         Returns:
             (..., D).
         """
-        return self.item_input(self._drop_ids(self.item_table[items]).unbind(-1))  # (..., F) -> (..., D)
+        rows = self._drop_ids(self.item_table[items])  # (..., F)
+        return self.item_input(rows.unbind(-1), self.item_values.rows(items))  # (..., D)
 
     def all_item_vectors(self) -> Tensor:
         """Returns: (num_items, D), rows 0 (padding) and 1 (OOV) included; callers mask them.
         In training with `id_dropout`, each item's id is dropped (once for the whole call) as in
         `item_vectors`."""
-        return self.item_input(self._drop_ids(self.item_table).unbind(-1))
+        return self.item_input(self._drop_ids(self.item_table).unbind(-1), self.item_values.rows(None))
 
-    def cold_item_vectors(self, side: Tensor) -> Tensor:
+    def cold_item_vectors(self, side: Tensor, values: Mapping[str, Tensor] | None = None) -> Tensor:
         """Item tower of items without an id embedding (cold items: side info, no training event).
 
         The id part is index 0, whose embedding is the zero padding row: the vector comes
@@ -688,14 +806,19 @@ class SDM(nn.Module):
 
         Args:
             side: LongTensor (..., F - 1), the item's side feature indices in `item_features[1:]`
-                order (1 = a value training never saw).
+                order (1 = a value training never saw; a multi-valued feature's first value).
+            values: multi-valued feature -> LongTensor (..., K) of the item's value indices
+                (0 = padding): mean-pooled as a vocabulary item's are. A feature of
+                `multi_valued` missing here, or a row without values, embeds `side`'s index;
+                features the model does not pool are ignored.
 
         Returns:
             (..., D), multiplied by the `cold_scale` buffer: how far a side-feature-only vector
             is trusted against the vocabulary's (1 = as the tower gives it).
         """
         ids = torch.zeros(side.shape[:-1], dtype=torch.long, device=side.device)
-        return self.item_input([ids, *side.long().unbind(-1)]) * self.cold_scale
+        pooled = {f: v.long() for f, v in (values or {}).items() if f in self.multi_valued}
+        return self.item_input([ids, *side.long().unbind(-1)], pooled) * self.cold_scale
 
     def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
         """A state dict written before `cold_scale` existed loads with scale 1 (what its vectors were)."""
@@ -727,6 +850,9 @@ class SDM(nn.Module):
             batch: "seq": feature -> LongTensor (B, T) right-padded with 0; "seq_len" (B,);
                 "long": feature -> LongTensor (B, L) (L may be 0); "long_len" (B,);
                 "user": feature -> LongTensor (B,). Features the variant does not read are ignored.
+                A multi-valued feature's index is its first value; a known item's event (index >= 2)
+                embeds the mean of all its values instead (`ItemValues`), padding and OOV events
+                the index given.
             with_history: also return the repeat head's `History` (None without the head).
                 Optional batch key "copy_items": {"seq": (B, T), "long": (B, L)} candidate indices
                 of the history events for the head (default: their item indices); evaluation
@@ -740,16 +866,18 @@ class SDM(nn.Module):
         self._check_features(batch)
         seq = batch["seq"]
         B, T = seq["item"].shape
-        x = self.input_dropout(self.item_input([seq[f] for f in self.item_features]))  # (B, T, D)
+        values = self.item_values.rows(seq["item"])  # multi-valued feature -> (B, T, K)
+        x = self.input_dropout(self.item_input([seq[f] for f in self.item_features], values))  # (B, T, D)
         e_u = self.user_vector(batch["user"], B) if self.uses_user else None  # (B, U)
 
-        long, long_mask, long_x = None, None, None
+        long, long_mask, long_x, long_values = None, None, None, {}
         if self.reads_long:
             long = batch["long"]
             L = long["item"].shape[1]
             long_mask = torch.arange(L, device=x.device) < batch["long_len"].unsqueeze(1)  # (B, L)
+            long_values = self.item_values.rows(long["item"])  # feature -> (B, L, K)
         if self.dnn is not None or (self.repeat is not None and long is not None):
-            long_x = self.item_input([long[f] for f in self.item_features])  # (B, L, D)
+            long_x = self.item_input([long[f] for f in self.item_features], long_values)  # (B, L, D)
 
         if self.dnn is not None:
             o = self.dnn(x, long_x, long_mask, e_u)  # (B, T, D)
@@ -758,7 +886,8 @@ class SDM(nn.Module):
         else:
             o = self.short_term(x, e_u)  # (B, T, D)
             if self.long_term is not None:
-                p = self.long_term(self.item_emb([long[f] for f in self.item_features]), long_mask, e_u)  # (B, D)
+                embs = self.item_embs([long[f] for f in self.item_features], long_values)  # F x (B, L, D)
+                p = self.long_term(embs, long_mask, e_u)  # (B, D)
                 o = self.fusion(e_u, o, p)  # (B, T, D)
         if not with_history:
             return o

@@ -11,7 +11,11 @@ with columns
     known_from   timestamp[us, UTC]; null = known at all times (a row of a static items
                  table), else the time of the item's first event in the log
     <feature>    int32, one per item side feature (the manifest's item_features[1:], in
-                 that order), encoded with the training vocabularies (1 = unseen value)
+                 that order), encoded with the training vocabularies (1 = unseen value);
+                 a multi-valued feature's first value
+    <f>_values   list<int32>, one per multi-valued feature f (the manifest's `multi_valued`,
+                 in item_features order): the indices of all its values, in order (1 =
+                 unseen value; empty = none). A catalogue of an older sdm lacks them.
 
 and the manifest records `"catalogue": {"path": "catalogue.parquet", "items": n}`.
 Row j is cold item j, candidate index `num_items + j` (after the vocabulary's
@@ -19,7 +23,8 @@ Row j is cold item j, candidate index `num_items + j` (after the vocabulary's
 
 A cold item has no id embedding, but SDM's item vector is a function of side
 features too: its vector is the item tower with the id part zero
-(`SDM.cold_item_vectors`; training with `id_dropout` teaches the tower that input).
+(`SDM.cold_item_vectors`; training with `id_dropout` teaches the tower that input),
+a multi-valued feature mean-pooled over `<f>_values` as a vocabulary item's is.
 
 The availability rule (no leakage): cold item j is a candidate for a query iff
 `known_from[j]` is null or `known_from[j] <= ` the time of the query's last prefix
@@ -43,7 +48,7 @@ import torch
 from torch import Tensor
 
 from sdm.errors import DataError
-from sdm.pipeline.dataset import SessionDataset
+from sdm.pipeline.dataset import SessionDataset, check_values, pad_values
 
 ALWAYS = np.iinfo(np.int64).min
 """`known_from` (us) of an item known at all times (null in the file)."""
@@ -60,7 +65,10 @@ class Catalogue:
         item_id: (C,) raw ids.
         oov_hash: (C,) int64 `seq_oov` hash of each item.
         known_from: (C,) int64 microseconds since epoch; `ALWAYS` = known at all times.
-        features: side feature -> (C,) int64 indices.
+        features: catalogue column -> its values: side feature f -> (C,) int64 indices, and for a
+            multi-valued f also `<f>_values` -> (C, K) int64 value indices, padded with 0
+            (`pipeline.dataset.pad_values`). Rows are items, so a row subset of every array is
+            the catalogue of those items.
     """
 
     num_items: int
@@ -82,6 +90,15 @@ class Catalogue:
         cols = [torch.from_numpy(self.features[f]) for f in names]
         return torch.stack(cols, dim=1) if cols else torch.zeros(len(self), 0, dtype=torch.long)
 
+    def values(self, names: list[str]) -> dict[str, Tensor]:
+        """feature -> (C, K) LongTensor of its value indices, for the named features that have them."""
+        return {f: torch.from_numpy(self.features[values_column(f)]) for f in names if values_column(f) in self.features}
+
+
+def values_column(feature: str) -> str:
+    """catalogue.parquet's (and items.parquet's) column of a multi-valued feature's value lists."""
+    return f"{feature}_values"
+
 
 def read_catalogue(data_dir: Path, manifest: dict[str, Any]) -> Catalogue:
     """The catalogue of a data directory, validated.
@@ -89,7 +106,8 @@ def read_catalogue(data_dir: Path, manifest: dict[str, Any]) -> Catalogue:
     Raises:
         DataError (one line): no catalogue in the manifest, an unreadable file, other
             columns or types than the format's, nulls, repeated items or hashes, a
-            feature index outside its vocabulary, a row count the manifest does not record.
+            feature index (or one in a value list) outside its vocabulary, a row count the
+            manifest does not record.
     """
     entry = manifest.get("catalogue")
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
@@ -103,7 +121,8 @@ def read_catalogue(data_dir: Path, manifest: dict[str, Any]) -> Catalogue:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a readable catalogue ({first})") from None
     features = list(manifest["item_features"][1:])
-    _check_schema(path, table.schema, features)
+    multi = [f for f in features if f in (manifest.get("multi_valued") or {})]
+    listed = _check_schema(path, table.schema, features, multi)
     if entry.get("items") != table.num_rows:
         raise DataError(f"{path}: {table.num_rows} rows, the manifest records {entry.get('items')!r}")
     for name in table.column_names:
@@ -120,14 +139,25 @@ def read_catalogue(data_dir: Path, manifest: dict[str, Any]) -> Catalogue:
                 f"{path}: feature {f!r} has indices in [{values.min()}, {values.max()}], "
                 f"outside 1 .. {size - 1} of its vocabulary"
             )
+    for f in listed:
+        lists = check_values(path, values_column(f), table.column(values_column(f)), int(manifest["vocab_sizes"][f]))
+        encoded[values_column(f)] = pad_values(lists)
     return Catalogue(int(manifest["num_items"]), table.column("item_id").combine_chunks(), hashes, known, encoded)
 
 
-def _check_schema(path: Path, schema: pa.Schema, features: list[str]) -> None:
-    """Columns item_id, oov_hash (int64), known_from (timestamp[us, UTC]), then int32 features in order."""
-    expected = [*FIXED_COLUMNS, *features]
-    if schema.names != expected:
+def _check_schema(path: Path, schema: pa.Schema, features: list[str], multi: list[str]) -> list[str]:
+    """Columns item_id, oov_hash (int64), known_from (timestamp[us, UTC]), int32 features in order,
+    then the value lists of the multi-valued features in order (their type: `check_values`).
+
+    Returns:
+        The multi-valued features whose lists the file has: `multi`, or none for the
+        catalogue of an sdm that wrote the first value only (the model embeds that one).
+    """
+    expected = [*FIXED_COLUMNS, *features, *[values_column(f) for f in multi]]
+    older = [*FIXED_COLUMNS, *features]  # an sdm that wrote the first value only
+    if schema.names not in (expected, older):
         raise DataError(f"{path}: columns {schema.names}, expected {expected}")
+    listed = multi if schema.names == expected else []
     if schema.field("oov_hash").type != pa.int64():
         raise DataError(f"{path}: oov_hash is {schema.field('oov_hash').type}, expected int64")
     known = schema.field("known_from").type
@@ -136,6 +166,7 @@ def _check_schema(path: Path, schema: pa.Schema, features: list[str]) -> None:
     wrong = [f"{f} ({schema.field(f).type})" for f in features if schema.field(f).type != pa.int32()]
     if wrong:
         raise DataError(f"{path}: feature column(s) {', '.join(wrong)} are not int32")
+    return listed
 
 
 def _check_unique(path: Path, table: pa.Table, hashes: np.ndarray) -> None:
@@ -153,10 +184,17 @@ def cold_item_vectors(model: torch.nn.Module, catalogue: Catalogue) -> Tensor:
 
     Only the side features the model reads are used (`--item-features`); a model
     without side features (PSDMMAL-NoS) gets zero vectors: it cannot tell cold items apart.
+    A multi-valued feature is pooled over the item's `<f>_values` (`SDM.cold_item_vectors`).
     """
-    side = catalogue.side(list(model.item_features[1:]))
+    names = list(model.item_features[1:])
+    side, values = catalogue.side(names), catalogue.values(names)
     device = model.item_table.device
-    out = [model.cold_item_vectors(side[s : s + VECTOR_CHUNK].to(device)) for s in range(0, len(catalogue), VECTOR_CHUNK)]
+
+    def chunk(s: int) -> Tensor:
+        part = {f: v[s : s + VECTOR_CHUNK].to(device) for f, v in values.items()}
+        return model.cold_item_vectors(side[s : s + VECTOR_CHUNK].to(device), part)
+
+    out = [chunk(s) for s in range(0, len(catalogue), VECTOR_CHUNK)]
     dim = model.config.embedding_dim
     return torch.cat(out).float() if out else torch.zeros(0, dim, device=device)
 

@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sdm.errors import SdmError
+from sdm.errors import DataError, SdmError
 from sdm.manifest import read_manifest
+from sdm.model.sdm import MAX_VALUES
 
 SPLITS = ("train", "valid", "test")
 
@@ -395,6 +397,77 @@ def load_item_table(data_dir: Path, manifest: dict[str, Any], features: list[str
     for j, f in enumerate(feats):
         out[idx, j] = idx if f == "item" else table.column(f).to_numpy().astype(np.int64)
     return torch.from_numpy(out)
+
+
+def load_item_values(data_dir: Path, manifest: dict[str, Any], features: list[str]) -> dict[str, torch.Tensor]:
+    """Per multi-valued feature among `features`: (num_items, K) value indices of every item index.
+
+    Read from items.parquet's column that the manifest's `multi_valued` names (`<f>_values`).
+    Row i holds item i's values in their order, the first `MAX_VALUES` (`pad_values`),
+    right-padded with 0; rows 0 (padding) and 1 (OOV) and an item without values are all 0
+    (`SDM` embeds the item's single value index there). Features that are not multi-valued
+    in the manifest are left out: {} for data without multi-valued features.
+
+    Raises:
+        DataError: a missing column or bad values (`check_values`), one line naming items.parquet.
+    """
+    multi = manifest.get("multi_valued") or {}
+    columns = {f: str(multi[f]["items_column"]) for f in features if f in multi}
+    if not columns:
+        return {}
+    path = Path(data_dir) / "items.parquet"
+    try:
+        table = pq.read_table(path, columns=["item", *columns.values()])
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot read the value lists {list(columns.values())} ({first})") from None
+    idx = table.column("item").to_numpy().astype(np.int64)
+    out = {}
+    for f, column in columns.items():
+        lists = check_values(path, column, table.column(column), int(manifest["vocab_sizes"][f]))
+        padded = pad_values(lists)
+        full = np.zeros((int(manifest["num_items"]), padded.shape[1]), dtype=np.int64)
+        full[idx] = padded
+        out[f] = torch.from_numpy(full)
+    return out
+
+
+def check_values(path: Path, column: str, lists: pa.ChunkedArray | pa.Array, size: int) -> pa.Array:
+    """A value-list column (`<f>_values` of items.parquet or catalogue.parquet), checked: lists of
+    integers, no null value inside a list, every value in 1 .. size - 1 of the feature's
+    vocabulary (1 = a value training never saw). A null list holds no value.
+
+    Raises:
+        DataError: one line naming the file and the column.
+    """
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    kind = lists.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
+        raise DataError(f"{path}: column {column!r} is {kind}, expected lists of int32 value indices")
+    flat = pc.list_flatten(lists)
+    if flat.null_count:
+        raise DataError(f"{path}: column {column!r} has a null value inside a list")
+    values = flat.to_numpy().astype(np.int64)
+    if len(values) and (values.min() < 1 or values.max() >= size):
+        raise DataError(
+            f"{path}: column {column!r} has indices in [{values.min()}, {values.max()}], "
+            f"outside 1 .. {size - 1} of its vocabulary"
+        )
+    return lists
+
+
+def pad_values(lists: pa.Array) -> np.ndarray:
+    """(n, K) int64: each list's first `MAX_VALUES` values, right-padded with 0 (a null list: none).
+
+    K is the longest list kept (at most `MAX_VALUES`), at least 1.
+    """
+    offsets, values = _list_parts(lists)
+    length = np.diff(offsets)
+    if lists.null_count:
+        length = np.where(lists.is_null().to_numpy(zero_copy_only=False), 0, length)
+    width = max(1, min(MAX_VALUES, int(length.max()) if len(length) else 0))
+    return _gather(values.astype(np.int64), offsets[:-1], np.minimum(length, width), width)
 
 
 def load_item_counts(data_dir: Path, manifest: dict[str, Any]) -> torch.Tensor:

@@ -52,9 +52,14 @@ def model_features(manifest: dict[str, Any], cfg: TrainConfig) -> tuple[list[str
 
 
 def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfig:
-    """The model's typed config from the run config and the data manifest."""
+    """The model's typed config from the run config and the data manifest.
+
+    The item features the run reads that the manifest lists as multi-valued (`multi_valued`)
+    are pooled by the model (`ModelConfig.multi_valued`).
+    """
     items, users = model_features(manifest, cfg)
     sizes = manifest["vocab_sizes"]
+    multi = manifest.get("multi_valued") or {}  # data of an older sdm may lack the key
     return ModelConfig(
         variant=cfg.variant,
         item_vocab={f: int(sizes[f]) for f in items},
@@ -72,6 +77,7 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
         repeat=cfg.repeat,
         repeat_prior=cfg.repeat_prior,
         id_dropout=cfg.id_dropout,
+        multi_valued=[f for f in items if f in multi],
     )
 
 

@@ -297,7 +297,10 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     if not sum(epoch_steps):
         raise SdmError(f"{cfg.data}: some rank gets no training batch; sessionize with more --min-shards")
 
-    model = SDM(model_cfg, load_item_table(cfg.data, manifest, list(model_cfg.item_vocab))).to(device)
+    from sdm.pipeline.dataset import load_item_values  # each item's values of the multi-valued features
+
+    values = load_item_values(cfg.data, manifest, model_cfg.multi_valued)
+    model = SDM(model_cfg, load_item_table(cfg.data, manifest, list(model_cfg.item_vocab)), values).to(device)
     warm = init_weights(cfg, model, manifest)  # every rank, before the DDP wrapper
     sampler = NegativeSampler(load_item_counts(cfg.data, manifest), cfg.num_negatives, cfg.neg_power).to(device)
     gen = torch.Generator(device=device)

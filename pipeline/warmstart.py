@@ -10,7 +10,8 @@ its vocabulary-sized tables grow: rows [0, old size) are the old rows, and
 - new rows of the side-feature and user tables keep the fresh init of the new model.
 
 Every other weight has the same shape and is copied; the `item_table` buffer (each
-item's feature indices) is the new data's. Read top-down: `read_init` (best.pt,
+item's feature indices) and the `item_values` buffers (each item's values of a
+multi-valued feature) are the new data's. Read top-down: `read_init` (best.pt,
 weights only), `check_compatible` (refusals, one line each), `grow_state_dict`
 (the copy), and `warm_start`, which does the three on a freshly built model.
 
@@ -33,8 +34,18 @@ from sdm.pipeline.checkpoint import MODEL_KEYS, normalised_model_config, read_ch
 VOCAB_FIELDS = ("item_vocab", "user_vocab")
 TRAINING_ONLY = ("dropout", "id_dropout")
 """Model settings a warm start may change: they act in training only and hold no weights."""
+READ_FROM_DATA = ("multi_valued",)
+"""Model settings a warm start may change too: how the data's item features are read, no weight
+(a model trained before multi-valued features were pooled seeds one that pools them)."""
 DATA_BUFFERS = ("item_table",)
 """State-dict entries that come from the new data, never from the previous model."""
+DATA_BUFFER_PREFIXES = ("item_values.",)
+"""Prefixes of state-dict entries that come from the new data (`SDM.item_values`: each item's values)."""
+
+
+def is_data_buffer(key: str) -> bool:
+    """Whether state-dict entry `key` is a data buffer (taken from the new data, never carried)."""
+    return key in DATA_BUFFERS or key.startswith(DATA_BUFFER_PREFIXES)
 
 
 @dataclass
@@ -113,7 +124,7 @@ def check_compatible(path: Path, ckpt: dict[str, Any], manifest: dict[str, Any],
     old = normalised_model_config(path, ckpt["model_config"])
     new = model_cfg.model_dump(mode="json")
     for key in new:
-        if key in TRAINING_ONLY:
+        if key in TRAINING_ONLY or key in READ_FROM_DATA:
             continue
         if key in VOCAB_FIELDS:
             before, after = list(old[key]), list(new[key])
@@ -170,7 +181,7 @@ def grow_state_dict(
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     carried = 0
     for key, fresh in state.items():
-        if key in DATA_BUFFERS or key not in old:
+        if is_data_buffer(key) or key not in old:
             continue
         prev = old[key].to(device=fresh.device, dtype=fresh.dtype)
         if prev.shape == fresh.shape:
@@ -214,7 +225,7 @@ def warm_start(model: SDM, model_dir: Path, manifest: dict[str, Any], data: Path
         step=int(step) if isinstance(step, int) else None,
         data_fingerprint=str(ckpt["data_fingerprint"]),
         carried=carried,
-        total=sum(1 for k in state if k not in DATA_BUFFERS),
+        total=sum(1 for k in state if not is_data_buffer(k)),
         items_before=int(old_cfg["item_vocab"]["item"]),
         items_after=int(model.config.item_vocab["item"]),
         side_features=len(model.item_features) > 1,

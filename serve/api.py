@@ -57,15 +57,16 @@ import torch
 from sdm.errors import ConfigError, DataError, SdmError
 from sdm.names import vocab_file
 from sdm.pipeline.catalogue import ALWAYS
-from sdm.pipeline.dataset import collate, user_column
+from sdm.pipeline.dataset import collate, pad_values, user_column
 from sdm.serve.export import (
     CONFIG, FAISS_INDEX, INDEX_SPEC, ITEM_VECTORS, LOOKUPS, ONNX_TOWER, TOWER_SPEC, WEIGHTS, load_tower,
 )  # fmt: skip
 from sdm.retrieval.index import Allowed, ExactIndex, FaissIndex
 from sdm.retrieval.rank import rank
 from sdm.serve.sessions import COLD, ColdItems, Lookups, first_line, latest_sessions, now_us, open_frame, read_json
-from sdm.sessionize.encode import encode
-from sdm.sessionize.io import polars_errors, to_utc_us
+from sdm.sessionize.encode import encode, encode_values, fill_empty
+from sdm.sessionize.io import feat_col, polars_errors, to_utc_us, values_col
+from sdm.sessionize.normalise import split_values
 
 INT64 = (-(2**63), 2**63 - 1)
 CANDIDATES = ("vocabulary", "catalogue")
@@ -371,8 +372,11 @@ class Recommender:
         at or after this call), its vector the item tower of its side features with the id
         part neutral, as export computes the catalogue's (`SDM.cold_item_vectors`, with the
         weights of user_tower.weights.pt: read on the first call under the ONNX runtime).
-        An event of it in a request's session is its candidate index (`exclude_seen`) and
-        takes these side features where the events carry none, as an items table row would.
+        A multi-valued feature's string ('Comedy|Romance') is split as sessionize split it
+        (the data's separator) and its values' embeddings mean-pooled, as export pools the
+        catalogue's. An event of it in a request's session is its candidate index
+        (`exclude_seen`) and takes these side features where the events carry none (a
+        multi-valued feature's first value), as an items table row would.
 
         Args:
             items: a polars / pandas frame, a list of dicts or a dict of lists: the data's item
@@ -381,21 +385,26 @@ class Recommender:
                 feature, a null, or a value its vocabulary lacks is 1 (unknown), as in training.
 
         Returns:
-            polars frame: the item column and each side feature's index (1 = unknown), one row per item.
+            polars frame: the item column and each side feature's index (1 = unknown; a
+            multi-valued feature's first value), then `<f>_values`, the indices of all values
+            of each multi-valued feature; one row per item.
 
         Raises:
             ConfigError: no item column, a null or repeated id, an id that does not cast to the
                 export's id type, or an id the Recommender already knows (warm, cold, or added
-                before: ids are never replaced), naming it.
+                before: ids are never replaced), naming it; a multi-valued feature that is not
+                a string column.
             DataError: the weights file is missing or damaged.
         """
         frame = to_frame(items, "items")
         ids = self._new_ids(frame)
-        side = self._encode_side(frame)  # (A, F)
+        split = self._split_values(frame)
+        side = self._encode_side(split)  # (A, F)
+        lists = self._encode_values(split)  # multi-valued feature -> (A,) lists of value indices
         if len(ids):
-            self._append(ids, side, self._cold_vectors(side))
+            self._append(ids, side, self._cold_vectors(side, lists))
         features = [pl.Series(f, side[:, j], dtype=pl.Int32) for j, f in enumerate(self.lookups.item_features)]
-        return pl.DataFrame([ids, *features])
+        return pl.DataFrame([ids, *features, *[v.alias(f"{f}_values") for f, v in lists.items()]])
 
     def _new_ids(self, frame: pl.DataFrame) -> pl.Series:
         """The item column of `frame`, cast to the export's id type; refused when null, repeated or known."""
@@ -419,6 +428,34 @@ class Recommender:
             raise ConfigError(f"items: item {known[0]!r} is already known to this export; ids are never replaced")
         return ids
 
+    def _split_values(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """`frame` with each multi-valued feature split as sessionize does (`normalise.split_values`):
+        the column holds the first value, `_m_<f>` (`io.values_col`) all of them."""
+        multi = [f for f in self.lookups.multi_valued if f in frame.columns and frame.schema[f] != pl.Null]
+        wrong = [f"{f} ({frame.schema[f]})" for f in multi if frame.schema[f] != pl.String]
+        if wrong:
+            raise ConfigError(f"items: multi-valued feature column(s) {', '.join(wrong)} must hold strings ('a|b')")
+        if not multi:
+            return frame
+        cfg = self.lookups.session_config([], None)[0]  # the data's separator
+        with polars_errors("items"):
+            parts = split_values(frame.lazy().select(pl.col(f).alias(feat_col(f)) for f in multi), cfg, multi).collect()
+        return frame.with_columns(
+            *[parts.get_column(feat_col(f)).alias(f) for f in multi], *[parts.get_column(values_col(f)) for f in multi]
+        )
+
+    def _encode_values(self, split: pl.DataFrame) -> dict[str, pl.Series]:
+        """Per multi-valued feature: (A,) lists of the indices of every value of `split` (`_split_values`);
+        [] when the items do not give the feature."""
+        out = {}
+        for f in self.lookups.multi_valued:
+            if values_col(f) in split.columns:
+                with polars_errors("items"):
+                    out[f] = encode_values(fill_empty(split.get_column(values_col(f))), self.lookups.vocabs[f])
+            else:
+                out[f] = pl.Series(f, [[]] * split.height, dtype=pl.List(pl.Int32))
+        return out
+
     def _encode_side(self, frame: pl.DataFrame) -> np.ndarray:
         """(A, F) int64 index of each side feature (`Lookups.item_features`) by its vocabulary; 1 = unknown."""
         out = np.ones((frame.height, len(self.lookups.item_features)), dtype=np.int64)
@@ -431,13 +468,15 @@ class Recommender:
                 out[:, j] = enc.get_column("index").to_numpy()
         return out
 
-    def _cold_vectors(self, side: np.ndarray) -> np.ndarray:
-        """(A, D) float32 item-tower vectors of items with side features `side` and no id."""
+    def _cold_vectors(self, side: np.ndarray, lists: dict[str, pl.Series]) -> np.ndarray:
+        """(A, D) float32 item-tower vectors of items with side features `side`, the value lists
+        `lists` of the multi-valued ones, and no id."""
         model = self._item_model()
         cols = [self.lookups.item_features.index(f) for f in model.item_features[1:]]
+        values = {f: torch.from_numpy(pad_values(v.to_arrow())) for f, v in lists.items()}
         try:
             with torch.no_grad():
-                vecs = model.cold_item_vectors(torch.from_numpy(side[:, cols]))
+                vecs = model.cold_item_vectors(torch.from_numpy(side[:, cols]), values)
         except (RuntimeError, IndexError) as exc:
             raise DataError(f"{self.root / WEIGHTS}: the item tower failed ({first_line(exc)})") from None
         return np.ascontiguousarray(vecs.float().numpy())

@@ -11,8 +11,10 @@ and writes to the output directory:
   training event) as index V + j (`cold` true, `known_from` the catalogue's: null =
   known at all times). A cold item's vector is the item tower with the id part
   neutral (index 0, the zero padding row) and its side features
-  (`SDM.cold_item_vectors`). A data directory without a catalogue gives no cold
-  rows; exports of older sdm versions lack both columns (all rows warm).
+  (`SDM.cold_item_vectors`; a multi-valued feature mean-pooled over the catalogue's
+  `<f>_values`, as a vocabulary item's over items.parquet's). A data directory
+  without a catalogue gives no cold rows; exports of older sdm versions lack both
+  columns (all rows warm).
 - `items.faiss` + `index.json`: a `retrieval.index.FaissIndex` over the same vectors,
   warm and cold (exact below 50,000 items, IVF with tuned nprobe above; faiss
   row i = parquet row i), and its parameters (only when faiss is installed and
@@ -25,8 +27,9 @@ and writes to the output directory:
 - `user_tower.weights.pt`: the tower's tensors and its model config (JSON text),
   readable with `torch.load(..., weights_only=True)`; `Recommender` rebuilds
   `UserTower` from this package's model code and these weights (`load_tower`).
-  They are the whole model's state, the item tower's included: `Recommender.add_items`
-  computes vectors of new items from them.
+  They are the whole model's state, the item tower's included (with each item's values
+  of the multi-valued features, `SDM.item_values`): `Recommender.add_items` computes
+  vectors of new items from them, and the tower needs no data directory.
 - `user_tower.onnx`: the same tower as ONNX (same inputs, names and output), for
   ONNX Runtime / Triton (only when the `onnx` extra is installed and `onnx` is on).
 - `user_tower.json`: input names, order, shapes and vocab files, dims, how to
@@ -260,7 +263,7 @@ def load_tower(path: Path) -> UserTower:
     Raises:
         DataError: the file is missing (an export of an older sdm), damaged, or does not fit its model config.
     """
-    from sdm.model.sdm import ModelConfig
+    from sdm.model.sdm import ModelConfig, state_item_values
 
     if not path.is_file():
         raise DataError(f"{path}: not found; this export was written by an older sdm: re-run `sdm export`")
@@ -284,7 +287,7 @@ def load_tower(path: Path) -> UserTower:
         raise DataError(f"{path}: damaged weights file (model config: {first_line(exc)})") from None
     _check_size(path, config, state)
     try:
-        model = SDM(config, state.get("item_table"))
+        model = SDM(config, state.get("item_table"), state_item_values(config, state))
         model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise DataError(f"{path}: the weights do not fit their model config ({first_line(exc)})") from None
@@ -522,6 +525,12 @@ def _tower_spec(
             "Long-term: the user's events of the long-term window before the session, oldest first, "
             "at most max_long_len (the latest ones), right-padded with 0; with no history pass L = 1 and long_len 0.",
             "Side features of an item (seq_<f>, long_<f>) come from items.parquet; user features from users.parquet.",
+            *(
+                [f"Multi-valued features {model.multi_valued}: pass the first value (items.parquet's <f>); the tower "
+                 "embeds a known item (seq_item / long_item >= 2) by the mean of all its values, which it holds."]
+                if model.multi_valued
+                else []
+            ),
             "Variants without long-term encoder ignore long_* and long_len but still take them.",
             "The program was exported on CPU.",
             "user_tower.weights.pt holds the same tower's tensors and model config (torch.load(..., "

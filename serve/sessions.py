@@ -151,6 +151,11 @@ class Lookups:
         lookups.session_config([], None)  # the recorded sessionize config and items_raw.parquet, checked now
         return lookups
 
+    @property
+    def multi_valued(self) -> list[str]:
+        """Side features whose strings hold several values ('Comedy|Romance'), as the data was sessionized."""
+        return [f for f in self.config.get("multi_valued") or [] if f in self.item_features]
+
     def session_config(self, columns: list[str], items: Path | None) -> tuple[SessionizeConfig, list[str]]:
         """The training sessionize config for a log with `columns`; side features it cannot read.
 

@@ -13,7 +13,10 @@ Its side features follow the shards' rule: a log feature is the value at
 the item's first event, a feature of the items table the table's value
 (`encode.feature_codes`, as `oov_<f>` of the shards); values training never
 saw are 1. A numeric feature is bucketised by the training buckets, and no
-value at all is its missing bucket (`numeric`). `oov_hash` is `seq_oov`'s
+value at all is its missing bucket (`numeric`). A multi-valued feature f is
+its first value there, and `<f>_values` lists the indices of all its values
+(from the same event or table row; `encode.encode_values`), so the model
+pools them as it does a vocabulary item's. `oov_hash` is `seq_oov`'s
 number for the item (`encode.oov_hash`).
 
 No pass of its own: each second pass keeps its bucket's OOV events, which
@@ -28,7 +31,7 @@ from typing import Any
 import polars as pl
 
 from sdm.sessionize import encode, numeric
-from sdm.sessionize.io import ITEM, ROW, TS, collect
+from sdm.sessionize.io import ITEM, ROW, TS, collect, values_col
 
 KEY = "catalogue"
 """Key of a second pass's result (`passes.second_pass`) that holds its bucket's `bucket_cold` rows."""
@@ -39,7 +42,9 @@ def bucket_cold(ev: pl.DataFrame, enc: pl.DataFrame, features: list[str]) -> pl.
 
     Args:
         ev: the bucket's sessionized events (`ITEM`, `TS`, and `ROW` when the
-            log has item features: input order breaks ties in time).
+            log has item features: input order breaks ties in time; a
+            multi-valued feature's raw value lists `_m_<f>`, kept as they are:
+            `build` encodes them).
         enc: `encode.encode_events` of them (`seq_item`, `seq_<f>`), same order.
         features: the log's item features (encoded at each event as `seq_<f>`).
     """
@@ -48,6 +53,7 @@ def bucket_cold(ev: pl.DataFrame, enc: pl.DataFrame, features: list[str]) -> pl.
     if ROW in ev.columns:
         cols.append(ev.get_column(ROW).gather(pos))
     cols += [enc.get_column(f"seq_{f}").gather(pos).alias(f) for f in features]
+    cols += [ev.get_column(values_col(f)).gather(pos) for f in features if values_col(f) in ev.columns]
     return first_events(pl.DataFrame(cols))
 
 
@@ -73,7 +79,8 @@ def build(plan: Any, colds: list[pl.DataFrame]) -> pl.DataFrame:
 
     Columns: `item_id` (raw, the log's type), `oov_hash` (int64), `known_from`
     (timestamp[us, UTC], null for an item of the items table), then each item
-    side feature (int32, in `plan.item_features` order). Sorted by
+    side feature (int32, in `plan.item_features` order), then `<f>_values`
+    (list<int32>) of each multi-valued feature, in the same order. Sorted by
     (`known_from` nulls first, `oov_hash`, `item_id`): row j is cold item j.
     """
     events = first_events(pl.concat(colds, how="vertical_relaxed"))
@@ -92,6 +99,7 @@ def build(plan: Any, colds: list[pl.DataFrame]) -> pl.DataFrame:
     frame = frame.with_columns(
         pl.when(pl.col("_static").fill_null(False)).then(None).otherwise(pl.col(TS)).cast(pl.Datetime("us", "UTC")).alias("known_from")
     )
+    multi = []
     for f in plan.item_features:
         # a table feature as `oov_<f>` has it; a log feature at the first event (none for a table-only
         # item: 1, or a numeric feature's missing bucket, as for an item the table lacks)
@@ -100,6 +108,15 @@ def build(plan: Any, colds: list[pl.DataFrame]) -> pl.DataFrame:
             frame = encode.encode(frame, ITEM, plan.codes[f], f, none)
         else:
             frame = frame.with_columns(pl.col(f).fill_null(none))
+        if f in plan.codes and "values" in plan.codes[f].columns:
+            # a table feature's value lists (already indices), by item
+            lists = plan.codes[f].lazy().select(
+                pl.col("raw").cast(events.schema[ITEM]).alias(ITEM), pl.col("values").alias(values_col(f))
+            )
+            frame = frame.join(lists, on=ITEM, how="left", maintain_order="left")
+            multi.append(f)
+        elif values_col(f) in events.columns:
+            multi.append(f)
     cold = collect(frame, "the cold catalogue")
     return (
         cold.select(
@@ -107,6 +124,15 @@ def build(plan: Any, colds: list[pl.DataFrame]) -> pl.DataFrame:
             encode.oov_hash(cold.get_column(ITEM)).alias("oov_hash"),
             pl.col("known_from"),
             *[pl.col(f).cast(pl.Int32) for f in plan.item_features],
+            *[value_lists(plan, cold, f).cast(pl.List(pl.Int32)).alias(f"{f}_values") for f in multi],
         )
         .sort(["known_from", "oov_hash", "item_id"], nulls_last=False)
     )
+
+
+def value_lists(plan: Any, cold: pl.DataFrame, f: str) -> pl.Series:
+    """`<f>_values` of the cold items: a table feature's lists are indices already
+    (`encode.feature_codes`), a log feature's raw values at the first event are encoded;
+    an item with no value at all (a table-only item, one the table lacks) gets []."""
+    lists = encode.fill_empty(cold.get_column(values_col(f)))
+    return lists if f in plan.codes else encode.encode_values(lists, plan.vocabs[f])

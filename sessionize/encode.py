@@ -272,17 +272,29 @@ def feature_codes(table: pl.DataFrame, vocabs: dict[str, pl.DataFrame], features
     `encode(events, ITEM, codes[f], ...)` then gives each event its item's
     feature index; items missing from the table get 1, as a null feature
     does (pass `numeric.null_index` as `missing` for a numeric feature's
-    missing bucket).
+    missing bucket). A multi-valued feature (the table has its value lists,
+    `normalise.split_values`) also gets `values`: the indices of all its
+    values (`encode_values`; the cold catalogue's `<f>_values`).
     """
-    return {
-        f: _collect(
+    codes = {}
+    for f in features:
+        multi = values_col(f) in table.columns
+        frame = _collect(
             table.lazy()
             .pipe(encode, feat_col(f), vocabs[f], "index")
-            .select(pl.col(ITEM).alias("raw"), pl.col("index")),
+            .select(pl.col(ITEM).alias("raw"), pl.col("index"), *([pl.col(values_col(f))] if multi else [])),
             f"{f} of the items table",
         )
-        for f in features
-    }
+        if multi:
+            lists = frame.get_column(values_col(f))
+            frame = frame.drop(values_col(f)).with_columns(encode_values(fill_empty(lists), vocabs[f]).alias("values"))
+        codes[f] = frame
+    return codes
+
+
+def fill_empty(lists: pl.Series) -> pl.Series:
+    """A list column with null rows (no value at all) as empty lists."""
+    return lists.fill_null(pl.lit([], dtype=lists.dtype))
 
 
 def _lookup_array(raw: pl.Series, index: pl.Series, lo: int, hi: int, missing: int = 1) -> pl.Series | None:
@@ -503,8 +515,7 @@ def items_table(
         found = found.pipe(encode, feat_col(f), vocabs[f], f)
     found = _collect(found)
     for f in multi:
-        values = found.get_column(values_col(f)).fill_null(pl.lit([], dtype=found.schema[values_col(f)]))
-        found = found.with_columns(encode_values(values, vocabs[f]).alias(f"{f}_values"))
+        found = found.with_columns(encode_values(fill_empty(found.get_column(values_col(f))), vocabs[f]).alias(f"{f}_values"))
     if prev is not None:
         found = carry_items(found, prev, {"log": from_log, "table": in_table}, multi)
     return found.select(
