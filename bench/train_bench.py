@@ -28,7 +28,7 @@ from sdm.config import SessionizeConfig, TrainConfig
 from sdm.model.loss import NegativeSampler
 from sdm.model.sdm import SDM
 from sdm.pipeline.baselines import build_baseline
-from sdm.pipeline.dataset import SessionDataset, load_item_counts, load_item_table, read_manifest
+from sdm.pipeline.dataset import SessionDataset, load_item_counts, load_item_table, load_item_values, read_manifest
 from sdm.pipeline.evaluate import evaluate_model
 from sdm.pipeline.modelspec import build_model_config, model_features, resolve_loss
 from sdm.pipeline.metrics import selection_value
@@ -78,7 +78,7 @@ class Setup:
         self.manifest = m
         mc = build_model_config(cfg, m)
         torch.manual_seed(cfg.seed)
-        self.model = SDM(mc, load_item_table(cfg.data, m, list(mc.item_vocab)))
+        self.model = SDM(mc, load_item_table(cfg.data, m, list(mc.item_vocab)), load_item_values(cfg.data, m, mc.multi_valued))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sampler = NegativeSampler(load_item_counts(cfg.data, m), cfg.num_negatives, cfg.neg_power)
         self.gen = torch.Generator().manual_seed(cfg.seed)
