@@ -103,13 +103,15 @@ def choose_cold_scale(
     vocabulary = evaluate_model(model, data_dir, "valid", [k], batch_size, device)
     if not vocabulary["queries"]:
         return None
-    model.cold_scale.fill_(1.0)
-    m = evaluate_model(model, data_dir, "valid", [k], batch_size, device, candidates="catalogue", cold_factors=grid)
+    model.cold_scale.fill_(1.0)  # the plain result is scale 1, the others come from the same user vectors
+    others = tuple(s for s in grid if s != 1.0)
+    m = evaluate_model(model, data_dir, "valid", [k], batch_size, device, candidates="catalogue", cold_factors=others)
     warm, cold = m["targets"]["warm"]["queries"], m["targets"]["cold"]["queries"]
+    results = {1.0: m, **{r["factor"]: r for r in m["cold_factors"]}}
     rows = [
-        {"scale": r["factor"], "hr": r[f"hr@{k}"], "ndcg": r[f"ndcg@{k}"], "select": selection_value(r, select, k),
+        {"scale": s, "hr": r[f"hr@{k}"], "ndcg": r[f"ndcg@{k}"], "select": selection_value(r, select, k),
          "warm_hr": r["targets"]["warm"][f"hr@{k}"], "cold_hr": r["targets"]["cold"][f"hr@{k}"]}
-        for r in m["cold_factors"]
+        for s, r in sorted(results.items()) if s in grid
     ]  # fmt: skip
     # Ranked over the vocabulary alone, every hit is a warm target's: its warm HR is the hits over the warm queries.
     warm_vocabulary = vocabulary[f"hr@{k}"] * vocabulary["queries"] / warm if warm else 0.0

@@ -528,7 +528,8 @@ def _run(
     """The evaluation loop: returns metric sums, counts and the number of distinct users.
 
     Each batch's user vectors are computed once and ranked once per entry of `factors`:
-    None as the scorer was built, a number with the cold vectors times it (sums under "x<f>/").
+    None as the scorer was built, a number with the cold vectors times it (sums under "x<f>/",
+    `_rank`).
     """
     dataset = CatalogueSessions if cands.catalogue is not None else SessionDataset
     ds = dataset(data_dir, split, batch_size, shuffle=False, manifest=manifest)
@@ -554,14 +555,7 @@ def _run(
             if not len(queries):
                 continue
             state = scorer.begin_batch(batch)
-            for factor in factors:
-                if factor is None:
-                    _rank(scorer, state, queries, batch, cands, ks, faiss_index, sums, counts, writer, dump_k)
-                else:
-                    scorer.rescale_cold(factor)
-                    _rank(scorer, state, queries, batch, cands, ks, None, sums, None, None, None, f"x{factor}/")
-            if len(factors) > 1:
-                scorer.rescale_cold(1.0)
+            _rank(scorer, state, queries, batch, cands, ks, faiss_index, sums, counts, writer, dump_k, factors)
         ok = True
     finally:
         if writer is not None:
@@ -571,35 +565,51 @@ def _run(
 
 def _rank(
     scorer: Any, state: Any, queries: Queries, batch: dict[str, Any], cands: Candidates, ks: list[int],
-    faiss_index: FaissIndex | None, sums: dict[str, float], counts: dict[str, int] | None,
-    writer: _TopkWriter | None, dump_k: int | None, prefix: str = "",
+    faiss_index: FaissIndex | None, sums: dict[str, float], counts: dict[str, int], writer: _TopkWriter | None,
+    dump_k: int | None, factors: tuple[float | None, ...],
 ) -> None:  # fmt: skip
-    """Rank a batch's queries and add their metrics to `sums` (keys under `prefix`); count them
-    into `counts` and dump them unless None."""
+    """Rank a batch's queries once per entry of `factors` (`_run`), from one set of scores per query
+    chunk (the repeat head's copy scores included), and add their metrics to `sums`."""
     k_max = ks[-1]
     for start in range(0, len(queries), QUERY_CHUNK):
         q = queries.take(slice(start, start + QUERY_CHUNK))
         exclude = cands.exclude(batch, q)
         chunk_items = max(1024, MAX_SCORES // len(q))
-        topk = chunked_topk(cands.score_fn(scorer, state, q, batch), cands.total, k_max, chunk_items, exclude)
-        topk = topk.to(q.target.device)
-        if faiss_index is not None:
-            approx = scorer.index_topk(faiss_index, state, q, k_max, exclude).to(topk.device)
-            for k in ks:
-                key = f"faiss_recall@{k}"
-                sums[key] = sums.get(key, 0.0) + float(overlap_at_k(approx[:, :k], topk[:, :k]).sum())
-            topk = approx
-        _add(sums, metric_sums(topk, q.target, q.targets, ks), prefix)
-        for kind, mask in cands.target_kinds(q).items():
-            if mask.any():
-                if counts is not None:
-                    counts[kind] += int(mask.sum())
-                _add(sums, metric_sums(topk[mask], q.target[mask], q.targets[mask], ks), f"{prefix}{kind}/")
-        if counts is not None:
-            counts["queries"] += len(q)
-            counts["oov"] += int(cands.out_of_vocabulary(q).sum())
-        if writer is not None:
-            writer.write(batch, q, topk[:, : dump_k or k_max])
+        score = cands.score_fn(scorer, state, q, batch)  # reads the scorer's item vectors when called
+        for factor in factors:
+            if factor is not None:
+                scorer.rescale_cold(factor)
+            topk = chunked_topk(score, cands.total, k_max, chunk_items, exclude).to(q.target.device)
+            if factor is not None:
+                _add_metrics(sums, q, topk, ks, cands, f"x{factor}/")
+                continue
+            if faiss_index is not None:
+                approx = scorer.index_topk(faiss_index, state, q, k_max, exclude).to(topk.device)
+                for k in ks:
+                    key = f"faiss_recall@{k}"
+                    sums[key] = sums.get(key, 0.0) + float(overlap_at_k(approx[:, :k], topk[:, :k]).sum())
+                topk = approx
+            _add_metrics(sums, q, topk, ks, cands, "", counts)
+            if writer is not None:
+                writer.write(batch, q, topk[:, : dump_k or k_max])
+        if len(factors) > 1:
+            scorer.rescale_cold(1.0)
+
+
+def _add_metrics(
+    sums: dict[str, float], q: Queries, topk: Tensor, ks: list[int], cands: Candidates, prefix: str,
+    counts: dict[str, int] | None = None,
+) -> None:  # fmt: skip
+    """Add the metric sums of `topk` (all targets, then cold and warm ones) under `prefix`; count the queries into `counts`."""
+    _add(sums, metric_sums(topk, q.target, q.targets, ks), prefix)
+    for kind, mask in cands.target_kinds(q).items():
+        if mask.any():
+            if counts is not None:
+                counts[kind] += int(mask.sum())
+            _add(sums, metric_sums(topk[mask], q.target[mask], q.targets[mask], ks), f"{prefix}{kind}/")
+    if counts is not None:
+        counts["queries"] += len(q)
+        counts["oov"] += int(cands.out_of_vocabulary(q).sum())
 
 
 # -- the CLI command ----------------------------------------------------------------

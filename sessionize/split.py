@@ -196,12 +196,19 @@ def check_splits(cfg: SessionizeConfig, log: Path, sessions: pl.DataFrame, cut: 
             f"no training session has 2 or more events ({n_train:,} sessions of one event; "
             f"--gap {cfg.gap}): there is no training sample"
         )
-    for code_, name in ((1, "validation"), (2, "test")):
+    for code_, name, key in ((1, "validation", "valid"), (2, "test", "test")):
         n, samples = per.get(code_, (0, 0))
+        if n == 0 and asked_empty(cfg, key):
+            continue  # --test-days 0: nothing to warn about
         if samples == 0:
             what = "is empty" if n == 0 else f"has {n:,} sessions but none of 2 or more events"
             warnings.append(f"the {name} split {what} ({cuts}; {split_settings(cfg)})")
     return warnings
+
+
+def asked_empty(cfg: SessionizeConfig, split: str) -> bool:
+    """Whether the user set the split's size to zero (`--test-days 0`, `--valid-fraction 0`)."""
+    return any(getattr(cfg, f"{split}_{unit}") == 0 for unit in ("days", "fraction"))
 
 
 _YEAR_US = 365 * 86_400 * 1_000_000

@@ -129,6 +129,15 @@ def test_empty_valid_and_test_split_warn(tmp_path):
     assert len(m["warnings"]) == 2 and m["splits"]["test"]["sessions"] == 0
 
 
+def test_a_split_asked_to_be_empty_gives_no_warning(tmp_path):
+    out = tmp_path / "data"
+    code, lines = sessionize(good_log(tmp_path / "l.parquet"), out, "--valid-days", "1", "--test-days", "0")
+    assert code == 0, lines
+    assert not any("test split" in x for x in lines), lines
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["splits"]["test"]["sessions"] == 0 and not any("test split" in w for w in m["warnings"])
+
+
 def test_max_session_len_1_refused(tmp_path):
     one_error(*sessionize(good_log(tmp_path / "l.parquet"), tmp_path / "o", "--max-session-len", 1), "max_session_len", ">= 2")
 
