@@ -167,3 +167,13 @@ def test_cold_flags_that_match_nothing_are_refused(data: Path, tmp_path: Path) -
     result = CliRunner().invoke(app, ["train", "--data", str(plain), "--out", str(tmp_path / "m3"), "--cold-budget", "0.02"])
     assert result.exit_code == 1 and "--cold-budget" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "m1").exists() or not any((tmp_path / "m1").glob("*.pt"))
+
+
+def test_a_state_dict_without_cold_scale_loads_with_scale_one(data: Path, tmp_path: Path) -> None:
+    train(_cfg(data, tmp_path / "m", cold_scale=0.25), progress=False)
+    path = tmp_path / "m" / "best.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model"]["cold_scale"]  # as written before the scale existed
+    torch.save(ckpt, path)
+    model = load_model(tmp_path / "m", data, read_manifest(data), torch.device("cpu"))
+    assert float(model.cold_scale) == 1.0
