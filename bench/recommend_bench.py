@@ -29,10 +29,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def prepare(work: Path, events: int, items: int, seed: int, users: int | None = None) -> tuple[Path, Path, Path]:
     from sdm.config import SessionizeConfig, SynthConfig, TrainConfig
-    from sdm.model.sdm import SDM
-    from sdm.pipeline.dataset import load_item_table, load_item_values, read_manifest
+    from sdm.pipeline.dataset import read_manifest
     from sdm.logs.synth import generate
-    from sdm.pipeline.modelspec import build_model_config
+    from sdm.pipeline.modelspec import build_model, build_model_config
     from sdm.sessionize import run as sessionize
 
     log, data, model = work / "synth" / "logs.parquet", work / "data", work / "model"
@@ -45,7 +44,7 @@ def prepare(work: Path, events: int, items: int, seed: int, users: int | None = 
     manifest = read_manifest(data)
     cfg = build_model_config(TrainConfig(data=data), manifest)
     torch.manual_seed(seed)
-    m = SDM(cfg, load_item_table(data, manifest, list(cfg.item_vocab)), load_item_values(data, manifest, cfg.multi_valued)).eval()
+    m = build_model(cfg, data, manifest).eval()
     model.mkdir(parents=True, exist_ok=True)
     torch.save({"model": m.state_dict(), "model_config": cfg.model_dump(mode="json"),
                 "data_fingerprint": manifest["fingerprint"], "config": {}, "step": 0, "epoch": 0},

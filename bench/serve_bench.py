@@ -41,10 +41,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def build_export(work: Path, events: int, items: int, seed: int) -> tuple[Path, Path]:
     """synth -> sessionize -> untrained default model -> export; returns (export dir, log)."""
     from sdm.config import ExportConfig, SessionizeConfig, SynthConfig, TrainConfig
-    from sdm.model.sdm import SDM
-    from sdm.pipeline.dataset import load_item_table, load_item_values, read_manifest
+    from sdm.pipeline.dataset import read_manifest
     from sdm.logs.synth import generate
-    from sdm.pipeline.modelspec import build_model_config
+    from sdm.pipeline.modelspec import build_model, build_model_config
     from sdm.serve.export import export
     from sdm.sessionize import run as sessionize
 
@@ -61,7 +60,7 @@ def build_export(work: Path, events: int, items: int, seed: int) -> tuple[Path, 
         manifest = read_manifest(data)
         cfg = build_model_config(TrainConfig(data=data), manifest)
         torch.manual_seed(seed)
-        model = SDM(cfg, load_item_table(data, manifest, list(cfg.item_vocab)), load_item_values(data, manifest, cfg.multi_valued)).eval()
+        model = build_model(cfg, data, manifest).eval()
         (work / "model").mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.state_dict(), "model_config": cfg.model_dump(mode="json"),
                     "data_fingerprint": manifest["fingerprint"], "config": {}, "step": 0, "epoch": 0},

@@ -26,11 +26,10 @@ import torch
 
 from sdm.config import SessionizeConfig, TrainConfig
 from sdm.model.loss import NegativeSampler
-from sdm.model.sdm import SDM
 from sdm.pipeline.baselines import build_baseline
-from sdm.pipeline.dataset import SessionDataset, load_item_counts, load_item_table, load_item_values, read_manifest
+from sdm.pipeline.dataset import SessionDataset, load_item_counts, read_manifest
 from sdm.pipeline.evaluate import evaluate_model
-from sdm.pipeline.modelspec import build_model_config, model_features, resolve_loss
+from sdm.pipeline.modelspec import build_model, build_model_config, model_features, resolve_loss
 from sdm.pipeline.metrics import selection_value
 from sdm.pipeline.train import get_lr, train, train_step
 
@@ -78,7 +77,7 @@ class Setup:
         self.manifest = m
         mc = build_model_config(cfg, m)
         torch.manual_seed(cfg.seed)
-        self.model = SDM(mc, load_item_table(cfg.data, m, list(mc.item_vocab)), load_item_values(cfg.data, m, mc.multi_valued))
+        self.model = build_model(mc, cfg.data, m)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sampler = NegativeSampler(load_item_counts(cfg.data, m), cfg.num_negatives, cfg.neg_power)
         self.gen = torch.Generator().manual_seed(cfg.seed)

@@ -42,7 +42,7 @@ from sdm.outputs import OutputDir, atomic_path, scratch_name, write_json, write_
 from sdm.pipeline.catalogue import Catalogue, CatalogueSessions, ColdIndex, cold_item_vectors, read_catalogue
 from sdm.pipeline.checkpoint import read_checkpoint
 from sdm.manifest import verify_files
-from sdm.pipeline.dataset import SessionDataset, load_item_table, move_batch, read_manifest
+from sdm.pipeline.dataset import SessionDataset, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.model.sdm import History, copy_scores
 from sdm.pipeline.metrics import METRICS, add_copy_scores, chunked_topk, metric_sums, overlap_at_k
@@ -641,19 +641,16 @@ def load_model_and_checkpoint(
             f"{path}: model trained on another dataset (fingerprint {str(ckpt['data_fingerprint'])[:12]}... "
             f"!= {str(manifest.get('fingerprint'))[:12]}... of {data_dir})"
         )
-    from sdm.model.sdm import SDM, ModelConfig
+    from sdm.model.sdm import ModelConfig
+    from sdm.pipeline.modelspec import build_model
 
     try:
         model_cfg = ModelConfig(**ckpt["model_config"])
     except (TypeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdmError(f"{path}: invalid model config in the checkpoint ({first})") from None
-    item_table = load_item_table(data_dir, manifest, list(model_cfg.item_vocab))
-    from sdm.pipeline.dataset import load_item_values  # each item's values of the multi-valued features
-
-    item_values = load_item_values(data_dir, manifest, model_cfg.multi_valued)
     try:
-        model = SDM(model_cfg, item_table, item_values)
+        model = build_model(model_cfg, data_dir, manifest)
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

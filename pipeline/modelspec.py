@@ -1,4 +1,4 @@
-"""Which model a training run builds: its features, its typed `ModelConfig` and its loss.
+"""Which model a training run builds: its features, its typed `ModelConfig`, the model itself and its loss.
 
 Pure functions of the run config (`TrainConfig`) and the data manifest, shared by
 `sdm train`, the serving code and the benchmarks that need a model shaped like a
@@ -12,7 +12,8 @@ from typing import Any
 
 from sdm.config import TrainConfig
 from sdm.errors import SdmError
-from sdm.model.sdm import ModelConfig
+from sdm.model.sdm import SDM, ModelConfig
+from sdm.pipeline.dataset import load_item_table, load_item_values
 
 NO_SIDE_INFO_VARIANTS = ("PSDMMAL-NoS",)
 
@@ -49,6 +50,18 @@ def model_features(manifest: dict[str, Any], cfg: TrainConfig) -> tuple[list[str
     if cfg.variant in NO_SIDE_INFO_VARIANTS:
         items, users = ["item"], [u for u in have_users if u == "user"]
     return items, users
+
+
+def build_model(model_cfg: ModelConfig, data: Path, manifest: dict[str, Any]) -> SDM:
+    """A freshly initialised `SDM` of `model_cfg` with the data's item tables: each item's feature
+    indices (items.parquet) and each multi-valued feature's value lists.
+
+    Raises:
+        DataError: an unreadable items.parquet or bad value lists. ValueError: tables that do
+            not fit `model_cfg` (`SDM`).
+    """
+    table = load_item_table(data, manifest, list(model_cfg.item_vocab))
+    return SDM(model_cfg, table, load_item_values(data, manifest, model_cfg.multi_valued))
 
 
 def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfig:

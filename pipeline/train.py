@@ -50,7 +50,6 @@ from sdm.pipeline.dataset import (
     SessionDataset,
     assign_shards,
     load_item_counts,
-    load_item_table,
     move_batch,
     read_manifest,
 )
@@ -60,7 +59,7 @@ from sdm.manifest import oov_warnings, verify_files
 from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
 from sdm.pipeline.metrics import selection_value
-from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model_config, model_features, resolve_loss
+from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model, build_model_config, model_features, resolve_loss
 from sdm.pipeline.warmstart import WarmStart, warm_start
 
 
@@ -297,10 +296,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     if not sum(epoch_steps):
         raise SdmError(f"{cfg.data}: some rank gets no training batch; sessionize with more --min-shards")
 
-    from sdm.pipeline.dataset import load_item_values  # each item's values of the multi-valued features
-
-    values = load_item_values(cfg.data, manifest, model_cfg.multi_valued)
-    model = SDM(model_cfg, load_item_table(cfg.data, manifest, list(model_cfg.item_vocab)), values).to(device)
+    model = build_model(model_cfg, cfg.data, manifest).to(device)
     warm = init_weights(cfg, model, manifest)  # every rank, before the DDP wrapper
     sampler = NegativeSampler(load_item_counts(cfg.data, manifest), cfg.num_negatives, cfg.neg_power).to(device)
     gen = torch.Generator(device=device)
