@@ -419,6 +419,10 @@ class TrainConfig(_Base):
     """Multiplier of cold items' side-feature vectors (data with a catalogue, `--candidates catalogue`); default: chosen on validation after training, within --cold-budget."""
     cold_budget: Annotated[float, _in(0, 1)] = 0.01
     """When --cold-scale is chosen: the largest relative loss of validation HR@eval_k on warm targets (items in the vocabulary) that cold candidates may cost."""
+    neighbours: Annotated[int, _in(0, 10_000)] = 20
+    """Neighbours per item of the neighbour term (item-CF's scores added to the model's, with a weight chosen on validation after training); 0 switches the term off."""
+    neighbour_weight: Annotated[Optional[float], _in(0, 10_000)] = None
+    """Weight of the neighbour term; default: chosen on validation after training (0 = off)."""
     overwrite: bool = False
     """Replace the checkpoints and log of an earlier run in `out` (without it a fresh run there is refused)."""
     num_workers: Annotated[int, _in(0, 1024)] = 0

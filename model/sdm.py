@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import Tensor
 
+from sdm.model.neighbours import NeighbourTable
+
 Variant = Literal["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN", "SASRec"]
 Batch = Mapping[str, Mapping[str, Tensor] | Tensor]
 
@@ -656,6 +658,9 @@ class SDM(nn.Module):
         # Multi-valued features: each item's value indices, mean-pooled wherever an item is embedded.
         self.multi_valued = [f for f in config.multi_valued if f in self.item_features]
         self.item_values = ItemValues(self._check_item_values(config, item_values))
+        # Item-CF's neighbour scores, added with a weight chosen on validation after training
+        # (`model/neighbours.py`); empty, and so inactive, until then.
+        self.neighbours = NeighbourTable()
 
         # Item side: shared by the session input, the long-term history and the item tower.
         self.item_emb = EmbeddingBank({f: config.item_vocab[f] for f in self.item_features}, D)

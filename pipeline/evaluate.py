@@ -44,8 +44,9 @@ from sdm.pipeline.checkpoint import read_checkpoint
 from sdm.manifest import verify_files
 from sdm.pipeline.dataset import SessionDataset, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
-from sdm.model.sdm import History, copy_scores
-from sdm.pipeline.metrics import METRICS, add_copy_scores, chunked_topk, metric_sums, overlap_at_k
+from sdm.model.neighbours import merge_candidates
+from sdm.model.sdm import NO_COPY, History, copy_scores
+from sdm.pipeline.metrics import METRICS, add_bonus, add_copy_scores, chunked_topk, metric_sums, overlap_at_k
 from sdm.retrieval.index import FaissIndex, import_faiss
 from sdm.pipeline.report import build_report, curve_ks, markdown_table, method_entry, plot_report
 
@@ -110,19 +111,41 @@ class ModelScorer:
         from sdm.retrieval.rank import rank
 
         u = self.query_vectors(state, q.qb, q.qp)
-        if state[1] is None:
+        cands = self.candidates(state, q.qb, q.qp, q.prefix)
+        if cands is None:
             return rank(u, index, k, exclude)[1]
-        items, extra = copy_scores(state[1], q.qb, q.qp)
-        return rank(u, index, k, exclude, items, extra, self.items)[1]
+        items, logits, bonus = cands
+        return rank(u, index, k, exclude, items, logits, self.items, candidate_bonus=bonus)[1]
+
+    def candidates(self, state: tuple[Tensor, History | None], qb: Tensor, qp: Tensor,
+                   prefix: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:  # fmt: skip
+        """The items whose score is more than u . v_j, for `retrieval.rank.rank`: (items, copy
+        logits R, bonus B or None), or None for a plain dot product."""
+        history = copy_scores(state[1], qb, qp) if state[1] is not None else None
+        table = getattr(self.model, "neighbours", None)
+        if table is None or not table.active:
+            return None if history is None else (*history, None)
+        hist_items, hist_logits = history if history is not None else (None, None)
+        return merge_candidates(hist_items, hist_logits, *table.bonus(prefix, qp), NO_COPY)
 
     def score_fn(self, state: tuple[Tensor, History | None], qb: Tensor, qp: Tensor, prefix: Tensor) -> ScoreFn:
         """Scores u_q · v_j of an item chunk; with a repeat head, the query's history items
-        get logaddexp(u_q · v_j, R_qj) (`copy_scores`)."""
+        get logaddexp(u_q · v_j, R_qj) (`copy_scores`); with a neighbour term, its bonus
+        items get + B_qj (`model/neighbours.py`)."""
         u = self.query_vectors(state, qb, qp)  # (Q, D)
-        if state[1] is None:
-            return lambda start, end: u @ self.items[start:end].T  # (Q, C)
-        items, extra = copy_scores(state[1], qb, qp)  # (Q, H) each
-        return lambda start, end: add_copy_scores(u @ self.items[start:end].T, start, items, extra)
+        history = copy_scores(state[1], qb, qp) if state[1] is not None else None  # (Q, H) each
+        table = getattr(self.model, "neighbours", None)
+        bonus = table.bonus(prefix, qp) if table is not None and table.active else None  # (Q, T * N) each
+
+        def score(start: int, end: int) -> Tensor:
+            out = u @ self.items[start:end].T  # (Q, C)
+            if history is not None:
+                out = add_copy_scores(out, start, *history)
+            if bonus is not None:
+                out = add_bonus(out, start, *bonus)
+            return out
+
+        return score
 
 
 @dataclass

@@ -258,13 +258,35 @@ def add_copy_scores(scores: Tensor, start: int, items: Tensor, extra: Tensor) ->
     Returns:
         (Q, C) new tensor.
     """
+    padded, col, _ = _chunk_columns(scores, start, items)
+    merged = torch.logaddexp(padded.gather(1, col), extra.float())
+    return padded.scatter(1, col, merged)[:, : scores.shape[1]]
+
+
+def add_bonus(scores: Tensor, start: int, items: Tensor, bonus: Tensor) -> Tensor:
+    """Add the neighbour term's bonus to an item chunk: score_qj -> score_qj + B_qj.
+
+    Args:
+        scores: (Q, C) scores of items start .. start + C - 1.
+        start: first item index of the chunk.
+        items: (Q, H) distinct bonus items per query (0 = none), as `neighbour_bonus` gives.
+        bonus: (Q, H) their bonus B.
+
+    Returns:
+        (Q, C) new tensor.
+    """
+    padded, col, inside = _chunk_columns(scores, start, items)
+    added = torch.where(inside, bonus.float(), torch.zeros_like(bonus, dtype=torch.float32))
+    return padded.scatter_add(1, col, added)[:, : scores.shape[1]]
+
+
+def _chunk_columns(scores: Tensor, start: int, items: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(scores as float with a scratch column C appended (Q, C + 1), each item's column in the
+    chunk (Q, H), C for items outside it or padding / OOV, and whether it is inside (Q, H))."""
     C = scores.shape[1]
     local = items - start
     inside = (local >= 0) & (local < C) & (items > OOV)
-    col = torch.where(inside, local, torch.full_like(local, C))  # column C is a scratch column
-    padded = F.pad(scores.float(), (0, 1))  # (Q, C + 1)
-    merged = torch.logaddexp(padded.gather(1, col), extra.float())
-    return padded.scatter(1, col, merged)[:, :C]
+    return F.pad(scores.float(), (0, 1)), torch.where(inside, local, torch.full_like(local, C)), inside
 
 
 def topk_scores(

@@ -54,6 +54,8 @@ from sdm.pipeline.dataset import (
     read_manifest,
 )
 from sdm.pipeline.coldscale import choose_cold_scale, has_cold_items
+from sdm.pipeline.baselines.itemcf import NeighbourCounts
+from sdm.pipeline.neighbourweight import COUNTS_KEY, choose_neighbour_weight, counts_entry, previous_counts, set_neighbour_weight
 from sdm.pipeline.device import pick_device
 from sdm.manifest import oov_warnings, verify_files
 from sdm.pipeline.trainlog import TrainLog
@@ -550,29 +552,63 @@ def end_cut_run(run: Run, state: Progress) -> None:
     say_validated(run, state, value)
 
 
-def store_cold_scale(run: Run) -> None:
-    """Write the cold items' scale into best.pt (rank 0, data with cold items): --cold-scale,
-    or the one validation prefers (`pipeline/coldscale.py`), said and logged."""
+def store_choices(run: Run) -> None:
+    """Write what is chosen after training into best.pt (rank 0): the neighbour term's table and
+    weight (`pipeline/neighbourweight.py`; --neighbours > 0), then, for data with cold items,
+    their scale (`pipeline/coldscale.py`); each given by its flag or the one validation prefers,
+    said and logged."""
     cfg, path = run.cfg, run.cfg.out / "best.pt"
-    if run.rank != 0 or not has_cold_items(run.manifest) or not path.exists():
+    cold = has_cold_items(run.manifest)
+    if run.rank != 0 or not (cold or cfg.neighbours) or not path.exists():
         return
     ckpt = read_checkpoint(path)
     run.model.load_state_dict(ckpt["model"])  # training is over: the model becomes best.pt
     run.model.eval()
-    if cfg.cold_scale is not None:
-        run.model.cold_scale.fill_(cfg.cold_scale)
-    else:
-        choice = choose_cold_scale(run.model, cfg.data, cfg.eval_k, cfg.cold_budget, cfg.select_metric, run.device)
-        if choice is None:
-            return
-        say(run, f"[train] {choice.summary(cfg.cold_budget)}")
-        _log(run, {"cold_scale": choice.as_dict()})
-    ckpt["model"]["cold_scale"] = run.model.cold_scale.detach().cpu().clone()
+    if cfg.neighbours:
+        ckpt[COUNTS_KEY] = counts_entry(store_neighbours(run))
+        for name, value in run.model.neighbours.state_dict().items():
+            ckpt["model"][f"neighbours.{name}"] = value.detach().cpu().clone()
+    if cold:
+        store_cold_scale(run)
+        ckpt["model"]["cold_scale"] = run.model.cold_scale.detach().cpu().clone()
     atomic_save(ckpt, path)
 
 
+def store_neighbours(run: Run) -> NeighbourCounts:
+    """The neighbour term of `run.model`: --neighbour-weight, or the weight validation prefers.
+    A warm-started run adds its training split's counts to those of the model it began from."""
+    cfg = run.cfg
+    previous = None
+    if cfg.init_from is not None:
+        prev = read_checkpoint(Path(cfg.init_from) / "best.pt")
+        previous = previous_counts(prev, int(run.manifest["num_items"]), cfg.neighbours)
+    if cfg.neighbour_weight is not None:
+        return set_neighbour_weight(run.model, cfg.data, cfg.neighbours, cfg.neighbour_weight, previous)
+    choice, table = choose_neighbour_weight(run.model, cfg.data, cfg.neighbours, cfg.eval_k, cfg.select_metric,
+                                            run.device, previous=previous)  # fmt: skip
+    if choice is not None:
+        say(run, f"[train] {choice.summary()}")
+        _log(run, {"neighbours": choice.as_dict()})
+    return table
+
+
+def store_cold_scale(run: Run) -> None:
+    """The cold items' scale of `run.model`: --cold-scale, or the one validation prefers."""
+    cfg = run.cfg
+    if cfg.cold_scale is not None:
+        run.model.cold_scale.fill_(cfg.cold_scale)
+        return
+    choice = choose_cold_scale(run.model, cfg.data, cfg.eval_k, cfg.cold_budget, cfg.select_metric, run.device)
+    if choice is not None:
+        say(run, f"[train] {choice.summary(cfg.cold_budget)}")
+        _log(run, {"cold_scale": choice.as_dict()})
+
+
 def check_cold_flags(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """--cold-scale / --cold-budget set for data without cold items match nothing: an error."""
+    """--cold-scale / --cold-budget set for data without cold items match nothing, and so does
+    --neighbour-weight with --neighbours 0: an error."""
+    if cfg.neighbour_weight is not None and not cfg.neighbours:
+        raise ConfigError("--neighbour-weight: --neighbours 0 switches the neighbour term off")
     named = [f"--{f.replace('_', '-')}" for f in ("cold_scale", "cold_budget") if f in cfg.model_fields_set]
     if named and not has_cold_items(manifest):
         raise ConfigError(f"{' and '.join(named)}: {cfg.data} has no cold items (its catalogue is empty or missing)")
@@ -687,7 +723,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, t0: float, guard: OutputDir 
             if end_epoch(run, state):
                 reason = "early_stop"
                 break
-        store_cold_scale(run)
+        store_choices(run)
         summary = summarise(run, state, reason)
         if world > 1:
             dist.barrier()  # no rank tears the group down while another still talks to it

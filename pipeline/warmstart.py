@@ -39,8 +39,9 @@ READ_FROM_DATA = ("multi_valued",)
 (a model trained before multi-valued features were pooled seeds one that pools them)."""
 DATA_BUFFERS = ("item_table",)
 """State-dict entries that come from the new data, never from the previous model."""
-DATA_BUFFER_PREFIXES = ("item_values.",)
-"""Prefixes of state-dict entries that come from the new data (`SDM.item_values`: each item's values)."""
+DATA_BUFFER_PREFIXES = ("item_values.", "neighbours.")
+"""Prefixes of state-dict entries that come from the new data (`SDM.item_values`: each item's values;
+`SDM.neighbours`: the neighbour table, rebuilt from the new training split after training)."""
 
 
 def is_data_buffer(key: str) -> bool:

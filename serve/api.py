@@ -45,6 +45,8 @@ thread is inside `recommend` on the same object.
 from __future__ import annotations
 
 import datetime as dt
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,8 @@ import pyarrow.parquet as pq
 import torch
 
 from sdm.errors import ConfigError, DataError, SdmError
+from sdm.model.neighbours import merge_candidates, neighbour_bonus
+from sdm.model.sdm import NO_COPY
 from sdm.names import vocab_file
 from sdm.pipeline.catalogue import ALWAYS
 from sdm.pipeline.dataset import collate, pad_values, user_column
@@ -213,9 +217,10 @@ class Recommender:
     def __init__(
         self, root: Path, lookups: Lookups, spec: dict[str, Any], tower: Any, index: Any, item_vecs: torch.Tensor,
         raw_items: np.ndarray, runtime: str, item_ids: pl.Series | None = None, known_from: np.ndarray | None = None,
-        candidates: str = "vocabulary",
+        candidates: str = "vocabulary", neighbours: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     ) -> None:  # fmt: skip
         self.root = root
+        self.neighbours = neighbours  # the neighbour term's (items, sims, weight), or None (`model/neighbours.py`)
         self.lookups = lookups
         self.spec = spec
         self.tower = tower
@@ -288,7 +293,9 @@ class Recommender:
         vecs, raw, ids, known = _read_item_vectors(root / ITEM_VECTORS, d, lookups.num_items)
         idx = _load_index(root, vecs, index)
         runtime = "onnx" if use_onnx else "torch"
-        return cls(root, lookups, spec, tower, idx, torch.from_numpy(vecs), raw, runtime, ids, known, candidates)
+        neighbours = _read_neighbours(root / WEIGHTS, lookups.num_items)
+        return cls(root, lookups, spec, tower, idx, torch.from_numpy(vecs), raw, runtime, ids, known, candidates,
+                   neighbours)  # fmt: skip
 
     def recommend(
         self, events: Any, k: int = 10, at: dt.datetime | str | None = None, exclude_seen: bool = False,
@@ -337,15 +344,31 @@ class Recommender:
         out = self.tower(_inputs(batch, self.item_features, self.user_features))
         u = torch.from_numpy(out[0])
         exclude = _exclusion(batch, mode == "catalogue" and bool(extra), seen or history, history)
-        if len(out) == 3:
-            scores, items = rank(u, self.index, k, exclude, torch.from_numpy(out[1]), torch.from_numpy(out[2]),
-                                 self.item_vecs, allowed=allowed)  # fmt: skip
+        cands = self._candidates(batch, out, mode == "catalogue" and bool(extra))
+        if cands is not None:
+            scores, items = rank(u, self.index, k, exclude, cands[0], cands[1], self.item_vecs, allowed=allowed,
+                                 candidate_bonus=cands[2])  # fmt: skip
         else:
             scores, items = rank(u, self.index, k, exclude, allowed=allowed)
         ids = items.numpy()
         raw = [[self.raw_items[j] for j in row if j > 1] for row in ids]
         sc = [[float(s) for s, j in zip(srow, row) if j > 1] for srow, row in zip(scores.numpy(), ids)]
         return _frame(served.user_id, served.session_start, raw, sc)
+
+    def _candidates(self, batch: dict[str, Any], out: list[np.ndarray],
+                    cold: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
+        """The items whose score is more than u . v_j (`retrieval.rank.rank`): the tower's history
+        (items, copy logits) and the neighbour term's bonus items, or None for a plain dot product."""
+        hist = (torch.from_numpy(out[1]), torch.from_numpy(out[2])) if len(out) == 3 else None
+        if self.neighbours is None:
+            return None if hist is None else (*hist, None)
+        seq = batch["seq"]["item"].long()
+        if cold:  # a cold event is its candidate index, as evaluation sees it: no neighbours either way
+            seq = torch.where(batch["seq"][COLD] > 1, batch["seq"][COLD].long(), seq)
+        qp = (batch["seq_len"].long() - 1).clamp(min=0)
+        items, sims, weight = self.neighbours
+        bonus = neighbour_bonus(items, sims, weight, seq, qp)
+        return merge_candidates(hist[0] if hist else None, hist[1] if hist else None, *bonus, NO_COPY)
 
     def _allowed(self, mode: str, at_us: int | None) -> tuple[Allowed, int]:
         """The index rows a request may return (`retrieval.index.Allowed`), and how many.
@@ -634,6 +657,28 @@ def _probe(tower: Any, spec: dict[str, Any], d: int) -> None:
         ok = len(shapes[1]) == 2 and shapes[1] == shapes[2] and shapes[1][0] == 1
     if not ok:
         raise DataError(f"{tower.path}: the tower's outputs {shapes} do not fit {TOWER_SPEC} ({want} output(s), dim {d})")
+
+
+def _read_neighbours(path: Path, num_items: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The neighbour term of the export's weights file (`model/neighbours.py`), checked, or None when it is off.
+
+    Raises:
+        DataError: a table that does not fit the vocabulary (naming the file).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # load_tower checked it
+    items, sims, weight = (state.get(f"neighbours.{n}") for n in ("items", "sims", "weight"))
+    if items is None or sims is None or weight is None or items.numel() == 0 or float(weight) <= 0:
+        return None
+    ok = (
+        items.dim() == 2 and items.shape == sims.shape and items.shape[0] == num_items
+        and not items.is_floating_point() and int(items.min()) >= 0 and int(items.max()) < num_items
+        and bool(torch.isfinite(sims).all()) and math.isfinite(float(weight))
+    )  # fmt: skip
+    if not ok:
+        raise DataError(f"{path}: damaged neighbour table (it must be ({num_items}, N) item indices with finite sims)")
+    return items.long(), sims.float(), float(weight)
 
 
 def _read_item_vectors(path: Path, d: int, num_items: int) -> tuple[np.ndarray, np.ndarray, pl.Series, np.ndarray]:

@@ -32,6 +32,10 @@ and writes to the output directory:
   vectors of new items from them, and the tower needs no data directory.
 - `user_tower.onnx`: the same tower as ONNX (same inputs, names and output), for
   ONNX Runtime / Triton (only when the `onnx` extra is installed and `onnx` is on).
+- `neighbours.parquet`: only when training chose the neighbour term (`model/neighbours.py`):
+  each item's neighbour indices and similarities, for serving systems other than sdm's;
+  `user_tower.json`'s `neighbours` gives the weight and the formula (sdm's `Recommender`
+  reads the same table from the weights file).
 - `user_tower.json`: input names, order, shapes and vocab files, dims, how to
   call it, and the manifest fingerprint.
 - `lookups.json`: the training run's sessionize config, features and length caps:
@@ -72,6 +76,7 @@ from torch import Tensor, nn
 
 from sdm.config import ExportConfig
 from sdm.errors import DataError, StorageError
+from sdm.model.neighbours import DECAY
 from sdm.model.sdm import SDM
 from sdm.names import vocab_file
 from sdm.outputs import OutputDir, atomic_path, write_json, write_text
@@ -82,6 +87,7 @@ from sdm.serve.sessions import first_line
 
 EXPORT_VERSION = 1
 ITEM_VECTORS = "item_vectors.parquet"
+NEIGHBOURS = "neighbours.parquet"
 FAISS_INDEX = "items.faiss"
 INDEX_SPEC = "index.json"
 USER_TOWER = "user_tower.pt2"
@@ -95,7 +101,7 @@ ITEMS_RAW = "items_raw.parquet"
 TABLES = ("items.parquet", "users.parquet", ITEMS_RAW)
 # Everything `export` writes; `--overwrite` deletes these (and nothing else).
 OUTPUTS = (
-    CONFIG, ITEM_VECTORS, FAISS_INDEX, INDEX_SPEC, USER_TOWER, WEIGHTS, ONNX_TOWER, TOWER_SPEC, LOOKUPS, *TABLES,
+    CONFIG, ITEM_VECTORS, NEIGHBOURS, FAISS_INDEX, INDEX_SPEC, USER_TOWER, WEIGHTS, ONNX_TOWER, TOWER_SPEC, LOOKUPS, *TABLES,
     "vocab",
 )  # fmt: skip
 ITEM_CHUNK = 65_536
@@ -239,6 +245,22 @@ def writing(path: Path) -> Iterator[Path]:
             yield tmp
         except RuntimeError as exc:
             raise StorageError(f"{path}: cannot write ({first_line(exc)})") from None
+
+
+def write_neighbours(path: Path, model: SDM) -> None:
+    """The neighbour term's table for serving systems other than sdm's: `index` (int32, as
+    item_vectors.parquet's), `neighbours` (list<int32> item indices, best first), `sims`
+    (list<float32>); items without neighbours are left out."""
+    items, sims = model.neighbours.items.cpu(), model.neighbours.sims.cpu()
+    n = (items > 1).sum(1)
+    rows = torch.nonzero(n > 0).squeeze(1)
+    table = pa.table({
+        "index": pa.array(rows.numpy().astype("int32")),
+        "neighbours": pa.array([items[r, : n[r]].tolist() for r in rows.tolist()], pa.list_(pa.int32())),
+        "sims": pa.array([sims[r, : n[r]].tolist() for r in rows.tolist()], pa.list_(pa.float32())),
+    })  # fmt: skip
+    with writing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_tower_weights(model: SDM, path: Path) -> None:
@@ -512,6 +534,15 @@ def _tower_spec(
         ],  # fmt: skip
         "dynamic_dims": dims,
         "item_vectors": ITEM_VECTORS,
+        **(
+            {"neighbours": {
+                "file": NEIGHBOURS, "weight": float(model.neighbours.weight), "decay": DECAY,
+                "score": "final score of item j = logaddexp(u . v_j, R_j) + weight * sum_q w_q sim(x_q, j) over the "
+                         "session prefix x_0..x_p, w_q = decay^(p - q) normalised to sum 1 (sdm.model.neighbours)",
+            }}
+            if model.neighbours.active
+            else {}
+        ),  # fmt: skip
         "call": (
             "program = torch.export.load('user_tower.pt2'); "
             "vectors = program.module()(*[inputs in the order above]); "
@@ -598,6 +629,8 @@ def _write(
     faiss_status = write_faiss(out / FAISS_INDEX, vectors, progress) if cfg.faiss else "skipped: --no-faiss"
     _say(progress, f"faiss: {faiss_status}")
 
+    if model.neighbours.active:
+        write_neighbours(out / NEIGHBOURS, model)
     _say(progress, "exporting the user tower (torch.export)")
     write_tower_weights(model, out / WEIGHTS)
     dims = export_user_tower(model, out / USER_TOWER)

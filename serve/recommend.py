@@ -84,15 +84,6 @@ def gather_scores(fn: Any, topk: Tensor, num_items: int, chunk_items: int) -> Te
     return out
 
 
-def history_candidates(state: Any, qb: Tensor, qp: Tensor) -> tuple[Tensor, Tensor] | None:
-    """(items, copy logits) of the repeat head for each query, or None for a model without one."""
-    if isinstance(state, tuple) and len(state) > 1 and state[1] is not None:
-        from sdm.model.sdm import copy_scores
-
-        return copy_scores(state[1], qb, qp)
-    return None
-
-
 def cold_events(batch: dict[str, Any]) -> None:
     """Give events of cold candidates their candidate index (`serve.sessions.COLD`, 1 = none), in place.
 
@@ -136,12 +127,12 @@ def score_batch(
         if faiss_index is not None:
             from sdm.retrieval.rank import rank
 
-            hist = history_candidates(state, qb, qp)
+            cands = scorer.candidates(state, qb, qp, prefix)
             u = scorer.query_vectors(state, qb, qp)
-            if hist is None:
+            if cands is None:
                 s, top = rank(u, faiss_index, k, exclude)
             else:
-                s, top = rank(u, faiss_index, k, exclude, hist[0], hist[1], scorer.items)
+                s, top = rank(u, faiss_index, k, exclude, cands[0], cands[1], scorer.items, candidate_bonus=cands[2])
         else:
             fn = scorer.score_fn(state, qb, qp, prefix)
             chunk_items = max(1024, MAX_SCORES // len(qb))

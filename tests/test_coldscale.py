@@ -117,11 +117,11 @@ def test_train_chooses_the_scale_on_validation_and_best_pt_carries_it(data: Path
     records = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
     chosen = [r["cold_scale"] for r in records if "cold_scale" in r]
     assert len(chosen) == 1 and [r["scale"] for r in chosen[0]["rows"]] == list(GRID)
-    assert float(best["model"]["cold_scale"]) == chosen[0]["scale"]
+    assert float(best["model"]["cold_scale"]) == pytest.approx(chosen[0]["scale"], rel=1e-6)  # stored as float32
     # the model evaluate loads scores cold items with that scale
     manifest = read_manifest(data)
     model = load_model(tmp_path / "m", data, manifest, torch.device("cpu"))
-    assert float(model.cold_scale) == chosen[0]["scale"]
+    assert float(model.cold_scale) == pytest.approx(chosen[0]["scale"], rel=1e-6)
     row = next(r for r in chosen[0]["rows"] if r["scale"] == chosen[0]["scale"])
     metrics = evaluate_module.evaluate_model(model, data, "valid", [50], 512, candidates="catalogue")
     assert metrics["hr@50"] == pytest.approx(row["hr"]) and metrics["targets"]["warm"]["hr@50"] == pytest.approx(row["warm_hr"])

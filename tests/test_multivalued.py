@@ -249,6 +249,11 @@ def test_train_export_recommender_round_trip(world: dict[str, Any], runtime: str
             for j, r in zip(items[0].tolist(), copy[0]):
                 if j > 1:
                     scores[j] = torch.logaddexp(scores[j], r)
+        if model.neighbours.active:  # the neighbour term training chose (its formula: tests/test_neighbours.py)
+            seq = torch.tensor([s["items"]])
+            for j, b in zip(*(x[0].tolist() for x in model.neighbours.bonus(seq, torch.tensor([seq.shape[1] - 1])))):
+                if j > 1:
+                    scores[j] += b
     raw = {i: r for r, i in vocab(data, "item").items()}
     expected = {raw[i]: float(scores[i]) for i in raw}
 

@@ -105,6 +105,8 @@ def test_ema_best_pt_holds_the_average_and_last_pt_both(data, tmp_path):
     assert "ema" not in best
     differs = False
     for k, v in last["ema"].items():
+        if k.startswith("neighbours."):
+            continue  # the neighbour term is chosen after training, into best.pt only
         torch.testing.assert_close(best["model"][k], v, rtol=0, atol=0)
         differs |= not torch.equal(v, last["model"][k])
     assert differs  # the average is not the trained weights

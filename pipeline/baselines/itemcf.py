@@ -6,7 +6,7 @@ The formulas: the package docstring (`sdm.pipeline.baselines`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 import torch
@@ -37,10 +37,59 @@ def _training_sessions(data_dir: Path, manifest: dict[str, Any]) -> pl.LazyFrame
     )
 
 
-def cooccurrence_similarity(sessions: pl.LazyFrame, num_items: int, neighbours: int = 100) -> Tensor:
-    """Session co-occurrence cosine similarity, top `neighbours` per item, as a (V, V) CSR tensor.
+def cooccurrence_counts(sessions: pl.LazyFrame) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """Co-occurrence counts: (item, other, c) of every pair i != j seen together in c sessions,
+    and (item, n): the sessions holding each item.
 
-    sim(i, j) = c_ij / sqrt(n_i n_j) for i != j; the diagonal is empty.
+    Args:
+        sessions: lazy (sess_id, item) with each item at most once per session.
+    """
+    sessions = sessions.select(pl.col("sess_id"), pl.col("item").cast(pl.Int64))
+    n = sessions.group_by("item").agg(pl.len().cast(pl.Float64).alias("n"))
+    pairs = (
+        sessions.join(sessions.rename({"item": "other"}), on="sess_id")
+        .filter(pl.col("item") != pl.col("other"))
+        .group_by("item", "other")
+        .agg(pl.len().cast(pl.Float64).alias("c"))
+    )
+    return pairs, n
+
+
+def top_neighbours(pairs: pl.LazyFrame, n: pl.LazyFrame, neighbours: int) -> pl.DataFrame:
+    """The cosine sim(i, j) = c_ij / sqrt(n_i n_j) of counted pairs, top `neighbours` per item.
+
+    Returns:
+        (item, other, sim, c) sorted by item, then by sim (largest first) and other.
+    """
+    return (
+        pairs.join(n, on="item")
+        .join(n.rename({"item": "other", "n": "n_other"}), on="other")
+        .with_columns((pl.col("c") / (pl.col("n") * pl.col("n_other")).sqrt()).alias("sim"))
+        .sort(["item", "sim", "other"], descending=[False, True, False])
+        .group_by("item", maintain_order=True)
+        .head(neighbours)
+        .select("item", "other", "sim", "c")
+        .collect(engine="streaming")
+    )
+
+
+def cooccurrence_pairs(sessions: pl.LazyFrame, neighbours: int = 100) -> pl.DataFrame:
+    """Session co-occurrence cosine similarity, top `neighbours` per item, as rows.
+
+    sim(i, j) = c_ij / sqrt(n_i n_j) for i != j.
+
+    Args:
+        sessions: lazy (sess_id, item) with each item at most once per session.
+        neighbours: similar items kept per item (largest similarity; ties by item).
+
+    Returns:
+        (item, other, sim, c) sorted by item, then by sim (largest first) and other.
+    """
+    return top_neighbours(*cooccurrence_counts(sessions), neighbours)
+
+
+def cooccurrence_similarity(sessions: pl.LazyFrame, num_items: int, neighbours: int = 100) -> Tensor:
+    """`cooccurrence_pairs` as a (V, V) CSR tensor.
 
     Args:
         sessions: lazy (sess_id, item) with each item at most once per session.
@@ -48,24 +97,9 @@ def cooccurrence_similarity(sessions: pl.LazyFrame, num_items: int, neighbours: 
         neighbours: similar items kept per item (largest similarity; ties by item).
 
     Returns:
-        float32 sparse CSR (V, V); row i holds i's neighbours.
+        float32 sparse CSR (V, V); row i holds i's neighbours, the diagonal is empty.
     """
-    sessions = sessions.select(pl.col("sess_id"), pl.col("item").cast(pl.Int64))
-    n = sessions.group_by("item").agg(pl.len().alias("n"))
-    pairs = (
-        sessions.join(sessions.rename({"item": "other"}), on="sess_id")
-        .filter(pl.col("item") != pl.col("other"))
-        .group_by("item", "other")
-        .agg(pl.len().alias("c"))
-        .join(n, on="item")
-        .join(n.rename({"item": "other", "n": "n_other"}), on="other")
-        .with_columns((pl.col("c") / (pl.col("n") * pl.col("n_other")).cast(pl.Float64).sqrt()).alias("sim"))
-        .sort(["item", "sim", "other"], descending=[False, True, False])
-        .group_by("item", maintain_order=True)
-        .head(neighbours)
-        .select("item", "other", "sim")
-        .collect(engine="streaming")
-    )
+    pairs = cooccurrence_pairs(sessions, neighbours)
     rows = torch.from_numpy(pairs["item"].to_numpy().copy())
     cols = torch.from_numpy(pairs["other"].to_numpy().copy())
     vals = torch.from_numpy(pairs["sim"].to_numpy().copy()).float()
@@ -74,6 +108,55 @@ def cooccurrence_similarity(sessions: pl.LazyFrame, num_items: int, neighbours: 
     ).coalesce()
     with _quiet_sparse():
         return coo.to_sparse_csr()
+
+
+class NeighbourCounts(NamedTuple):
+    """A neighbour table with the counts it was computed from.
+
+    items (V, N) int32 neighbour indices best first (0 = none), sims (V, N) float32,
+    counts (V, N) float32: c_ij of each listed pair, n (V,) float32: sessions per item.
+    """
+
+    items: Tensor
+    sims: Tensor
+    counts: Tensor
+    n: Tensor
+
+
+def neighbour_table(
+    data_dir: Path, manifest: dict[str, Any], neighbours: int, previous: NeighbourCounts | None = None
+) -> NeighbourCounts:
+    """The training split's top `neighbours` per item as dense rows, best first.
+
+    With `previous` (yesterday's table, its vocabulary a prefix of this one), the counts
+    are added first: c_ij and n_i of the previous table's listed pairs and items plus
+    this split's, so a table trained day by day approaches the one of all days (a pair
+    the previous table did not list starts from this split's count).
+    """
+    pairs, n = cooccurrence_counts(_training_sessions(data_dir, manifest))
+    if previous is not None:
+        old = torch.nonzero(previous.items > 1)
+        old_pairs = pl.LazyFrame({
+            "item": old[:, 0].numpy().astype("int64"),
+            "other": previous.items[old[:, 0], old[:, 1]].numpy().astype("int64"),
+            "c": previous.counts[old[:, 0], old[:, 1]].numpy().astype("float64"),
+        })  # fmt: skip
+        seen = torch.nonzero(previous.n > 0).squeeze(1)
+        old_n = pl.LazyFrame({"item": seen.numpy().astype("int64"), "n": previous.n[seen].numpy().astype("float64")})
+        pairs = pl.concat([pairs, old_pairs]).group_by("item", "other").agg(pl.col("c").sum())
+        n = pl.concat([n, old_n]).group_by("item").agg(pl.col("n").sum())
+    top = top_neighbours(pairs, n, neighbours)
+    V = int(manifest["num_items"])
+    pos = top.select(pl.int_range(pl.len()).over("item").alias("pos"))["pos"]
+    rows, cols = torch.from_numpy(top["item"].to_numpy().copy()), torch.from_numpy(pos.to_numpy().copy())
+    out = NeighbourCounts(torch.zeros(V, neighbours, dtype=torch.int32), torch.zeros(V, neighbours),
+                          torch.zeros(V, neighbours), torch.zeros(V))  # fmt: skip
+    out.items[rows, cols] = torch.from_numpy(top["other"].to_numpy().astype("int32"))
+    out.sims[rows, cols] = torch.from_numpy(top["sim"].to_numpy().astype("float32"))
+    out.counts[rows, cols] = torch.from_numpy(top["c"].to_numpy().astype("float32"))
+    every = n.collect()
+    out.n[torch.from_numpy(every["item"].to_numpy().copy())] = torch.from_numpy(every["n"].to_numpy().astype("float32"))
+    return out
 
 
 def prefix_weights(qp: Tensor, prefix: Tensor, decay: float) -> Tensor:

@@ -1,0 +1,139 @@
+"""How much of item-CF's neighbour scores the model adds: a weight chosen on validation.
+
+The neighbour term (`model/neighbours.py`) adds weight x item-CF's score of the
+session prefix to the model's score. After training, `choose_neighbour_weight`
+builds the table (each item's top `--neighbours` by session co-occurrence cosine on
+the training split), evaluates the best model on the validation split at each weight
+of `GRID`, in order, and keeps the best by the selection metric (`--select-metric` at
+`--eval-k`); ties go to the smaller weight. The search stops at the first weight that
+scores below the best so far: validation curves over this grid rise to one peak and
+fall (the scores are added to logits, so doubling the weight past the peak only hurts),
+and on logs where the term does not help this costs two validation passes. A chosen
+weight of 0 empties the table: the model keeps a plain dot product and serves as before.
+
+The table's counts (c_ij of each listed pair, n_i of each item) go into best.pt beside
+the model (`COUNTS_KEY`), whatever the weight: a warm start (`--init-from`), which
+trains on the newest days only, adds its split's counts to them, so its table
+approaches the one of every day (`neighbour_table(previous=...)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdm.manifest import read_manifest
+from sdm.pipeline.baselines.itemcf import NeighbourCounts, neighbour_table
+from sdm.pipeline.metrics import selection_value
+
+GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+"""Weights tried, in order, until one scores below the best so far."""
+
+
+@dataclass
+class NeighbourChoice:
+    """The chosen weight and what validation measured.
+
+    Attributes:
+        weight: the chosen weight (0: the term is off).
+        k: the cut-off K of the metrics.
+        neighbours: neighbours kept per item.
+        rows: one per weight tried: {"weight", "hr", "ndcg", "select"}.
+        queries: validation queries.
+    """
+
+    weight: float
+    k: int
+    neighbours: int
+    rows: list[dict[str, float]] = field(default_factory=list)
+    queries: int = 0
+
+    def summary(self) -> str:
+        """One line for the trainer's output."""
+        k = self.k
+        tried = ", ".join(f"{r['weight']:g}: {r['hr']:.4f}/{r['ndcg']:.4f}" for r in self.rows)
+        return (
+            f"neighbour term: weight {self.weight:g} chosen on validation (HR@{k}/NDCG@{k} on {self.queries:,} "
+            f"queries by weight: {tried}); {self.neighbours} neighbours per item"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight, "k": self.k, "neighbours": self.neighbours, "rows": self.rows,
+                "queries": self.queries}  # fmt: skip
+
+
+def choose_neighbour_weight(
+    model: torch.nn.Module,
+    data_dir: Path,
+    neighbours: int,
+    k: int,
+    select: str,
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
+    grid: tuple[float, ...] = GRID,
+    previous: NeighbourCounts | None = None,
+) -> tuple[NeighbourChoice | None, NeighbourCounts]:
+    """Fill `model.neighbours` with the table and the weight validation prefers (module docs).
+
+    Args:
+        previous: the counts of the model a warm start began from (`neighbour_table`).
+
+    Returns:
+        The choice (None, the weight left at 0, when the validation split has no query)
+        and the table with its counts (for the next warm start).
+    """
+    from sdm.pipeline.evaluate import evaluate_model
+
+    table = neighbour_table(data_dir, read_manifest(data_dir), neighbours, previous)
+    rows: list[dict[str, float]] = []
+    queries = 0
+    model.neighbours.fill(table.items, table.sims, 1.0)  # the table stays while searching
+    for weight in grid:
+        model.neighbours.weight.fill_(weight)
+        m = evaluate_model(model, data_dir, "valid", [k], batch_size, device)
+        queries = int(m["queries"])
+        if not queries:
+            model.neighbours.fill(table.items, table.sims, 0.0)
+            return None, table
+        rows.append({"weight": weight, "hr": m[f"hr@{k}"], "ndcg": m[f"ndcg@{k}"], "select": selection_value(m, select, k)})
+        if rows[-1]["select"] < max(r["select"] for r in rows):
+            break
+    best = max(rows, key=lambda r: (r["select"], -r["weight"]))["weight"]
+    model.neighbours.fill(table.items, table.sims, best)
+    return NeighbourChoice(best, k, neighbours, rows, queries), table
+
+
+def set_neighbour_weight(
+    model: torch.nn.Module, data_dir: Path, neighbours: int, weight: float, previous: NeighbourCounts | None = None
+) -> NeighbourCounts:
+    """Fill `model.neighbours` with the table and a given weight (`--neighbour-weight`); returns the table."""
+    table = neighbour_table(data_dir, read_manifest(data_dir), neighbours, previous)
+    model.neighbours.fill(table.items, table.sims, weight)
+    return table
+
+
+COUNTS_KEY = "neighbour_counts"
+"""The checkpoint entry (best.pt) with the table's counts, which a warm start adds today's to."""
+
+
+def counts_entry(table: NeighbourCounts) -> dict[str, torch.Tensor]:
+    """The checkpoint entry of a table's counts."""
+    return {"items": table.items, "counts": table.counts, "n": table.n}
+
+
+def previous_counts(ckpt: dict[str, Any], num_items: int, neighbours: int) -> NeighbourCounts | None:
+    """The counts a checkpoint carries (`COUNTS_KEY`), or None when it has none that fit: written
+    before the counts existed, another `--neighbours`, or a vocabulary larger than `num_items`."""
+    entry = ckpt.get(COUNTS_KEY)
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), torch.Tensor) for k in ("items", "counts", "n")):
+        return None
+    items, counts, n = entry["items"], entry["counts"], entry["n"]
+    V = items.shape[0] if items.dim() == 2 else -1
+    if not (items.shape == counts.shape and items.shape[1:] == (neighbours,) and n.shape == (V,) and 0 < V <= num_items):
+        return None
+    if items.is_floating_point() or int(items.min()) < 0 or int(items.max()) >= V:
+        return None
+    return NeighbourCounts(items.int(), torch.zeros_like(counts, dtype=torch.float32), counts.float(), n.float())
