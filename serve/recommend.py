@@ -53,7 +53,8 @@ from sdm.outputs import OutputFile, atomic_path, check_disjoint, scratch_name, w
 from sdm.pipeline.catalogue import Catalogue
 from sdm.pipeline.dataset import collate, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
-from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK, ModelScorer, _raw_items, load_model
+from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK, _raw_items, load_model
+from sdm.pipeline.scoring import ModelScorer
 from sdm.manifest import verify_files
 from sdm.pipeline.metrics import chunked_topk
 from sdm.sessionize.io import polars_errors, to_utc_us

@@ -24,7 +24,8 @@ from sdm.model.neighbours import merge_candidates, neighbour_bonus
 from sdm.model.sdm import NO_COPY
 from sdm.pipeline.baselines.itemcf import ItemCF, NeighbourCounts, neighbour_table
 from sdm.pipeline.dataset import read_manifest
-from sdm.pipeline.evaluate import ModelScorer, evaluate, load_model
+from sdm.pipeline.evaluate import evaluate, load_model
+from sdm.pipeline.scoring import ModelScorer
 from sdm.pipeline.neighbourweight import GRID, choose_neighbour_weight
 from sdm.pipeline.train import train
 from sdm.retrieval.index import ExactIndex
