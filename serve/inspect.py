@@ -71,7 +71,8 @@ def inspect_model(path: Path) -> dict[str, Any]:
             raise SdmError(f"{p}: not an sdm checkpoint (no model_config)")
         mc = ckpt["model_config"]
         cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-        params = sum(int(t.numel()) for t in ckpt.get("model", {}).values() if hasattr(t, "numel"))
+        state = ckpt.get("model", {}) if isinstance(ckpt.get("model"), dict) else {}
+        params = sum(int(t.numel()) for k, t in state.items() if hasattr(t, "numel") and not k.startswith("neighbours."))
         out["checkpoints"][name] = {
             "step": ckpt.get("step"),
             "epoch": ckpt.get("epoch"),
@@ -79,6 +80,7 @@ def inspect_model(path: Path) -> dict[str, Any]:
             # what best_metric measures: checkpoints from before --select-metric chose by HR
             "select_metric": f"{cfg.get('select_metric', 'hr')}@{cfg.get('eval_k', 50)}",
             "parameters": params,
+            **(_chosen(state) if name == "best.pt" else {}),  # chosen after training, into best.pt only
         }
         out.setdefault("variant", mc.get("variant"))
         out.setdefault("data_fingerprint", ckpt.get("data_fingerprint"))
@@ -104,6 +106,21 @@ def inspect_model(path: Path) -> dict[str, Any]:
             out["last_validation"] = vals[-1]
     if not out["checkpoints"]:
         raise SdmError(f"{path}: no best.pt or last.pt; the training run did not write a checkpoint yet")
+    return out
+
+
+def _chosen(state: dict[str, Any]) -> dict[str, Any]:
+    """What training chose after the last epoch, as best.pt's state dict holds it: the
+    neighbour term's weight and neighbours per item, the cold items' scale (absent in older
+    models; the scale stays 1 for data without cold items)."""
+    out: dict[str, Any] = {}
+    weight, items = state.get("neighbours.weight"), state.get("neighbours.items")
+    if hasattr(weight, "numel") and weight.numel() == 1:
+        out["neighbour_weight"] = float(weight)
+        out["neighbours"] = int(items.shape[1]) if hasattr(items, "dim") and items.dim() == 2 and items.numel() else 0
+    scale = state.get("cold_scale")
+    if hasattr(scale, "numel") and scale.numel() == 1:
+        out["cold_scale"] = float(scale)
     return out
 
 
@@ -190,8 +207,15 @@ def format_summary(s: dict[str, Any]) -> str:
         for name, c in s["checkpoints"].items():
             best = c.get("best_metric")
             best_s = f"{best:.4f}" if isinstance(best, float) else str(best)
+            chosen = ""
+            if c.get("neighbour_weight"):
+                chosen += f", neighbour term weight {c['neighbour_weight']:g} ({c.get('neighbours')} per item)"
+            elif "neighbour_weight" in c:
+                chosen += ", neighbour term off"
+            if c.get("cold_scale", 1.0) != 1.0:
+                chosen += f", cold scale {c['cold_scale']:g}"
             lines.append(f"{name}: step {_fmt(c.get('step'))}, epoch {c.get('epoch')}, best {c.get('select_metric')} {best_s}, "
-                         f"{_fmt(c.get('parameters'))} parameters")  # fmt: skip
+                         f"{_fmt(c.get('parameters'))} parameters{chosen}")  # fmt: skip
         iv = s.get("item_vocab") or {}
         lines.append("item features: " + ", ".join(f"{k} ({_fmt(v)})" for k, v in iv.items()))
         uv = s.get("user_vocab") or {}

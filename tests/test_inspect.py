@@ -69,6 +69,27 @@ def test_model_dir_names_the_select_metric(dirs: dict[str, Path], tmp_path: Path
     assert inspect_dir(model_dir)["checkpoints"]["best.pt"]["select_metric"] == "hr+ndcg@20"
 
 
+def test_model_dir_says_what_training_chose_after_the_last_epoch(dirs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(dirs["model"], model_dir)
+    best = inspect_dir(model_dir)["checkpoints"]["best.pt"]
+    assert best["neighbour_weight"] == 0.0 and best["neighbours"] == 0 and best["cold_scale"] == 1.0
+    ckpt = torch.load(model_dir / "best.pt", weights_only=True)
+    params = best["parameters"]
+    ckpt["model"].update({"neighbours.items": torch.ones(30, 7, dtype=torch.int32), "neighbours.sims": torch.ones(30, 7),
+                          "neighbours.weight": torch.tensor(4.0), "cold_scale": torch.tensor(0.4)})  # fmt: skip
+    torch.save(ckpt, model_dir / "best.pt")
+    best = inspect_dir(model_dir)["checkpoints"]["best.pt"]
+    assert (best["neighbour_weight"], best["neighbours"], best["cold_scale"]) == (4.0, 7, pytest.approx(0.4))
+    assert best["parameters"] == params  # the neighbour table is data, not parameters
+    out = CliRunner().invoke(app, ["inspect", str(model_dir)])
+    assert out.exit_code == 0 and "neighbour term weight 4 (7 per item), cold scale 0.4" in out.output
+
+
 def test_export_dir_and_json(dirs: dict[str, Path]) -> None:
     out = CliRunner().invoke(app, ["inspect", str(dirs["export"]), "--json"])
     assert out.exit_code == 0, out.output
