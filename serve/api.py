@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +292,10 @@ class Recommender:
         vecs, raw, ids, known = _read_item_vectors(root / ITEM_VECTORS, d, lookups.num_items)
         idx = _load_index(root, vecs, index)
         runtime = "onnx" if use_onnx else "torch"
-        neighbours = _read_neighbours(root / WEIGHTS, lookups.num_items)
+        neighbours = None
+        if "neighbours" in spec:  # the export chose the term: the torch tower holds the table, else read it
+            state = tower.module.model.state_dict() if not use_onnx else _weights_state(root / WEIGHTS)
+            neighbours = _read_neighbours(state, root / WEIGHTS, lookups.num_items)
         return cls(root, lookups, spec, tower, idx, torch.from_numpy(vecs), raw, runtime, ids, known, candidates,
                    neighbours)  # fmt: skip
 
@@ -659,15 +661,18 @@ def _probe(tower: Any, spec: dict[str, Any], d: int) -> None:
         raise DataError(f"{tower.path}: the tower's outputs {shapes} do not fit {TOWER_SPEC} ({want} output(s), dim {d})")
 
 
-def _read_neighbours(path: Path, num_items: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """The neighbour term of the export's weights file (`model/neighbours.py`), checked, or None when it is off.
+def _weights_state(path: Path) -> dict[str, Any]:
+    """The state dict of the export's weights file (`weights_only`: no code runs; `load_tower`'s checks)."""
+    return load_tower(path).model.state_dict()
+
+
+def _read_neighbours(state: dict[str, Any], path: Path, num_items: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The neighbour term in the state dict of the export's weights file `path` (`model/neighbours.py`),
+    checked, or None when it is off.
 
     Raises:
         DataError: a table that does not fit the vocabulary (naming the file).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]  # load_tower checked it
     items, sims, weight = (state.get(f"neighbours.{n}") for n in ("items", "sims", "weight"))
     if items is None or sims is None or weight is None or items.numel() == 0 or float(weight) <= 0:
         return None

@@ -252,12 +252,14 @@ def write_neighbours(path: Path, model: SDM) -> None:
     item_vectors.parquet's), `neighbours` (list<int32> item indices, best first), `sims`
     (list<float32>); items without neighbours are left out."""
     items, sims = model.neighbours.items.cpu(), model.neighbours.sims.cpu()
-    n = (items > 1).sum(1)
+    filled = items > 1  # a row's neighbours come first, padding (0) after them
+    n = filled.sum(1)
     rows = torch.nonzero(n > 0).squeeze(1)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(n[rows].numpy())]).astype("int32"))
     table = pa.table({
         "index": pa.array(rows.numpy().astype("int32")),
-        "neighbours": pa.array([items[r, : n[r]].tolist() for r in rows.tolist()], pa.list_(pa.int32())),
-        "sims": pa.array([sims[r, : n[r]].tolist() for r in rows.tolist()], pa.list_(pa.float32())),
+        "neighbours": pa.ListArray.from_arrays(offsets, pa.array(items[rows][filled[rows]].numpy().astype("int32"))),
+        "sims": pa.ListArray.from_arrays(offsets, pa.array(sims[rows][filled[rows]].numpy().astype("float32"))),
     })  # fmt: skip
     with writing(path) as tmp:
         pq.write_table(table, tmp)

@@ -238,6 +238,11 @@ def test_recommend_faiss_and_the_api_rank_like_evaluate(pipe: dict[str, Any], tm
     assert spec["neighbours"]["weight"] == 3.0
     table = pl.read_parquet(tmp_path / "export" / "neighbours.parquet")
     assert table.height > 0 and set(table.columns) == {"index", "neighbours", "sims"}
+    want_items, want_sims, _, _ = neighbour_table(pipe["data"], pipe["manifest"], 10)
+    for i, nbrs, sims in table.iter_rows():  # each listed item's neighbours, best first, padding left out
+        kept = want_items[i] > 1
+        assert nbrs == want_items[i][kept].tolist() and sims == pytest.approx(want_sims[i][kept].tolist())
+    assert table.height == int((want_items > 1).any(1).sum())
     runtimes = ["torch"] + (["onnx"] if _has("onnxruntime") else [])
     for runtime in runtimes:
         rec = Recommender.load(tmp_path / "export", runtime=runtime, index="exact")

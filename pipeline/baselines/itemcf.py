@@ -145,7 +145,8 @@ def neighbour_table(
         old_n = pl.LazyFrame({"item": seen.numpy().astype("int64"), "n": previous.n[seen].numpy().astype("float64")})
         pairs = pl.concat([pairs, old_pairs]).group_by("item", "other").agg(pl.col("c").sum())
         n = pl.concat([n, old_n]).group_by("item").agg(pl.col("n").sum())
-    top = top_neighbours(pairs, n, neighbours)
+    every = n.collect()  # once: the cosines and the counts kept both read it
+    top = top_neighbours(pairs, every.lazy(), neighbours)
     V = int(manifest["num_items"])
     pos = top.select(pl.int_range(pl.len()).over("item").alias("pos"))["pos"]
     rows, cols = torch.from_numpy(top["item"].to_numpy().copy()), torch.from_numpy(pos.to_numpy().copy())
@@ -154,7 +155,6 @@ def neighbour_table(
     out.items[rows, cols] = torch.from_numpy(top["other"].to_numpy().astype("int32"))
     out.sims[rows, cols] = torch.from_numpy(top["sim"].to_numpy().astype("float32"))
     out.counts[rows, cols] = torch.from_numpy(top["c"].to_numpy().astype("float32"))
-    every = n.collect()
     out.n[torch.from_numpy(every["item"].to_numpy().copy())] = torch.from_numpy(every["n"].to_numpy().astype("float32"))
     return out
 
