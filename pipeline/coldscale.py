@@ -89,8 +89,13 @@ def choose_cold_scale(
     device: torch.device | str = "cpu",
     batch_size: int = 512,
     grid: tuple[float, ...] = GRID,
+    vocabulary: dict[str, Any] | None = None,
 ) -> ColdScaleChoice | None:
     """Set `model.cold_scale` to the scale validation prefers (module docs) and return the choice.
+
+    Args:
+        vocabulary: the model's validation "queries" and "hr@K" ranking the vocabulary alone,
+            when already measured (the neighbour weight's choice); else measured here.
 
     Returns None, leaving the model as it is, when the data has no cold item or its
     validation split no query.
@@ -100,7 +105,8 @@ def choose_cold_scale(
     manifest = read_manifest(data_dir)
     if not has_cold_items(manifest):
         return None
-    vocabulary = evaluate_model(model, data_dir, "valid", [k], batch_size, device)
+    if vocabulary is None:
+        vocabulary = evaluate_model(model, data_dir, "valid", [k], batch_size, device)
     if not vocabulary["queries"]:
         return None
     model.cold_scale.fill_(1.0)  # the plain result is scale 1, the others come from the same user vectors

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,7 @@ def evaluate_model(
     candidates: str = "vocabulary",
     exclude_history: bool = False,
     cold_factors: tuple[float, ...] = (),
+    bonus_weights: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     """Mean SPEC-6 metrics of a model or baseline over every query of a split.
 
@@ -149,6 +151,10 @@ def evaluate_model(
         cold_factors: with a model and `candidates="catalogue"`, also rank with the cold vectors
             times each factor, in the same pass (the user vectors are computed once); adds
             "cold_factors": [the result of each factor, without "table"].
+        bonus_weights: with a model whose neighbour term is active, also rank with its bonus
+            times each weight, in the same pass; adds "bonus_weights": [the result of each].
+            With the table's weight at 1 this ranks every weight of a grid from one set of
+            user vectors (`pipeline/neighbourweight.py`).
 
     Returns:
         {"hr@K", "recall@K", "precision@K", "f1@K", "ndcg@K", "mrr@K" for each K,
@@ -179,32 +185,56 @@ def evaluate_model(
             elif index != "exact":
                 raise SdmError(f"unknown index {index!r}; expected 'exact' or 'faiss'")
             cands = Candidates(int(manifest["num_items"]), catalogue, device, exclude_seen, exclude_history)
-            factors = _cold_factors(scorer, catalogue, cold_factors)
+            passes = _passes(scorer, catalogue, cold_factors, bonus_weights)
             sums, counts, users = _run(
                 scorer, data_dir, manifest, split, ks, batch_size, device, cands, dump_topk, dump_k, progress,
-                faiss_index, factors,
+                faiss_index, passes,
             )  # fmt: skip
     finally:
         if module is not None and was_training:
             module.train()
     out = _results(scorer.name, split, manifest, ks, sums, counts, users, index, catalogue, faiss_index is not None)
-    if cold_factors:
-        out["cold_factors"] = [
-            {"factor": f, **_results(scorer.name, split, manifest, ks, sums, counts, users, index, catalogue, False, f"x{f}/")}
-            for f in cold_factors
-        ]
+    for p in passes[1:]:
+        key, name, value = ("cold_factors", "factor", p.cold) if p.cold is not None else ("bonus_weights", "weight", p.bonus)
+        more = _results(scorer.name, split, manifest, ks, sums, counts, users, index, catalogue, False, p.prefix)
+        out.setdefault(key, []).append({name: value, **more})
     return out
 
 
-def _cold_factors(scorer: Any, catalogue: Catalogue | None, factors: tuple[float, ...]) -> tuple[float | None, ...]:
-    """The passes of `_run`: None (the scorer as built), then each cold factor.
+@dataclass(frozen=True)
+class Pass:
+    """One ranking of each query chunk (`_rank`): the scorer as built (all None), its cold
+    vectors times `cold`, or its neighbour bonus times `bonus`; sums go under `prefix`."""
+
+    prefix: str = ""
+    cold: float | None = None
+    bonus: float | None = None
+
+    def apply(self, scorer: Any) -> None:
+        if self.cold is not None:
+            scorer.rescale_cold(self.cold)
+        if self.bonus is not None:
+            scorer.bonus_scale = self.bonus
+
+
+def _passes(scorer: Any, catalogue: Catalogue | None, cold_factors: tuple[float, ...],
+            bonus_weights: tuple[float, ...]) -> tuple[Pass, ...]:  # fmt: skip
+    """The passes of `_run`: the scorer as built, then each cold factor, then each bonus weight.
 
     Raises:
-        ConfigError: cold factors without cold candidates or without a model.
+        ConfigError: cold factors without cold candidates or without a model; bonus weights
+            without a model whose neighbour term is active.
     """
-    if factors and (catalogue is None or not isinstance(scorer, ModelScorer)):
+    model = isinstance(scorer, ModelScorer)
+    if cold_factors and (catalogue is None or not model):
         raise ConfigError("cold factors need a model and candidates='catalogue'")
-    return (None, *factors)
+    if bonus_weights and not (model and scorer.has_bonus):
+        raise ConfigError("bonus weights need a model with an active neighbour term")
+    return (
+        Pass(),
+        *(Pass(f"x{f}/", cold=f) for f in cold_factors),
+        *(Pass(f"w{w}/", bonus=w) for w in bonus_weights),
+    )
 
 
 def _read_candidates(data_dir: Path, manifest: dict[str, Any], candidates: str, index: str) -> Catalogue | None:
@@ -274,13 +304,11 @@ def _run(
     dump_k: int | None,
     progress: bool,
     faiss_index: FaissIndex | None,
-    factors: tuple[float | None, ...] = (None,),
+    passes: tuple[Pass, ...] = (Pass(),),
 ) -> tuple[dict[str, float], dict[str, int], int]:
     """The evaluation loop: returns metric sums, counts and the number of distinct users.
 
-    Each batch's user vectors are computed once and ranked once per entry of `factors`:
-    None as the scorer was built, a number with the cold vectors times it (sums under "x<f>/",
-    `_rank`).
+    Each batch's user vectors are computed once and ranked once per entry of `passes` (`_rank`).
     """
     dataset = CatalogueSessions if cands.catalogue is not None else SessionDataset
     ds = dataset(data_dir, split, batch_size, shuffle=False, manifest=manifest)
@@ -306,7 +334,7 @@ def _run(
             if not len(queries):
                 continue
             state = scorer.begin_batch(batch)
-            _rank(scorer, state, queries, batch, cands, ks, faiss_index, sums, counts, writer, dump_k, factors)
+            _rank(scorer, state, queries, batch, cands, ks, faiss_index, sums, counts, writer, dump_k, passes)
         ok = True
     finally:
         if writer is not None:
@@ -317,22 +345,22 @@ def _run(
 def _rank(
     scorer: Any, state: Any, queries: Queries, batch: dict[str, Any], cands: Candidates, ks: list[int],
     faiss_index: FaissIndex | None, sums: dict[str, float], counts: dict[str, int], writer: _TopkWriter | None,
-    dump_k: int | None, factors: tuple[float | None, ...],
+    dump_k: int | None, passes: tuple[Pass, ...],
 ) -> None:  # fmt: skip
-    """Rank a batch's queries once per entry of `factors` (`_run`), from one set of scores per query
-    chunk (the repeat head's copy scores included), and add their metrics to `sums`."""
+    """Rank a batch's queries once per entry of `passes` (`_run`), from one set of scores per query
+    chunk (the repeat head's copy scores and the neighbour bonus included), and add their metrics
+    to `sums`: the first pass's (the scorer as built) as the result, the others under their prefix."""
     k_max = ks[-1]
     for start in range(0, len(queries), QUERY_CHUNK):
         q = queries.take(slice(start, start + QUERY_CHUNK))
         exclude = cands.exclude(batch, q)
         chunk_items = max(1024, MAX_SCORES // len(q))
         score = cands.score_fn(scorer, state, q, batch)  # reads the scorer's item vectors when called
-        for factor in factors:
-            if factor is not None:
-                scorer.rescale_cold(factor)
+        for p in passes:
+            p.apply(scorer)
             topk = chunked_topk(score, cands.total, k_max, chunk_items, exclude).to(q.target.device)
-            if factor is not None:
-                _add_metrics(sums, q, topk, ks, cands, f"x{factor}/")
+            if p.prefix:
+                _add_metrics(sums, q, topk, ks, cands, p.prefix)
                 continue
             if faiss_index is not None:
                 approx = scorer.index_topk(faiss_index, state, q, k_max, exclude).to(topk.device)
@@ -343,8 +371,8 @@ def _rank(
             _add_metrics(sums, q, topk, ks, cands, "", counts)
             if writer is not None:
                 writer.write(batch, q, topk[:, : dump_k or k_max])
-        if len(factors) > 1:
-            scorer.rescale_cold(1.0)
+        if len(passes) > 1:
+            scorer.as_built()
 
 
 def _add_metrics(

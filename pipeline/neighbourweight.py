@@ -3,13 +3,16 @@
 The neighbour term (`model/neighbours.py`) adds weight x item-CF's score of the
 session prefix to the model's score. After training, `choose_neighbour_weight`
 builds the table (each item's top `--neighbours` by session co-occurrence cosine on
-the training split), evaluates the best model on the validation split at each weight
-of `GRID`, in order, and keeps the best by the selection metric (`--select-metric` at
-`--eval-k`); ties go to the smaller weight. The search stops at the first weight that
-scores below the best so far: validation curves over this grid rise to one peak and
-fall (the scores are added to logits, so doubling the weight past the peak only hurts),
-and on logs where the term does not help this costs two validation passes. A chosen
-weight of 0 empties the table: the model keeps a plain dot product and serves as before.
+the training split) and evaluates the best model on the validation split at every weight
+of `GRID` in one pass: the user vectors are computed once, and the bonus of weight 1 is
+scaled to each weight (`evaluate_model(bonus_weights=...)`; the grid's weights are powers
+of two and 0, so the scaled bonus is the one the weight itself gives, bit for bit). It
+keeps the best by the selection metric (`--select-metric` at `--eval-k`) among the weights
+up to the first one that scores below the best before it (ties go to the smaller
+weight): validation curves over this grid rise to one peak and fall (the scores are
+added to logits, so doubling the weight past the peak only hurts), and a later, noisier
+bump is not taken. A chosen weight of 0 empties the table: the model keeps a plain dot
+product and serves as before.
 
 The table's counts (c_ij of each listed pair, n_i of each item) go into best.pt beside
 the model (`COUNTS_KEY`), whatever the weight: a warm start (`--init-from`), which
@@ -30,7 +33,7 @@ from sdm.pipeline.baselines.itemcf import NeighbourCounts, neighbour_table
 from sdm.pipeline.metrics import selection_value
 
 GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-"""Weights tried, in order, until one scores below the best so far."""
+"""Weights measured (all in one validation pass); the choice stops at the first drop (`first_peak`)."""
 
 
 @dataclass
@@ -41,7 +44,7 @@ class NeighbourChoice:
         weight: the chosen weight (0: the term is off).
         k: the cut-off K of the metrics.
         neighbours: neighbours kept per item.
-        rows: one per weight tried: {"weight", "hr", "ndcg", "select"}.
+        rows: one per weight of the grid: {"weight", "hr", "ndcg", "select"}.
         queries: validation queries.
     """
 
@@ -50,6 +53,11 @@ class NeighbourChoice:
     neighbours: int
     rows: list[dict[str, float]] = field(default_factory=list)
     queries: int = 0
+
+    def chosen(self) -> dict[str, float]:
+        """The validation metrics at the chosen weight: {"queries", "hr@K", "ndcg@K"} (ranking the vocabulary)."""
+        row = next(r for r in self.rows if r["weight"] == self.weight)
+        return {"queries": self.queries, f"hr@{self.k}": row["hr"], f"ndcg@{self.k}": row["ndcg"]}
 
     def summary(self) -> str:
         """One line for the trainer's output."""
@@ -88,22 +96,29 @@ def choose_neighbour_weight(
     from sdm.pipeline.evaluate import evaluate_model
 
     table = neighbour_table(data_dir, read_manifest(data_dir), neighbours, previous)
-    rows: list[dict[str, float]] = []
-    queries = 0
-    model.neighbours.fill(table.items, table.sims, 1.0)  # the table stays while searching
-    for weight in grid:
-        model.neighbours.weight.fill_(weight)
-        m = evaluate_model(model, data_dir, "valid", [k], batch_size, device)
-        queries = int(m["queries"])
-        if not queries:
-            model.neighbours.fill(table.items, table.sims, 0.0)
-            return None, table
-        rows.append({"weight": weight, "hr": m[f"hr@{k}"], "ndcg": m[f"ndcg@{k}"], "select": selection_value(m, select, k)})
-        if rows[-1]["select"] < max(r["select"] for r in rows):
-            break
-    best = max(rows, key=lambda r: (r["select"], -r["weight"]))["weight"]
+    model.neighbours.fill(table.items, table.sims, 1.0)  # weight 1: the pass scales the bonus to each weight
+    others = tuple(w for w in grid if w != 1.0)
+    m = evaluate_model(model, data_dir, "valid", [k], batch_size, device, bonus_weights=others)
+    if not m["queries"]:
+        model.neighbours.fill(table.items, table.sims, 0.0)
+        return None, table
+    results = {1.0: m, **{r["weight"]: r for r in m["bonus_weights"]}}
+    rows = [{"weight": w, "hr": results[w][f"hr@{k}"], "ndcg": results[w][f"ndcg@{k}"],
+             "select": selection_value(results[w], select, k)} for w in grid]  # fmt: skip
+    best = first_peak(rows)
     model.neighbours.fill(table.items, table.sims, best)
-    return NeighbourChoice(best, k, neighbours, rows, queries), table
+    return NeighbourChoice(best, k, neighbours, rows, int(m["queries"])), table
+
+
+def first_peak(rows: list[dict[str, float]]) -> float:
+    """The weight of the best "select" among the rows up to the first that scores below the best
+    before it (module docs); ties go to the smaller weight."""
+    upto: list[dict[str, float]] = []
+    for row in rows:
+        if upto and row["select"] < max(r["select"] for r in upto):
+            break
+        upto.append(row)
+    return max(upto, key=lambda r: (r["select"], -r["weight"]))["weight"]
 
 
 def set_neighbour_weight(

@@ -56,12 +56,26 @@ class ModelScorer:
             if catalogue is not None:
                 self.items = torch.cat([self.items, cold_item_vectors(model, catalogue)])  # (V + C, D)
         self._cold: Tensor | None = None  # the cold vectors as built, kept by the first `rescale_cold`
+        self.bonus_scale = 1.0
+        """Multiplier of the neighbour bonus (one pass, several weights: `evaluate_model(bonus_weights=...)`)."""
+
+    @property
+    def has_bonus(self) -> bool:
+        """Whether the model's neighbour term is active (its bonus changes scores)."""
+        table = getattr(self.model, "neighbours", None)
+        return table is not None and table.active
 
     def rescale_cold(self, factor: float) -> None:
         """Score the cold items with their vectors as built times `factor` (one pass, several cold scales)."""
         if self._cold is None:
             self._cold = self.items[self.num_warm :].clone()
         torch.mul(self._cold, factor, out=self.items[self.num_warm :])
+
+    def as_built(self) -> None:
+        """Undo `rescale_cold` and `bonus_scale`."""
+        if self._cold is not None:
+            self.rescale_cold(1.0)
+        self.bonus_scale = 1.0
 
     def begin_batch(self, batch: dict[str, Any]) -> tuple[Tensor, History | None]:
         """User vectors of every session position (B, T, D), and the repeat head's history (or None)."""
@@ -100,18 +114,18 @@ class ModelScorer:
     def score_fn(self, state: tuple[Tensor, History | None], qb: Tensor, qp: Tensor, prefix: Tensor) -> ScoreFn:
         """Scores u_q · v_j of an item chunk; with a repeat head, the query's history items
         get logaddexp(u_q · v_j, R_qj) (`copy_scores`); with a neighbour term, its bonus
-        items get + B_qj (`model/neighbours.py`)."""
+        items get + B_qj (`model/neighbours.py`) times `bonus_scale`, read when called."""
         u = self.query_vectors(state, qb, qp)  # (Q, D)
         history = copy_scores(state[1], qb, qp) if state[1] is not None else None  # (Q, H) each
-        table = getattr(self.model, "neighbours", None)
-        bonus = table.bonus(prefix, qp) if table is not None and table.active else None  # (Q, T * N) each
+        bonus = self.model.neighbours.bonus(prefix, qp) if self.has_bonus else None  # (Q, T * N) each
 
         def score(start: int, end: int) -> Tensor:
             out = u @ self.items[start:end].T  # (Q, C)
             if history is not None:
                 out = add_copy_scores(out, start, *history)
             if bonus is not None:
-                out = add_bonus(out, start, *bonus)
+                items, b = bonus
+                out = add_bonus(out, start, items, b if self.bonus_scale == 1.0 else b * self.bonus_scale)
             return out
 
         return score

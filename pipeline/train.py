@@ -564,41 +564,48 @@ def store_choices(run: Run) -> None:
     ckpt = read_checkpoint(path)
     run.model.load_state_dict(ckpt["model"])  # training is over: the model becomes best.pt
     run.model.eval()
+    measured = None  # validation ranking the vocabulary with the chosen weight, when the choice measured it
     if cfg.neighbours:
-        ckpt[COUNTS_KEY] = counts_entry(store_neighbours(run))
+        table, measured = store_neighbours(run)
+        ckpt[COUNTS_KEY] = counts_entry(table)
         for name, value in run.model.neighbours.state_dict().items():
             ckpt["model"][f"neighbours.{name}"] = value.detach().cpu().clone()
     if cold:
-        store_cold_scale(run)
+        store_cold_scale(run, measured)
         ckpt["model"]["cold_scale"] = run.model.cold_scale.detach().cpu().clone()
     atomic_save(ckpt, path)
 
 
-def store_neighbours(run: Run) -> NeighbourCounts:
+def store_neighbours(run: Run) -> tuple[NeighbourCounts, dict[str, Any] | None]:
     """The neighbour term of `run.model`: --neighbour-weight, or the weight validation prefers.
-    A warm-started run adds its training split's counts to those of the model it began from."""
+    A warm-started run adds its training split's counts to those of the model it began from.
+    Returns the table with its counts, and the validation metrics at the chosen weight (None
+    when the weight was given)."""
     cfg = run.cfg
     previous = None
     if cfg.init_from is not None:
         prev = read_checkpoint(Path(cfg.init_from) / "best.pt")
         previous = previous_counts(prev, int(run.manifest["num_items"]), cfg.neighbours)
     if cfg.neighbour_weight is not None:
-        return set_neighbour_weight(run.model, cfg.data, cfg.neighbours, cfg.neighbour_weight, previous)
+        return set_neighbour_weight(run.model, cfg.data, cfg.neighbours, cfg.neighbour_weight, previous), None
     choice, table = choose_neighbour_weight(run.model, cfg.data, cfg.neighbours, cfg.eval_k, cfg.select_metric,
                                             run.device, previous=previous)  # fmt: skip
-    if choice is not None:
-        say(run, f"[train] {choice.summary()}")
-        _log(run, {"neighbours": choice.as_dict()})
-    return table
+    if choice is None:
+        return table, None
+    say(run, f"[train] {choice.summary()}")
+    _log(run, {"neighbours": choice.as_dict()})
+    return table, choice.chosen()
 
 
-def store_cold_scale(run: Run) -> None:
-    """The cold items' scale of `run.model`: --cold-scale, or the one validation prefers."""
+def store_cold_scale(run: Run, vocabulary: dict[str, Any] | None = None) -> None:
+    """The cold items' scale of `run.model`: --cold-scale, or the one validation prefers
+    (`vocabulary`: its validation ranking the vocabulary alone, when already measured)."""
     cfg = run.cfg
     if cfg.cold_scale is not None:
         run.model.cold_scale.fill_(cfg.cold_scale)
         return
-    choice = choose_cold_scale(run.model, cfg.data, cfg.eval_k, cfg.cold_budget, cfg.select_metric, run.device)
+    choice = choose_cold_scale(run.model, cfg.data, cfg.eval_k, cfg.cold_budget, cfg.select_metric, run.device,
+                               vocabulary=vocabulary)  # fmt: skip
     if choice is not None:
         say(run, f"[train] {choice.summary(cfg.cold_budget)}")
         _log(run, {"cold_scale": choice.as_dict()})

@@ -74,6 +74,13 @@ def test_largest_all_target_hr_within_the_warm_budget(monkeypatch: pytest.Monkey
     assert choose_cold_scale(_Fake(), Path("d"), 50, 0.0, "hr").scale == 0.2
 
 
+def test_a_vocabulary_ranking_already_measured_is_not_measured_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = {0.0: (0.50, 0.80), 0.2: (0.52, 0.80), 0.4: (0.55, 0.795), 0.6: (0.58, 0.7921), 0.8: (0.60, 0.78), 1.0: (0.59, 0.70)}
+    _validation(monkeypatch, table, 0.0)  # the vocabulary pass here would say 0: not asked
+    choice = choose_cold_scale(_Fake(), Path("d"), 50, 0.01, "hr", vocabulary={"queries": 100, "hr@50": 0.48})
+    assert choice is not None and choice.scale == 0.6 and choice.warm_vocabulary == pytest.approx(0.8)
+
+
 def test_ties_go_to_the_smaller_scale_and_no_scale_within_budget_is_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     _validation(monkeypatch, {s: (0.5, 0.8) for s in GRID}, 0.48)
     assert choose_cold_scale(_Fake(), Path("d"), 50, 0.01, "hr").scale == 0.0

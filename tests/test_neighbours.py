@@ -147,13 +147,14 @@ class _Table(torch.nn.Module):
         self.neighbours = NeighbourTable()
 
 
-def _rule(monkeypatch: pytest.MonkeyPatch, curve: dict[float, float]) -> tuple[Any, list[float]]:
-    asked: list[float] = []
+def _rule(monkeypatch: pytest.MonkeyPatch, curve: dict[float, float]) -> tuple[Any, list[Any]]:
+    asked: list[Any] = []
 
-    def fake(model: Any, data: Path, split: str, ks: list[int], *a: Any, **k: Any) -> dict[str, Any]:
-        w = float(model.neighbours.weight)
-        asked.append(w)
-        return {"queries": 10, "hr@50": curve[w], "ndcg@50": 0.0}
+    def fake(model: Any, data: Path, split: str, ks: list[int], *a: Any, bonus_weights: tuple[float, ...] = (),
+             **k: Any) -> dict[str, Any]:  # fmt: skip
+        asked.append((float(model.neighbours.weight), bonus_weights))
+        one = {"queries": 10, "hr@50": curve[float(model.neighbours.weight)], "ndcg@50": 0.0}
+        return {**one, "bonus_weights": [{"weight": w, "queries": 10, "hr@50": curve[w], "ndcg@50": 0.0} for w in bonus_weights]}
 
     monkeypatch.setattr(evaluate_module, "evaluate_model", fake)
     monkeypatch.setattr("sdm.pipeline.neighbourweight.read_manifest", lambda data: {})
@@ -165,13 +166,16 @@ def _rule(monkeypatch: pytest.MonkeyPatch, curve: dict[float, float]) -> tuple[A
 
 def test_the_rule_stops_at_the_first_drop_and_ties_go_to_the_smaller_weight(monkeypatch: pytest.MonkeyPatch) -> None:
     choice, asked = _rule(monkeypatch, {0.0: 0.1, 1.0: 0.2, 2.0: 0.3, 4.0: 0.3, 8.0: 0.25, 16.0: 0.9, 32.0: 1, 64.0: 1})
-    assert asked == [0.0, 1.0, 2.0, 4.0, 8.0] and choice.weight == 2.0  # 16 is never tried
-    assert [r["weight"] for r in choice.rows] == asked and "weight 2 chosen" in choice.summary()
+    # one validation pass: the table at weight 1, every other weight of the grid from the same user vectors
+    assert asked == [(1.0, tuple(w for w in GRID if w != 1.0))]
+    assert choice.weight == 2.0  # 16 and above lie past the first drop (8)
+    assert [r["weight"] for r in choice.rows] == list(GRID) and "weight 2 chosen" in choice.summary()
+    assert choice.chosen() == {"queries": 10, "hr@50": 0.3, "ndcg@50": 0.0}
 
 
 def test_a_term_that_does_not_help_is_off_and_its_table_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    choice, asked = _rule(monkeypatch, dict.fromkeys(GRID, 0.5) | {1.0: 0.4})
-    assert asked == [0.0, 1.0] and choice.weight == 0.0
+    choice, _ = _rule(monkeypatch, dict.fromkeys(GRID, 0.5) | {1.0: 0.4})
+    assert choice.weight == 0.0
     # the model the rule leaves behind: no table, a plain dot product
     model = _Table()
     model.neighbours.fill(torch.ones(3, 2, dtype=torch.int32), torch.ones(3, 2), 0.0)
@@ -220,6 +224,27 @@ def test_evaluate_with_the_term_equals_the_model_plus_item_cf(pipe: dict[str, An
     for key in ("hr@5", "hr@20", "ndcg@20", "mrr@20"):
         assert got[key] == pytest.approx(blend[key], abs=1e-9), key
     assert (got["hr@20"], got["ndcg@20"]) != (plain["hr@20"], plain["ndcg@20"])  # the term changes the ranking
+
+
+def test_one_pass_over_bonus_weights_equals_one_evaluation_per_weight(pipe: dict[str, Any]) -> None:
+    model = load_model(pipe["model"], pipe["data"], pipe["manifest"], torch.device("cpu"))
+    items, sims = model.neighbours.items.clone(), model.neighbours.sims.clone()
+    model.neighbours.fill(items, sims, 1.0)
+    weights = (0.0, 0.5, 4.0, 64.0)
+    together = evaluate_module.evaluate_model(model, pipe["data"], "test", [5, 20], 64, bonus_weights=weights)
+    assert [r["weight"] for r in together["bonus_weights"]] == list(weights)
+    for one in together["bonus_weights"]:
+        model.neighbours.fill(items, sims, one["weight"])
+        alone = evaluate_module.evaluate_model(model, pipe["data"], "test", [5, 20], 64)
+        for key in ("hr@5", "hr@20", "ndcg@20", "mrr@20", "queries"):
+            assert one[key] == alone[key], (one["weight"], key)  # powers of two and 0 scale exactly
+    model.neighbours.fill(items, sims, 1.0)
+    assert {k: v for k, v in together.items() if k != "bonus_weights"} == evaluate_module.evaluate_model(
+        model, pipe["data"], "test", [5, 20], 64)  # fmt: skip
+    assert len({round(r["ndcg@20"], 9) for r in together["bonus_weights"]}) > 1  # the weights rank differently
+    model.neighbours.fill(items, sims, 0.0)
+    with pytest.raises(ConfigError, match="neighbour term"):
+        evaluate_module.evaluate_model(model, pipe["data"], "test", [5], 64, bonus_weights=weights)
 
 
 def test_recommend_faiss_and_the_api_rank_like_evaluate(pipe: dict[str, Any], tmp_path: Path) -> None:
@@ -281,7 +306,7 @@ def test_train_chooses_the_weight_and_best_pt_carries_the_table(pipe: dict[str, 
     model = load_model(tmp_path / "m", pipe["data"], pipe["manifest"], torch.device("cpu"))
     assert float(model.neighbours.weight) == chosen[0]["weight"]
     assert model.neighbours.items.shape == ((pipe["manifest"]["num_items"], 5) if chosen[0]["weight"] else (0, 0))
-    best = max(chosen[0]["rows"], key=lambda r: r["select"])
+    best = next(r for r in chosen[0]["rows"] if r["weight"] == chosen[0]["weight"])
     again = evaluate_module.evaluate_model(model, pipe["data"], "valid", [50], 512)
     assert again["hr@50"] + again["ndcg@50"] == pytest.approx(best["select"])
     # an explicit weight is written as given, nothing is chosen
