@@ -12,11 +12,13 @@ in `loss.py`; the model never sees targets.
 
 Shape letters: B sessions, T session positions, L long-term events, D
 `embedding_dim`, F item features, U = width of e_u, K values of a multi-valued
-item feature.
+feature.
 
 A multi-valued item feature (genres 'Comedy|Romance') is embedded as the mean of
 its values' embeddings wherever an item is embedded: session input, long-term
-window, item tower, cold items (`ItemValues`, `pooled_embedding`).
+window, item tower, cold items (`ValueLists`, `pooled_embedding`). A
+multi-valued user feature (a profile's interests 'sports|music') is the mean of
+its values' embeddings in e_u.
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ class ModelConfig(BaseModel):
     negative of the loss) loses its id embedding (index 0, a zero row), so its vector must also
     work from side features alone, as a cold item's does (`SDM.cold_item_vectors`); 0 = off."""
     multi_valued: list[str] = []
-    """Item features of `item_vocab` that hold several values per item ('Comedy|Romance'): an
-    item's embedding of such a feature is the mean of its values' embeddings (`ItemValues`)
-    instead of its first value's. Empty = every feature single-valued (checkpoints before it)."""
+    """Features of `item_vocab` or `user_vocab` that hold several values ('Comedy|Romance'): an
+    item's (a user's) embedding of such a feature is the mean of its values' embeddings
+    (`ValueLists`) instead of one value's. Empty = every feature single-valued (checkpoints
+    before it)."""
 
     @field_validator("embedding_dim", "lstm_layers", "num_heads", "num_blocks", "num_targets", "max_session_len", "max_long_len")
     @classmethod
@@ -136,10 +139,10 @@ class ModelConfig(BaseModel):
                     raise ValueError(f"{kind} has an empty feature name")
                 if size < 2:
                     raise ValueError(f"{kind}[{name!r}] must be >= 2 (padding and OOV included), got {size}")
-        wrong = [f for f in self.multi_valued if f == "item" or f not in self.item_vocab]
+        wrong = [f for f in self.multi_valued if f in ("item", "user") or f not in {**self.item_vocab, **self.user_vocab}]
         if wrong or len(set(self.multi_valued)) != len(self.multi_valued):
             raise ValueError(
-                f"multi_valued must name distinct item side features of item_vocab, got {self.multi_valued}"
+                f"multi_valued must name distinct side features of item_vocab or user_vocab, got {self.multi_valued}"
             )
         return self
 
@@ -187,18 +190,22 @@ class EmbeddingBank(nn.Module):
         return [table(x) for table, x in zip(self.tables, ids, strict=True)]
 
 
-class ItemValues(nn.Module):
-    """The value indices of every item, per multi-valued item feature (`ModelConfig.multi_valued`).
+class ValueLists(nn.Module):
+    """The value indices of every row, per multi-valued feature (`ModelConfig.multi_valued`).
 
-    One buffer `values_<k>` (num_items, K) per feature, k in `names` order (not the feature's
-    name: names come from user data and could clash with nn.Module attributes). Row i holds item
-    i's value indices (items.parquet's `<f>_values`, at most `MAX_VALUES`), right-padded with 0.
-    Rows 0 (padding) and 1 (OOV), and an item without values, are all 0: there the single value
-    index an event carries is embedded (`pooled_embedding`). The buffers travel in the state
-    dict, so a model rebuilt from its weights alone (serving) needs no data directory.
+    Items (`SDM.item_values`): row i holds item i's values (items.parquet's `<f>_values`).
+    Users (`SDM.user_values`): row s holds the values of value set s, the index a user's
+    profile carries for the feature (users.parquet's `<f>` and `<f>_values`).
+
+    One buffer `values_<k>` (rows, K) per feature, k in `names` order (not the feature's
+    name: names come from user data and could clash with nn.Module attributes). A row holds
+    at most `MAX_VALUES` value indices, right-padded with 0. Rows 0 (padding) and 1 (OOV),
+    and a row without values, are all 0: there a single value index is embedded
+    (`pooled_embedding`). The buffers travel in the state dict, so a model rebuilt from its
+    weights alone (serving) needs no data directory.
 
     Args:
-        tables: feature name -> (num_items, K) LongTensor, checked by `SDM`.
+        tables: feature name -> (rows, K) LongTensor, checked by `SDM`.
     """
 
     def __init__(self, tables: Mapping[str, Tensor]) -> None:
@@ -222,10 +229,17 @@ def pooled_embedding(table: nn.Embedding, single: Tensor, values: Tensor) -> Ten
 
 
 def state_item_values(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The `ItemValues` buffers of an `SDM` state dict, by feature: with the state's `item_table`,
+    """The item `ValueLists` buffers of an `SDM` state dict, by feature: with the state's `item_table`,
     what `SDM(config, ...)` needs to rebuild the model from its weights alone (serving)."""
     names = [f for f in config.multi_valued if f in config.item_features]
     keys = {f: f"item_values.values_{k}" for k, f in enumerate(names)}
+    return {f: state[key] for f, key in keys.items() if key in state}
+
+
+def state_user_values(config: ModelConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The user `ValueLists` buffers of an `SDM` state dict, by feature (`state_item_values`)."""
+    names = [f for f in config.multi_valued if f in config.user_features]
+    keys = {f: f"user_values.values_{k}" for k, f in enumerate(names)}
     return {f: state[key] for f, key in keys.items() if key in state}
 
 
@@ -634,17 +648,21 @@ class SDM(nn.Module):
         item_table: LongTensor (num_items, F_all): row i holds item i's feature indices,
             columns in `config.item_vocab` order (column 0 = i; a multi-valued feature's
             first value). None = item id only, allowed when the variant reads no side feature.
-        item_values: multi-valued feature -> LongTensor (num_items, K): row i holds item i's
-            value indices, padded with 0 (`ItemValues`; `pipeline.dataset.load_item_values`).
-            Needed for each feature of `config.multi_valued` the variant reads.
+        item_values: multi-valued item feature -> LongTensor (num_items, K): row i holds item
+            i's value indices, padded with 0 (`ValueLists`; `pipeline.dataset.load_item_values`).
+            Needed for each item feature of `config.multi_valued` the variant reads.
+        user_values: multi-valued user feature -> LongTensor (S, K): row s holds the value
+            indices of value set s, the index users carry (`pipeline.dataset.load_user_values`).
+            Needed for each user feature of `config.multi_valued` the variant reads.
 
     Raises:
-        ValueError: when item_table does not match item_vocab, or item_values does not hold a
-            valid table for each feature of config.multi_valued the variant reads.
+        ValueError: when item_table does not match item_vocab, or item_values / user_values do
+            not hold a valid table for each feature of config.multi_valued the variant reads.
     """
 
     def __init__(
-        self, config: ModelConfig, item_table: Tensor | None = None, item_values: Mapping[str, Tensor] | None = None
+        self, config: ModelConfig, item_table: Tensor | None = None, item_values: Mapping[str, Tensor] | None = None,
+        user_values: Mapping[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -657,7 +675,10 @@ class SDM(nn.Module):
         self.register_buffer("cold_scale", torch.tensor(1.0))
         # Multi-valued features: each item's value indices, mean-pooled wherever an item is embedded.
         self.multi_valued = [f for f in config.multi_valued if f in self.item_features]
-        self.item_values = ItemValues(self._check_item_values(config, item_values))
+        self.item_values = ValueLists(self._check_item_values(config, item_values))
+        # ... and each value set's value indices, mean-pooled into e_u.
+        self.user_multi_valued = [f for f in config.multi_valued if f in self.user_features]
+        self.user_values = ValueLists(self._check_user_values(config, user_values))
         # Item-CF's neighbour scores, added with a weight chosen on validation after training
         # (`model/neighbours.py`); empty, and so inactive, until then.
         self.neighbours = NeighbourTable()
@@ -754,6 +775,33 @@ class SDM(nn.Module):
             out[f] = t.clone()
         return out
 
+    def _check_user_values(self, config: ModelConfig, values: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """The value-set tables of the multi-valued user features this variant reads; check shapes and ranges."""
+        values = values or {}
+        out = {}
+        for f in self.user_multi_valued:
+            t = values.get(f)
+            if t is None:
+                raise ValueError(
+                    f"user_values lacks the multi-valued user feature {f!r}; pass each value set's value indices "
+                    "(users.parquet's <f>_values, `pipeline.dataset.load_user_values`)"
+                )
+            if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 2 or t.shape[0] < 2 or not t.shape[1]:
+                raise ValueError(
+                    f"user_values[{f!r}] must be a 2-D integer tensor of shape (S >= 2, K >= 1), got {t.dtype} of "
+                    f"shape {tuple(t.shape)}"
+                )
+            t = t.long()
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= config.user_vocab[f]:
+                raise ValueError(
+                    f"user_values[{f!r}] has indices in [{lo}, {hi}], outside its vocabulary of size {config.user_vocab[f]}"
+                )
+            if bool(t[:2].any()):
+                raise ValueError(f"user_values[{f!r}]: rows 0 (padding) and 1 (OOV) must be all 0")
+            out[f] = t.clone()
+        return out
+
     # -- item side ---------------------------------------------------------
 
     def item_embs(self, ids: Sequence[Tensor], values: Mapping[str, Tensor]) -> list[Tensor]:
@@ -846,7 +894,17 @@ class SDM(nn.Module):
         """e_u. Args: user: feature -> LongTensor (B,). Returns: (B, U)."""
         if self.user_default is not None:
             return self.user_default.expand(batch_size, -1)  # (B, D)
-        return torch.cat(self.user_emb([user[f] for f in self.user_features]), dim=-1)  # (B, U)
+        if not self.user_multi_valued:
+            return torch.cat(self.user_emb([user[f] for f in self.user_features]), dim=-1)  # (B, U)
+        sets = self.user_values.rows(None)  # feature -> (S, K)
+        parts = []
+        for f, table in zip(self.user_features, self.user_emb.tables, strict=True):
+            if f in sets:  # the user's value set -> the mean of its values (no value: the OOV value)
+                idx = user[f].long()
+                parts.append(pooled_embedding(table, torch.ones_like(idx), sets[f][idx]))
+            else:
+                parts.append(table(user[f]))
+        return torch.cat(parts, dim=-1)  # (B, U)
 
     def forward(self, batch: Batch, with_history: bool = False) -> Tensor | tuple[Tensor, History | None]:
         """User vectors after reading positions 0..p of each session, for every p.
@@ -856,7 +914,7 @@ class SDM(nn.Module):
                 "long": feature -> LongTensor (B, L) (L may be 0); "long_len" (B,);
                 "user": feature -> LongTensor (B,). Features the variant does not read are ignored.
                 A multi-valued feature's index is its first value; a known item's event (index >= 2)
-                embeds the mean of all its values instead (`ItemValues`), padding and OOV events
+                embeds the mean of all its values instead (`ValueLists`), padding and OOV events
                 the index given.
             with_history: also return the repeat head's `History` (None without the head).
                 Optional batch key "copy_items": {"seq": (B, T), "long": (B, L)} candidate indices

@@ -412,7 +412,7 @@ def load_item_values(data_dir: Path, manifest: dict[str, Any], features: list[st
         DataError: a missing column or bad values (`check_values`), one line naming items.parquet.
     """
     multi = manifest.get("multi_valued") or {}
-    columns = {f: str(multi[f]["items_column"]) for f in features if f in multi}
+    columns = {f: str(multi[f]["items_column"]) for f in features if "items_column" in (multi.get(f) or {})}
     if not columns:
         return {}
     path = Path(data_dir) / "items.parquet"
@@ -428,6 +428,45 @@ def load_item_values(data_dir: Path, manifest: dict[str, Any], features: list[st
         padded = pad_values(lists)
         full = np.zeros((int(manifest["num_items"]), padded.shape[1]), dtype=np.int64)
         full[idx] = padded
+        out[f] = torch.from_numpy(full)
+    return out
+
+
+def load_user_values(data_dir: Path, manifest: dict[str, Any], features: list[str]) -> dict[str, torch.Tensor]:
+    """Per multi-valued user feature among `features`: (S, K) value indices of every value set.
+
+    A multi-valued profile feature's index in users.parquet (and the shards' `user_<f>`) is
+    its value set s, 2 .. S - 1 (the manifest's `multi_valued[f]["sets"]` is S; 1: no
+    value). Row s holds the set's values (users.parquet's `<f>_values`, the first
+    `MAX_VALUES`), right-padded with 0; rows 0 and 1 are all 0 (`SDM` embeds the OOV
+    value there). {} when none of `features` is a multi-valued user feature.
+
+    Raises:
+        DataError: a missing column, bad values (`check_values`), a set index outside
+            1 .. S - 1, or one set index with two value lists; one line naming users.parquet.
+    """
+    multi = manifest.get("multi_valued") or {}
+    columns = {f: str(multi[f]["users_column"]) for f in features if "users_column" in (multi.get(f) or {})}
+    if not columns:
+        return {}
+    path = Path(data_dir) / "users.parquet"
+    try:
+        table = pq.read_table(path, columns=[*columns, *columns.values()])
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot read the value sets {list(columns)} ({first})") from None
+    out = {}
+    for f, column in columns.items():
+        sets = int(multi[f].get("sets") or 2)
+        idx = table.column(f).to_numpy(zero_copy_only=False)
+        if table.column(f).null_count or (len(idx) and (idx.min() < 1 or idx.max() >= sets)):
+            raise DataError(f"{path}: column {f!r} has value-set indices outside 1 .. {sets - 1} (the manifest's sets)")
+        padded = pad_values(check_values(path, column, table.column(column), int(manifest["vocab_sizes"][f])))
+        full = np.zeros((sets, padded.shape[1]), dtype=np.int64)
+        idx = idx.astype(np.int64)
+        full[idx] = padded
+        if not np.array_equal(full[idx], padded) or full[:2].any():
+            raise DataError(f"{path}: column {f!r}: a value-set index with two different value lists ({column!r})")
         out[f] = torch.from_numpy(full)
     return out
 

@@ -13,7 +13,7 @@ from typing import Any
 from sdm.config import TrainConfig
 from sdm.errors import SdmError
 from sdm.model.sdm import SDM, ModelConfig
-from sdm.pipeline.dataset import load_item_table, load_item_values
+from sdm.pipeline.dataset import load_item_table, load_item_values, load_user_values
 
 NO_SIDE_INFO_VARIANTS = ("PSDMMAL-NoS",)
 
@@ -54,21 +54,24 @@ def model_features(manifest: dict[str, Any], cfg: TrainConfig) -> tuple[list[str
 
 def build_model(model_cfg: ModelConfig, data: Path, manifest: dict[str, Any]) -> SDM:
     """A freshly initialised `SDM` of `model_cfg` with the data's item tables: each item's feature
-    indices (items.parquet) and each multi-valued feature's value lists.
+    indices (items.parquet) and each multi-valued feature's value lists (items.parquet, and the
+    value sets of users.parquet).
 
     Raises:
-        DataError: an unreadable items.parquet or bad value lists. ValueError: tables that do
-            not fit `model_cfg` (`SDM`).
+        DataError: an unreadable items.parquet or users.parquet, or bad value lists. ValueError:
+            tables that do not fit `model_cfg` (`SDM`).
     """
     table = load_item_table(data, manifest, list(model_cfg.item_vocab))
-    return SDM(model_cfg, table, load_item_values(data, manifest, model_cfg.multi_valued))
+    items = [f for f in model_cfg.multi_valued if f in model_cfg.item_vocab]
+    users = [f for f in model_cfg.multi_valued if f in model_cfg.user_vocab]
+    return SDM(model_cfg, table, load_item_values(data, manifest, items), load_user_values(data, manifest, users))
 
 
 def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfig:
     """The model's typed config from the run config and the data manifest.
 
-    The item features the run reads that the manifest lists as multi-valued (`multi_valued`)
-    are pooled by the model (`ModelConfig.multi_valued`).
+    The item and user features the run reads that the manifest lists as multi-valued
+    (`multi_valued`) are pooled by the model (`ModelConfig.multi_valued`).
     """
     items, users = model_features(manifest, cfg)
     sizes = manifest["vocab_sizes"]
@@ -90,7 +93,7 @@ def build_model_config(cfg: TrainConfig, manifest: dict[str, Any]) -> ModelConfi
         repeat=cfg.repeat,
         repeat_prior=cfg.repeat_prior,
         id_dropout=cfg.id_dropout,
-        multi_valued=[f for f in items if f in multi],
+        multi_valued=[f for f in [*items, *users] if f in multi],
     )
 
 

@@ -53,9 +53,7 @@ from sdm.pipeline.dataset import (
     move_batch,
     read_manifest,
 )
-from sdm.pipeline.coldscale import choose_cold_scale, has_cold_items
-from sdm.pipeline.baselines.itemcf import NeighbourCounts
-from sdm.pipeline.neighbourweight import COUNTS_KEY, choose_neighbour_weight, counts_entry, previous_counts, set_neighbour_weight
+from sdm.pipeline.choices import check_choice_flags, choose_after_training, needs_choices
 from sdm.pipeline.device import pick_device
 from sdm.manifest import oov_warnings, verify_files
 from sdm.pipeline.trainlog import TrainLog
@@ -272,7 +270,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     if cfg.verify and rank == 0:
         verify_files(cfg.data, manifest)
     check_eval_k(cfg, manifest)
-    check_cold_flags(cfg, manifest)
+    check_choice_flags(cfg, manifest)
     if rank == 0:
         for line in oov_warnings({"valid": manifest["splits"]["valid"]}):
             print(f"warning: {line}; validation (best.pt, early stopping) sees the rest", file=sys.stderr)
@@ -553,74 +551,20 @@ def end_cut_run(run: Run, state: Progress) -> None:
 
 
 def store_choices(run: Run) -> None:
-    """Write what is chosen after training into best.pt (rank 0): the neighbour term's table and
-    weight (`pipeline/neighbourweight.py`; --neighbours > 0), then, for data with cold items,
-    their scale (`pipeline/coldscale.py`); each given by its flag or the one validation prefers,
-    said and logged."""
+    """Write what is chosen after training into best.pt (rank 0, `pipeline/choices.py`): the
+    neighbour term and, for data with cold items, their scale."""
     cfg, path = run.cfg, run.cfg.out / "best.pt"
-    cold = has_cold_items(run.manifest)
-    if run.rank != 0 or not (cold or cfg.neighbours) or not path.exists():
+    if run.rank != 0 or not needs_choices(cfg, run.manifest) or not path.exists():
         return
     ckpt = read_checkpoint(path)
     run.model.load_state_dict(ckpt["model"])  # training is over: the model becomes best.pt
     run.model.eval()
-    measured = None  # validation ranking the vocabulary with the chosen weight, when the choice measured it
-    if cfg.neighbours:
-        table, measured = store_neighbours(run)
-        ckpt[COUNTS_KEY] = counts_entry(table)
-        for name, value in run.model.neighbours.state_dict().items():
-            ckpt["model"][f"neighbours.{name}"] = value.detach().cpu().clone()
-    if cold:
-        store_cold_scale(run, measured)
-        ckpt["model"]["cold_scale"] = run.model.cold_scale.detach().cpu().clone()
-    atomic_save(ckpt, path)
-
-
-def store_neighbours(run: Run) -> tuple[NeighbourCounts, dict[str, Any] | None]:
-    """The neighbour term of `run.model`: --neighbour-weight, or the weight validation prefers.
-    A warm-started run adds its training split's counts to those of the model it began from.
-    Returns the table with its counts, and the validation metrics at the chosen weight (None
-    when the weight was given)."""
-    cfg = run.cfg
     previous = None
-    if cfg.init_from is not None:
-        prev = read_checkpoint(Path(cfg.init_from) / "best.pt")
-        previous = previous_counts(prev, int(run.manifest["num_items"]), cfg.neighbours)
-    if cfg.neighbour_weight is not None:
-        return set_neighbour_weight(run.model, cfg.data, cfg.neighbours, cfg.neighbour_weight, previous), None
-    choice, table = choose_neighbour_weight(run.model, cfg.data, cfg.neighbours, cfg.eval_k, cfg.select_metric,
-                                            run.device, previous=previous)  # fmt: skip
-    if choice is None:
-        return table, None
-    say(run, f"[train] {choice.summary()}")
-    _log(run, {"neighbours": choice.as_dict()})
-    return table, choice.chosen()
-
-
-def store_cold_scale(run: Run, vocabulary: dict[str, Any] | None = None) -> None:
-    """The cold items' scale of `run.model`: --cold-scale, or the one validation prefers
-    (`vocabulary`: its validation ranking the vocabulary alone, when already measured)."""
-    cfg = run.cfg
-    if cfg.cold_scale is not None:
-        run.model.cold_scale.fill_(cfg.cold_scale)
-        return
-    choice = choose_cold_scale(run.model, cfg.data, cfg.eval_k, cfg.cold_budget, cfg.select_metric, run.device,
-                               vocabulary=vocabulary)  # fmt: skip
-    if choice is not None:
-        say(run, f"[train] {choice.summary(cfg.cold_budget)}")
-        _log(run, {"cold_scale": choice.as_dict()})
-
-
-def check_cold_flags(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """--cold-scale / --cold-budget set for data without cold items match nothing, and so does
-    --neighbour-weight with --neighbours 0: an error."""
-    if cfg.neighbour_weight is not None and not cfg.neighbours:
-        raise ConfigError("--neighbour-weight: --neighbours 0 switches the neighbour term off")
-    named = [f"--{f.replace('_', '-')}" for f in ("cold_scale", "cold_budget") if f in cfg.model_fields_set]
-    if named and not has_cold_items(manifest):
-        raise ConfigError(f"{' and '.join(named)}: {cfg.data} has no cold items (its catalogue is empty or missing)")
-    if "cold_budget" in cfg.model_fields_set and cfg.cold_scale is not None:
-        raise ConfigError("--cold-budget chooses --cold-scale on validation; it does nothing with --cold-scale set")
+    if cfg.init_from is not None:  # a warm start adds its split's neighbour counts to the previous model's
+        previous = run.warm.previous if run.warm is not None else read_checkpoint(Path(cfg.init_from) / "best.pt")
+    choose_after_training(cfg, run.model, run.manifest, run.device, ckpt, lambda line: say(run, line),
+                          lambda record: _log(run, record), previous)  # fmt: skip
+    atomic_save(ckpt, path)
 
 
 def say(run: Run, line: str) -> None:

@@ -10,8 +10,9 @@ its vocabulary-sized tables grow: rows [0, old size) are the old rows, and
 - new rows of the side-feature and user tables keep the fresh init of the new model.
 
 Every other weight has the same shape and is copied; the `item_table` buffer (each
-item's feature indices) and the `item_values` buffers (each item's values of a
-multi-valued feature) are the new data's. Read top-down: `read_init` (best.pt,
+item's feature indices), the `item_values` buffers (each item's values of a
+multi-valued feature) and the `user_values` buffers (each value set's values of a
+multi-valued user feature) are the new data's. Read top-down: `read_init` (best.pt,
 weights only), `check_compatible` (refusals, one line each), `grow_state_dict`
 (the copy), and `warm_start`, which does the three on a freshly built model.
 
@@ -21,7 +22,7 @@ up with its rows, and the learning-rate warm-up re-settles a fresh AdamW.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from sdm.errors import ConfigError, DataError
 from sdm.model.sdm import SDM, ModelConfig
 from sdm.pipeline.checkpoint import MODEL_KEYS, normalised_model_config, read_checkpoint
+from sdm.pipeline.neighbourweight import COUNTS_KEY
 
 VOCAB_FIELDS = ("item_vocab", "user_vocab")
 TRAINING_ONLY = ("dropout", "id_dropout")
@@ -39,8 +41,9 @@ READ_FROM_DATA = ("multi_valued",)
 (a model trained before multi-valued features were pooled seeds one that pools them)."""
 DATA_BUFFERS = ("item_table",)
 """State-dict entries that come from the new data, never from the previous model."""
-DATA_BUFFER_PREFIXES = ("item_values.", "neighbours.")
+DATA_BUFFER_PREFIXES = ("item_values.", "user_values.", "neighbours.")
 """Prefixes of state-dict entries that come from the new data (`SDM.item_values`: each item's values;
+`SDM.user_values`: each value set's values, whose indices a new sessionize may renumber;
 `SDM.neighbours`: the neighbour table, rebuilt from the new training split after training)."""
 
 
@@ -65,6 +68,9 @@ class WarmStart:
     items_after: int
     side_features: bool
     """Whether the model reads item side features (else a new item's vector starts at zero)."""
+    previous: dict[str, Any] = field(default_factory=dict, repr=False)
+    """What of the previous best.pt is used after training: its neighbour counts (`COUNTS_KEY`),
+    which this run adds its own to (`pipeline/choices.py`); the weights are not kept."""
 
     def record(self, given: Path) -> dict[str, Any]:
         """The checkpoint's `init_from` entry."""
@@ -230,4 +236,5 @@ def warm_start(model: SDM, model_dir: Path, manifest: dict[str, Any], data: Path
         items_before=int(old_cfg["item_vocab"]["item"]),
         items_after=int(model.config.item_vocab["item"]),
         side_features=len(model.item_features) > 1,
+        previous={COUNTS_KEY: ckpt[COUNTS_KEY]} if COUNTS_KEY in ckpt else {},
     )

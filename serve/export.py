@@ -287,7 +287,7 @@ def load_tower(path: Path) -> UserTower:
     Raises:
         DataError: the file is missing (an export of an older sdm), damaged, or does not fit its model config.
     """
-    from sdm.model.sdm import ModelConfig, state_item_values
+    from sdm.model.sdm import ModelConfig, state_item_values, state_user_values
 
     if not path.is_file():
         raise DataError(f"{path}: not found; this export was written by an older sdm: re-run `sdm export`")
@@ -311,7 +311,7 @@ def load_tower(path: Path) -> UserTower:
         raise DataError(f"{path}: damaged weights file (model config: {first_line(exc)})") from None
     _check_size(path, config, state)
     try:
-        model = SDM(config, state.get("item_table"), state_item_values(config, state))
+        model = SDM(config, state.get("item_table"), state_item_values(config, state), state_user_values(config, state))
         model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise DataError(f"{path}: the weights do not fit their model config ({first_line(exc)})") from None
@@ -576,7 +576,7 @@ def lookups_spec(manifest: dict[str, Any]) -> dict[str, Any]:
     """What `serve.sessions.Lookups` reads from a data manifest, for an export directory."""
     keys = (
         "fingerprint", "item_features", "user_features", "vocab_sizes", "max_session_len", "max_long_len", "num_items",
-        "config",
+        "config", "multi_valued",
     )  # fmt: skip
     return {"format": "sdm-lookups", "version": EXPORT_VERSION, **{k: manifest.get(k) for k in keys}}
 

@@ -132,7 +132,9 @@ class Lookups:
         sizes = dict(meta.get("vocab_sizes") or {})
         sizes["item"] = int(meta["num_items"])
         vocabs = {name: _read_vocab(root, name, sizes.get(name)) for name in ["item", *item_feats]}
-        users = _read_users(root, meta["user_features"], user_feats, sizes)
+        multi = meta.get("multi_valued") if isinstance(meta.get("multi_valued"), dict) else {}
+        sets = {f: e["sets"] for f, e in multi.items() if isinstance(e, dict) and type(e.get("sets")) is int and e["sets"] >= 2}
+        users = _read_users(root, meta["user_features"], user_feats, {**sizes, **sets})
         lookups = cls(
             root=root,
             config=dict(meta.get("config") or {}),
@@ -198,6 +200,10 @@ class Lookups:
             base.pop(key, None)
         if in_table:
             base["items"] = raw_items
+        # profiles come from users.parquet, encoded: no user feature (and no multi-valued one) is read here
+        multi = [f for f in base.get("multi_valued") or [] if f in in_log + in_table]
+        if "multi_valued" in base:
+            base["multi_valued"] = multi
         base.update(item_features=in_log + in_table, user_features=[], buckets=1, workers=1, engine="local",
                     overwrite=True)  # fmt: skip
         try:
@@ -488,7 +494,8 @@ def _read_vocab(root: Path, name: str, size: int | None) -> pl.DataFrame:
 
 
 def _read_users(root: Path, listed: list[str], profile: list[str], sizes: dict[str, int]) -> pl.DataFrame:
-    """users.parquet (required when the data has user features), its encoded columns checked."""
+    """users.parquet (required when the data has user features), its encoded columns checked
+    (`sizes`: each column's number of indices; a multi-valued feature's is its number of value sets)."""
     path = root / "users.parquet"
     if not listed and not path.is_file():
         return pl.DataFrame({"user_id": [], "user": []})

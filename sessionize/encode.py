@@ -15,7 +15,7 @@ import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.sessionize import numeric
-from sdm.sessionize.io import ITEM, ROW, TS, USER, feat_col, polars_errors, values_col
+from sdm.sessionize.io import ITEM, ROW, TS, USER, feat_col, polars_errors, value_list, values_col
 from sdm.sessionize.io import collect as _collect
 from sdm.sessionize.previous import seed
 from sdm.sessionize.sessions import SLEN
@@ -256,7 +256,11 @@ def vocabularies(
     vocabs = {name: vocabs[name] for name in names}  # in the usual order
     train_users = train_sessions.lazy().select(pl.col(USER)).unique()
     for f in user_features:
-        values = count_values(train_users.join(profile, on=USER, how="inner").select(pl.col(f).alias("raw")))
+        raw = pl.col(f)
+        if f in cfg.multi_valued:  # every value of each training user's set, each user counted once per value
+            raw = value_list(raw, cfg.value_sep).list.unique(maintain_order=True)
+        values = train_users.join(profile, on=USER, how="inner").select(raw.alias("raw"))
+        values = count_values(values.explode("raw") if f in cfg.multi_valued else values)
         if f in numbers:
             users = train_sessions.get_column(USER).n_unique()
             vocabs[f] = numeric.vocabulary(_collect(values, str(cfg.users)), users, cfg.numeric_buckets, prev.get(f))
@@ -439,9 +443,20 @@ def profiles(cfg: SessionizeConfig, users_lf: pl.LazyFrame | None, user_dtype: p
 
 
 def users_table(
-    events: pl.LazyFrame, profile: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], features: list[str]
-) -> pl.DataFrame:
-    """users.parquet (plus the `_user` join key): every user of the log, encoded."""
+    events: pl.LazyFrame, profile: pl.LazyFrame, vocabs: dict[str, pl.DataFrame], features: list[str],
+    cfg: SessionizeConfig,
+) -> pl.DataFrame:  # fmt: skip
+    """users.parquet (plus the `_user` join key): every user of the log, encoded.
+
+    A multi-valued profile feature f (`--multi-valued`) gets `f_values`, the indices of the
+    user's values (1 = a value training never saw), and `f` becomes the index of that list
+    among the distinct lists of the table, its *value set*: 2 .. S - 1 in the lists' sorted
+    order, 1 for a user without a value (`value_sets`). The model keeps each set's values
+    and pools their embeddings (`SDM.user_values`); the set's index carries nothing learned,
+    so a new run may renumber the sets, while `vocab/<f>.parquet` (the values) is kept by
+    `--vocab-from` like every vocabulary.
+    """
+    multi = [f for f in features if f in cfg.multi_valued]
     frame = (
         events
         .select(pl.col(USER))
@@ -452,12 +467,30 @@ def users_table(
         .with_columns(pl.col(USER).cast(pl.String).alias("user_id"))
     )
     for f in features:
+        if f in multi:
+            frame = frame.with_columns(value_list(pl.col(f), cfg.value_sep).alias(f"{f}_values"))
+            continue
         frame = frame.pipe(encode, f, vocabs[f].lazy(), f"_enc_{f}").with_columns(
             pl.col(f"_enc_{f}").alias(f)
         )
-    return _collect(
-        frame.select(pl.col(USER), pl.col("user_id"), pl.col("user"), *[pl.col(f) for f in features]), "users table"
-    )
+    table = _collect(
+        frame.select(pl.col(USER), pl.col("user_id"), pl.col("user"), *[pl.col(f) for f in features],
+                     *[pl.col(f"{f}_values") for f in multi]),
+        "users table",
+    )  # fmt: skip
+    for f in multi:
+        values = encode_values(fill_empty(table.get_column(f"{f}_values")), vocabs[f])
+        table = table.with_columns(values.alias(f"{f}_values"), value_sets(values).alias(f))
+    return table
+
+
+def value_sets(lists: pl.Series) -> pl.Series:
+    """The value-set index of each list of value indices (`users_table`): equal lists share
+    one, 2 .. in the sorted order of the distinct lists; an empty list is 1 (int32)."""
+    key = lists.list.eval(pl.element().cast(pl.String)).list.join(",")
+    distinct = key.filter(key != "").unique().sort()
+    index = pl.Series(range(2, 2 + len(distinct)), dtype=pl.Int32)
+    return key.replace_strict(distinct, index, default=1, return_dtype=pl.Int32)
 
 
 _FROM = {"log": "_from_log", "table": "_from_table"}

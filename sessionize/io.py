@@ -46,8 +46,14 @@ def feat_col(name: str) -> str:
 
 
 def values_col(name: str) -> str:
-    """Normalised column of the value list of a multi-valued item feature `name`."""
+    """Normalised column of the value list of a multi-valued feature `name`."""
     return f"_m_{name}"
+
+
+def value_list(column: pl.Expr, sep: str) -> pl.Expr:
+    """A multi-valued string as its values: 'Comedy| Romance' -> ['Comedy', 'Romance'] (split on
+    `sep`, each value stripped, empty values dropped; a null string stays null)."""
+    return column.str.split(sep).list.eval(pl.element().str.strip_chars()).list.eval(pl.element().filter(pl.element() != ""))
 
 
 def table_format(path: Path, fmt: str | None = None, delimiter: str | None = None) -> tuple[str, str]:
@@ -498,9 +504,15 @@ def check_log(
             )
 
     for f in cfg.multi_valued:
-        if f not in cfg.item_features:
-            raise SdmError(f"multi-valued feature {f!r} is not an item feature (add it to --item-features)")
-        dtype = schema[f] if f in log_feats else items_schema[f]  # type: ignore[index]
+        if f in cfg.user_features:
+            dtype = users_schema[f]  # type: ignore[index]
+        elif f in cfg.item_features:
+            dtype = schema[f] if f in log_feats else items_schema[f]  # type: ignore[index]
+        else:
+            raise SdmError(
+                f"multi-valued feature {f!r} is neither an item nor a user feature (add it to --item-features or "
+                "--user-features)"
+            )
         if dtype != pl.String:
             raise SdmError(f"multi-valued feature {f!r} is {dtype}; it must be a string column ('a{cfg.value_sep}b')")
     both = sorted(set(cfg.item_features) & set(cfg.user_features))
@@ -546,8 +558,8 @@ def check_output_names(cfg: SessionizeConfig, log_feats: list[str], table_feats:
             "user_id", "user", *[f"user_{f}" for f in user_feats], "ts", "seq_item", *[f"seq_{f}" for f in log_feats],
             "seq_oov", *[f"oov_{f}" for f in table_feats], "sess_id", "sess_start", "sess_len", "long_start", "long_end",
         ],
-        "items.parquet": ["item", "item_id", *item_feats, *[f"{f}_values" for f in cfg.multi_valued]],
-        "users.parquet": [USER, "user_id", "user", *user_feats],
+        "items.parquet": ["item", "item_id", *item_feats, *[f"{f}_values" for f in cfg.multi_valued if f in item_feats]],
+        "users.parquet": [USER, "user_id", "user", *user_feats, *[f"{f}_values" for f in cfg.multi_valued if f in user_feats]],
         "catalogue.parquet": ["item_id", "oov_hash", "known_from", *item_feats],
     }  # fmt: skip
     for where, columns in outputs.items():

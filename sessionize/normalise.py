@@ -28,6 +28,7 @@ from sdm.sessionize.io import (
     check_time_range,
     feat_col,
     polars_errors,
+    value_list,
     values_col,
 )
 from sdm.sessionize.sessions import sort_events
@@ -258,14 +259,9 @@ def clean_events(tagged: pl.DataFrame, inp: Any) -> tuple[pl.DataFrame, dict[str
 
 
 def split_values(frame: pl.LazyFrame, cfg: SessionizeConfig, features: list[str]) -> pl.LazyFrame:
-    """Multi-valued features: 'Comedy| Romance' -> `_m_<f>` ['Comedy', 'Romance'], `_f_<f>` the first value."""
+    """Multi-valued item features: 'Comedy| Romance' -> `_m_<f>` ['Comedy', 'Romance'], `_f_<f>` the first value."""
     for f in features:
-        values = (
-            pl.col(feat_col(f))
-            .str.split(cfg.value_sep)
-            .list.eval(pl.element().str.strip_chars())
-            .list.eval(pl.element().filter(pl.element() != ""))
-        )
+        values = value_list(pl.col(feat_col(f)), cfg.value_sep)
         frame = frame.with_columns(values.alias(values_col(f))).with_columns(
             pl.col(values_col(f)).list.first().alias(feat_col(f))
         )

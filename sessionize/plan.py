@@ -153,10 +153,11 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
     train_sessions = sessions.filter(split.is_train(pl.col(START), cut))
     old = None if prev is None else prev.vocabs
     vocabs = encode.vocabularies(cfg, trains, train_sessions, list(spec.user_features), profile, table, old)
-    users_table = encode.users_table(per_user.lazy(), profile, vocabs, spec.user_features)
+    users_table = encode.users_table(per_user.lazy(), profile, vocabs, spec.user_features, cfg)
     items_table = encode.items_table(
-        trains, vocabs, list(cfg.item_features), list(cfg.multi_valued), table, None if prev is None else prev.items
-    )
+        trains, vocabs, list(cfg.item_features), [f for f in cfg.multi_valued if f in cfg.item_features], table,
+        None if prev is None else prev.items,
+    )  # fmt: skip
     codes = {} if table is None else encode.feature_codes(table, vocabs, list(spec.table_item_features))
     # the log's distinct items: the training ones are the item vocabulary, only the rest are read
     # (negated when read: no second mask per bucket is held)

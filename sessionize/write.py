@@ -156,6 +156,20 @@ FORMAT_VERSION = 2
 """2: features of the items table are read from items.parquet by item index (+ `oov_<f>`), not stored per event."""
 
 
+def multi_valued_entry(cfg: SessionizeConfig, users: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """The manifest's `multi_valued`: per feature its separator and the column of its value
+    lists, in items.parquet (an item feature) or users.parquet (a user feature, with the
+    number S of value-set indices 0 .. S - 1 its `f` column uses, `encode.users_table`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in cfg.multi_valued:
+        if f in cfg.user_features:
+            top = users.get_column(f).max() if users.height else None
+            out[f] = {"sep": cfg.value_sep, "users_column": f"{f}_values", "sets": max(2, int(top or 0) + 1)}
+        else:
+            out[f] = {"sep": cfg.value_sep, "items_column": f"{f}_values"}
+    return out
+
+
 def finish(
     cfg: SessionizeConfig,
     plan: Any,
@@ -206,7 +220,7 @@ def finish(
         "splits": splits,
         "side_tables": plan.side_tables,
         "items_raw": None if plan.items_raw is None else {"path": ITEMS_RAW, "item_col": cfg.item_col, "features": list(plan.items_raw.columns[1:])},
-        "multi_valued": {f: {"sep": cfg.value_sep, "items_column": f"{f}_values"} for f in cfg.multi_valued},
+        "multi_valued": multi_valued_entry(cfg, plan.users_table),
         "numeric": numeric.manifest_entry(plan.vocabs),
         "catalogue": {"path": CATALOGUE, "items": catalogue.height},
         "vocab_from": plan.vocab_from,

@@ -35,8 +35,8 @@ def read_sessions(out: Path) -> list[dict[str, Any]]:
     """Every session of a shard directory, in sess_id order, as plain Python values.
 
     Each dict holds split, sess_id, user_id, user, ts / items (the session's
-    events), long_ts / long_items (its long-term window) and, per item feature
-    f, `f` and `long_f` with the encoded values.
+    events), long_ts / long_items (its long-term window), per item feature
+    f, `f` and `long_f` with the encoded values, and per user feature g `user_g`.
     """
     sessions = []
     table = [c for c in json.loads((out / "manifest.json").read_text()).get("table_features", [])]
@@ -64,6 +64,7 @@ def read_sessions(out: Path) -> list[dict[str, Any]]:
                         "long_ts": row["ts"][lo:hi],
                         "long_items": row["seq_item"][lo:hi],
                     }
+                    s.update({c: row[c] for c in df.columns if c.startswith("user_") and c != "user_id"})
                     for f in feats:
                         s[f] = row[f"seq_{f}"][a : a + n]
                         s[f"long_{f}"] = row[f"seq_{f}"][lo:hi]

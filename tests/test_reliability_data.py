@@ -486,5 +486,5 @@ def test_multi_valued_feature_is_split(tmp_path):
     m = json.loads((outs[0] / "manifest.json").read_text())
     assert m["multi_valued"] == {"genres": {"sep": "|", "items_column": "genres_values"}}
     assert pl.read_parquet(outs[1] / "items.parquet").equals(pl.read_parquet(outs[0] / "items.parquet"))
-    one_error(*sessionize(log, tmp_path / "x", "--items", items, "--item-features", "year", "--multi-valued", "genres"), "'genres' is not an item feature")
+    one_error(*sessionize(log, tmp_path / "x", "--items", items, "--item-features", "year", "--multi-valued", "genres"), "'genres' is neither an item nor a user feature")
     one_error(*sessionize(log, tmp_path / "y", "--items", items, "--item-features", "year", "--multi-valued", "year"), "must be a string column")
