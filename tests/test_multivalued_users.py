@@ -22,7 +22,7 @@ from conftest import at, read_sessions, vocab, write_log
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdm.config import ExportConfig, SessionizeConfig, TrainConfig
+from sdm.config import ExportConfig, RecommendConfig, SessionizeConfig, TrainConfig
 from sdm.errors import DataError, SdmError
 from sdm.model.sdm import ModelConfig
 from sdm.pipeline.dataset import load_user_values, read_manifest
@@ -30,6 +30,7 @@ from sdm.pipeline.evaluate import load_model
 from sdm.pipeline.train import build_run, train
 from sdm.serve import Recommender
 from sdm.serve.export import export
+from sdm.serve.recommend import recommend
 from sdm.sessionize import run
 from sdm.sessionize.encode import value_sets
 
@@ -144,6 +145,17 @@ def test_recommender_scores_like_the_model(world: dict[str, Any], runtime: str) 
         assert served.keys() == expected.keys()
         for item, score in expected.items():
             assert served[item] == pytest.approx(score, abs=1e-4), (user, item)
+
+
+def test_sdm_recommend_scores_like_the_recommender(world: dict[str, Any], tmp_path: Path) -> None:
+    log = write_log(make_log(), tmp_path / "log.parquet")
+    recommend(RecommendConfig(data=world["data"], model=world["model_dir"], k=5, device="cpu", out=tmp_path / "r.parquet"),
+              log)  # fmt: skip
+    batch = pl.read_parquet(tmp_path / "r.parquet").sort("user_id")
+    served = Recommender.load(world["export"], runtime="torch").recommend(pl.read_parquet(log), k=5).sort("user_id")
+    assert batch["user_id"].cast(pl.String).to_list() == served["user_id"].cast(pl.String).to_list()
+    for x, y in zip(batch["scores"].to_list(), served["scores"].to_list()):
+        assert x == pytest.approx(y, abs=1e-4)
 
 
 def test_vocab_from_keeps_the_values_and_a_warm_start_takes_the_new_sets(world: dict[str, Any], tmp_path: Path) -> None:
