@@ -626,6 +626,35 @@ class _Block(nn.Module):
 # The model
 
 
+def _check_value_tables(
+    kind: str, features: list[str], values: Mapping[str, Tensor], vocab: Mapping[str, int], rows: int | None, what: str
+) -> dict[str, Tensor]:
+    """`ValueLists` tables for `features`, checked: 2-D integer, `rows` rows (None: at least 2),
+    indices inside each feature's `vocab`, rows 0 (padding) and 1 (OOV) empty.
+
+    Raises:
+        ValueError: naming `kind` and the feature.
+    """
+    missing = [f for f in features if f not in values]
+    if missing:
+        raise ValueError(f"{kind} lacks the multi-valued features {missing}; pass {what}")
+    out = {}
+    for f in features:
+        t = values[f]
+        shape_ok = t.dim() == 2 and bool(t.shape[1]) and (t.shape[0] == rows if rows is not None else t.shape[0] >= 2)
+        if t.dtype.is_floating_point or t.dtype == torch.bool or not shape_ok:
+            want = f"({rows}, K >= 1)" if rows is not None else "(S >= 2, K >= 1)"
+            raise ValueError(f"{kind}[{f!r}] must be a 2-D integer tensor of shape {want}, got {t.dtype} of shape {tuple(t.shape)}")
+        t = t.long()
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= vocab[f]:
+            raise ValueError(f"{kind}[{f!r}] has indices in [{lo}, {hi}], outside its vocabulary of size {vocab[f]}")
+        if bool(t[:2].any()):
+            raise ValueError(f"{kind}[{f!r}]: rows 0 (padding) and 1 (OOV) must be all 0")
+        out[f] = t.clone()
+    return out
+
+
 class SDM(nn.Module):
     """SDM user tower (one vector per session position) and item tower, for one variant.
 
@@ -747,60 +776,18 @@ class SDM(nn.Module):
         return table[:, [names.index(f) for f in self.item_features]].clone()  # (num_items, F)
 
     def _check_item_values(self, config: ModelConfig, values: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        """The value tables of the multi-valued features this variant reads; check shapes and ranges."""
-        values = values or {}
-        missing = [f for f in self.multi_valued if f not in values]
-        if missing:
-            raise ValueError(
-                f"item_values lacks the multi-valued features {missing}; pass each item's value indices "
-                "(items.parquet's <f>_values, `pipeline.dataset.load_item_values`)"
-            )
-        num_items = config.item_vocab["item"]
-        out = {}
-        for f in self.multi_valued:
-            t = values[f]
-            if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 2 or t.shape[0] != num_items or not t.shape[1]:
-                raise ValueError(
-                    f"item_values[{f!r}] must be a 2-D integer tensor of shape (item_vocab['item'], K >= 1) = "
-                    f"({num_items}, K), got {t.dtype} of shape {tuple(t.shape)}"
-                )
-            t = t.long()
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= config.item_vocab[f]:
-                raise ValueError(
-                    f"item_values[{f!r}] has indices in [{lo}, {hi}], outside its vocabulary of size {config.item_vocab[f]}"
-                )
-            if bool(t[:2].any()):
-                raise ValueError(f"item_values[{f!r}]: rows 0 (padding) and 1 (OOV) must be all 0")
-            out[f] = t.clone()
-        return out
+        """The value tables of the multi-valued item features this variant reads (num_items rows each)."""
+        return _check_value_tables(
+            "item_values", self.multi_valued, values or {}, config.item_vocab, config.item_vocab["item"],
+            "each item's value indices (items.parquet's <f>_values, `pipeline.dataset.load_item_values`)",
+        )  # fmt: skip
 
     def _check_user_values(self, config: ModelConfig, values: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        """The value-set tables of the multi-valued user features this variant reads; check shapes and ranges."""
-        values = values or {}
-        out = {}
-        for f in self.user_multi_valued:
-            t = values.get(f)
-            if t is None:
-                raise ValueError(
-                    f"user_values lacks the multi-valued user feature {f!r}; pass each value set's value indices "
-                    "(users.parquet's <f>_values, `pipeline.dataset.load_user_values`)"
-                )
-            if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 2 or t.shape[0] < 2 or not t.shape[1]:
-                raise ValueError(
-                    f"user_values[{f!r}] must be a 2-D integer tensor of shape (S >= 2, K >= 1), got {t.dtype} of "
-                    f"shape {tuple(t.shape)}"
-                )
-            t = t.long()
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= config.user_vocab[f]:
-                raise ValueError(
-                    f"user_values[{f!r}] has indices in [{lo}, {hi}], outside its vocabulary of size {config.user_vocab[f]}"
-                )
-            if bool(t[:2].any()):
-                raise ValueError(f"user_values[{f!r}]: rows 0 (padding) and 1 (OOV) must be all 0")
-            out[f] = t.clone()
-        return out
+        """The value-set tables of the multi-valued user features this variant reads (any S >= 2 rows)."""
+        return _check_value_tables(
+            "user_values", self.user_multi_valued, values or {}, config.user_vocab, None,
+            "each value set's value indices (users.parquet's <f>_values, `pipeline.dataset.load_user_values`)",
+        )  # fmt: skip
 
     # -- item side ---------------------------------------------------------
 

@@ -416,11 +416,7 @@ def load_item_values(data_dir: Path, manifest: dict[str, Any], features: list[st
     if not columns:
         return {}
     path = Path(data_dir) / "items.parquet"
-    try:
-        table = pq.read_table(path, columns=["item", *columns.values()])
-    except (OSError, pa.ArrowException, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot read the value lists {list(columns.values())} ({first})") from None
+    table = _read_columns(path, ["item", *columns.values()], f"the value lists {list(columns.values())}")
     idx = table.column("item").to_numpy().astype(np.int64)
     out = {}
     for f, column in columns.items():
@@ -450,14 +446,12 @@ def load_user_values(data_dir: Path, manifest: dict[str, Any], features: list[st
     if not columns:
         return {}
     path = Path(data_dir) / "users.parquet"
-    try:
-        table = pq.read_table(path, columns=[*columns, *columns.values()])
-    except (OSError, pa.ArrowException, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot read the value sets {list(columns)} ({first})") from None
+    table = _read_columns(path, [*columns, *columns.values()], f"the value sets {list(columns)}")
     out = {}
     for f, column in columns.items():
-        sets = int(multi[f].get("sets") or 2)
+        sets = multi[f].get("sets")
+        if type(sets) is not int or not 2 <= sets <= table.num_rows + 2:
+            raise DataError(f"{path}: the manifest's multi_valued[{f!r}] sets {sets!r} is not 2 .. users + 2")
         idx = table.column(f).to_numpy(zero_copy_only=False)
         if table.column(f).null_count or (len(idx) and (idx.min() < 1 or idx.max() >= sets)):
             raise DataError(f"{path}: column {f!r} has value-set indices outside 1 .. {sets - 1} (the manifest's sets)")
@@ -469,6 +463,15 @@ def load_user_values(data_dir: Path, manifest: dict[str, Any], features: list[st
             raise DataError(f"{path}: column {f!r}: a value-set index with two different value lists ({column!r})")
         out[f] = torch.from_numpy(full)
     return out
+
+
+def _read_columns(path: Path, columns: list[str], what: str) -> pa.Table:
+    """`columns` of a Parquet file; DataError naming the file and `what` when it cannot be read."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: cannot read {what} ({first})") from None
 
 
 def check_values(path: Path, column: str, lists: pa.ChunkedArray | pa.Array, size: int) -> pa.Array:
