@@ -131,6 +131,23 @@ def kept_seconds(out: Path, cfg: Any) -> float | None:
     return float(summary["seconds"]) if same and summary else None
 
 
+def validation(model: Path) -> dict[str, float] | None:
+    """HR@50 / NDCG@50 of a trained model on its validation split (day d), from its train_log:
+    the row of the neighbour weight training chose, else the best validation. Recipes are
+    compared on these, never on the test day."""
+    try:
+        records = [json.loads(x) for x in (model / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    except OSError:
+        return None
+    for r in records:
+        if "neighbours" in r:
+            chosen = next(row for row in r["neighbours"]["rows"] if row["weight"] == r["neighbours"]["weight"])
+            return {"hr@50": chosen["hr"], "ndcg@50": chosen["ndcg"]}
+    valid = [r["valid"] for r in records if "valid" in r]
+    best = max(valid, key=lambda v: v["hr@50"] + v["ndcg@50"], default=None)
+    return None if best is None else {"hr@50": best["hr@50"], "ndcg@50": best["ndcg@50"]}
+
+
 def evaluate(data: Path, model: Path, out: Path) -> dict[str, float]:
     from sdm.config import EvaluateConfig
     from sdm.pipeline.dataset import read_manifest
@@ -177,6 +194,7 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
         b = evaluate(b_data, b_model, work / f"day{d}" / "b_eval")
         prev_data, prev_model = b_data, b_model
         row = {"day": d, "scratch": a, "scratch_s": a_s, "warm": b, "warm_s": b_s,
+               "valid": {"scratch": validation(a_model), "warm": validation(b_model)},
                "ratio": {k: (b[k] / a[k] if a[k] else None) for k in ("hr@50", "ndcg@50")}, "time_ratio": b_s / a_s}  # fmt: skip
         rows.append(row)
         print(
@@ -198,6 +216,11 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         b = [r["warm"][key] for r in both if r["warm"].get(key) is not None]
         if a and b:
             out[key] = {"scratch": statistics.mean(a), "warm": statistics.mean(b), "ratio": statistics.mean(b) / statistics.mean(a) if statistics.mean(a) else None}  # fmt: skip
+    vs = [r["valid"] for r in both if (r.get("valid") or {}).get("scratch") and r["valid"].get("warm")]
+    if vs:  # the ratios on the validation days, which recipes are chosen on
+        out["valid_ratio"] = {
+            k: statistics.mean(v["warm"][k] for v in vs) / statistics.mean(v["scratch"][k] for v in vs) for k in ("hr@50", "ndcg@50")
+        }  # fmt: skip
     out["scratch_s"] = statistics.mean(r["scratch_s"] for r in both)
     out["warm_s"] = statistics.mean(r["warm_s"] for r in both)
     out["time_ratio"] = out["warm_s"] / out["scratch_s"]
@@ -209,7 +232,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="yoochoose_rsc15_100k", choices=[*SHARED_LOGS, "synth"])
     parser.add_argument("--first-day", type=int, default=3, help="the first day d replayed (days before it only train)")
     parser.add_argument("--history-days", type=int, default=1, help="training days the warm run reads (1: the newest only)")
-    parser.add_argument("--train-args", default='{"epochs": 5}', help="TrainConfig fields as JSON, for both runs")
+    parser.add_argument("--train-args", default="{}", help="TrainConfig fields as JSON, for both runs (default: sdm's defaults)")
     parser.add_argument("--warm-train-args", default="", help="TrainConfig fields as JSON over --train-args, warm runs only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synth-days", type=int, default=14)
@@ -230,6 +253,8 @@ def main() -> None:
             f"{s['ndcg@50']['warm']:.4f} ({s['ndcg@50']['ratio']:.3f}x); training {s['warm_s']:.1f}s vs "
             f"{s['scratch_s']:.1f}s ({s['time_ratio']:.2f}x)"
         )
+        if "valid_ratio" in s:
+            print(f"validation days: hr@50 {s['valid_ratio']['hr@50']:.3f}x, ndcg@50 {s['valid_ratio']['ndcg@50']:.3f}x")
     result = {"dataset": args.dataset, "args": vars(args), "days": rows, "summary": s}
     path = HERE / "results" / f"daily_{args.dataset}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")

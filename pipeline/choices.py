@@ -23,7 +23,14 @@ from sdm.config import TrainConfig
 from sdm.errors import ConfigError
 from sdm.pipeline.baselines.itemcf import NeighbourCounts
 from sdm.pipeline.coldscale import choose_cold_scale, has_cold_items
-from sdm.pipeline.neighbourweight import COUNTS_KEY, choose_neighbour_weight, counts_entry, previous_counts, set_neighbour_weight
+from sdm.pipeline.neighbourweight import (
+    COUNTS_KEY,
+    choose_neighbour_weight,
+    counts_entry,
+    previous_counts,
+    previous_until,
+    set_neighbour_weight,
+)
 
 Say = Callable[[str], None]
 Log = Callable[[dict[str, Any]], None]
@@ -63,7 +70,7 @@ def choose_after_training(
     measured = None  # validation ranking the vocabulary with the chosen weight, when the choice measured it
     if cfg.neighbours:
         table, measured = _neighbours(cfg, model, manifest, device, say, log, previous)
-        ckpt[COUNTS_KEY] = counts_entry(table)
+        ckpt[COUNTS_KEY] = counts_entry(table, manifest)
         for name, value in model.neighbours.state_dict().items():
             ckpt["model"][f"neighbours.{name}"] = value.detach().cpu().clone()
     if has_cold_items(manifest):
@@ -78,10 +85,11 @@ def _neighbours(
     """The neighbour term: --neighbour-weight, or the weight validation prefers. Returns the
     table with its counts, and the validation metrics at the chosen weight (None when given)."""
     counts = previous_counts(previous, int(manifest["num_items"]), cfg.neighbours) if previous is not None else None
+    since = previous_until(previous) if counts is not None else None  # sessions before it are counted already
     if cfg.neighbour_weight is not None:
-        return set_neighbour_weight(model, cfg.data, cfg.neighbours, cfg.neighbour_weight, counts), None
+        return set_neighbour_weight(model, cfg.data, cfg.neighbours, cfg.neighbour_weight, counts, since), None
     choice, table = choose_neighbour_weight(model, cfg.data, cfg.neighbours, cfg.eval_k, cfg.select_metric, device,
-                                            previous=counts)  # fmt: skip
+                                            previous=counts, since=since)  # fmt: skip
     if choice is None:
         return table, None
     say(f"[train] {choice.summary()}")

@@ -15,13 +15,16 @@ bump is not taken. A chosen weight of 0 empties the table: the model keeps a pla
 product and serves as before.
 
 The table's counts (c_ij of each listed pair, n_i of each item) go into best.pt beside
-the model (`COUNTS_KEY`), whatever the weight: a warm start (`--init-from`), which
-trains on the newest days only, adds its split's counts to them, so its table
-approaches the one of every day (`neighbour_table(previous=...)`).
+the model (`COUNTS_KEY`), whatever the weight, with the time they run up to (the data's
+validation start): a warm start (`--init-from`), which trains on the newest days only,
+adds the counts of its split's sessions from that time on, so its table approaches the
+one of every day, and a split that reaches back over days already counted does not
+count them twice (`neighbour_table(previous=..., since=...)`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +86,13 @@ def choose_neighbour_weight(
     batch_size: int = 512,
     grid: tuple[float, ...] = GRID,
     previous: NeighbourCounts | None = None,
+    since: int | None = None,
 ) -> tuple[NeighbourChoice | None, NeighbourCounts]:
     """Fill `model.neighbours` with the table and the weight validation prefers (module docs).
 
     Args:
-        previous: the counts of the model a warm start began from (`neighbour_table`).
+        previous, since: the counts of the model a warm start began from, and the time they
+            run up to (`neighbour_table`).
 
     Returns:
         The choice (None, the weight left at 0, when the validation split has no query)
@@ -95,7 +100,7 @@ def choose_neighbour_weight(
     """
     from sdm.pipeline.evaluate import evaluate_model
 
-    table = neighbour_table(data_dir, read_manifest(data_dir), neighbours, previous)
+    table = neighbour_table(data_dir, read_manifest(data_dir), neighbours, previous, since)
     model.neighbours.fill(table.items, table.sims, 1.0)  # weight 1: the pass scales the bonus to each weight
     others = tuple(w for w in grid if w != 1.0)
     m = evaluate_model(model, data_dir, "valid", [k], batch_size, device, bonus_weights=others)
@@ -122,10 +127,11 @@ def first_peak(rows: list[dict[str, float]]) -> float:
 
 
 def set_neighbour_weight(
-    model: torch.nn.Module, data_dir: Path, neighbours: int, weight: float, previous: NeighbourCounts | None = None
-) -> NeighbourCounts:
+    model: torch.nn.Module, data_dir: Path, neighbours: int, weight: float, previous: NeighbourCounts | None = None,
+    since: int | None = None,
+) -> NeighbourCounts:  # fmt: skip
     """Fill `model.neighbours` with the table and a given weight (`--neighbour-weight`); returns the table."""
-    table = neighbour_table(data_dir, read_manifest(data_dir), neighbours, previous)
+    table = neighbour_table(data_dir, read_manifest(data_dir), neighbours, previous, since)
     model.neighbours.fill(table.items, table.sims, weight)
     return table
 
@@ -134,9 +140,23 @@ COUNTS_KEY = "neighbour_counts"
 """The checkpoint entry (best.pt) with the table's counts, which a warm start adds today's to."""
 
 
-def counts_entry(table: NeighbourCounts) -> dict[str, torch.Tensor]:
-    """The checkpoint entry of a table's counts."""
-    return {"items": table.items, "counts": table.counts, "n": table.n}
+def counts_entry(table: NeighbourCounts, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint entry of a table's counts, with `until`: the data's validation start (µs
+    since the epoch), before which every training session is counted."""
+    until = dt.datetime.fromisoformat(str(manifest["cutoffs"]["valid_start"]).replace("Z", "+00:00"))
+    if until.tzinfo is None:
+        until = until.replace(tzinfo=dt.timezone.utc)
+    us = (until - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+    return {"items": table.items, "counts": table.counts, "n": table.n, "until": torch.tensor(us, dtype=torch.int64)}
+
+
+def previous_until(ckpt: dict[str, Any]) -> int | None:
+    """The time (µs since the epoch) a checkpoint's counts run up to (`counts_entry`); None when
+    it does not say (a checkpoint written before it: every session of the new split is added)."""
+    until = (ckpt.get(COUNTS_KEY) or {}).get("until")
+    if not isinstance(until, torch.Tensor) or until.dim() != 0 or until.is_floating_point():
+        return None
+    return int(until)
 
 
 def previous_counts(ckpt: dict[str, Any], num_items: int, neighbours: int) -> NeighbourCounts | None:

@@ -5,6 +5,7 @@ and the serving API (torch and ONNX) rank with it alike.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import polars as pl
 import pytest
 import torch
+from conftest import read_sessions, us
 from test_recommend import build_pipeline
 from typer.testing import CliRunner
 
@@ -352,16 +354,45 @@ def test_a_previous_table_adds_its_counts(pipe: dict[str, Any]) -> None:
     torch.testing.assert_close(two.n, 2 * one.n)
 
 
+def test_counts_since_a_time_add_only_the_sessions_from_then_on(pipe: dict[str, Any]) -> None:
+    """n_i after `since` = the previous n_i + the training sessions starting from `since` that
+    hold item i, counted here from the shards' sessions."""
+    one = neighbour_table(pipe["data"], pipe["manifest"], 6)
+    train_sessions = [s for s in read_sessions(pipe["data"]) if s["split"] == "train"]
+    starts = sorted(s["ts"][0] for s in train_sessions)
+    for since in (starts[0], starts[len(starts) // 2], starts[-1] + 1):
+        later = torch.zeros_like(one.n)
+        for s in train_sessions:
+            if s["ts"][0] >= since:
+                for i in set(s["items"]) - {0, 1}:
+                    later[i] += 1
+        two = neighbour_table(pipe["data"], pipe["manifest"], 6, previous=one, since=since)
+        torch.testing.assert_close(two.n, one.n + later)
+    assert later.sum() == 0  # after the last session: nothing added
+
+
 def test_a_warm_start_adds_todays_counts_to_the_previous_models(pipe: dict[str, Any], tmp_path: Path) -> None:
     cfg = TrainConfig(data=pipe["data"], out=tmp_path / "m1", epochs=1, batch_size=16, embedding_dim=16,
                       num_negatives=16, neighbours=6, neighbour_weight=1.0)  # fmt: skip
     train(cfg, progress=False)
     first = torch.load(tmp_path / "m1" / "best.pt", weights_only=True)["neighbour_counts"]
+    valid_start = dt.datetime.fromisoformat(pipe["manifest"]["cutoffs"]["valid_start"])
+    assert int(first["until"]) == us(valid_start)  # the counts run up to the validation start
+    # the same data again: every training session is counted already, nothing is added
     train(cfg.model_copy(update={"out": tmp_path / "m2", "init_from": tmp_path / "m1"}), progress=False)
     second = torch.load(tmp_path / "m2" / "best.pt", weights_only=True)["neighbour_counts"]
     assert torch.equal(second["items"], first["items"]) and first["counts"].sum() > 0
-    torch.testing.assert_close(second["counts"], 2 * first["counts"])
-    torch.testing.assert_close(second["n"], 2 * first["n"])
+    torch.testing.assert_close(second["counts"], first["counts"])
+    torch.testing.assert_close(second["n"], first["n"])
+    # a checkpoint that does not say how far its counts run: the new split's are all added
+    ckpt = torch.load(tmp_path / "m1" / "best.pt", weights_only=True)
+    del ckpt["neighbour_counts"]["until"]
+    (tmp_path / "old").mkdir()
+    torch.save(ckpt, tmp_path / "old" / "best.pt")
+    train(cfg.model_copy(update={"out": tmp_path / "m4", "init_from": tmp_path / "old"}), progress=False)
+    fourth = torch.load(tmp_path / "m4" / "best.pt", weights_only=True)["neighbour_counts"]
+    torch.testing.assert_close(fourth["counts"], 2 * first["counts"])
+    torch.testing.assert_close(fourth["n"], 2 * first["n"])
     # counts of another --neighbours do not fit: the warm run starts from its own split's
     train(cfg.model_copy(update={"out": tmp_path / "m3", "init_from": tmp_path / "m1", "neighbours": 4}), progress=False)
     third = torch.load(tmp_path / "m3" / "best.pt", weights_only=True)["neighbour_counts"]

@@ -18,16 +18,22 @@ from sdm.pipeline.baselines.scoring import ScoreFn, _Entries, _quiet_sparse
 from sdm.pipeline.dataset import load_item_counts, read_manifest
 
 
-def _training_sessions(data_dir: Path, manifest: dict[str, Any]) -> pl.LazyFrame:
-    """(sess_id, item): each training session's distinct in-vocabulary items."""
+def _training_sessions(data_dir: Path, manifest: dict[str, Any], since: int | None = None) -> pl.LazyFrame:
+    """(sess_id, item): each training session's distinct in-vocabulary items (`since`: only the
+    sessions that start at or after this time, microseconds since the epoch)."""
     paths = [str(Path(data_dir) / s["path"]) for s in manifest["splits"]["train"]["shards"]]
     if not paths:
         raise SdmError(f"{data_dir}: no training shards to build item-CF from")
-    return (
+    sessions = (
         pl.scan_parquet(paths)
-        .select("seq_item", "sess_id", "sess_start", "sess_len")
+        .select("seq_item", "ts", "sess_id", "sess_start", "sess_len")
         .explode(["sess_id", "sess_start", "sess_len"])
         .filter(pl.col("sess_id").is_not_null())
+    )
+    if since is not None:
+        sessions = sessions.filter(pl.col("ts").list.get(pl.col("sess_start")).dt.epoch("us") >= since)
+    return (
+        sessions
         .select(
             pl.col("sess_id"),
             pl.col("seq_item").list.slice(pl.col("sess_start"), pl.col("sess_len")).list.unique().alias("item"),
@@ -124,16 +130,19 @@ class NeighbourCounts(NamedTuple):
 
 
 def neighbour_table(
-    data_dir: Path, manifest: dict[str, Any], neighbours: int, previous: NeighbourCounts | None = None
-) -> NeighbourCounts:
+    data_dir: Path, manifest: dict[str, Any], neighbours: int, previous: NeighbourCounts | None = None,
+    since: int | None = None,
+) -> NeighbourCounts:  # fmt: skip
     """The training split's top `neighbours` per item as dense rows, best first.
 
     With `previous` (yesterday's table, its vocabulary a prefix of this one), the counts
     are added first: c_ij and n_i of the previous table's listed pairs and items plus
     this split's, so a table trained day by day approaches the one of all days (a pair
-    the previous table did not list starts from this split's count).
+    the previous table did not list starts from this split's count). `since` (µs since
+    the epoch): only this split's sessions from then on are counted, those before it
+    being already in `previous` (a training split that reaches back over its days).
     """
-    pairs, n = cooccurrence_counts(_training_sessions(data_dir, manifest))
+    pairs, n = cooccurrence_counts(_training_sessions(data_dir, manifest, since))
     if previous is not None:
         old = torch.nonzero(previous.items > 1)
         old_pairs = pl.LazyFrame({
