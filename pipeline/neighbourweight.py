@@ -142,12 +142,17 @@ COUNTS_KEY = "neighbour_counts"
 
 def counts_entry(table: NeighbourCounts, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The checkpoint entry of a table's counts, with `until`: the data's validation start (µs
-    since the epoch), before which every training session is counted."""
-    until = dt.datetime.fromisoformat(str(manifest["cutoffs"]["valid_start"]).replace("Z", "+00:00"))
+    since the epoch), before which every training session is counted (left out when the
+    manifest records none)."""
+    entry = {"items": table.items, "counts": table.counts, "n": table.n}
+    start = (manifest.get("cutoffs") or {}).get("valid_start")
+    if start is None:
+        return entry
+    until = dt.datetime.fromisoformat(str(start).replace("Z", "+00:00"))
     if until.tzinfo is None:
         until = until.replace(tzinfo=dt.timezone.utc)
     us = (until - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
-    return {"items": table.items, "counts": table.counts, "n": table.n, "until": torch.tensor(us, dtype=torch.int64)}
+    return {**entry, "until": torch.tensor(us, dtype=torch.int64)}
 
 
 def previous_until(ckpt: dict[str, Any]) -> int | None:
