@@ -274,7 +274,7 @@ class SessionizeConfig(_Base):
     item_features: Names = []
     """Item side-info columns (from the log or the items table), comma-separated."""
     multi_valued: Names = []
-    """Item features whose strings hold several values ('Comedy|Romance'): the model gets the first, items.parquet all (`<f>_values`)."""
+    """Item or user features whose strings hold several values ('Comedy|Romance'): the model embeds the mean of the values' embeddings (items.parquet / users.parquet `<f>_values`)."""
     value_sep: Annotated[str, AfterValidator(_name), Field(max_length=16)] = "|"
     """Separator of the values of a `multi_valued` feature."""
     numeric_features: OptNames = None
