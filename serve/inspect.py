@@ -55,8 +55,11 @@ def inspect_data(path: Path) -> dict[str, Any]:
 
 
 def inspect_model(path: Path) -> dict[str, Any]:
-    """Summary of a training run directory (best.pt / last.pt and train_log.jsonl)."""
+    """Summary of a training run directory (best.pt / last.pt and train_log.jsonl). Its
+    parameter count leaves out the data buffers (item table, value lists, neighbour table)."""
     import torch
+
+    from sdm.pipeline.warmstart import is_data_buffer
 
     out: dict[str, Any] = {"kind": "model", "path": str(path), "checkpoints": {}}
     for name in ("best.pt", "last.pt"):
@@ -72,7 +75,7 @@ def inspect_model(path: Path) -> dict[str, Any]:
         mc = ckpt["model_config"]
         cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         state = ckpt.get("model", {}) if isinstance(ckpt.get("model"), dict) else {}
-        params = sum(int(t.numel()) for k, t in state.items() if hasattr(t, "numel") and not k.startswith("neighbours."))
+        params = sum(int(t.numel()) for k, t in state.items() if hasattr(t, "numel") and not is_data_buffer(k))
         out["checkpoints"][name] = {
             "step": ckpt.get("step"),
             "epoch": ckpt.get("epoch"),

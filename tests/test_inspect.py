@@ -86,6 +86,8 @@ def test_model_dir_says_what_training_chose_after_the_last_epoch(dirs: dict[str,
     best = inspect_dir(model_dir)["checkpoints"]["best.pt"]
     assert (best["neighbour_weight"], best["neighbours"], best["cold_scale"]) == (4.0, 7, pytest.approx(0.4))
     assert best["parameters"] == params  # the neighbour table is data, not parameters
+    weights = sum(t.numel() for k, t in ckpt["model"].items() if not k.startswith(("item_table", "item_values.", "neighbours.")))
+    assert params == weights  # nor are the item table and the value lists
     out = CliRunner().invoke(app, ["inspect", str(model_dir)])
     assert out.exit_code == 0 and "neighbour term weight 4 (7 per item), cold scale 0.4" in out.output
 
