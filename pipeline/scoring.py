@@ -105,11 +105,10 @@ class ModelScorer:
         """The items whose score is more than u . v_j, for `retrieval.rank.rank`: (items, copy
         logits R, bonus B or None), or None for a plain dot product."""
         history = copy_scores(state[1], qb, qp) if state[1] is not None else None
-        table = getattr(self.model, "neighbours", None)
-        if table is None or not table.active:
+        if not self.has_bonus:
             return None if history is None else (*history, None)
         hist_items, hist_logits = history if history is not None else (None, None)
-        return merge_candidates(hist_items, hist_logits, *table.bonus(prefix, qp), NO_COPY)
+        return merge_candidates(hist_items, hist_logits, *self.model.neighbours.bonus(prefix, qp), NO_COPY)
 
     def score_fn(self, state: tuple[Tensor, History | None], qb: Tensor, qp: Tensor, prefix: Tensor) -> ScoreFn:
         """Scores u_q · v_j of an item chunk; with a repeat head, the query's history items

@@ -182,6 +182,10 @@ def test_bad_value_sets_and_settings_are_one_line_errors(world: dict[str, Any], 
     with pytest.raises(DataError, match="users.parquet: column 'interests' has value-set indices outside") as exc:
         load_user_values(data, world["manifest"], ["interests"])
     assert "\n" not in str(exc.value)
+    for sets in (10**9, 1, "5"):  # a manifest whose set count the users table cannot hold, or not a count
+        manifest = {**world["manifest"], "multi_valued": {"interests": {**world["manifest"]["multi_valued"]["interests"], "sets": sets}}}
+        with pytest.raises(DataError, match="users.parquet: the manifest's multi_valued.'interests'. sets"):
+            load_user_values(world["data"], manifest, ["interests"])
     with pytest.raises(ValueError, match="multi_valued must name"):
         ModelConfig(item_vocab={"item": 5}, user_vocab={"user": 4}, multi_valued=["user"])
     with pytest.raises(SdmError, match="'interests' is Int64; it must be a string column"):
