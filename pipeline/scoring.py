@@ -88,17 +88,23 @@ class ModelScorer:
         """(Q, D) user vector of each query."""
         return state[0][qb, qp]
 
-    def index_topk(self, index: Any, state: tuple[Tensor, History | None], q: Queries, k: int,
-                   exclude: Tensor | None) -> Tensor:  # fmt: skip
-        """(Q, k) top-k from an item index, merged with the repeat head's candidates as serving does."""
+    def index_rank(self, index: Any, state: tuple[Tensor, History | None], qb: Tensor, qp: Tensor, prefix: Tensor,
+                   k: int, exclude: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(scores, items), each (Q, k): the top-k from an item index, merged with the repeat
+        head's and the neighbour term's candidates as serving does (`retrieval.rank.rank`)."""
         from sdm.retrieval.rank import rank
 
-        u = self.query_vectors(state, q.qb, q.qp)
-        cands = self.candidates(state, q.qb, q.qp, q.prefix)
+        u = self.query_vectors(state, qb, qp)
+        cands = self.candidates(state, qb, qp, prefix)
         if cands is None:
-            return rank(u, index, k, exclude)[1]
+            return rank(u, index, k, exclude)
         items, logits, bonus = cands
-        return rank(u, index, k, exclude, items, logits, self.items, candidate_bonus=bonus)[1]
+        return rank(u, index, k, exclude, items, logits, self.items, candidate_bonus=bonus)
+
+    def index_topk(self, index: Any, state: tuple[Tensor, History | None], q: Queries, k: int,
+                   exclude: Tensor | None) -> Tensor:  # fmt: skip
+        """(Q, k) items of `index_rank` for the queries `q`."""
+        return self.index_rank(index, state, q.qb, q.qp, q.prefix, k, exclude)[1]
 
     def candidates(self, state: tuple[Tensor, History | None], qb: Tensor, qp: Tensor,
                    prefix: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:  # fmt: skip

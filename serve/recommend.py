@@ -126,14 +126,7 @@ def score_batch(
         qb, qp, prefix = qb_all[sl], qp_all[sl], prefix_all[sl]
         exclude = excluded(batch, prefix, qb, exclude_history) if exclude_seen or exclude_history else None
         if faiss_index is not None:
-            from sdm.retrieval.rank import rank
-
-            cands = scorer.candidates(state, qb, qp, prefix)
-            u = scorer.query_vectors(state, qb, qp)
-            if cands is None:
-                s, top = rank(u, faiss_index, k, exclude)
-            else:
-                s, top = rank(u, faiss_index, k, exclude, cands[0], cands[1], scorer.items, candidate_bonus=cands[2])
+            s, top = scorer.index_rank(faiss_index, state, qb, qp, prefix, k, exclude)
         else:
             fn = scorer.score_fn(state, qb, qp, prefix)
             chunk_items = max(1024, MAX_SCORES // len(qb))
