@@ -413,6 +413,8 @@ class TrainConfig(_Base):
     """Also write loss, learning rate and validation metrics as TensorBoard scalars to this directory (the `tensorboard` extra)."""
     init_from: OptPath = None
     """Warm start: a previous model directory (best.pt) trained on data whose vocabularies this data extends (`sdm sessionize --vocab-from`); every weight carried over, tables grown."""
+    init_moments: bool = True
+    """With --init-from: also carry the previous run's optimizer moments (AdamW's running averages), so training continues where it stopped instead of re-settling a fresh optimizer; --no-init-moments starts a fresh one."""
     id_dropout: Annotated[float, _in(0, 1, hi_open=True)] = 0.0
     """Probability that an item's id embedding is left out of the item tower in training, so its vector must also come from side features (cold items)."""
     cold_scale: Annotated[Optional[float], _in(0, 100)] = None

@@ -123,10 +123,14 @@ def train(data: Path, out: Path, args: argparse.Namespace, init_from: Path | Non
 def kept_seconds(out: Path, cfg: Any) -> float | None:
     """The training seconds of a finished scratch run in `out` with the same settings (`--keep-scratch`), else None."""
     try:
-        same = json.loads((out / "config.json").read_text()) == json.loads(cfg.model_dump_json())
+        saved = json.loads((out / "config.json").read_text())
         lines = (out / "train_log.jsonl").read_text().splitlines()
     except OSError:
         return None
+    now = json.loads(cfg.model_dump_json())
+    defaults = json.loads(type(cfg)(data=cfg.data, out=cfg.out).model_dump_json())
+    # a setting newer than the kept run counts as the same when this run leaves it at its default
+    same = all(saved.get(k, defaults[k]) == v for k, v in now.items()) and saved.keys() <= now.keys()
     summary = json.loads(lines[-1]).get("summary") if lines else None
     return float(summary["seconds"]) if same and summary else None
 

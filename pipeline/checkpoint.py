@@ -61,7 +61,7 @@ def read_checkpoint(path: Path, keys: tuple[str, ...] = MODEL_KEYS) -> dict[str,
 # Settings a resumed run may change: they do not alter what the next step computes (init_from:
 # a resumed run continues last.pt, whose weights already hold the warm start; it is ignored).
 RESUME_FREE = {"resume", "overwrite", "epochs", "max_steps", "patience", "eval_every", "log_every", "checkpoint_every",
-               "device", "out", "data", "verify", "tensorboard", "init_from", "cold_scale", "cold_budget",
+               "device", "out", "data", "verify", "tensorboard", "init_from", "init_moments", "cold_scale", "cold_budget",
                "neighbours", "neighbour_weight"}  # fmt: skip
 # Settings that decide which batch comes next: changing them breaks the replay of the data position.
 RESUME_FIXED = ("batch_size", "seed", "num_workers", "shuffle_buffer")

@@ -60,7 +60,7 @@ from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
 from sdm.pipeline.metrics import selection_value
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model, build_model_config, model_features, resolve_loss
-from sdm.pipeline.warmstart import WarmStart, warm_start
+from sdm.pipeline.warmstart import WarmStart, load_moments, warm_start
 
 
 def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -302,6 +302,8 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1000 + rank)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if warm is not None and warm.moments is not None:
+        load_moments(opt, warm.moments)
     net = DistributedDataParallel(model, broadcast_buffers=False) if dist.is_initialized() else model
     items, users = model_features(manifest, cfg)
     dataset = SessionDataset(
@@ -324,12 +326,17 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
 def init_weights(cfg: TrainConfig, model: SDM, manifest: dict[str, Any]) -> WarmStart | None:
     """`--init-from` on a fresh run: the previous model's weights, tables grown (`sdm.pipeline.warmstart`).
 
-    A resumed run continues last.pt instead. The optimizer stays fresh: Adam's moments of a
-    grown table would not line up with its rows, and the warm-up re-settles them.
+    A resumed run continues last.pt instead. AdamW's moments come along (`--no-init-moments`:
+    a fresh optimizer), grown like the tables.
+
+    Raises:
+        ConfigError: `init_moments` set without `init_from`.
     """
+    if cfg.init_from is None and "init_moments" in cfg.model_fields_set:
+        raise ConfigError("--init-moments / --no-init-moments act only with --init-from (the moments of the model it names)")
     if cfg.init_from is None or cfg.resume:
         return None
-    return warm_start(model, cfg.init_from, manifest, cfg.data)
+    return warm_start(model, cfg.init_from, manifest, cfg.data, moments=cfg.init_moments)
 
 
 # -- checkpoints ----------------------------------------------------------------------

@@ -14,10 +14,13 @@ item's feature indices), the `item_values` buffers (each item's values of a
 multi-valued feature) and the `user_values` buffers (each value set's values of a
 multi-valued user feature) are the new data's. Read top-down: `read_init` (best.pt,
 weights only), `check_compatible` (refusals, one line each), `grow_state_dict`
-(the copy), and `warm_start`, which does the three on a freshly built model.
+(the copy), `grow_moments` (AdamW's state, grown the same way) and `warm_start`,
+which does these on a freshly built model.
 
-The optimizer is not carried over: Adam's moments of a grown table would not line
-up with its rows, and the learning-rate warm-up re-settles a fresh AdamW.
+The optimizer's moments are carried over too (`--no-init-moments`: a fresh AdamW), so
+training continues where yesterday's stopped: a fresh AdamW's first steps move every
+weight by about the learning rate whatever its gradient's history, which on the daily
+replay cost more than the newest day taught (bench/daily.py, docs/guide/train.md).
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class WarmStart:
     items_after: int
     side_features: bool
     """Whether the model reads item side features (else a new item's vector starts at zero)."""
+    moments: dict[int, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    """The previous run's AdamW state, grown like the weights (`grow_moments`); None: a fresh optimizer."""
     previous: dict[str, Any] = field(default_factory=dict, repr=False)
     """What of the previous best.pt is used after training: its neighbour counts (`COUNTS_KEY`),
     which this run adds its own to (`pipeline/choices.py`); the weights are not kept."""
@@ -215,7 +220,53 @@ def _grows(prev: torch.Tensor, fresh: torch.Tensor, table: tuple[int, int] | Non
     return pair == table if table is not None else pair in grown
 
 
-def warm_start(model: SDM, model_dir: Path, manifest: dict[str, Any], data: Path) -> WarmStart:
+def grow_moments(ckpt: dict[str, Any], model: SDM) -> dict[int, dict[str, torch.Tensor]] | None:
+    """The AdamW state of `ckpt` for `model`'s parameters, grown like `grow_state_dict` grows the weights.
+
+    A grown table's old rows keep their moments; a new row starts with no first moment
+    and the mean second moment of the old rows, so its first steps are of the usual size
+    (a zero second moment would make them three times the learning rate). None when the
+    checkpoint holds no optimizer state (then training starts a fresh optimizer).
+
+    Raises:
+        DataError: a moment whose shape matches neither its weight in the checkpoint nor a grown table.
+    """
+    saved = ckpt.get("optimizer")
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        return None
+    names = [name for name, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for index, state in saved["state"].items():
+        name = names[int(index)] if 0 <= int(index) < len(names) else None
+        if name is None or not isinstance(state, dict):
+            raise DataError(f"the optimizer state of the --init-from checkpoint does not match its model (entry {index})")
+        fresh, old = params[name], ckpt["model"].get(name)
+        grown: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if not torch.is_tensor(value) or value.dim() == 0:
+                grown[key] = value.clone() if torch.is_tensor(value) else value
+                continue
+            if old is None or value.shape != old.shape or value.shape[1:] != fresh.shape[1:] or value.shape[0] > fresh.shape[0]:
+                raise DataError(f"the optimizer state of the --init-from checkpoint does not match weight {name} "
+                                f"({key} {tuple(value.shape)}, weight {tuple(fresh.shape)})")  # fmt: skip
+            out = value.new_zeros(fresh.shape)
+            out[: value.shape[0]] = value
+            if key == "exp_avg_sq" and value.shape[0] < fresh.shape[0]:
+                out[value.shape[0] :] = value.mean(dim=0)
+            grown[key] = out
+        moments[int(index)] = grown
+    return moments
+
+
+def load_moments(opt: torch.optim.Optimizer, moments: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Put grown AdamW state into a fresh optimizer; its settings (learning rate, weight decay) stay this run's."""
+    state = opt.state_dict()
+    state["state"] = moments
+    opt.load_state_dict(state)
+
+
+def warm_start(model: SDM, model_dir: Path, manifest: dict[str, Any], data: Path, moments: bool = True) -> WarmStart:
     """Load the previous model's weights into a freshly built `model` (checked, tables grown).
 
     Raises:
@@ -236,5 +287,6 @@ def warm_start(model: SDM, model_dir: Path, manifest: dict[str, Any], data: Path
         items_before=int(old_cfg["item_vocab"]["item"]),
         items_after=int(model.config.item_vocab["item"]),
         side_features=len(model.item_features) > 1,
+        moments=grow_moments(ckpt, model) if moments else None,
         previous={COUNTS_KEY: ckpt[COUNTS_KEY]} if COUNTS_KEY in ckpt else {},
     )

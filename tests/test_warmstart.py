@@ -85,14 +85,57 @@ def test_warm_start_copies_every_weight_and_zeroes_new_item_rows(world, tmp_path
     with torch.no_grad():
         expect = run.model.item_proj(torch.cat([torch.zeros(16), cat]))
         torch.testing.assert_close(run.model.item_vectors(torch.tensor([25]))[0], expect)
-    # the weight average starts from the warm weights; the optimizer is fresh
+    # the weight average starts from the warm weights
     for k, v in run.ema.avg.items():
         torch.testing.assert_close(v, new[k], rtol=0, atol=0, msg=k)
-    assert not run.opt.state
     carried = sum(not is_data_buffer(k) for k in new)
     w = run.warm
     assert (w.carried, w.total, w.items_before, w.items_after, w.step) == (carried, carried, 22, 32, old_step(world))
     assert run.init_from == {"path": str(world["M1"]), "step": old_step(world), "data_fingerprint": "fp-A"}
+
+
+def test_warm_start_carries_the_optimizer_moments_grown_like_the_weights(world, tmp_path):
+    """AdamW's moments of M1's best.pt continue: old rows as they were, a new row with no first
+    moment and the old rows' mean second moment; the learning rate and weight decay are this run's."""
+    saved = torch.load(world["M1"] / "best.pt", weights_only=True)["optimizer"]
+    run = build_run(cfg(world["B"], tmp_path / "m2", init_from=world["M1"], lr=0.0123, weight_decay=0.0), 0, 1, 0.0)
+    names = [n for n, _ in run.model.named_parameters()]
+    params = dict(run.model.named_parameters())
+    assert len(run.opt.state) == len(saved["state"]) == len(names)
+    for i, name in enumerate(names):
+        old, new = saved["state"][i], run.opt.state[params[name]]
+        assert float(new["step"]) == float(old["step"]) > 0
+        if name != ITEM_ID:
+            torch.testing.assert_close(new["exp_avg"], old["exp_avg"], rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(new["exp_avg_sq"], old["exp_avg_sq"], rtol=0, atol=0, msg=name)
+            continue
+        assert new["exp_avg"].shape == (32, 16)
+        torch.testing.assert_close(new["exp_avg"][:22], old["exp_avg"], rtol=0, atol=0)
+        torch.testing.assert_close(new["exp_avg_sq"][:22], old["exp_avg_sq"], rtol=0, atol=0)
+        assert not new["exp_avg"][22:].any()
+        torch.testing.assert_close(new["exp_avg_sq"][22:], old["exp_avg_sq"].mean(0).expand(10, 16), rtol=0, atol=0)
+    assert run.opt.param_groups[0]["lr"] == 0.0123 and run.opt.param_groups[0]["weight_decay"] == 0.0
+    fresh = build_run(cfg(world["B"], tmp_path / "m3", init_from=world["M1"], init_moments=False), 0, 1, 0.0)
+    assert not fresh.opt.state
+    train(cfg(world["B"], tmp_path / "m4", init_from=world["M1"], max_steps=2), progress=False)  # the moments train
+
+
+def test_init_moments_without_init_from_is_an_error(world, tmp_path):
+    with pytest.raises(ConfigError, match="act only with --init-from"):
+        build_run(cfg(world["A"], tmp_path / "m", init_moments=False), 0, 1, 0.0)
+
+
+def test_a_checkpoint_whose_moments_do_not_match_its_weights_is_one_line(world, tmp_path):
+    ckpt = torch.load(world["M1"] / "best.pt", weights_only=True)
+    ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3, 5)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save(ckpt, bad / "best.pt")
+    with pytest.raises(DataError, match="optimizer state of the --init-from checkpoint does not match weight"):
+        build_run(cfg(world["B"], tmp_path / "m", init_from=bad), 0, 1, 0.0)
+    del ckpt["optimizer"]  # no optimizer state at all: a fresh optimizer
+    torch.save(ckpt, bad / "best.pt")
+    assert not build_run(cfg(world["B"], tmp_path / "m", init_from=bad), 0, 1, 0.0).opt.state
 
 
 def old_step(world):
