@@ -19,8 +19,8 @@ which does these on a freshly built model.
 
 The optimizer's moments are carried over too (`--no-init-moments`: a fresh AdamW), so
 training continues where yesterday's stopped: a fresh AdamW's first steps move every
-weight by about the learning rate whatever its gradient's history, which on the daily
-replay cost more than the newest day taught (bench/daily.py, docs/guide/train.md).
+weight by about the learning rate whatever its gradient's history. On the daily replay
+(bench/daily.py) the moments let a run over every day reach in 2 epochs what took 3.
 """
 
 from __future__ import annotations
