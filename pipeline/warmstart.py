@@ -89,7 +89,8 @@ class WarmStart:
             items = f"item table grown {self.items_before:,} -> {self.items_after:,} ({new:,} new items start from {start})"
         else:
             items = f"item table unchanged ({self.items_after:,} rows)"
-        return f"[train] warm start from {self.path}: {self.carried} of {self.total} weights carried over, {items}"
+        optimizer = "optimizer moments carried over" if self.moments is not None else "a fresh optimizer"
+        return f"[train] warm start from {self.path}: {self.carried} of {self.total} weights carried over, {items}, {optimizer}"
 
 
 def read_init(model_dir: Path) -> tuple[Path, dict[str, Any]]:
@@ -238,14 +239,15 @@ def grow_moments(ckpt: dict[str, Any], model: SDM) -> dict[int, dict[str, torch.
     params = dict(model.named_parameters())
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for index, state in saved["state"].items():
-        name = names[int(index)] if 0 <= int(index) < len(names) else None
-        if name is None or not isinstance(state, dict):
-            raise DataError(f"the optimizer state of the --init-from checkpoint does not match its model (entry {index})")
+        ok = isinstance(index, int) and 0 <= index < len(names) and isinstance(state, dict)
+        if not ok or not all(torch.is_tensor(v) for v in state.values()):
+            raise DataError(f"the optimizer state of the --init-from checkpoint does not match its model (entry {index!r})")
+        name = names[index]
         fresh, old = params[name], ckpt["model"].get(name)
         grown: dict[str, torch.Tensor] = {}
         for key, value in state.items():
-            if not torch.is_tensor(value) or value.dim() == 0:
-                grown[key] = value.clone() if torch.is_tensor(value) else value
+            if value.dim() == 0:  # the step count
+                grown[key] = value.clone()
                 continue
             if old is None or value.shape != old.shape or value.shape[1:] != fresh.shape[1:] or value.shape[0] > fresh.shape[0]:
                 raise DataError(f"the optimizer state of the --init-from checkpoint does not match weight {name} "
@@ -255,7 +257,7 @@ def grow_moments(ckpt: dict[str, Any], model: SDM) -> dict[int, dict[str, torch.
             if key == "exp_avg_sq" and value.shape[0] < fresh.shape[0]:
                 out[value.shape[0] :] = value.mean(dim=0)
             grown[key] = out
-        moments[int(index)] = grown
+        moments[index] = grown
     return moments
 
 

@@ -133,9 +133,14 @@ def test_a_checkpoint_whose_moments_do_not_match_its_weights_is_one_line(world, 
     torch.save(ckpt, bad / "best.pt")
     with pytest.raises(DataError, match="optimizer state of the --init-from checkpoint does not match weight"):
         build_run(cfg(world["B"], tmp_path / "m", init_from=bad), 0, 1, 0.0)
+    ckpt["optimizer"]["state"] = {"0": {"step": torch.tensor(1.0)}}  # a key that is no parameter index
+    torch.save(ckpt, bad / "best.pt")
+    with pytest.raises(DataError, match=r"does not match its model \(entry '0'\)"):
+        build_run(cfg(world["B"], tmp_path / "m", init_from=bad), 0, 1, 0.0)
     del ckpt["optimizer"]  # no optimizer state at all: a fresh optimizer
     torch.save(ckpt, bad / "best.pt")
-    assert not build_run(cfg(world["B"], tmp_path / "m", init_from=bad), 0, 1, 0.0).opt.state
+    run = build_run(cfg(world["B"], tmp_path / "m", init_from=bad), 0, 1, 0.0)
+    assert not run.opt.state and run.warm.line().endswith(", a fresh optimizer")
 
 
 def old_step(world):
@@ -240,7 +245,7 @@ def test_cli_warm_start_end_to_end(world, tmp_path, loss, quiet):
     assert r.exit_code == 0, r.output
     n = sum(not is_data_buffer(k) for k in weights(world["M1"] / "best.pt"))
     line = (f"[train] warm start from {world['M1'] / 'best.pt'}: {n} of {n} weights carried over, "
-            "item table grown 22 -> 32 (10 new items start from their side features)")  # fmt: skip
+            "item table grown 22 -> 32 (10 new items start from their side features), optimizer moments carried over")  # fmt: skip
     assert (line in r.stderr) != quiet, r.stderr
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["init_from"] == {"path": str(world["M1"]), "step": old_step(world), "data_fingerprint": "fp-A"}
