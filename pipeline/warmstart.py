@@ -235,8 +235,8 @@ def grow_moments(ckpt: dict[str, Any], model: SDM) -> dict[int, dict[str, torch.
     saved = ckpt.get("optimizer")
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
         return None
-    names = [name for name, _ in model.named_parameters()]
     params = dict(model.named_parameters())
+    names = list(params)
     moments: dict[int, dict[str, torch.Tensor]] = {}
     for index, state in saved["state"].items():
         ok = isinstance(index, int) and 0 <= index < len(names) and isinstance(state, dict)
@@ -249,7 +249,7 @@ def grow_moments(ckpt: dict[str, Any], model: SDM) -> dict[int, dict[str, torch.
             if value.dim() == 0:  # the step count
                 grown[key] = value.clone()
                 continue
-            if old is None or value.shape != old.shape or value.shape[1:] != fresh.shape[1:] or value.shape[0] > fresh.shape[0]:
+            if old is None or value.shape != old.shape:  # the weight itself was checked by grow_state_dict
                 raise DataError(f"the optimizer state of the --init-from checkpoint does not match weight {name} "
                                 f"({key} {tuple(value.shape)}, weight {tuple(fresh.shape)})")  # fmt: skip
             out = value.new_zeros(fresh.shape)
