@@ -221,6 +221,13 @@ def test_cli_refusal_is_one_line(world, tmp_path):
     assert "embedding_dim 16 -> 32" in r.output
 
 
+def test_cli_init_moments_without_init_from_is_one_line(world, tmp_path):
+    r = CliRunner().invoke(app, ["train", "--data", str(world["A"]), "--out", str(tmp_path / "m"), "--no-init-moments", "-q"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "--init-moments / --no-init-moments act only with --init-from" in r.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_resume_continues_last_pt_and_ignores_init_from(world, tmp_path, capsys):
     full, half = tmp_path / "full", tmp_path / "half"
     kw = dict(init_from=world["M1"], epochs=5)
