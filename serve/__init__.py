@@ -2,6 +2,8 @@
 
 - `export`: `sdm export` — item vectors (the catalogue's cold items after the vocabulary's),
   the user tower (weights, torch.export and ONNX), the index.
+- `user_tower`: `UserTower`, the SDM behind flat inputs, and its files: the torch.export
+  program, the weights file sdm serves from (`load_tower`), ONNX.
 - `sessions`: a user's latest session and its long-term window from raw events,
   built by the sessionizer's own stage functions and the training vocabularies.
 - `recommend`: `sdm recommend LOG` — batch top-K for every user of a log.

@@ -61,12 +61,11 @@ from sdm.model.sdm import NO_COPY
 from sdm.names import vocab_file
 from sdm.pipeline.catalogue import ALWAYS
 from sdm.pipeline.dataset import collate, pad_values, user_column
-from sdm.serve.export import (
-    CONFIG, FAISS_INDEX, INDEX_SPEC, ITEM_VECTORS, LOOKUPS, ONNX_TOWER, TOWER_SPEC, WEIGHTS, load_tower,
-)  # fmt: skip
+from sdm.serve.export import CONFIG, FAISS_INDEX, INDEX_SPEC, ITEM_VECTORS, LOOKUPS, ONNX_TOWER, TOWER_SPEC, WEIGHTS
 from sdm.retrieval.index import Allowed, ExactIndex, FaissIndex
 from sdm.retrieval.rank import rank
 from sdm.serve.sessions import COLD, ColdItems, Lookups, first_line, latest_sessions, now_us, open_frame, read_json
+from sdm.serve.user_tower import load_tower
 from sdm.sessionize.encode import encode, encode_values, fill_empty
 from sdm.sessionize.io import feat_col, polars_errors, to_utc_us, values_col
 from sdm.sessionize.normalise import split_values

@@ -21,7 +21,8 @@ from sdm.cli import app
 from sdm.config import ExportConfig, TrainConfig
 from sdm.model.sdm import SDM
 from sdm.pipeline.dataset import SessionDataset, load_item_table, read_manifest
-from sdm.serve.export import UserTower, export, export_user_tower, tower_inputs
+from sdm.serve.export import export
+from sdm.serve.user_tower import UserTower, export_user_tower, tower_inputs
 from sdm.pipeline.modelspec import build_model_config, model_features
 
 from shard_builder import build_shards

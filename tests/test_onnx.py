@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_export import last_position, make_data, make_model, one_event, ragged_batch
 
-from sdm.serve.export import UserTower, export_onnx, tower_inputs
+from sdm.serve.user_tower import UserTower, export_onnx, tower_inputs
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
