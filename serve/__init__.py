@@ -9,6 +9,9 @@
 - `recommend`: `sdm recommend LOG` — batch top-K for every user of a log.
 - `api`: `Recommender.load(export_dir).recommend(events, k=...)` for services;
   `add_items(table)` gives items added after export vectors and puts them in the index.
+- `export_reader`: `Recommender.load`'s reading of an export directory, every file checked.
+- `runtime`: the user tower run by ONNX Runtime or torch.
+- `arguments`: what callers pass `Recommender`, checked (events and items tables, k, at).
 - `rank`: the one function that turns user vectors (and optional per-candidate
   extra scores) into a top-K list over an item index.
 - `index`: exact and faiss indexes (parameters chosen from the catalogue size).

@@ -1,0 +1,98 @@
+"""What callers pass `Recommender`, checked: each bad argument is one `ConfigError` line naming it.
+
+- `to_frame`: events (`recommend`) or items (`add_items`) as one polars frame, from a
+  polars / pandas frame, a list of dicts or a dict of lists, refusing integers
+  beyond int64;
+- `_check_k`, `_at_us`, `_check_bool`, `_choice`: `k`, `at` (a datetime or an ISO
+  8601 string, naive = UTC), the flags, and a value out of a fixed set.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from sdm.errors import ConfigError, SdmError
+from sdm.serve.sessions import first_line
+from sdm.sessionize.io import polars_errors, to_utc_us
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def to_frame(events: Any, what: str = "events") -> pl.DataFrame:
+    """A polars DataFrame from a polars/pandas frame, a list of dicts or a dict of lists.
+
+    Raises:
+        ConfigError: anything else, rows polars cannot put in one frame, or integers beyond int64
+            (naming `what`, the argument).
+    """
+    if isinstance(events, pl.LazyFrame):
+        with polars_errors(what):
+            events = events.collect()
+    if isinstance(events, pl.DataFrame):
+        return _check_int64(events, what)
+    try:
+        if type(events).__module__.startswith("pandas"):
+            return _check_int64(pl.from_pandas(events), what)
+        if isinstance(events, (list, tuple, dict)):
+            return _check_int64(pl.DataFrame(events), what)
+    except (pl.exceptions.PolarsError, pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, SdmError):
+            raise
+        raise ConfigError(f"{what}: not one table ({first_line(exc)})") from None
+    raise ConfigError(
+        f"{what}: expected a polars or pandas frame, a list of dicts or a dict of lists, got {type(events).__name__}"
+    )
+
+
+def _check_int64(frame: pl.DataFrame, what: str = "events") -> pl.DataFrame:
+    """Refuse integer columns holding values beyond int64 (ids sdm's tables cannot hold)."""
+    for name, dtype in frame.schema.items():
+        if dtype in (pl.Int128, pl.UInt64, pl.UInt128) and frame.height:
+            col = frame.get_column(name).drop_nulls()
+            if len(col) and (col.min() < INT64[0] or col.max() > INT64[1]):
+                bad = col.max() if col.max() > INT64[1] else col.min()
+                raise ConfigError(f"{what}: column {name!r} holds {bad}, beyond the 64-bit integers sdm reads")
+    return frame
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_k(k: Any) -> int:
+    """k as an int >= 1 (not a bool, float or string)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise ConfigError(f"k must be an integer, got {k!r} ({type(k).__name__})")
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    return int(k)
+
+
+def _at_us(at: Any) -> int | None:
+    """`at` (None, a datetime, or an ISO 8601 string; naive = UTC) as microseconds since epoch."""
+    if at is None:
+        return None
+    value = at
+    if isinstance(at, str):
+        try:
+            value = dt.datetime.fromisoformat(at)
+        except ValueError:
+            raise ConfigError(f"at: {at!r} is not an ISO 8601 date and time") from None
+    if not isinstance(value, dt.datetime):
+        raise ConfigError(f"at must be a datetime or an ISO 8601 string, got {at!r} ({type(at).__name__})")
+    try:
+        return to_utc_us(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"at: {at!r} is not a usable time ({first_line(exc)})") from None
+
+
+def _choice(what: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")
