@@ -58,12 +58,12 @@ from sdm.model.sdm import NO_COPY
 from sdm.pipeline.dataset import collate, pad_values
 from sdm.retrieval.index import Allowed
 from sdm.retrieval.rank import rank
-from sdm.serve.arguments import _at_us, _check_bool, _check_k, _choice, to_frame
+from sdm.serve.arguments import check_bool, check_choice, check_k, parse_at, to_frame
 from sdm.serve.export import CONFIG, ITEM_VECTORS, LOOKUPS, ONNX_TOWER, TOWER_SPEC, WEIGHTS
 from sdm.serve.export_reader import (
-    _check_features, _has, _load_index, _probe, _read_item_vectors, _read_neighbours, _read_spec, _weights_state,
+    check_features, importable, load_index, probe_tower, read_item_vectors, read_neighbours, read_spec, weights_state,
 )  # fmt: skip
-from sdm.serve.runtime import _inputs, _OnnxTower, _TorchTower
+from sdm.serve.runtime import OnnxTower, TorchTower, named_inputs
 from sdm.serve.sessions import COLD, ColdItems, Lookups, first_line, latest_sessions, now_us, open_frame, read_json
 from sdm.sessionize.encode import encode, encode_values, fill_empty
 from sdm.sessionize.io import feat_col, polars_errors, values_col
@@ -135,9 +135,9 @@ class Recommender:
             DataError: not a finished export, the asked runtime / index missing, or a
                 file missing, damaged or not fitting the others (naming the file).
         """
-        _choice("runtime", runtime, ("auto", "onnx", "torch"))
-        _choice("index", index, ("auto", "exact", "faiss"))
-        _choice("candidates", candidates, CANDIDATES)
+        check_choice("runtime", runtime, ("auto", "onnx", "torch"))
+        check_choice("index", index, ("auto", "exact", "faiss"))
+        check_choice("candidates", candidates, CANDIDATES)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
         root = Path(export_dir)
@@ -146,28 +146,28 @@ class Recommender:
         if not (root / LOOKUPS).is_file():
             raise DataError(f"{root}: no lookups.json; re-run `sdm export` with this version")
         read_json(root / CONFIG, "an sdm export config")
-        spec = _read_spec(root / TOWER_SPEC)
+        spec = read_spec(root / TOWER_SPEC)
         lookups = Lookups.load(root)
-        _check_features(root / TOWER_SPEC, spec, lookups)
+        check_features(root / TOWER_SPEC, spec, lookups)
         names = [i["name"] for i in spec["inputs"]]
         onnx_path = root / ONNX_TOWER
-        use_onnx = runtime == "onnx" or (runtime == "auto" and onnx_path.is_file() and _has("onnxruntime"))
-        if runtime == "onnx" and not (onnx_path.is_file() and _has("onnxruntime")):
+        use_onnx = runtime == "onnx" or (runtime == "auto" and onnx_path.is_file() and importable("onnxruntime"))
+        if runtime == "onnx" and not (onnx_path.is_file() and importable("onnxruntime")):
             raise DataError(f"{root}: runtime onnx needs user_tower.onnx and onnxruntime (pip install 'sdm[onnx]')")
         torch.set_num_threads(threads)  # the torch tower and the exact index search
         if use_onnx:
-            tower: Any = _OnnxTower(onnx_path, threads, names)
+            tower: Any = OnnxTower(onnx_path, threads, names)
         else:
-            tower = _TorchTower(root / WEIGHTS, names, lookups)
+            tower = TorchTower(root / WEIGHTS, names, lookups)
         d = int(spec["embedding_dim"])
-        _probe(tower, spec, d)
-        vecs, raw, ids, known = _read_item_vectors(root / ITEM_VECTORS, d, lookups.num_items)
-        idx = _load_index(root, vecs, index)
+        probe_tower(tower, spec, d)
+        vecs, raw, ids, known = read_item_vectors(root / ITEM_VECTORS, d, lookups.num_items)
+        idx = load_index(root, vecs, index)
         runtime = "onnx" if use_onnx else "torch"
         neighbours = None
         if "neighbours" in spec:  # the export chose the term: the torch tower holds the table, else read it
-            state = tower.module.model.state_dict() if not use_onnx else _weights_state(root / WEIGHTS)
-            neighbours = _read_neighbours(state, root / WEIGHTS, lookups.num_items)
+            state = tower.module.model.state_dict() if not use_onnx else weights_state(root / WEIGHTS)
+            neighbours = read_neighbours(state, root / WEIGHTS, lookups.num_items)
         return cls(root, lookups, spec, tower, idx, torch.from_numpy(vecs), raw, runtime, ids, known, candidates,
                    neighbours)  # fmt: skip
 
@@ -197,11 +197,11 @@ class Recommender:
             DataError: an export file that fails at request time (naming it).
         """
         mode = self.candidates if candidates is None else candidates
-        _choice("candidates", mode, CANDIDATES)
-        k = _check_k(k)
-        at_us = _at_us(at)
-        seen = _check_bool("exclude_seen", exclude_seen)
-        history = _check_bool("exclude_history", exclude_history)
+        check_choice("candidates", mode, CANDIDATES)
+        k = check_k(k)
+        at_us = parse_at(at)
+        seen = check_bool("exclude_seen", exclude_seen)
+        history = check_bool("exclude_history", exclude_history)
         allowed, total = self._allowed(mode, at_us)
         k = min(k, total)
         frame = to_frame(events)
@@ -215,7 +215,7 @@ class Recommender:
             return _frame(served.user_id.cast(user_type), np.zeros(0, np.int64), [], [])
         extra = [COLD] if cold is not None else []
         batch = collate(served.arrays, self.item_features + extra, self.user_features)
-        out = self.tower(_inputs(batch, self.item_features, self.user_features))
+        out = self.tower(named_inputs(batch, self.item_features, self.user_features))
         u = torch.from_numpy(out[0])
         exclude = _exclusion(batch, mode == "catalogue" and bool(extra), seen or history, history)
         cands = self._candidates(batch, out, mode == "catalogue" and bool(extra))
@@ -381,8 +381,8 @@ class Recommender:
     def _item_model(self) -> Any:
         """The SDM of user_tower.weights.pt (the torch tower's own; read once under ONNX)."""
         if self._model is None:
-            tower = self.tower if isinstance(self.tower, _TorchTower) else None
-            tower = tower or _TorchTower(self.root / WEIGHTS, self.input_names, self.lookups)
+            tower = self.tower if isinstance(self.tower, TorchTower) else None
+            tower = tower or TorchTower(self.root / WEIGHTS, self.input_names, self.lookups)
             self._model = tower.module.model
         return self._model
 

@@ -3,7 +3,7 @@
 - `to_frame`: events (`recommend`) or items (`add_items`) as one polars frame, from a
   polars / pandas frame, a list of dicts or a dict of lists, refusing integers
   beyond int64;
-- `_check_k`, `_at_us`, `_check_bool`, `_choice`: `k`, `at` (a datetime or an ISO
+- `check_k`, `parse_at`, `check_bool`, `check_choice`: `k`, `at` (a datetime or an ISO
   8601 string, naive = UTC), the flags, and a value out of a fixed set.
 """
 
@@ -60,13 +60,13 @@ def _check_int64(frame: pl.DataFrame, what: str = "events") -> pl.DataFrame:
     return frame
 
 
-def _check_bool(name: str, value: Any) -> bool:
+def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ConfigError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 
 
-def _check_k(k: Any) -> int:
+def check_k(k: Any) -> int:
     """k as an int >= 1 (not a bool, float or string)."""
     if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
         raise ConfigError(f"k must be an integer, got {k!r} ({type(k).__name__})")
@@ -75,7 +75,7 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
-def _at_us(at: Any) -> int | None:
+def parse_at(at: Any) -> int | None:
     """`at` (None, a datetime, or an ISO 8601 string; naive = UTC) as microseconds since epoch."""
     if at is None:
         return None
@@ -93,6 +93,6 @@ def _at_us(at: Any) -> int | None:
         raise ConfigError(f"at: {at!r} is not a usable time ({first_line(exc)})") from None
 
 
-def _choice(what: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(what: str, value: Any, allowed: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ConfigError(f"unknown {what} {value!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")

@@ -5,11 +5,11 @@ tower's inputs and the lookups' features, vector dims, index size), is one
 `DataError` line naming the file. Nothing is unpickled: the weights file is read
 with `weights_only=True` (`serve.user_tower.load_tower`).
 
-- `_read_spec`, `_check_features`: user_tower.json, and that it reads lookups.json's features;
-- `_probe`: the loaded tower (`serve.runtime`) runs and gives outputs of the spec's shapes;
-- `_read_item_vectors`: item_vectors.parquet, the vocabulary's rows then the cold ones;
-- `_load_index`: the exact index, or items.faiss + index.json;
-- `_weights_state`, `_read_neighbours`: the neighbour term's table in the weights file.
+- `read_spec`, `check_features`: user_tower.json, and that it reads lookups.json's features;
+- `probe_tower`: the loaded tower (`serve.runtime`) runs and gives outputs of the spec's shapes;
+- `read_item_vectors`: item_vectors.parquet, the vocabulary's rows then the cold ones;
+- `load_index`: the exact index, or items.faiss + index.json;
+- `weights_state`, `read_neighbours`: the neighbour term's table in the weights file.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from sdm.serve.sessions import Lookups, first_line, read_json
 from sdm.serve.user_tower import load_tower
 
 
-def _read_spec(path: Path) -> dict[str, Any]:
+def read_spec(path: Path) -> dict[str, Any]:
     """user_tower.json, checked: dims, features, and the inputs in the order `UserTower` takes them."""
     spec = read_json(path, "an sdm user tower spec")
     problem = None
@@ -68,7 +68,7 @@ def _input_names(item_features: list[str], user_features: list[str]) -> list[str
     )  # fmt: skip
 
 
-def _check_features(path: Path, spec: dict[str, Any], lookups: Lookups) -> None:
+def check_features(path: Path, spec: dict[str, Any], lookups: Lookups) -> None:
     """The tower reads only features the lookups can build, and both describe the same data."""
     items = ["item", *lookups.item_features]
     users = ["user", *lookups.user_features]
@@ -79,7 +79,7 @@ def _check_features(path: Path, spec: dict[str, Any], lookups: Lookups) -> None:
         raise DataError(f"{path}: written for other data than {LOOKUPS} (fingerprints differ): files of two exports")
 
 
-def _probe(tower: Any, spec: dict[str, Any], d: int) -> None:
+def probe_tower(tower: Any, spec: dict[str, Any], d: int) -> None:
     """Run the tower on one one-event session of unknown ids: it must run and give (1, d) user vectors."""
     inputs = {}
     for i in spec["inputs"]:
@@ -100,12 +100,12 @@ def _probe(tower: Any, spec: dict[str, Any], d: int) -> None:
         raise DataError(f"{tower.path}: the tower's outputs {shapes} do not fit {TOWER_SPEC} ({want} output(s), dim {d})")
 
 
-def _weights_state(path: Path) -> dict[str, Any]:
+def weights_state(path: Path) -> dict[str, Any]:
     """The state dict of the export's weights file (`weights_only`: no code runs; `load_tower`'s checks)."""
     return load_tower(path).model.state_dict()
 
 
-def _read_neighbours(state: dict[str, Any], path: Path, num_items: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+def read_neighbours(state: dict[str, Any], path: Path, num_items: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """The neighbour term in the state dict of the export's weights file `path` (`model/neighbours.py`),
     checked, or None when it is off.
 
@@ -125,7 +125,7 @@ def _read_neighbours(state: dict[str, Any], path: Path, num_items: int) -> tuple
     return items.long(), sims.float(), float(weight)
 
 
-def _read_item_vectors(path: Path, d: int, num_items: int) -> tuple[np.ndarray, np.ndarray, pl.Series, np.ndarray]:
+def read_item_vectors(path: Path, d: int, num_items: int) -> tuple[np.ndarray, np.ndarray, pl.Series, np.ndarray]:
     """item_vectors.parquet, checked: (N + 2, d) float32 vectors by item index (rows 0, 1 zero),
     (N + 2,) raw ids (object), the `item_id` column as stored (N,), and (C,) `known_from` of the
     cold rows (us, `ALWAYS` = known at all times). An export without `cold` column has none."""
@@ -194,10 +194,10 @@ def _cold_rows(path: Path, table: pa.Table, warm: int) -> np.ndarray:
     return us.fill_null(ALWAYS).to_numpy().astype(np.int64)
 
 
-def _load_index(root: Path, vecs: np.ndarray, kind: str) -> Any:
+def load_index(root: Path, vecs: np.ndarray, kind: str) -> Any:
     """The item index: faiss (items.faiss + index.json) when asked, or by "auto" for an approximate one; else exact."""
     spec_path, path = root / INDEX_SPEC, root / FAISS_INDEX
-    has_faiss = spec_path.is_file() and path.is_file() and _has("faiss")
+    has_faiss = spec_path.is_file() and path.is_file() and importable("faiss")
     if kind == "faiss" and not has_faiss:
         raise DataError(f"{root}: index faiss needs items.faiss + index.json and faiss (pip install 'sdm[faiss]')")
     if kind == "faiss" or (kind == "auto" and has_faiss):
@@ -207,7 +207,7 @@ def _load_index(root: Path, vecs: np.ndarray, kind: str) -> Any:
     return ExactIndex(vecs)
 
 
-def _has(module: str) -> bool:
+def importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None

@@ -1,13 +1,13 @@
 """The two runtimes of an export's user tower in `Recommender`: ONNX Runtime or torch.
 
 Each is built from one export file, checked against `user_tower.json`'s inputs, and
-called with the tower's named int64 inputs (`_inputs`, from a collated batch); it
+called with the tower's named int64 inputs (`named_inputs`, from a collated batch); it
 returns the tower's outputs as numpy arrays (the user vectors, then with a repeat
 head the history items and logits).
 A tower that fails at request time is one `DataError` line naming its file.
 
-- `_OnnxTower`: `user_tower.onnx` through onnxruntime, on the CPU, spinning no idle threads;
-- `_TorchTower`: `UserTower` rebuilt from `user_tower.weights.pt`
+- `OnnxTower`: `user_tower.onnx` through onnxruntime, on the CPU, spinning no idle threads;
+- `TorchTower`: `UserTower` rebuilt from `user_tower.weights.pt`
   (`serve.user_tower.load_tower`), its vocabularies checked against the lookups'.
   `Recommender.add_items` runs its model's item tower too.
 """
@@ -28,7 +28,7 @@ from sdm.serve.sessions import Lookups, first_line
 from sdm.serve.user_tower import load_tower
 
 
-class _OnnxTower:
+class OnnxTower:
     """The ONNX user tower through onnxruntime (inputs the graph dropped are not fed)."""
 
     def __init__(self, path: Path, threads: int, names: list[str]) -> None:
@@ -56,7 +56,7 @@ class _OnnxTower:
             raise DataError(f"{self.path}: the ONNX tower failed ({first_line(exc)})") from None
 
 
-class _TorchTower:
+class TorchTower:
     """`UserTower` rebuilt from `user_tower.weights.pt` (never the `.pt2` program: loading it unpickles)."""
 
     def __init__(self, path: Path, names: list[str], lookups: Lookups) -> None:
@@ -83,7 +83,7 @@ class _TorchTower:
         return [o.numpy() for o in out]
 
 
-def _inputs(batch: dict[str, Any], item_features: list[str], user_features: list[str]) -> dict[str, np.ndarray]:
+def named_inputs(batch: dict[str, Any], item_features: list[str], user_features: list[str]) -> dict[str, np.ndarray]:
     """The tower's named inputs from a collated batch (int64 numpy)."""
     out = {f"seq_{f}": batch["seq"][f].numpy() for f in item_features}
     out["seq_len"] = batch["seq_len"].numpy()
