@@ -169,13 +169,18 @@ def evaluate(data: Path, model: Path, out: Path) -> dict[str, float]:
     return row
 
 
+def workdir(args: argparse.Namespace) -> Path:
+    """Where a replay's days live: one folder per dataset and seed, so kept scratch runs of several seeds coexist."""
+    return OUT / (args.dataset if args.seed == 0 else f"{args.dataset}_seed{args.seed}")
+
+
 def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     log, spec = source(args)
     times = pl.scan_parquet(log).select(pl.col("timestamp").min().alias("lo"), pl.col("timestamp").max().alias("hi"))
     lo, hi = times.collect().row(0)
     start = dt.datetime(lo.year, lo.month, lo.day, tzinfo=dt.timezone.utc)
     days = (hi - start) // DAY  # whole days: a partial last day would make a test of a few queries
-    work = OUT / args.dataset
+    work = workdir(args)
     rows, prev_data, prev_model = [], None, None
     for d in range(args.first_day, days - 1):  # the test day d + 1 is the last whole day at most
         valid, test, end = start + d * DAY, start + (d + 1) * DAY, start + (d + 2) * DAY
@@ -247,7 +252,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if not args.keep_scratch:
-        shutil.rmtree(OUT / args.dataset, ignore_errors=True)
+        shutil.rmtree(workdir(args), ignore_errors=True)
     rows = replay(args)
     s = summary(rows)
     if s:
