@@ -368,7 +368,8 @@ def throughput(work: Path, size: Sizes, device: str) -> dict[str, Any]:
     """Samples/s end to end and of the model step alone, and where an end-to-end step's time goes."""
     from sdm.config import TrainConfig
     from sdm.pipeline.dataset import move_batch
-    from sdm.pipeline.train import build_run, get_lr, train_step
+    from sdm.pipeline.train import build_run
+    from sdm.pipeline.trainstep import get_lr, train_step
 
     data = bench_data(work, size)
     cfg = TrainConfig(data=data, device=device, loss="sampled", batch_size=size.batch_size,

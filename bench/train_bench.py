@@ -31,7 +31,8 @@ from sdm.pipeline.dataset import SessionDataset, load_item_counts, read_manifest
 from sdm.pipeline.evaluate import evaluate_model
 from sdm.pipeline.modelspec import build_model, build_model_config, model_features, resolve_loss
 from sdm.pipeline.metrics import selection_value
-from sdm.pipeline.train import get_lr, train, train_step
+from sdm.pipeline.train import train
+from sdm.pipeline.trainstep import get_lr, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SDM_SHARED", ROOT.parent / "shared"))

@@ -12,22 +12,21 @@ Runs in one process or under `torchrun` (DDP: gloo on CPU, NCCL on GPU). Each
 rank reads its own shards; every rank runs the same number of steps per epoch
 (the smallest rank's, from `plan_epoch_steps`), so no rank waits for or
 diverges from another; rank 0 alone validates and writes.
+
+The parts live beside this loop: the optimisation step (`get_lr`, `train_step`,
+`WeightAverage`) in `sdm.pipeline.trainstep`, the ranks and the step plan in
+`sdm.pipeline.stepplan`, and the run's state and its files in --out (`Run`,
+`Progress`, `claim_out`, `save`, `resume`) in `sdm.pipeline.runstate`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import random
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
-
-import pyarrow.parquet as pq
 
 import torch
 import torch.distributed as dist
@@ -36,19 +35,11 @@ from torch.utils.data import DataLoader
 
 from sdm.config import TrainConfig, save_config
 from sdm.errors import ConfigError, SdmError
-from sdm.model.loss import NegativeSampler, sdm_loss
-from sdm.model.sdm import SDM, ModelConfig
-from sdm.pipeline.checkpoint import (
-    CHECKPOINT_VERSION,
-    RESUME_KEYS,
-    atomic_save,
-    check_resume,
-    read_checkpoint,
-    truncate_log,
-)
+from sdm.model.loss import NegativeSampler
+from sdm.model.sdm import SDM
+from sdm.pipeline.checkpoint import atomic_save, read_checkpoint
 from sdm.pipeline.dataset import (
     SessionDataset,
-    assign_shards,
     load_item_counts,
     move_batch,
     read_manifest,
@@ -60,190 +51,13 @@ from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
 from sdm.pipeline.metrics import selection_value
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model, build_model_config, model_features, resolve_loss
+from sdm.pipeline.runstate import Progress, Run, claim_out, resume, save
+from sdm.pipeline.stepplan import plan_epoch_steps, setup_distributed, trainable_sessions
+from sdm.pipeline.trainstep import WeightAverage, get_lr, train_step
 from sdm.pipeline.warmstart import WarmStart, load_moments, warm_start
 
 
-def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup, then cosine decay to 10% of `lr` at `total_steps`.
-
-    The warmup is `warmup_steps`, but at most a tenth of the run, so a small
-    dataset does not spend its first epochs warming up.
-    """
-    warmup = max(1, min(cfg.warmup_steps, total_steps // 10))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def train_step(
-    model: SDM,
-    net: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    batch: dict[str, Any],
-    sampler: NegativeSampler,
-    gen: torch.Generator,
-    cfg: TrainConfig,
-    lr: float,
-    autocast: Any,
-    loss_kind: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch already on the device; (loss, grad norm).
-
-    `net` is `model` or its DDP wrapper. The step is skipped (no update) when the
-    gradient norm is not finite; DDP has all-reduced the gradients by then, so
-    every rank sees the same norm and they all stop together.
-    """
-    for group in opt.param_groups:
-        group["lr"] = lr
-    with autocast:
-        user_vecs, history = net(batch, with_history=True)
-        loss = sdm_loss(
-            model, batch, user_vecs, loss=loss_kind, sampler=sampler, generator=gen, target_decay=cfg.target_decay,
-            history=history,
-        )  # fmt: skip
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    if torch.isfinite(grad_norm):
-        opt.step()
-    return loss.detach(), grad_norm
-
-
-
-def _setup_distributed(device_name: str) -> tuple[int, int]:
-    """Join the process group when launched by torchrun (even with one process, so that
-    `torchrun --nproc_per_node 1` runs the DDP code path); (rank, world_size)."""
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if launched and not dist.is_initialized():
-        use_cuda = device_name != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-# -- the step plan -------------------------------------------------------------------
-
-
-def trainable_sessions(data: Path, manifest: dict[str, Any]) -> list[int]:
-    """Per training shard, the sessions that yield a sample (at least 2 events): the
-    loader skips the others, so they must not count as steps."""
-    counts = []
-    for shard in manifest["splits"]["train"]["shards"]:
-        lengths = pq.read_table(Path(data) / shard["path"], columns=["sess_len"]).column("sess_len")
-        counts.append(int(sum((lst.values.to_numpy() >= 2).sum() for lst in lengths.chunks)))
-    return counts
-
-
-def plan_epoch_steps(counts: list[int], batch_size: int, world: int, num_workers: int, seed: int, epoch: int) -> int:
-    """Optimizer steps of one epoch, the same on every rank.
-
-    Each loader worker yields ceil(sessions of its shards / batch_size) batches (the
-    shards it reads are `assign_shards`'s pure function of rank, worker, seed and
-    epoch); a rank's steps are the sum over its workers, and every rank stops after the
-    smallest rank's count, so DDP ranks take the same steps with the same learning rate.
-    """
-    per_rank = []
-    for rank in range(world):
-        steps = 0
-        for worker in range(max(num_workers, 1)):
-            shards = assign_shards(len(counts), rank, world, worker, num_workers, seed, epoch)
-            steps += math.ceil(sum(counts[s] for s in shards) / batch_size)
-        per_rank.append(steps)
-    return min(per_rank)
-
-
-# -- one run's objects and progress ----------------------------------------------------
-
-
-@dataclass
-class Progress:
-    """Where a run is; saved in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    """Batches of `epoch` already trained (a resume replays the loader past them)."""
-    best: float = -1.0
-    bad_epochs: int = 0
-
-
-class WeightAverage:
-    """An exponential moving average of a model's floating-point weights (`--ema-decay`).
-
-    The decay ramps up as min(decay, (1 + step) / (10 + step)), so the first
-    steps' weights do not linger. `swapped_in` puts the average into the model
-    for validation and best.pt; last.pt keeps the trained weights and the average.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.avg = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if k in self.avg:
-                    self.avg[k].lerp_(v, 1.0 - d)
-
-    def load(self, avg: dict[str, torch.Tensor]) -> None:
-        """Continue from a checkpoint's average (copied in place, onto this average's devices)."""
-        with torch.no_grad():
-            for k, v in self.avg.items():
-                v.copy_(avg[k])
-
-    @contextmanager
-    def swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
-        trained = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.avg}
-        model.load_state_dict(self.avg, strict=False)
-        try:
-            yield
-        finally:
-            model.load_state_dict(trained, strict=False)
-
-
-@dataclass
-class Run:
-    """What the loop holds fixed for a whole run."""
-
-    cfg: TrainConfig
-    rank: int
-    world: int
-    device: torch.device
-    manifest: dict[str, Any]
-    model_cfg: ModelConfig
-    model: SDM
-    net: torch.nn.Module
-    opt: torch.optim.Optimizer
-    sampler: NegativeSampler
-    gen: torch.Generator
-    loss_kind: str
-    dataset: SessionDataset
-    loader: DataLoader
-    epoch_steps: list[int]
-    t0: float
-    log: Any = None
-    bar: Any = None
-    ema: WeightAverage | None = None
-    window: dict[str, float] = field(default_factory=dict)
-    talk: bool = False
-    """Print one line per validation, and the resume / interrupt lines, on stderr (rank 0, not --quiet)."""
-    last_loss: float = float("nan")
-    last_valid: dict[str, Any] = field(default_factory=dict)
-    saved_step: int | None = None
-    """Step of the newest last.pt this run wrote (None: none yet)."""
-    warm: WarmStart | None = None
-    """What `--init-from` loaded (a fresh run only)."""
-    init_from: dict[str, Any] | None = None
-    """The checkpoints' `init_from` record: this run's warm start, or the one last.pt carries when resumed."""
-
-    @property
-    def total_steps(self) -> int:
-        return sum(self.epoch_steps)
+# -- building the run ------------------------------------------------------------------
 
 
 def check_eval_k(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
@@ -339,59 +153,6 @@ def init_weights(cfg: TrainConfig, model: SDM, manifest: dict[str, Any]) -> Warm
     return warm_start(model, cfg.init_from, manifest, cfg.data, moments=cfg.init_moments)
 
 
-# -- checkpoints ----------------------------------------------------------------------
-
-def checkpoint(run: Run, state: Progress) -> dict[str, Any]:
-    """The checkpoint dict of the run at `state`."""
-    return {
-        "version": CHECKPOINT_VERSION,
-        "model": run.model.state_dict(),
-        "optimizer": run.opt.state_dict(),
-        "model_config": run.model_cfg.model_dump(mode="json"),
-        "config": run.cfg.model_dump(mode="json"),
-        "data_fingerprint": run.manifest["fingerprint"],
-        "step": state.step,
-        "epoch": state.epoch,
-        "batch_in_epoch": state.batch_in_epoch,
-        "best_metric": state.best,
-        "bad_epochs": state.bad_epochs,
-        **({"ema": run.ema.avg} if run.ema is not None else {}),
-        **({"init_from": run.init_from} if run.init_from is not None else {}),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "sampler": run.gen.get_state(),
-            **({"cuda": torch.cuda.get_rng_state(run.device)} if run.device.type == "cuda" else {}),
-        },
-    }
-
-
-def save(run: Run, state: Progress, name: str) -> None:
-    """Write last.pt or best.pt (rank 0 only; atomically). best.pt's weights are what was validated, so it needs no average."""
-    if run.rank == 0:
-        ckpt = checkpoint(run, state)
-        if name == "best.pt":
-            ckpt.pop("ema", None)
-        atomic_save(ckpt, run.cfg.out / name)
-        if name == "last.pt":
-            run.saved_step = state.step
-
-
-RUN_FILES = ("best.pt", "last.pt", "train_log.jsonl")
-OWN_FILES = (*RUN_FILES, "config.json", "best.tmp", "last.tmp", "train_log.tmp", "tensorboard")
-"""Everything `sdm train` writes in --out (the .tmp names: scratch of older versions); --overwrite removes these only."""
-
-
-def claim_out(cfg: TrainConfig, rank: int) -> AbstractContextManager[Any]:
-    """Rank 0 holds --out for the whole run (`sdm.outputs.OutputDir`): never an input, locked, own files only."""
-    if rank != 0:
-        return nullcontext()
-    return OutputDir(
-        cfg.out, "train", OWN_FILES, overwrite=cfg.overwrite, keep=cfg.resume,
-        inputs={"data directory": cfg.data, "--init-from model": cfg.init_from},
-        hint="pass --overwrite to replace it or --resume to continue it",
-    )  # fmt: skip
-
-
 def start(run: Run, guard: OutputDir | None) -> Progress:
     """A fresh run (an earlier run's files replaced only with `overwrite`) or, with `resume`, the state of last.pt.
 
@@ -399,7 +160,7 @@ def start(run: Run, guard: OutputDir | None) -> Progress:
         SdmError: an earlier run without --overwrite (from `claim_out`), no or unreadable last.pt,
             another model config or dataset, changed data-order settings.
     """
-    state = _resume(run) if run.cfg.resume else Progress()
+    state = resume(run) if run.cfg.resume else Progress()
     if run.cfg.resume:
         say(run, f"[train] resuming {run.cfg.out / 'last.pt'}: epoch {state.epoch}, step {state.step:,} "
                  f"({state.batch_in_epoch} batches into the epoch), best so far {max(state.best, 0.0):.4f}")  # fmt: skip
@@ -415,36 +176,6 @@ def start(run: Run, guard: OutputDir | None) -> Progress:
     if run.rank == 0:
         with atomic_path(run.cfg.out / "config.json") as tmp:
             save_config(run.cfg, tmp)
-    return state
-
-
-def _resume(run: Run) -> Progress:
-    path = run.cfg.out / "last.pt"
-    if not path.is_file():
-        raise SdmError(f"{path}: --resume given but there is no checkpoint to resume from")
-    ckpt = read_checkpoint(path, RESUME_KEYS)
-    changed = check_resume(path, ckpt, run.manifest["fingerprint"], run.model_cfg.model_dump(mode="json"),
-                           run.cfg.model_dump(mode="json"))  # fmt: skip
-    if changed and run.rank == 0:
-        print("note: resuming with changed " + ", ".join(changed), file=sys.stderr)
-    try:
-        run.model.load_state_dict(ckpt["model"])
-        run.opt.load_state_dict(ckpt["optimizer"])
-        if run.ema is not None and "ema" in ckpt:
-            run.ema.load(ckpt["ema"])
-        elif run.ema is not None:  # a run that had no average starts it from the trained weights
-            run.ema = WeightAverage(run.model, run.cfg.ema_decay)
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        run.gen.set_state(ckpt["rng"]["sampler"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdmError(f"{path}: damaged checkpoint ({first})") from None
-    if run.device.type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
-    state = Progress(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["best_metric"], ckpt["bad_epochs"])
-    run.init_from = ckpt.get("init_from")  # a warm-started run's record stays in its checkpoints
-    if run.rank == 0:
-        truncate_log(run.cfg.out / "train_log.jsonl", state.step)
     return state
 
 
@@ -633,7 +364,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         SdmError: bad data directory, incompatible checkpoint, unusable device, NaN loss.
     """
     t0 = time.time()
-    rank, world = _setup_distributed(cfg.device)
+    rank, world = setup_distributed(cfg.device)
     # Bit-identical runs whatever the thread count and load: the backward of an index with
     # repeated rows (the N targets share a position's row; the copy logits of a position are
     # read once per target) otherwise accumulates in thread order on CPU.

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from sdm.cli import app
 from sdm.config import TrainConfig
 from sdm.errors import SdmError
-from sdm.pipeline.train import get_lr, train
+from sdm.pipeline.train import train
+from sdm.pipeline.trainstep import get_lr
 
 
 @pytest.fixture()
@@ -76,7 +77,7 @@ def test_resume_gives_same_parameters_as_uninterrupted(data, tmp_path, ema):
 
 
 def test_weight_average_follows_its_formula_and_swaps_back():
-    from sdm.pipeline.train import WeightAverage
+    from sdm.pipeline.trainstep import WeightAverage
 
     net = torch.nn.Linear(2, 1)
     start = {k: v.clone() for k, v in net.state_dict().items()}
@@ -208,7 +209,7 @@ def test_steps_per_epoch_count_only_sessions_with_a_sample(data, tmp_path):
     """16 users x 4 sessions of length 1 + (u + s) % 5: 51 of 64 have 2+ events -> ceil(51 / 8) = 7
     batches of 8 per epoch (not ceil(64 / 8) = 8), and the cosine schedule ends at its floor."""
     from sdm.pipeline.dataset import read_manifest
-    from sdm.pipeline.train import plan_epoch_steps, trainable_sessions
+    from sdm.pipeline.stepplan import plan_epoch_steps, trainable_sessions
 
     counts = trainable_sessions(data, read_manifest(data))
     assert sum(counts) == sum((u + s) % 5 != 0 for u in range(16) for s in range(4)) == 51
@@ -222,7 +223,7 @@ def test_steps_per_epoch_count_only_sessions_with_a_sample(data, tmp_path):
 
 
 def test_plan_is_the_same_for_every_rank_and_never_above_any_ranks_batches():
-    from sdm.pipeline.train import plan_epoch_steps
+    from sdm.pipeline.stepplan import plan_epoch_steps
 
     counts = [10, 3, 7, 0, 9, 4]
     for world in (1, 2, 3):

@@ -263,11 +263,12 @@ def test_cli_warm_start_end_to_end(world, tmp_path, loss, quiet):
 DDP_SCRIPT = """
 import sys, torch
 from sdm.config import TrainConfig
-from sdm.pipeline.train import _setup_distributed, build_run, train
+from sdm.pipeline.stepplan import setup_distributed
+from sdm.pipeline.train import build_run, train
 data, out, init, dump = sys.argv[1:]
 cfg = TrainConfig(data=data, out=out, init_from=init, batch_size=4, embedding_dim=16, num_negatives=8, epochs=1,
                   device="cpu")
-rank, world = _setup_distributed("cpu")
+rank, world = setup_distributed("cpu")
 run = build_run(cfg, rank, world, 0.0)
 torch.save(run.model.state_dict(), f"{dump}/rank{rank}.pt")
 del run
