@@ -1,5 +1,10 @@
 """SDM model (user and item towers, all variants) and its training losses."""
 
+from sdm.model.attention import UserAttention
+from sdm.model.baselines import DNNEncoder
+from sdm.model.config import Variant
+from sdm.model.embeddings import EmbeddingBank
+from sdm.model.encoders import GatedFusion, LongTermEncoder, ShortTermEncoder
 from sdm.model.loss import (
     NegativeSampler,
     full_softmax_loss,
@@ -9,17 +14,7 @@ from sdm.model.loss import (
     sdm_loss,
     target_pairs,
 )
-from sdm.model.sdm import (
-    SDM,
-    DNNEncoder,
-    EmbeddingBank,
-    GatedFusion,
-    LongTermEncoder,
-    ModelConfig,
-    ShortTermEncoder,
-    UserAttention,
-    Variant,
-)
+from sdm.model.sdm import SDM, ModelConfig
 
 __all__ = [
     "SDM",

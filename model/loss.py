@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdm.model.sdm import NO_COPY, OOV, PAD, SDM, Batch, History
+from sdm.model.embeddings import OOV, PAD, Batch
+from sdm.model.repeat import NO_COPY, History
+from sdm.model.sdm import SDM
 
 LossKind = Literal["sampled", "inbatch", "full"]
 

@@ -83,7 +83,7 @@ def merge_candidates(
     Args:
         hist_items, hist_logits: (Q, H) distinct history items and copy logits R, or None.
         bonus_items, bonus: (Q, C) distinct bonus items and bonus B (`neighbour_bonus`).
-        no_copy: the copy logit of an item without one (`sdm.model.sdm.NO_COPY`).
+        no_copy: the copy logit of an item without one (`sdm.model.repeat.NO_COPY`).
 
     Returns:
         (items, R, B), each (Q, H + C): a history item also in the bonus list takes its

@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sdm.errors import DataError, SdmError
 from sdm.manifest import read_manifest
-from sdm.model.sdm import MAX_VALUES
+from sdm.model.embeddings import MAX_VALUES
 
 SPLITS = ("train", "valid", "test")
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sdm.errors import SdmError
 from sdm.model.neighbours import merge_candidates
-from sdm.model.sdm import NO_COPY, History, copy_scores
+from sdm.model.repeat import NO_COPY, History, copy_scores
 from sdm.pipeline.catalogue import Catalogue, ColdIndex, cold_item_vectors
 from sdm.pipeline.metrics import add_bonus, add_copy_scores
 

@@ -54,7 +54,7 @@ import torch
 
 from sdm.errors import ConfigError, DataError
 from sdm.model.neighbours import merge_candidates, neighbour_bonus
-from sdm.model.sdm import NO_COPY
+from sdm.model.repeat import NO_COPY
 from sdm.pipeline.dataset import collate, pad_values
 from sdm.retrieval.index import Allowed
 from sdm.retrieval.rank import rank

@@ -109,7 +109,7 @@ class UserTower(nn.Module):
         if not self.has_history:
             vecs = self.model(batch)  # (B, T_max, D)
             return vecs.gather(1, last.view(-1, 1, 1).expand(-1, 1, vecs.shape[-1])).squeeze(1)  # (B, D)
-        from sdm.model.sdm import copy_scores
+        from sdm.model.repeat import copy_scores
 
         vecs, history = self.model(batch, with_history=True)
         user = vecs.gather(1, last.view(-1, 1, 1).expand(-1, 1, vecs.shape[-1])).squeeze(1)  # (B, D)
@@ -194,7 +194,8 @@ def load_tower(path: Path) -> UserTower:
     Raises:
         DataError: the file is missing (an export of an older sdm), damaged, or does not fit its model config.
     """
-    from sdm.model.sdm import ModelConfig, state_item_values, state_user_values
+    from sdm.model.embeddings import state_item_values, state_user_values
+    from sdm.model.sdm import ModelConfig
 
     if not path.is_file():
         raise DataError(f"{path}: not found; this export was written by an older sdm: re-run `sdm export`")

@@ -238,7 +238,7 @@ def test_model_features_agree_with_tower(exported: dict[str, Any]) -> None:
 
 def test_tower_history_outputs_match_the_repeat_head(exported: dict[str, Any]) -> None:
     """With a repeat head the tower also returns copy_scores' candidates at the last position."""
-    from sdm.model.sdm import copy_scores
+    from sdm.model.repeat import copy_scores
 
     model, data = exported["model"], exported["data"]
     tower = UserTower(model)

@@ -24,8 +24,10 @@ from conftest import at, read_sessions, vocab, write_log
 
 from sdm.config import ExportConfig, SessionizeConfig, TrainConfig
 from sdm.errors import DataError
+from sdm.model.embeddings import MAX_VALUES
 from sdm.model.loss import NegativeSampler, sdm_loss
-from sdm.model.sdm import MAX_VALUES, SDM, ModelConfig, copy_scores
+from sdm.model.repeat import copy_scores
+from sdm.model.sdm import SDM, ModelConfig
 from sdm.pipeline.catalogue import cold_item_vectors, read_catalogue
 from sdm.pipeline.dataset import SessionDataset, load_item_table, load_item_values, pad_values, read_manifest
 from sdm.pipeline.evaluate import load_model

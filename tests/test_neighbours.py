@@ -23,7 +23,7 @@ from sdm.cli import app
 from sdm.config import EvaluateConfig, ExportConfig, RecommendConfig, TrainConfig
 from sdm.errors import ConfigError, DataError
 from sdm.model.neighbours import merge_candidates, neighbour_bonus
-from sdm.model.sdm import NO_COPY
+from sdm.model.repeat import NO_COPY
 from sdm.pipeline.baselines.itemcf import ItemCF, NeighbourCounts, neighbour_table
 from sdm.pipeline.dataset import read_manifest
 from sdm.pipeline.evaluate import evaluate, load_model

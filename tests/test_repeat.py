@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sdm.model.loss import NegativeSampler, sampled_softmax_loss, sdm_loss
-from sdm.model.sdm import NO_COPY, SDM, History, ModelConfig, copy_scores
+from sdm.model.repeat import NO_COPY, History, copy_scores
+from sdm.model.sdm import SDM, ModelConfig
 from sdm.pipeline.scoring import ModelScorer, session_queries
 from sdm.pipeline.metrics import add_copy_scores, chunked_topk
 from tests.test_model import ITEM_VOCAB, USER_VOCAB, item_table, make_batch, prefix
