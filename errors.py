@@ -65,3 +65,21 @@ def storage_error(exc: OSError, path: object | None = None) -> StorageError:
     where = exc.filename if exc.filename is not None else path
     reason = exc.strerror or type(exc).__name__
     return StorageError(f"{where}: {reason}" if where is not None else reason)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line of at most 300 characters, for one-line errors.
+
+    A pydantic error gives its first field and reason; a message whose first line
+    only announces the details ("Error(s) in loading state_dict for SDM:") keeps
+    the first detail line too.
+    """
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        first = exc.errors()[0]  # type: ignore[attr-defined]
+        return f"{'.'.join(map(str, first.get('loc', ()))) or 'value'}: {first.get('msg', '')}"[:300]
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:300]

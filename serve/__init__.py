@@ -6,6 +6,8 @@
   program, the weights file sdm serves from (`load_tower`), ONNX.
 - `sessions`: a user's latest session and its long-term window from raw events,
   built by the sessionizer's own stage functions and the training vocabularies.
+- `lookups`: `Lookups`, the training run's sessionize config, vocabularies and encoded
+  tables, read from a data or export directory, every file checked.
 - `recommend`: `sdm recommend LOG` — batch top-K for every user of a log.
 - `api`: `Recommender.load(export_dir).recommend(events, k=...)` for services;
   `add_items(table)` gives items added after export vectors and puts them in the index.

@@ -52,19 +52,20 @@ import numpy as np
 import polars as pl
 import torch
 
-from sdm.errors import ConfigError, DataError
+from sdm.errors import ConfigError, DataError, first_line
 from sdm.model.neighbours import merge_candidates, neighbour_bonus
 from sdm.model.repeat import NO_COPY
 from sdm.pipeline.dataset import collate, pad_values
 from sdm.retrieval.index import Allowed
 from sdm.retrieval.rank import rank
-from sdm.serve.arguments import check_bool, check_choice, check_k, parse_at, to_frame
+from sdm.serve.arguments import check_bool, check_choice, check_k, now_us, parse_at, to_frame
 from sdm.serve.export import CONFIG, ITEM_VECTORS, LOOKUPS, ONNX_TOWER, TOWER_SPEC, WEIGHTS
 from sdm.serve.export_reader import (
     check_features, importable, load_index, probe_tower, read_item_vectors, read_neighbours, read_spec, weights_state,
 )  # fmt: skip
+from sdm.serve.lookups import Lookups, read_json
 from sdm.serve.runtime import OnnxTower, TorchTower, named_inputs
-from sdm.serve.sessions import COLD, ColdItems, Lookups, first_line, latest_sessions, now_us, open_frame, read_json
+from sdm.serve.sessions import COLD, ColdItems, latest_sessions, open_frame
 from sdm.sessionize.encode import encode, encode_values, fill_empty
 from sdm.sessionize.io import feat_col, polars_errors, values_col
 from sdm.sessionize.normalise import split_values

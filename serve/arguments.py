@@ -4,7 +4,8 @@
   polars / pandas frame, a list of dicts or a dict of lists, refusing integers
   beyond int64;
 - `check_k`, `parse_at`, `check_bool`, `check_choice`: `k`, `at` (a datetime or an ISO
-  8601 string, naive = UTC), the flags, and a value out of a fixed set.
+  8601 string, naive = UTC), the flags, and a value out of a fixed set;
+- `now_us`: the time of a request without `at` (also `sdm recommend`'s default `--at`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from sdm.errors import ConfigError, SdmError
-from sdm.serve.sessions import first_line
+from sdm.errors import ConfigError, SdmError, first_line
 from sdm.sessionize.io import polars_errors, to_utc_us
 
 INT64 = (-(2**63), 2**63 - 1)
@@ -91,6 +91,15 @@ def parse_at(at: Any) -> int | None:
         return to_utc_us(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"at: {at!r} is not a usable time ({first_line(exc)})") from None
+
+
+_US = dt.timedelta(microseconds=1)
+
+
+def now_us() -> int:
+    """The current time, us since epoch UTC: a request's time by default (which cold items are known),
+    and the `known_from` of an item added to a `Recommender`."""
+    return (dt.datetime.now(dt.timezone.utc) - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // _US
 
 
 def check_choice(what: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -39,7 +39,7 @@ and writes to the output directory:
 - `user_tower.json`: input names, order, shapes and vocab files, dims, how to
   call it, and the manifest fingerprint.
 - `lookups.json`: the training run's sessionize config, features and length caps:
-  what `serve.sessions` needs to build a user's session like training did.
+  what `serve.lookups` gives `serve.sessions` to build a user's session like training did.
 - `vocab/<file>.parquet` (`names.vocab_file`), `items.parquet`, `users.parquet`,
   `items_raw.parquet` (when the data has it): copies of every vocabulary the
   manifest lists and of the item, user and raw items tables, to turn raw events
@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 
 from sdm.config import ExportConfig
-from sdm.errors import DataError, StorageError
+from sdm.errors import DataError, StorageError, first_line
 from sdm.model.neighbours import DECAY
 from sdm.model.sdm import SDM
 from sdm.names import vocab_file
@@ -79,7 +79,6 @@ from sdm.outputs import OutputDir, atomic_path, write_json, write_text
 from sdm.pipeline.catalogue import ALWAYS, Catalogue, cold_item_vectors, read_catalogue
 from sdm.pipeline.dataset import read_manifest, user_column
 from sdm.manifest import verify_files
-from sdm.serve.sessions import first_line
 from sdm.serve.user_tower import EXPORT_VERSION, UserTower, export_onnx, export_user_tower, write_tower_weights, writing
 
 ITEM_VECTORS = "item_vectors.parquet"
@@ -333,7 +332,7 @@ def _tower_spec(
 
 
 def lookups_spec(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What `serve.sessions.Lookups` reads from a data manifest, for an export directory."""
+    """What `serve.lookups.Lookups` reads from a data manifest, for an export directory."""
     keys = (
         "fingerprint", "item_features", "user_features", "vocab_sizes", "max_session_len", "max_long_len", "num_items",
         "config", "multi_valued",

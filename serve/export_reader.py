@@ -24,12 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sdm.errors import DataError, SdmError
+from sdm.errors import DataError, SdmError, first_line
 from sdm.pipeline.catalogue import ALWAYS
 from sdm.pipeline.dataset import user_column
 from sdm.retrieval.index import ExactIndex, FaissIndex
 from sdm.serve.export import FAISS_INDEX, INDEX_SPEC, LOOKUPS, TOWER_SPEC
-from sdm.serve.sessions import Lookups, first_line, read_json
+from sdm.serve.lookups import Lookups, read_json
 from sdm.serve.user_tower import load_tower
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sdm.errors import SdmError
-from sdm.serve.sessions import read_json
+from sdm.serve.lookups import read_json
 
 
 def _names(items: Any) -> list[str]:

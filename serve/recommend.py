@@ -58,7 +58,9 @@ from sdm.pipeline.scoring import ModelScorer
 from sdm.manifest import verify_files
 from sdm.pipeline.metrics import chunked_topk
 from sdm.sessionize.io import polars_errors, to_utc_us
-from sdm.serve.sessions import COLD, ColdItems, Lookups, Served, bucketed, now_us, open_log, take
+from sdm.serve.arguments import now_us
+from sdm.serve.lookups import Lookups
+from sdm.serve.sessions import COLD, ColdItems, Served, bucketed, open_log, take
 
 
 def session_queries_last(batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:

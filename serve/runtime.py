@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdm.errors import DataError
+from sdm.errors import DataError, first_line
 from sdm.names import vocab_file
 from sdm.pipeline.dataset import user_column
 from sdm.serve.export import TOWER_SPEC
-from sdm.serve.sessions import Lookups, first_line
+from sdm.serve.lookups import Lookups
 from sdm.serve.user_tower import load_tower
 
 

@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdm.errors import DataError, StorageError
+from sdm.errors import DataError, StorageError, first_line
 from sdm.model.sdm import SDM
 from sdm.outputs import atomic_path
 from sdm.pipeline.dataset import user_column
-from sdm.serve.sessions import first_line
 
 EXPORT_VERSION = 1  # of every file `sdm export` writes
 WEIGHTS_FORMAT = "sdm-user-tower-weights"

@@ -265,7 +265,8 @@ def test_shards_tables_and_catalogue_use_the_buckets(data: dict[str, Any]) -> No
 def test_serving_buckets_like_the_sessionizer(data: dict[str, Any]) -> None:
     """`serve.sessions` (what `Recommender` and `sdm recommend` call) encodes a live event's price and year
     with the training buckets: the function the sessionizer used, the same indices."""
-    from sdm.serve.sessions import Lookups, latest_sessions, open_frame
+    from sdm.serve.lookups import Lookups
+    from sdm.serve.sessions import latest_sessions, open_frame
 
     out = data["out"]
     price, year = _vocab(out, "price"), _vocab(out, "release_year")
