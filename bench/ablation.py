@@ -45,8 +45,9 @@ import torch
 from sdm.config import SessionizeConfig, TrainConfig, Variant, build_config, load_toml_section
 from sdm.errors import SdmError
 from sdm.pipeline.baselines import BASELINES, build_baseline
+from sdm.pipeline.checkpoint import load_model
 from sdm.pipeline.dataset import read_manifest
-from sdm.pipeline.evaluate import evaluate_model, load_model, pick_device
+from sdm.pipeline.evaluate import evaluate_model, pick_device
 
 HERE = Path(__file__).resolve().parent
 VARIANTS: tuple[str, ...] = get_args(Variant)  # SPEC section 7 order: SDMMA .. DNN

@@ -49,8 +49,8 @@ def train_model(work: Path, epochs: int, seed: int) -> tuple[Any, Path]:
     from ablation import prepare_log, sessionize_config
 
     from sdm.config import TrainConfig
+    from sdm.pipeline.checkpoint import load_model
     from sdm.pipeline.dataset import read_manifest
-    from sdm.pipeline.evaluate import load_model
     from sdm.pipeline.train import train
     from sdm.sessionize import run as sessionize
 

@@ -50,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/bootstrap.py b
 
 from sdm.config import SessionizeConfig, TrainConfig
 from sdm.pipeline.baselines import BASELINES, build_baseline
+from sdm.pipeline.checkpoint import load_model
 from sdm.pipeline.dataset import read_manifest
-from sdm.pipeline.evaluate import evaluate_model, load_model, pick_device
+from sdm.pipeline.evaluate import evaluate_model, pick_device
 
 HERE = Path(__file__).resolve().parent
 KS = [20, 50, 100]

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from sdm.config import TrainConfig
     from sdm.manifest import read_manifest
-    from sdm.pipeline.evaluate import evaluate_model, load_model
+    from sdm.pipeline.checkpoint import load_model
+    from sdm.pipeline.evaluate import evaluate_model
     from sdm.pipeline.train import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -27,7 +27,7 @@ PAD, OOV = 0, 1
 MAX_VALUES = 16
 """Most values of a multi-valued item feature that an item is embedded with: its first 16 (in the
 order of its string); later ones are dropped when items.parquet and catalogue.parquet are read
-(`pipeline.dataset.pad_values`). A list's width K is the longest one the data holds, up to this
+(`pipeline.tables.pad_values`). A list's width K is the longest one the data holds, up to this
 cap, and pooling looks up (..., K, D) embeddings: the full softmax's item tower holds
 num_items x K x D floats at once. 16 is well above the handful of genres or tags an item
 usually lists, and keeps that at most 16x the embedding table's own size."""

@@ -94,10 +94,10 @@ class SDM(nn.Module):
             columns in `config.item_vocab` order (column 0 = i; a multi-valued feature's
             first value). None = item id only, allowed when the variant reads no side feature.
         item_values: multi-valued item feature -> LongTensor (num_items, K): row i holds item
-            i's value indices, padded with 0 (`ValueLists`; `pipeline.dataset.load_item_values`).
+            i's value indices, padded with 0 (`ValueLists`; `pipeline.tables.load_item_values`).
             Needed for each item feature of `config.multi_valued` the variant reads.
         user_values: multi-valued user feature -> LongTensor (S, K): row s holds the value
-            indices of value set s, the index users carry (`pipeline.dataset.load_user_values`).
+            indices of value set s, the index users carry (`pipeline.tables.load_user_values`).
             Needed for each user feature of `config.multi_valued` the variant reads.
 
     Raises:

@@ -48,7 +48,8 @@ import torch
 from torch import Tensor
 
 from sdm.errors import DataError
-from sdm.pipeline.dataset import SessionDataset, check_values, pad_values
+from sdm.pipeline.dataset import SessionDataset
+from sdm.pipeline.tables import check_values, pad_values
 
 ALWAYS = np.iinfo(np.int64).min
 """`known_from` (us) of an item known at all times (null in the file)."""
@@ -67,7 +68,7 @@ class Catalogue:
         known_from: (C,) int64 microseconds since epoch; `ALWAYS` = known at all times.
         features: catalogue column -> its values: side feature f -> (C,) int64 indices, and for a
             multi-valued f also `<f>_values` -> (C, K) int64 value indices, padded with 0
-            (`pipeline.dataset.pad_values`). Rows are items, so a row subset of every array is
+            (`pipeline.tables.pad_values`). Rows are items, so a row subset of every array is
             the catalogue of those items.
     """
 

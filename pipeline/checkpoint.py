@@ -5,6 +5,8 @@ config, the run config, the data fingerprint, the step, the position inside the
 epoch, the best validation metric and the RNG states. It is read with
 `weights_only=True`, so a malicious pickle cannot run code, and written to a
 temporary file that replaces the old one, so a crash never leaves half a file.
+`load_model` rebuilds the model of a run's best.pt for a data directory, with the
+checks that `sdm evaluate`, `sdm export` and `sdm recommend` share.
 """
 
 from __future__ import annotations
@@ -127,3 +129,46 @@ def truncate_log(path: Path, step: int) -> None:
         if isinstance(rec, dict) and "summary" not in rec and rec.get("step", 0) <= step:
             keep.append(line)
     write_text(path, "".join(x + "\n" for x in keep))
+
+
+def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """Rebuild the model of `model_dir/best.pt` for the shards of `data_dir`.
+
+    Raises:
+        SdmError: missing directory or checkpoint, unreadable checkpoint, or a
+            model trained on another dataset (fingerprint mismatch).
+    """
+    return load_model_and_checkpoint(model_dir, data_dir, manifest, device)[0]
+
+
+def load_model_and_checkpoint(
+    model_dir: Path, data_dir: Path, manifest: dict[str, Any], device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """`load_model`, plus the checkpoint dict it was read from (step, configs), read once."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise SdmError(f"{model_dir}: model directory not found (run `sdm train` first)")
+    path = model_dir / "best.pt"
+    if not path.is_file():
+        raise SdmError(f"{model_dir}: no best.pt; the training run that wrote it did not finish")
+    ckpt = read_checkpoint(path)
+    if ckpt["data_fingerprint"] != manifest.get("fingerprint"):
+        raise SdmError(
+            f"{path}: model trained on another dataset (fingerprint {str(ckpt['data_fingerprint'])[:12]}... "
+            f"!= {str(manifest.get('fingerprint'))[:12]}... of {data_dir})"
+        )
+    from sdm.model.sdm import ModelConfig
+    from sdm.pipeline.modelspec import build_model
+
+    try:
+        model_cfg = ModelConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{path}: invalid model config in the checkpoint ({first})") from None
+    try:
+        model = build_model(model_cfg, data_dir, manifest)
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SdmError(f"{path}: checkpoint does not fit its model config or this data ({first[:300]})") from None
+    return model.to(device).eval(), ckpt

@@ -8,7 +8,8 @@ long-term window with vectorised numpy indexing (no Python loop per session),
 mixes sessions in a bounded shuffle buffer, and yields collated batches.
 
 Which shards a worker reads is the pure function `assign_shards`; memory is
-bounded by `shuffle_buffer` and `read_rows`, whatever the dataset size.
+bounded by `shuffle_buffer` and `read_rows`, whatever the dataset size. The item and
+user tables the model reads beside the shards are `pipeline/tables.py`'s.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sdm.errors import DataError, SdmError
+from sdm.errors import SdmError
 from sdm.manifest import read_manifest
-from sdm.model.embeddings import MAX_VALUES
+from sdm.pipeline.listcolumns import gather, list_parts
+from sdm.pipeline.tables import load_item_table
 
 SPLITS = ("train", "valid", "test")
 
@@ -73,24 +74,6 @@ def user_column(feature: str) -> str:
     return "user" if feature == "user" else f"user_{feature}"
 
 
-def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, flat values) of a list column, as numpy arrays."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    offsets = col.offsets.to_numpy().astype(np.int64)
-    values = col.values.to_numpy(zero_copy_only=False)
-    return offsets - offsets[0], values[offsets[0] : offsets[-1]] if len(offsets) else values
-
-
-def _gather(values: np.ndarray, start: np.ndarray, length: np.ndarray, width: int) -> np.ndarray:
-    """Rows values[start[i] : start[i]+length[i]] right-padded with 0 to `width`."""
-    idx = start[:, None] + np.arange(width)[None, :]  # (S, W)
-    mask = np.arange(width)[None, :] < length[:, None]
-    if len(values) == 0:
-        return np.zeros(idx.shape, dtype=np.int64)
-    return np.where(mask, values[np.minimum(idx, len(values) - 1)], 0).astype(np.int64)
-
-
 def _event_values(t: pa.Table, f: str, lookup: dict[str, np.ndarray], items: np.ndarray, oov: np.ndarray) -> np.ndarray:
     """Flat values of item feature f over the timelines of `t`.
 
@@ -104,9 +87,9 @@ def _event_values(t: pa.Table, f: str, lookup: dict[str, np.ndarray], items: np.
             events (both a damaged shard).
     """
     if f"seq_{f}" in t.column_names or f not in lookup:
-        return _list_parts(t.column(f"seq_{f}"))[1]
+        return list_parts(t.column(f"seq_{f}"))[1]
     vals = lookup[f][items]
-    given = _list_parts(t.column(f"oov_{f}"))[1]
+    given = list_parts(t.column(f"oov_{f}"))[1]
     if len(given) != len(oov):
         raise pa.ArrowInvalid(f"oov_{f} holds {len(given)} values for {len(oov)} OOV events")
     vals[oov] = given
@@ -119,7 +102,7 @@ def _item_events(t: pa.Table, lookup: dict[str, np.ndarray]) -> tuple[np.ndarray
     Raises:
         pyarrow.ArrowInvalid: an item index beyond the items table (a damaged shard).
     """
-    items = _list_parts(t.column("seq_item"))[1]
+    items = list_parts(t.column("seq_item"))[1]
     rows = len(next(iter(lookup.values())))  # every lookup has one entry per item index
     if len(items) and int(items.max()) >= rows:
         raise pa.ArrowInvalid(f"item index {int(items.max())} beyond the {rows} rows of items.parquet")
@@ -161,12 +144,12 @@ def sessions_from_record_batch(
         shorter than `min_len` are left out (they have no SPEC-5 sample).
     """
     t = pa.Table.from_batches([rb])
-    ts_off, ts = _list_parts(t.column("ts"))
-    s_off, s_start = _list_parts(t.column("sess_start"))
-    _, s_len = _list_parts(t.column("sess_len"))
-    _, l_start = _list_parts(t.column("long_start"))
-    _, l_end = _list_parts(t.column("long_end"))
-    _, s_id = _list_parts(t.column("sess_id"))
+    ts_off, ts = list_parts(t.column("ts"))
+    s_off, s_start = list_parts(t.column("sess_start"))
+    _, s_len = list_parts(t.column("sess_len"))
+    _, l_start = list_parts(t.column("long_start"))
+    _, l_end = list_parts(t.column("long_end"))
+    _, s_id = list_parts(t.column("sess_id"))
     row = np.repeat(np.arange(t.num_rows), np.diff(s_off))  # (S,) user row of each session
     keep = s_len >= min_len
     row, s_start, s_len, l_start, l_end, s_id = (a[keep] for a in (row, s_start, s_len, l_start, l_end, s_id))
@@ -186,15 +169,15 @@ def sessions_from_record_batch(
     items, oov = _item_events(t, lookup) if lookup else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     for f in item_features:
         vals = _event_values(t, f, lookup, items, oov)
-        out[f"seq_{f}"] = _gather(vals, g_start, s_len, max_session_len)
-        out[f"long_{f}"] = _gather(vals, g_long, l_len, max_long_len)
+        out[f"seq_{f}"] = gather(vals, g_start, s_len, max_session_len)
+        out[f"long_{f}"] = gather(vals, g_long, l_len, max_long_len)
     if "seq_oov" in t.column_names:  # evaluation only: the raw identity of OOV events
-        _, vals = _list_parts(t.column("seq_oov"))
-        out["seq_oov"] = _gather(vals, g_start, s_len, max_session_len)
+        _, vals = list_parts(t.column("seq_oov"))
+        out["seq_oov"] = gather(vals, g_start, s_len, max_session_len)
     if times:
-        out["seq_ts"] = _gather(ts, g_start, s_len, max_session_len)
-        hashes = _list_parts(t.column("seq_oov"))[1] if "seq_oov" in t.column_names else np.zeros(len(ts), np.int64)
-        out["long_oov"] = _gather(hashes, g_long, l_len, max_long_len)
+        out["seq_ts"] = gather(ts, g_start, s_len, max_session_len)
+        hashes = list_parts(t.column("seq_oov"))[1] if "seq_oov" in t.column_names else np.zeros(len(ts), np.int64)
+        out["long_oov"] = gather(hashes, g_long, l_len, max_long_len)
     for f in user_features:
         out[f"user_{f}"] = t.column(user_column(f)).to_numpy().astype(np.int64)[row]
     return out
@@ -380,141 +363,3 @@ def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def load_item_table(data_dir: Path, manifest: dict[str, Any], features: list[str] | None = None) -> torch.Tensor:
-    """(num_items, F) feature indices of every item index.
-
-    Columns are `features` in that order (default: the manifest's item features);
-    rows 0 (padding) and 1 (OOV) hold 0 and 1 in every column.
-    """
-    feats = list(features) if features is not None else manifest["item_features"]
-    table = pq.read_table(Path(data_dir) / "items.parquet")
-    n = int(manifest["num_items"])
-    out = np.zeros((n, len(feats)), dtype=np.int64)
-    out[1, :] = 1
-    idx = table.column("item").to_numpy().astype(np.int64)
-    for j, f in enumerate(feats):
-        out[idx, j] = idx if f == "item" else table.column(f).to_numpy().astype(np.int64)
-    return torch.from_numpy(out)
-
-
-def load_item_values(data_dir: Path, manifest: dict[str, Any], features: list[str]) -> dict[str, torch.Tensor]:
-    """Per multi-valued feature among `features`: (num_items, K) value indices of every item index.
-
-    Read from items.parquet's column that the manifest's `multi_valued` names (`<f>_values`).
-    Row i holds item i's values in their order, the first `MAX_VALUES` (`pad_values`),
-    right-padded with 0; rows 0 (padding) and 1 (OOV) and an item without values are all 0
-    (`SDM` embeds the item's single value index there). Features that are not multi-valued
-    in the manifest are left out: {} for data without multi-valued features.
-
-    Raises:
-        DataError: a missing column or bad values (`check_values`), one line naming items.parquet.
-    """
-    multi = manifest.get("multi_valued") or {}
-    columns = {f: str(multi[f]["items_column"]) for f in features if "items_column" in (multi.get(f) or {})}
-    if not columns:
-        return {}
-    path = Path(data_dir) / "items.parquet"
-    table = _read_columns(path, ["item", *columns.values()], f"the value lists {list(columns.values())}")
-    idx = table.column("item").to_numpy().astype(np.int64)
-    out = {}
-    for f, column in columns.items():
-        lists = check_values(path, column, table.column(column), int(manifest["vocab_sizes"][f]))
-        padded = pad_values(lists)
-        full = np.zeros((int(manifest["num_items"]), padded.shape[1]), dtype=np.int64)
-        full[idx] = padded
-        out[f] = torch.from_numpy(full)
-    return out
-
-
-def load_user_values(data_dir: Path, manifest: dict[str, Any], features: list[str]) -> dict[str, torch.Tensor]:
-    """Per multi-valued user feature among `features`: (S, K) value indices of every value set.
-
-    A multi-valued profile feature's index in users.parquet (and the shards' `user_<f>`) is
-    its value set s, 2 .. S - 1 (the manifest's `multi_valued[f]["sets"]` is S; 1: no
-    value). Row s holds the set's values (users.parquet's `<f>_values`, the first
-    `MAX_VALUES`), right-padded with 0; rows 0 and 1 are all 0 (`SDM` embeds the OOV
-    value there). {} when none of `features` is a multi-valued user feature.
-
-    Raises:
-        DataError: a missing column, bad values (`check_values`), a set index outside
-            1 .. S - 1, or one set index with two value lists; one line naming users.parquet.
-    """
-    multi = manifest.get("multi_valued") or {}
-    columns = {f: str(multi[f]["users_column"]) for f in features if "users_column" in (multi.get(f) or {})}
-    if not columns:
-        return {}
-    path = Path(data_dir) / "users.parquet"
-    table = _read_columns(path, [*columns, *columns.values()], f"the value sets {list(columns)}")
-    out = {}
-    for f, column in columns.items():
-        sets = multi[f].get("sets")
-        if type(sets) is not int or not 2 <= sets <= table.num_rows + 2:
-            raise DataError(f"{path}: the manifest's multi_valued[{f!r}] sets {sets!r} is not 2 .. users + 2")
-        idx = table.column(f).to_numpy(zero_copy_only=False)
-        if table.column(f).null_count or (len(idx) and (idx.min() < 1 or idx.max() >= sets)):
-            raise DataError(f"{path}: column {f!r} has value-set indices outside 1 .. {sets - 1} (the manifest's sets)")
-        padded = pad_values(check_values(path, column, table.column(column), int(manifest["vocab_sizes"][f])))
-        full = np.zeros((sets, padded.shape[1]), dtype=np.int64)
-        idx = idx.astype(np.int64)
-        full[idx] = padded
-        if not np.array_equal(full[idx], padded) or full[:2].any():
-            raise DataError(f"{path}: column {f!r}: a value-set index with two different value lists ({column!r})")
-        out[f] = torch.from_numpy(full)
-    return out
-
-
-def _read_columns(path: Path, columns: list[str], what: str) -> pa.Table:
-    """`columns` of a Parquet file; DataError naming the file and `what` when it cannot be read."""
-    try:
-        return pq.read_table(path, columns=columns)
-    except (OSError, pa.ArrowException, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot read {what} ({first})") from None
-
-
-def check_values(path: Path, column: str, lists: pa.ChunkedArray | pa.Array, size: int) -> pa.Array:
-    """A value-list column (`<f>_values` of items.parquet or catalogue.parquet), checked: lists of
-    integers, no null value inside a list, every value in 1 .. size - 1 of the feature's
-    vocabulary (1 = a value training never saw). A null list holds no value.
-
-    Raises:
-        DataError: one line naming the file and the column.
-    """
-    if isinstance(lists, pa.ChunkedArray):
-        lists = lists.combine_chunks()
-    kind = lists.type
-    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not pa.types.is_integer(kind.value_type):
-        raise DataError(f"{path}: column {column!r} is {kind}, expected lists of int32 value indices")
-    flat = pc.list_flatten(lists)
-    if flat.null_count:
-        raise DataError(f"{path}: column {column!r} has a null value inside a list")
-    values = flat.to_numpy().astype(np.int64)
-    if len(values) and (values.min() < 1 or values.max() >= size):
-        raise DataError(
-            f"{path}: column {column!r} has indices in [{values.min()}, {values.max()}], "
-            f"outside 1 .. {size - 1} of its vocabulary"
-        )
-    return lists
-
-
-def pad_values(lists: pa.Array) -> np.ndarray:
-    """(n, K) int64: each list's first `MAX_VALUES` values, right-padded with 0 (a null list: none).
-
-    K is the longest list kept (at most `MAX_VALUES`), at least 1.
-    """
-    offsets, values = _list_parts(lists)
-    length = np.diff(offsets)
-    if lists.null_count:
-        length = np.where(lists.is_null().to_numpy(zero_copy_only=False), 0, length)
-    width = max(1, min(MAX_VALUES, int(length.max()) if len(length) else 0))
-    return _gather(values.astype(np.int64), offsets[:-1], np.minimum(length, width), width)
-
-
-def load_item_counts(data_dir: Path, manifest: dict[str, Any]) -> torch.Tensor:
-    """Training-event count of every item index (0 for padding and OOV)."""
-    vocab = pq.read_table(Path(data_dir) / "vocab" / "item.parquet", columns=["index", "count"])
-    counts = np.zeros(int(manifest["num_items"]), dtype=np.float64)
-    counts[vocab.column("index").to_numpy()] = vocab.column("count").to_numpy()
-    return torch.from_numpy(counts)

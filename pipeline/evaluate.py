@@ -15,101 +15,38 @@ queries whose target is a cold item and on those whose target is a warm one
 (in the vocabulary).
 
 Models and baselines are *scorers* (`pipeline/scoring.py`): they go through the
-same top-K, masking, metric and dump code here.
+same top-K, masking, metric and dump code here (the dump's rows: `pipeline/topkdump.py`;
+the model of a run's best.pt: `pipeline/checkpoint.py`'s `load_model`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
 from sdm.config import EvaluateConfig, save_config
 from sdm.errors import ConfigError, SdmError
-from sdm.outputs import OutputDir, atomic_path, scratch_name, write_json, write_text
+from sdm.outputs import OutputDir, atomic_path, write_json, write_text
 from sdm.pipeline.catalogue import Catalogue, CatalogueSessions, read_catalogue
-from sdm.pipeline.checkpoint import read_checkpoint
+from sdm.pipeline.checkpoint import load_model_and_checkpoint
 from sdm.manifest import verify_files
 from sdm.pipeline.dataset import SessionDataset, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.pipeline.metrics import METRICS, chunked_topk, metric_sums, overlap_at_k
 from sdm.pipeline.scoring import Candidates, ModelScorer, Queries, Scorer
+from sdm.pipeline.topkdump import TopkWriter, raw_items
 from sdm.retrieval.index import FaissIndex, import_faiss
 from sdm.pipeline.report import build_report, curve_ks, markdown_table, method_entry, plot_report
 
 # At most this many float32 scores (256 MiB) exist at once: query chunk x item chunk.
 MAX_SCORES = 1 << 26
 QUERY_CHUNK = 4096
-
-
-def _raw_items(data_dir: Path, num_items: int, catalogue: Catalogue | None = None) -> pa.Array:
-    """Raw item id of every index 0..V-1 (null for padding, OOV and unknown indices), then of
-    every cold item V..V+C-1 of `catalogue`."""
-    vocab = pq.read_table(Path(data_dir) / "vocab" / "item.parquet", columns=["raw", "index"])
-    pos = np.full(num_items, -1, dtype=np.int64)
-    pos[vocab.column("index").to_numpy()] = np.arange(vocab.num_rows)
-    raw = vocab.column("raw").combine_chunks().take(pa.array(pos, mask=pos < 0))
-    if catalogue is None:
-        return raw
-    try:
-        cold = catalogue.item_id.cast(raw.type)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise SdmError(
-            f"{data_dir}: catalogue item_id is {catalogue.item_id.type}, the vocabulary's raw ids {raw.type}"
-        ) from None
-    return pa.concat_arrays([raw, cold])
-
-
-class _TopkWriter:
-    """Streams `topk.parquet` rows (one per query) in record batches."""
-
-    def __init__(self, path: Path, raw: pa.Array) -> None:
-        self.raw = raw
-        self.schema = pa.schema(
-            [
-                ("user_id", pa.string()),
-                ("session_start", pa.timestamp("us", tz="UTC")),
-                ("position", pa.int32()),
-                ("target", raw.type),
-                ("target_oov", pa.int64()),
-                ("topk", pa.list_(raw.type)),
-            ]
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.tmp = path, scratch_name(path)
-        self.writer = pq.ParquetWriter(self.tmp, self.schema)
-
-    def write(self, batch: dict[str, Any], q: Queries, topk: Tensor) -> None:
-        qb = q.qb.cpu().numpy()
-        n, k = topk.shape
-        flat = pa.array(topk.cpu().numpy().reshape(-1))
-        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
-        cols = [
-            pa.array(np.asarray(batch["user_id"], dtype=object)[qb], pa.string()),
-            pa.array(batch["start_ts"].cpu().numpy()[qb], pa.timestamp("us", tz="UTC")),
-            pa.array((q.qp.cpu().numpy() + 2).astype(np.int32)),
-            self.raw.take(pa.array(q.target.cpu().numpy())),
-            pa.array(q.target_oov.cpu().numpy(), mask=q.target_oov.cpu().numpy() == 0),
-            pa.ListArray.from_arrays(offsets, self.raw.take(flat)),
-        ]
-        self.writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=self.schema))
-
-    def close(self, ok: bool) -> None:
-        """Finish the file and rename it into place; without `ok` (a failed run) remove it."""
-        self.writer.close()
-        if ok:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 def evaluate_model(
@@ -312,7 +249,7 @@ def _run(
     """
     dataset = CatalogueSessions if cands.catalogue is not None else SessionDataset
     ds = dataset(data_dir, split, batch_size, shuffle=False, manifest=manifest)
-    writer = _TopkWriter(Path(dump_topk), _raw_items(data_dir, cands.num_items, cands.catalogue)) if dump_topk else None
+    writer = TopkWriter(Path(dump_topk), raw_items(data_dir, cands.num_items, cands.catalogue)) if dump_topk else None
     sums: dict[str, float] = {}
     counts = {"queries": 0, "sessions": 0, "oov": 0, "cold": 0, "warm": 0}
     seen_users: set[str] = set()
@@ -344,7 +281,7 @@ def _run(
 
 def _rank(
     scorer: Any, state: Any, queries: Queries, batch: dict[str, Any], cands: Candidates, ks: list[int],
-    faiss_index: FaissIndex | None, sums: dict[str, float], counts: dict[str, int], writer: _TopkWriter | None,
+    faiss_index: FaissIndex | None, sums: dict[str, float], counts: dict[str, int], writer: TopkWriter | None,
     dump_k: int | None, passes: tuple[Pass, ...],
 ) -> None:  # fmt: skip
     """Rank a batch's queries once per entry of `passes` (`_run`), from one set of scores per query
@@ -392,49 +329,6 @@ def _add_metrics(
 
 
 # -- the CLI command ----------------------------------------------------------------
-
-
-def load_model(model_dir: Path, data_dir: Path, manifest: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    """Rebuild the model of `model_dir/best.pt` for the shards of `data_dir`.
-
-    Raises:
-        SdmError: missing directory or checkpoint, unreadable checkpoint, or a
-            model trained on another dataset (fingerprint mismatch).
-    """
-    return load_model_and_checkpoint(model_dir, data_dir, manifest, device)[0]
-
-
-def load_model_and_checkpoint(
-    model_dir: Path, data_dir: Path, manifest: dict[str, Any], device: torch.device
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """`load_model`, plus the checkpoint dict it was read from (step, configs), read once."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise SdmError(f"{model_dir}: model directory not found (run `sdm train` first)")
-    path = model_dir / "best.pt"
-    if not path.is_file():
-        raise SdmError(f"{model_dir}: no best.pt; the training run that wrote it did not finish")
-    ckpt = read_checkpoint(path)
-    if ckpt["data_fingerprint"] != manifest.get("fingerprint"):
-        raise SdmError(
-            f"{path}: model trained on another dataset (fingerprint {str(ckpt['data_fingerprint'])[:12]}... "
-            f"!= {str(manifest.get('fingerprint'))[:12]}... of {data_dir})"
-        )
-    from sdm.model.sdm import ModelConfig
-    from sdm.pipeline.modelspec import build_model
-
-    try:
-        model_cfg = ModelConfig(**ckpt["model_config"])
-    except (TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdmError(f"{path}: invalid model config in the checkpoint ({first})") from None
-    try:
-        model = build_model(model_cfg, data_dir, manifest)
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdmError(f"{path}: checkpoint does not fit its model config or this data ({first[:300]})") from None
-    return model.to(device).eval(), ckpt
 
 
 REPORTS = ("metrics.json", "report.md", "report.png", "config.json", "topk.parquet", "topk_*.parquet")

@@ -13,7 +13,7 @@ from typing import Any
 from sdm.config import TrainConfig
 from sdm.errors import SdmError
 from sdm.model.sdm import SDM, ModelConfig
-from sdm.pipeline.dataset import load_item_table, load_item_values, load_user_values
+from sdm.pipeline.tables import load_item_table, load_item_values, load_user_values
 
 NO_SIDE_INFO_VARIANTS = ("PSDMMAL-NoS",)
 

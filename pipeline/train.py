@@ -40,7 +40,6 @@ from sdm.model.sdm import SDM
 from sdm.pipeline.checkpoint import atomic_save, read_checkpoint
 from sdm.pipeline.dataset import (
     SessionDataset,
-    load_item_counts,
     move_batch,
     read_manifest,
 )
@@ -53,6 +52,7 @@ from sdm.pipeline.metrics import selection_value
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model, build_model_config, model_features, resolve_loss
 from sdm.pipeline.runstate import Progress, Run, claim_out, resume, save
 from sdm.pipeline.stepplan import plan_epoch_steps, setup_distributed, trainable_sessions
+from sdm.pipeline.tables import load_item_counts
 from sdm.pipeline.trainstep import WeightAverage, get_lr, train_step
 from sdm.pipeline.warmstart import WarmStart, load_moments, warm_start
 

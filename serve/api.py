@@ -55,7 +55,8 @@ import torch
 from sdm.errors import ConfigError, DataError, first_line
 from sdm.model.neighbours import merge_candidates, neighbour_bonus
 from sdm.model.repeat import NO_COPY
-from sdm.pipeline.dataset import collate, pad_values
+from sdm.pipeline.dataset import collate
+from sdm.pipeline.tables import pad_values
 from sdm.retrieval.index import Allowed
 from sdm.retrieval.rank import rank
 from sdm.serve.arguments import check_bool, check_choice, check_k, now_us, parse_at, to_frame

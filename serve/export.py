@@ -353,7 +353,7 @@ def export(cfg: ExportConfig, progress: bool = False) -> dict[str, Any]:
             without overwrite (OutputError); another export writing it
             (LockedError); a failed write (StorageError).
     """
-    from sdm.pipeline.evaluate import load_model  # same checkpoint checks as `sdm evaluate`
+    from sdm.pipeline.checkpoint import load_model  # same checkpoint checks as `sdm evaluate`
 
     t0 = time.time()
     inputs = {"data directory": cfg.data, "model directory": cfg.model}

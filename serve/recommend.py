@@ -53,7 +53,9 @@ from sdm.outputs import OutputFile, atomic_path, check_disjoint, scratch_name, w
 from sdm.pipeline.catalogue import Catalogue
 from sdm.pipeline.dataset import collate, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
-from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK, _raw_items, load_model
+from sdm.pipeline import topkdump
+from sdm.pipeline.checkpoint import load_model
+from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK
 from sdm.pipeline.scoring import ModelScorer
 from sdm.manifest import verify_files
 from sdm.pipeline.metrics import chunked_topk
@@ -284,7 +286,7 @@ def _recommend(cfg: RecommendConfig, log: Path, out: Path, progress: bool) -> di
         user_type = pa.string()
         if inp.spec.user_key in inp.schema:
             user_type = pl.DataFrame(schema={"u": inp.schema[inp.spec.user_key]}).to_arrow().schema.field("u").type
-        raw_items = _raw_items(cfg.data, num_items)
+        raw_items = topkdump.raw_items(cfg.data, num_items)
         if catalogue is not None:
             raw_items = pa.concat_arrays([raw_items, catalogue.item_id])
         from tqdm import tqdm

@@ -23,11 +23,12 @@ from sdm.errors import ConfigError, DataError
 from sdm.model import SDM, ModelConfig, NegativeSampler, sdm_loss
 from sdm.pipeline.baselines import BASELINES, ColdCategory, Popularity, build_baseline
 from sdm.pipeline.catalogue import read_catalogue
-from sdm.pipeline.dataset import SessionDataset, load_item_table, read_manifest
+from sdm.pipeline.dataset import SessionDataset, read_manifest
 from sdm.pipeline.evaluate import evaluate, evaluate_model
 from sdm.pipeline.scoring import ModelScorer, session_queries
 from sdm.pipeline.metrics import chunked_topk, metric_sums
 from sdm.pipeline.modelspec import build_model_config
+from sdm.pipeline.tables import load_item_table
 
 HOUR, MINUTE = 3_600_000_000, 60_000_000
 ITEMS = {"a": 2, "b": 3, "c": 4, "d": 5, "e": 6, "f": 7}  # the training vocabulary, V = 8

@@ -28,8 +28,8 @@ from test_recommend import build_pipeline
 from sdm.config import ExportConfig, RecommendConfig
 from sdm.errors import ConfigError, DataError, SdmError
 from sdm.pipeline.catalogue import read_catalogue
+from sdm.pipeline.checkpoint import load_model
 from sdm.pipeline.dataset import read_manifest
-from sdm.pipeline.evaluate import load_model
 from sdm.manifest import file_digest
 from sdm.serve import Recommender
 from sdm.serve.export import FAISS_INDEX, INDEX_SPEC, export, write_faiss

@@ -22,9 +22,9 @@ from sdm.cli import app
 from sdm.config import SessionizeConfig, SynthConfig, TrainConfig
 from sdm.errors import ConfigError
 from sdm.pipeline.catalogue import cold_item_vectors, read_catalogue
+from sdm.pipeline.checkpoint import load_model
 from sdm.pipeline.coldscale import GRID, choose_cold_scale
 from sdm.pipeline.dataset import read_manifest
-from sdm.pipeline.evaluate import load_model
 from sdm.pipeline.train import train
 from sdm.sessionize import run as sessionize
 from sdm.logs.synth import generate

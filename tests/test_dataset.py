@@ -13,7 +13,8 @@ from shard_builder import build_shards
 from torch.utils.data import DataLoader
 
 from sdm.errors import SdmError
-from sdm.pipeline.dataset import SessionDataset, assign_shards, load_item_table, read_manifest
+from sdm.pipeline.dataset import SessionDataset, assign_shards, read_manifest
+from sdm.pipeline.tables import load_item_table
 
 
 @pytest.fixture()

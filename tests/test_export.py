@@ -20,10 +20,11 @@ from typer.testing import CliRunner
 from sdm.cli import app
 from sdm.config import ExportConfig, TrainConfig
 from sdm.model.sdm import SDM
-from sdm.pipeline.dataset import SessionDataset, load_item_table, read_manifest
+from sdm.pipeline.dataset import SessionDataset, read_manifest
 from sdm.serve.export import export
 from sdm.serve.user_tower import UserTower, export_user_tower, tower_inputs
 from sdm.pipeline.modelspec import build_model_config, model_features
+from sdm.pipeline.tables import load_item_table
 
 from shard_builder import build_shards
 

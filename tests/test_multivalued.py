@@ -29,9 +29,10 @@ from sdm.model.loss import NegativeSampler, sdm_loss
 from sdm.model.repeat import copy_scores
 from sdm.model.sdm import SDM, ModelConfig
 from sdm.pipeline.catalogue import cold_item_vectors, read_catalogue
-from sdm.pipeline.dataset import SessionDataset, load_item_table, load_item_values, pad_values, read_manifest
-from sdm.pipeline.evaluate import load_model
+from sdm.pipeline.checkpoint import load_model
+from sdm.pipeline.dataset import SessionDataset, read_manifest
 from sdm.pipeline.modelspec import build_model_config
+from sdm.pipeline.tables import load_item_table, load_item_values, pad_values
 from sdm.pipeline.train import build_run, train
 from sdm.serve import Recommender
 from sdm.serve.export import export

@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 from sdm.config import ExportConfig, RecommendConfig, SessionizeConfig, TrainConfig
 from sdm.errors import DataError, SdmError
 from sdm.model.sdm import ModelConfig
-from sdm.pipeline.dataset import load_user_values, read_manifest
-from sdm.pipeline.evaluate import load_model
+from sdm.pipeline.checkpoint import load_model
+from sdm.pipeline.dataset import read_manifest
+from sdm.pipeline.tables import load_user_values
 from sdm.pipeline.train import build_run, train
 from sdm.serve import Recommender
 from sdm.serve.export import export

@@ -25,8 +25,9 @@ from sdm.errors import ConfigError, DataError
 from sdm.model.neighbours import merge_candidates, neighbour_bonus
 from sdm.model.repeat import NO_COPY
 from sdm.pipeline.baselines.itemcf import ItemCF, NeighbourCounts, neighbour_table
+from sdm.pipeline.checkpoint import load_model
 from sdm.pipeline.dataset import read_manifest
-from sdm.pipeline.evaluate import evaluate, load_model
+from sdm.pipeline.evaluate import evaluate
 from sdm.pipeline.scoring import ModelScorer
 from sdm.pipeline.neighbourweight import GRID, choose_neighbour_weight
 from sdm.pipeline.train import train

@@ -23,10 +23,11 @@ from sdm.cli import app
 from sdm.config import EvaluateConfig, RecommendConfig, SessionizeConfig, SynthConfig, TrainConfig
 from sdm.errors import SdmError
 from sdm.model.sdm import SDM
-from sdm.pipeline.dataset import load_item_table, read_manifest
+from sdm.pipeline.dataset import read_manifest
 from sdm.pipeline.evaluate import evaluate
 from sdm.logs.synth import generate
 from sdm.pipeline.modelspec import build_model_config
+from sdm.pipeline.tables import load_item_table
 from sdm.serve.recommend import recommend
 from sdm.sessionize import run as sessionize
 

@@ -41,7 +41,8 @@ from sdm.errors import SdmError
 from sdm.names import vocab_file
 from sdm.pipeline.baselines.scoring import ScoreFn
 from sdm.pipeline.catalogue import Catalogue, read_catalogue
-from sdm.pipeline.dataset import load_item_counts, load_item_table, read_manifest
+from sdm.pipeline.dataset import read_manifest
+from sdm.pipeline.tables import load_item_counts, load_item_table
 
 
 def category_feature(manifest: dict[str, Any]) -> str:

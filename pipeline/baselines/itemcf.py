@@ -15,7 +15,8 @@ from torch import Tensor
 from sdm.errors import SdmError
 from sdm.pipeline.baselines.popularity import popularity_scores
 from sdm.pipeline.baselines.scoring import ScoreFn, _Entries, _quiet_sparse
-from sdm.pipeline.dataset import load_item_counts, read_manifest
+from sdm.pipeline.dataset import read_manifest
+from sdm.pipeline.tables import load_item_counts
 
 
 def _training_sessions(data_dir: Path, manifest: dict[str, Any], since: int | None = None) -> pl.LazyFrame:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from sdm.pipeline.baselines.scoring import ScoreFn
-from sdm.pipeline.dataset import load_item_counts, read_manifest
+from sdm.pipeline.dataset import read_manifest
+from sdm.pipeline.tables import load_item_counts
 
 
 def popularity_scores(counts: Tensor) -> Tensor:

@@ -17,7 +17,8 @@ from torch import Tensor
 from sdm.errors import SdmError
 from sdm.pipeline.baselines.popularity import popularity_scores
 from sdm.pipeline.baselines.scoring import ScoreFn, _Entries, _quiet_sparse
-from sdm.pipeline.dataset import load_item_counts, read_manifest
+from sdm.pipeline.dataset import read_manifest
+from sdm.pipeline.tables import load_item_counts
 
 DAY_US = 86_400 * 1_000_000
 # Bounds on the work of one group of queries (memory stays O(budget), whatever the batch).

@@ -244,6 +244,7 @@ def test_evaluate_never_leaves_a_topk_file_under_its_final_name(
 ) -> None:
     """evaluate wrote topk*.parquet under the final name: a kill left a footerless file."""
     from sdm.pipeline import evaluate as ev
+    from sdm.pipeline import topkdump
 
     data, model = trained
     out = tmp_path / "eval"
@@ -253,7 +254,7 @@ def test_evaluate_never_leaves_a_topk_file_under_its_final_name(
         seen.append(sorted(p.name for p in out.iterdir()))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ev._TopkWriter, "write", write)
+    monkeypatch.setattr(topkdump.TopkWriter, "write", write)
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate(ev.EvaluateConfig(data=data, model=model, out=out, dump_topk=True))
     assert seen and "topk.parquet" not in seen[0]
