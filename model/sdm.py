@@ -195,14 +195,14 @@ class SDM(nn.Module):
         """The value tables of the multi-valued item features this variant reads (num_items rows each)."""
         return _check_value_tables(
             "item_values", self.multi_valued, values or {}, config.item_vocab, config.item_vocab["item"],
-            "each item's value indices (items.parquet's <f>_values, `pipeline.dataset.load_item_values`)",
+            "each item's value indices (items.parquet's <f>_values, `pipeline.tables.load_item_values`)",
         )  # fmt: skip
 
     def _check_user_values(self, config: ModelConfig, values: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
         """The value-set tables of the multi-valued user features this variant reads (any S >= 2 rows)."""
         return _check_value_tables(
             "user_values", self.user_multi_valued, values or {}, config.user_vocab, None,
-            "each value set's value indices (users.parquet's <f>_values, `pipeline.dataset.load_user_values`)",
+            "each value set's value indices (users.parquet's <f>_values, `pipeline.tables.load_user_values`)",
         )  # fmt: skip
 
     # -- item side ---------------------------------------------------------
