@@ -67,8 +67,9 @@ from sdm.serve.export_reader import (
 from sdm.serve.lookups import Lookups, read_json
 from sdm.serve.runtime import OnnxTower, TorchTower, named_inputs
 from sdm.serve.sessions import COLD, ColdItems, latest_sessions, open_frame
+from sdm.sessionize.columns import feat_col, values_col
 from sdm.sessionize.encode import encode, encode_values, fill_empty
-from sdm.sessionize.io import feat_col, polars_errors, values_col
+from sdm.sessionize.io import polars_errors
 from sdm.sessionize.normalise import split_values
 
 CANDIDATES = ("vocabulary", "catalogue")
@@ -329,7 +330,7 @@ class Recommender:
 
     def _split_values(self, frame: pl.DataFrame) -> pl.DataFrame:
         """`frame` with each multi-valued feature split as sessionize does (`normalise.split_values`):
-        the column holds the first value, `_m_<f>` (`io.values_col`) all of them."""
+        the column holds the first value, `_m_<f>` (`columns.values_col`) all of them."""
         multi = [f for f in self.lookups.multi_valued if f in frame.columns and frame.schema[f] != pl.Null]
         wrong = [f"{f} ({frame.schema[f]})" for f in multi if frame.schema[f] != pl.String]
         if wrong:

@@ -18,7 +18,8 @@ import polars as pl
 import pyarrow as pa
 
 from sdm.errors import ConfigError, SdmError, first_line
-from sdm.sessionize.io import polars_errors, to_utc_us
+from sdm.sessionize.io import polars_errors
+from sdm.sessionize.times import to_utc_us
 
 INT64 = (-(2**63), 2**63 - 1)
 

@@ -59,7 +59,8 @@ from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK
 from sdm.pipeline.scoring import ModelScorer
 from sdm.manifest import verify_files
 from sdm.pipeline.metrics import chunked_topk
-from sdm.sessionize.io import polars_errors, to_utc_us
+from sdm.sessionize.io import polars_errors
+from sdm.sessionize.times import to_utc_us
 from sdm.serve.arguments import now_us
 from sdm.serve.lookups import Lookups
 from sdm.serve.sessions import COLD, ColdItems, Served, bucketed, open_log, take

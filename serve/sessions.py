@@ -1,7 +1,7 @@
 """A user's latest session and its long-term window, from raw events, exactly as training built them.
 
 Serving must not re-implement the sessionizer: everything here calls its own
-stage functions (`sessionize.io.check_log`, `timestamp_expr`,
+stage functions (`sessionize.schema.check_log`, `times.timestamp_expr`,
 `normalise.read_events`, `sessions.sessionize`, `windows.sessions_table`,
 `long_windows`, `rows_table`, `timelines`, `encode.encode`) with the training run's resolved config
 and vocabularies, then reads the result with the trainer's own
@@ -43,14 +43,16 @@ from sdm.pipeline.dataset import sessions_from_record_batch, user_column
 from sdm.serve.lookups import Lookups
 # the training code itself
 from sdm.sessionize import numeric
+from sdm.sessionize.columns import ITEM, ROW, SID, TS, USER, feat_col
 from sdm.sessionize.encode import encode
-from sdm.sessionize.io import ITEM, ROW, SID, TS, USER, check_log, feat_col, timestamp_expr
 from sdm.sessionize.normalise import read_events
 from sdm.sessionize.read import Input as _Input
 from sdm.sessionize.read import open_input as _open
 from sdm.sessionize.read import read_bucket as _bucket_input
+from sdm.sessionize.schema import check_log
 from sdm.sessionize.sessions import SESS, sessionize
 from sdm.sessionize.split import SPLIT
+from sdm.sessionize.times import timestamp_expr
 from sdm.sessionize.windows import long_windows, rows_table, sessions_table, timelines
 
 SPLIT_SERVE = 2  # the split label of served sessions (unused downstream; rows_table groups by it)

@@ -3,15 +3,21 @@
 Implements SPEC sections 1-4 and writes the shard directory of docs/FORMAT.md.
 The stages, one module each, in the order the data meets them:
 
-    io        read + validate: open the tables (file, directory, glob), check schemas and values
+    io        read: open the tables (file, directory, glob); polars failures as one line
+    schema    validate: the config's columns against the tables' schemas
+              (times: the time column as us UTC; behaviors: the `--behaviors` filter)
     normalise drop unusable rows (counted by reason), normalise columns, drop exact copies
     sessions  sort each user's events by time, number the sessions (SPEC 2)
     split     cutoffs and each session's split (SPEC 4)
     windows   long-term windows (SPEC 3) and the per-(user, split) timelines
-    encode    vocabularies from the training split, ids -> indices, item/user tables
+    vocab     vocabularies from the training split
               (numeric: a numeric feature's buckets, cut at training quantiles)
+    encode    ids -> vocabulary indices
+    tables    the item and user tables
     catalogue the cold items (outside the vocabulary) the item tower can still embed
     write     shards, tables and (last) the manifest
+
+`columns` names the normalised columns every stage uses.
 
 `previous` reads the data directory of `--vocab-from`, whose vocabularies
 are kept (seeding the plan's).

@@ -31,7 +31,8 @@ from typing import Any
 import polars as pl
 
 from sdm.sessionize import encode, numeric
-from sdm.sessionize.io import ITEM, ROW, TS, collect, values_col
+from sdm.sessionize.columns import ITEM, ROW, TS, values_col
+from sdm.sessionize.io import collect
 
 KEY = "catalogue"
 """Key of a second pass's result (`passes.second_pass`) that holds its bucket's `bucket_cold` rows."""
@@ -60,7 +61,7 @@ def bucket_cold(ev: pl.DataFrame, enc: pl.DataFrame, features: list[str]) -> pl.
 def first_events(frame: pl.DataFrame) -> pl.DataFrame:
     """One row per `ITEM`: its first by (time, input row); the buckets' rows combine by the same rule.
 
-    Two window minima, as `encode.items_table` finds last events: 72 ms
+    Two window minima, as `tables.items_table` finds last events: 72 ms
     against 209 ms for a sort by (time, row) and a `unique` (600k OOV
     events of 450k items, 2 cores).
     Without `ROW` (a log without item features) a row is the item and its

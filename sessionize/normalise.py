@@ -13,24 +13,11 @@ from typing import Any
 import polars as pl
 
 from sdm.config import SessionizeConfig
-from sdm.sessionize.io import (
-    DROP,
-    DROP_REASONS,
-    ITEM,
-    RAW_TIME,
-    ROW,
-    SID,
-    TS,
-    USER,
-    LogSpec,
-    behavior_in,
-    behavior_values,
-    check_time_range,
-    feat_col,
-    polars_errors,
-    value_list,
-    values_col,
-)
+from sdm.sessionize.behaviors import behavior_in, behavior_values
+from sdm.sessionize.columns import DROP, DROP_REASONS, ITEM, ROW, SID, TS, USER, feat_col, value_list, values_col
+from sdm.sessionize.io import polars_errors
+from sdm.sessionize.schema import LogSpec
+from sdm.sessionize.times import RAW_TIME, check_time_range
 from sdm.sessionize.sessions import sort_events
 
 
@@ -42,7 +29,7 @@ def tag_drops(lf: pl.LazyFrame, cfg: SessionizeConfig, spec: LogSpec, ts: pl.Exp
     duplicate, is decided later on the sorted events (`copies`). The reason
     is its position in `DROP_REASONS` (a UInt8: one byte per row, where a
     column of strings costs 16). Behaviors compare by value on a numeric
-    column (`io.behavior_in`).
+    column (`behaviors.behavior_in`).
     """
     schema = lf.collect_schema()
 

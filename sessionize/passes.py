@@ -18,7 +18,8 @@ import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.sessionize import catalogue, encode, split, windows, write
-from sdm.sessionize.io import ITEM, ROW, SID, TS, USER, collect, polars_errors
+from sdm.sessionize.columns import ITEM, ROW, SID, TS, USER
+from sdm.sessionize.io import collect, polars_errors
 from sdm.sessionize.normalise import clean_events
 from sdm.sessionize.plan import Part, Plan, global_sess, positions
 from sdm.sessionize.read import Input, bucket_events, open_input

@@ -16,8 +16,9 @@ import numpy as np
 import polars as pl
 
 from sdm.errors import SdmError
-from sdm.sessionize import encode, split
-from sdm.sessionize.io import DROP_REASONS, USER, collect
+from sdm.sessionize import encode, split, tables, vocab
+from sdm.sessionize.columns import DROP_REASONS, USER
+from sdm.sessionize.io import collect
 from sdm.sessionize.normalise import item_columns, raw_item_rows
 from sdm.sessionize.previous import Previous
 from sdm.sessionize.read import Input
@@ -103,7 +104,7 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
     """Combine the buckets' first passes into the plan (reads no raw event, only the parts).
 
     `prev` (`--vocab-from`): the vocabularies are seeded with its, and its
-    items.parquet rows fill what this run cannot describe (`encode.items_table`).
+    items.parquet rows fill what this run cannot describe (`tables.items_table`).
     """
     cfg, spec = inp.cfg, inp.spec
     rows_in = sum(p.rows_in for p in parts)
@@ -144,7 +145,7 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
     frames = [p.frame() for p in parts]
     in_train = [split.in_train(p.sessions, cut) for p in parts]
     trains = [f.filter(m) for f, m in zip(frames, in_train)]
-    profile = encode.profiles(cfg, inp.users_lf, inp.schema[spec.user_key])
+    profile = tables.profiles(cfg, inp.users_lf, inp.schema[spec.user_key])
     table = raw = None
     if inp.items_lf is not None:
         raw = collect(raw_item_rows(inp.items_lf, cfg, spec, inp.schema[cfg.item_col]), str(cfg.items))
@@ -152,9 +153,9 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
             table = collect(item_columns(raw.lazy(), cfg, spec), str(cfg.items))
     train_sessions = sessions.filter(split.is_train(pl.col(START), cut))
     old = None if prev is None else prev.vocabs
-    vocabs = encode.vocabularies(cfg, trains, train_sessions, list(spec.user_features), profile, table, old)
-    users_table = encode.users_table(per_user.lazy(), profile, vocabs, spec.user_features, cfg)
-    items_table = encode.items_table(
+    vocabs = vocab.vocabularies(cfg, trains, train_sessions, list(spec.user_features), profile, table, old)
+    users_table = tables.users_table(per_user.lazy(), profile, vocabs, spec.user_features, cfg)
+    items_table = tables.items_table(
         trains, vocabs, list(cfg.item_features), [f for f in cfg.multi_valued if f in cfg.item_features], table,
         None if prev is None else prev.items,
     )  # fmt: skip
@@ -164,7 +165,7 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
     others = [f.filter(~pl.lit(m)) for f, m in zip(frames, in_train)]
     # (a kept item of --vocab-from that training no longer has is not one of the log's items)
     train_items = vocabs["item"] if prev is None else vocabs["item"].filter(pl.col("count") > 0)
-    side = encode.side_tables(inp, others, train_items.get_column("raw"), per_user)
+    side = tables.side_tables(inp, others, train_items.get_column("raw"), per_user)
     for what, st in side.items():
         if st["log_keys_found"] == 0:
             warnings.append(f"no {what.split()[0][:-1]} of the log is in the {what} {st['path']}: every side feature from it is OOV (wrong key column?)")

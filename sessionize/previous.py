@@ -3,9 +3,9 @@
 Daily retraining warm-starts a model from yesterday's checkpoint, whose
 embedding rows are indexed by yesterday's vocabularies. With `--vocab-from`
 every raw id and feature value of PREV_DATA keeps its index; values new in
-this run's training split are appended after them (`encode.build_vocab`), and
+this run's training split are appended after them (`vocab.build_vocab`), and
 an item this run no longer describes keeps its row of items.parquet
-(`encode.items_table`). users.parquet is keyed by raw user id (one row per
+(`tables.items_table`). users.parquet is keyed by raw user id (one row per
 user of this log), not by user index, so it has nothing to carry over.
 
 A numeric feature keeps PREV_DATA's buckets: the same edges and indices
@@ -158,7 +158,7 @@ def _check_types(path: Path, vocabs: dict[str, pl.DataFrame], types: dict[str, p
 
 
 def seed(prev: pl.DataFrame | None, counts: pl.DataFrame | pl.LazyFrame, name: str) -> tuple[pl.DataFrame | pl.LazyFrame, pl.DataFrame | None]:
-    """`counts` and the previous vocabulary of `name` with one raw type, for `encode.build_vocab`.
+    """`counts` and the previous vocabulary of `name` with one raw type, for `vocab.build_vocab`.
 
     The previous raw values take this run's type (an int32 column and an
     int64 one hold the same ids). Counts of nothing at all (a `Tally` that saw

@@ -15,19 +15,11 @@ import polars as pl
 from sdm.config import SessionizeConfig
 from sdm.errors import ConfigError, SdmError
 from sdm.sessionize import numeric
-from sdm.sessionize.io import (
-    ROW,
-    USER,
-    LogSpec,
-    behavior_in,
-    behavior_values,
-    check_log,
-    polars_errors,
-    resolve_features,
-    scan_table,
-    string_times,
-    timestamp_expr,
-)
+from sdm.sessionize.behaviors import behavior_in, behavior_values
+from sdm.sessionize.columns import ROW, USER
+from sdm.sessionize.io import polars_errors, scan_table
+from sdm.sessionize.schema import LogSpec, check_log, resolve_features
+from sdm.sessionize.times import string_times, timestamp_expr
 from sdm.sessionize.normalise import normalised, read_columns
 
 
@@ -53,7 +45,7 @@ def open_input(cfg: SessionizeConfig, log: Path) -> Input:
     """Open the log and side tables lazily and check their schemas (metadata only).
 
     The returned `cfg` has the side features filled in when a table came
-    without a feature list (`io.resolve_features`) and the numeric features
+    without a feature list (`schema.resolve_features`) and the numeric features
     resolved (`numeric.resolve`); use it, not the argument.
     """
     log = Path(log)
@@ -128,7 +120,7 @@ def check_behaviors(inp: Input) -> None:
 
     One streaming pass over the behavior column (its distinct values), before
     the log is split into buckets, so the check holds for the whole log, not
-    per bucket. Values compare as the filter compares them (`io.behavior_in`).
+    per bucket. Values compare as the filter compares them (`behaviors.behavior_in`).
 
     Raises:
         ConfigError: naming the values that match nothing and a few that exist.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from sdm.sessionize.io import ROW, SID, TS, USER
+from sdm.sessionize.columns import ROW, SID, TS, USER
 
 SESS = "sess_id"
 IDX = "_idx"          # position of the event in its user's timeline (0..)

@@ -18,7 +18,7 @@ import polars as pl
 
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
-from sdm.sessionize.io import from_us, to_utc_us
+from sdm.sessionize.times import from_us, to_utc_us
 from sdm.sessionize.sessions import SLEN, START
 
 SPLIT = "_split"      # 0 train, 1 valid, 2 test, 3 history (before train_start: no split)

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from sdm.sessionize.io import TS, USER
+from sdm.sessionize.columns import TS, USER
 from sdm.sessionize.sessions import IDX, SESS, SLEN, START, session_rows
 from sdm.sessionize.split import SPLIT
 

@@ -25,7 +25,7 @@ from sdm.manifest import MANIFEST, file_table, fingerprint, oov_warnings
 from sdm.names import vocab_file
 from sdm.outputs import atomic_path, write_json, write_text
 from sdm.sessionize import numeric
-from sdm.sessionize.io import from_us
+from sdm.sessionize.times import from_us
 from sdm.sessionize.split import SPLITS
 
 COMPRESSION = "zstd"
@@ -159,7 +159,7 @@ FORMAT_VERSION = 2
 def multi_valued_entry(cfg: SessionizeConfig, users: pl.DataFrame) -> dict[str, dict[str, Any]]:
     """The manifest's `multi_valued`: per feature its separator and the column of its value
     lists, in items.parquet (an item feature) or users.parquet (a user feature, with the
-    number S of value-set indices 0 .. S - 1 its `f` column uses, `encode.users_table`)."""
+    number S of value-set indices 0 .. S - 1 its `f` column uses, `tables.users_table`)."""
     out: dict[str, dict[str, Any]] = {}
     for f in cfg.multi_valued:
         if f in cfg.user_features:

@@ -33,7 +33,7 @@ from sdm.serve import Recommender
 from sdm.serve.export import export
 from sdm.serve.recommend import recommend
 from sdm.sessionize import run
-from sdm.sessionize.encode import value_sets
+from sdm.sessionize.tables import value_sets
 
 INTERESTS = {0: "sports|music", 1: "music", 2: " music| sports", 3: "", 4: None, 5: "sports|music", 6: "film|music|x",
              7: "film"}  # fmt: skip

@@ -270,7 +270,7 @@ def test_long_window_bounds_against_brute_force(years, max_long, window_share, t
     if threads > 1:
         monkeypatch.setattr(W, "SEARCH_SLICE", 10)
         monkeypatch.setattr(W.pl, "thread_pool_size", lambda: threads)
-    from sdm.sessionize.io import ROW, SID, TS, USER
+    from sdm.sessionize.columns import ROW, SID, TS, USER
 
     rng = np.random.default_rng(years + max_long)
     n = 3000
@@ -295,8 +295,8 @@ def test_long_window_bounds_against_brute_force(years, max_long, window_share, t
 
 @pytest.mark.parametrize("case", ["dense", "grows", "wide", "strings", "weighted"])
 def test_tally_equals_a_group_by(case):
-    """`encode.Tally` (dense bincounts merged over parts, or group-bys) counts what one group-by counts."""
-    from sdm.sessionize.encode import Tally
+    """`vocab.Tally` (dense bincounts merged over parts, or group-bys) counts what one group-by counts."""
+    from sdm.sessionize.vocab import Tally
 
     rng = np.random.default_rng(len(case))
     parts = {
@@ -325,8 +325,8 @@ def test_encode_series_equals_a_dict_lookup(case):
     """`encode.encode_series` (one gather over a lookup array, or `encode`'s clipped gather or join)
     gives every value its vocabulary index, 1 for unknown or null values; `encode_events` adds the
     OOV hash of exactly the unknown events."""
+    from sdm.sessionize.columns import ITEM
     from sdm.sessionize.encode import encode_events, encode_series
-    from sdm.sessionize.io import ITEM
 
     rng = np.random.default_rng(len(case))
     vocab_raw, values = {
@@ -373,7 +373,7 @@ def test_narrowed_sort_equals_plain_sort(tmp_path, monkeypatch):
 
 def test_sort_events_orders_by_user_time_input_row_from_any_order():
     """Rows handed over out of input order (a reader's choice) still tie-break by ROW."""
-    from sdm.sessionize.io import ROW, TS, USER
+    from sdm.sessionize.columns import ROW, TS, USER
     from sdm.sessionize.sessions import sort_events
 
     rng = np.random.default_rng(3)
@@ -392,7 +392,7 @@ def test_sort_events_keeps_ties_in_input_order_across_chunks():
     chunks) come out exactly in (user, time, input row) order, in time order or not. (Polars 2.1
     keeps tied rows in order here even without `maintain_order`: this guards the chunked, parallel
     sort, not the flag. It fails when the tied rows are reversed before the user sort.)"""
-    from sdm.sessionize.io import ROW, SID, TS, USER
+    from sdm.sessionize.columns import ROW, SID, TS, USER
     from sdm.sessionize.sessions import sort_events
 
     rng = np.random.default_rng(4)
@@ -471,7 +471,7 @@ def test_default_buckets_follow_bucket_events(tmp_path):
 
 def _rows_by_hand(sessions: pl.DataFrame) -> list[dict[str, Any]]:
     """`windows.rows_table` in plain Python: group by (split, user) in session order."""
-    from sdm.sessionize.io import USER
+    from sdm.sessionize.columns import USER
     from sdm.sessionize.split import SPLIT
 
     groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
