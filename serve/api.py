@@ -60,11 +60,11 @@ from sdm.pipeline.tables import pad_values
 from sdm.retrieval.index import Allowed
 from sdm.retrieval.rank import rank
 from sdm.serve.arguments import check_bool, check_choice, check_k, now_us, parse_at, to_frame
-from sdm.serve.export import CONFIG, ITEM_VECTORS, LOOKUPS, ONNX_TOWER, TOWER_SPEC, WEIGHTS
+from sdm.serve.export import CONFIG, ITEM_VECTORS, ONNX_TOWER, TOWER_SPEC, WEIGHTS
 from sdm.serve.export_reader import (
     check_features, importable, load_index, probe_tower, read_item_vectors, read_neighbours, read_spec, weights_state,
 )  # fmt: skip
-from sdm.serve.lookups import Lookups, read_json
+from sdm.serve.lookups import LOOKUPS, Lookups, read_json
 from sdm.serve.runtime import OnnxTower, TorchTower, named_inputs
 from sdm.serve.sessions import COLD, ColdItems, latest_sessions, open_frame
 from sdm.sessionize.columns import feat_col, values_col

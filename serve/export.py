@@ -79,7 +79,9 @@ from sdm.outputs import OutputDir, atomic_path, write_json, write_text
 from sdm.pipeline.catalogue import ALWAYS, Catalogue, cold_item_vectors, read_catalogue
 from sdm.pipeline.dataset import read_manifest, user_column
 from sdm.manifest import verify_files
+from sdm.serve.lookups import LOOKUPS
 from sdm.serve.user_tower import EXPORT_VERSION, UserTower, export_onnx, export_user_tower, write_tower_weights, writing
+from sdm.sessionize.write import ITEMS_RAW
 
 ITEM_VECTORS = "item_vectors.parquet"
 NEIGHBOURS = "neighbours.parquet"
@@ -88,10 +90,8 @@ INDEX_SPEC = "index.json"
 USER_TOWER = "user_tower.pt2"
 WEIGHTS = "user_tower.weights.pt"
 ONNX_TOWER = "user_tower.onnx"
-LOOKUPS = "lookups.json"
 TOWER_SPEC = "user_tower.json"
 CONFIG = "config.json"
-ITEMS_RAW = "items_raw.parquet"
 TABLES = ("items.parquet", "users.parquet", ITEMS_RAW)
 # Everything `export` writes; `--overwrite` deletes these (and nothing else).
 OUTPUTS = (

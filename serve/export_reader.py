@@ -28,8 +28,8 @@ from sdm.errors import DataError, SdmError, first_line
 from sdm.pipeline.catalogue import ALWAYS
 from sdm.pipeline.dataset import user_column
 from sdm.retrieval.index import ExactIndex, FaissIndex
-from sdm.serve.export import FAISS_INDEX, INDEX_SPEC, LOOKUPS, TOWER_SPEC
-from sdm.serve.lookups import Lookups, read_json
+from sdm.serve.export import FAISS_INDEX, INDEX_SPEC, TOWER_SPEC
+from sdm.serve.lookups import LOOKUPS, Lookups, read_json
 from sdm.serve.user_tower import load_tower
 
 

@@ -30,12 +30,10 @@ from sdm.config import SessionizeConfig
 from sdm.errors import DataError, first_line
 from sdm.names import vocab_file
 from sdm.sessionize import numeric
+from sdm.sessionize.write import ITEMS_RAW
 
 LOOKUPS = "lookups.json"
-ITEMS_RAW = "items_raw.parquet"
-"""The raw items table training read (its item column and the item features it gave, raw values), that
-sessionize copies into the data directory and export into the export directory. Serving reads this file,
-never the path recorded in the config, which may be relative to another working directory."""
+"""What serving needs of the data directory (vocabulary sizes, features, session rules), written by export."""
 
 
 @dataclass

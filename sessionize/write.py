@@ -38,7 +38,9 @@ ROW_GROUP = 8192
 WORK_PREFIX = ".sdm-work-"
 """Spill folders of a bucketed run live inside the output directory under this prefix."""
 ITEMS_RAW = "items_raw.parquet"
-"""The items table as the sessionizer read it (`normalise.raw_item_rows`), when one was given."""
+"""The items table as the sessionizer read it (`normalise.raw_item_rows`: its item column and the item
+features it gave, raw values), when one was given; export copies it into the export directory. Serving
+reads this file, never the path recorded in the config, which may be relative to another working directory."""
 CATALOGUE = "catalogue.parquet"
 """The cold catalogue (`catalogue.build`), written always (possibly with no row)."""
 OWNS = (
