@@ -271,6 +271,7 @@ def test_knn_matches_brute_force(method: str, seed: int, monkeypatch: pytest.Mon
     import random
 
     import sdm.pipeline.baselines.sessionknn as bl  # the module whose budgets are patched below
+    from sdm.pipeline.baselines.sessionindex import SessionIndex
 
     rng = random.Random(seed)
     n_items = 14  # indices 2..13
@@ -291,7 +292,7 @@ def test_knn_matches_brute_force(method: str, seed: int, monkeypatch: pytest.Mon
                   "lambda_inh": 0.9, "matching": rng.choice(["neighbour", "session"])}  # fmt: skip
     else:
         params = {"k": k, "sample_size": sample_size, "idf_weighting": rng.choice([0, 1, 2])}
-    index = bl.SessionIndex(events, n_items, sample_size)
+    index = SessionIndex(events, n_items, sample_size)
     counts = torch.arange(n_items)
     scorer = bl.STAN(index, counts, **params) if method == "stan" else bl.VSKNN(index, counts, **params)
     # Queries: random prefixes with repeats and OOV (1), right-padded with 0.

@@ -65,13 +65,8 @@ from sdm.pipeline.baselines.coldcategory import ColdCategory
 from sdm.pipeline.baselines.itemcf import ItemCF, cooccurrence_similarity, prefix_weights
 from sdm.pipeline.baselines.popularity import Popularity, popularity_scores
 from sdm.pipeline.baselines.scoring import ScoreFn
-from sdm.pipeline.baselines.sessionknn import (
-    STAN,
-    VSKNN,
-    SessionIndex,
-    distinct_prefix_items,
-    training_session_events,
-)
+from sdm.pipeline.baselines.sessionindex import SessionIndex, training_session_events
+from sdm.pipeline.baselines.sessionknn import STAN, VSKNN, distinct_prefix_items
 
 __all__ = [
     "BASELINES",

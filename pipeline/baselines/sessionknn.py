@@ -1,7 +1,7 @@
 """Session-kNN baselines, STAN and V-SKNN.
 
-The training-session index (`SessionIndex`), the shared scorer `_SessionKNN`,
-its sparse helpers and work budgets, and the two methods.
+The shared scorer `_SessionKNN` with its work budgets, and the two methods.
+The training sessions they search: `sessionindex.py`; sparse helpers: `sparse.py`.
 """
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import polars as pl
 import torch
 from torch import Tensor
 
-from sdm.errors import SdmError
 from sdm.pipeline.baselines.popularity import popularity_scores
-from sdm.pipeline.baselines.scoring import ScoreFn, _Entries, _quiet_sparse
+from sdm.pipeline.baselines.scoring import ScoreFn, _Entries
+from sdm.pipeline.baselines.sessionindex import SessionIndex, training_session_events
+from sdm.pipeline.baselines.sparse import coo, group_max, ranges, spmm, top_per_row
 from sdm.pipeline.dataset import read_manifest
 from sdm.pipeline.tables import load_item_counts
 
@@ -25,146 +24,6 @@ DAY_US = 86_400 * 1_000_000
 PAIR_BUDGET = 1 << 22  # (query, prefix item, candidate session) triples before grouping
 TRIPLE_BUDGET = 1 << 23  # (query, neighbour session, item) triples scored at once
 DENSE_BUDGET = 1 << 24  # queries x widest candidate row: the padded top-k matrices
-
-
-def training_session_events(data_dir: Path, manifest: dict[str, Any]) -> pl.DataFrame:
-    """(sess_id, start_ts, item, pos): every in-vocabulary event of every training session.
-
-    `start_ts` is the session's first event time (us since epoch) and `pos` the
-    0-based position of the event in its session (repeats and OOV events keep
-    their positions).
-    """
-    paths = [str(Path(data_dir) / s["path"]) for s in manifest["splits"]["train"]["shards"]]
-    if not paths:
-        raise SdmError(f"{data_dir}: no training shards to build session-kNN from")
-    return (
-        pl.scan_parquet(paths)
-        .select("ts", "seq_item", "sess_id", "sess_start", "sess_len")
-        .explode(["sess_id", "sess_start", "sess_len"])
-        .filter(pl.col("sess_id").is_not_null())
-        .select(
-            pl.col("sess_id").cast(pl.Int64),
-            pl.col("ts").list.get(pl.col("sess_start")).cast(pl.Int64).alias("start_ts"),
-            pl.col("seq_item").list.slice(pl.col("sess_start"), pl.col("sess_len")).alias("item"),
-        )
-        .with_columns(pl.int_ranges(0, pl.col("item").list.len()).alias("pos"))
-        .explode(["item", "pos"])
-        .filter(pl.col("item") >= 2)
-        .select("sess_id", "start_ts", pl.col("item").cast(pl.Int64), pl.col("pos").cast(pl.Int64))
-        .collect(engine="streaming")
-    )
-
-
-def _t(series: pl.Series) -> Tensor:
-    return torch.from_numpy(series.to_numpy().astype(np.int64, copy=True))
-
-
-def _ptr(owner: Tensor, n: int) -> Tensor:
-    """CSR row pointer (n + 1,) of entries sorted by `owner`."""
-    ptr = torch.zeros(n + 1, dtype=torch.long)
-    ptr[1:] = torch.cumsum(torch.bincount(owner, minlength=n), 0)
-    return ptr
-
-
-def _ranges(starts: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
-    """For ranges [starts[e], starts[e] + lens[e]): (owner e, index) of every element, range by range."""
-    owner = torch.repeat_interleave(torch.arange(lens.shape[0]), lens)
-    first = torch.cumsum(lens, 0) - lens
-    return owner, starts[owner] + torch.arange(owner.shape[0]) - first[owner]
-
-
-def _group_max(values: Tensor, group: Tensor, n_groups: int) -> Tensor:
-    return torch.zeros(n_groups, dtype=values.dtype).scatter_reduce_(0, group, values, "amax", include_self=False)
-
-
-def _coo(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Sparse COO matrix of entries already sorted by (row, col), each once."""
-    return torch.sparse_coo_tensor(
-        torch.stack([rows, cols]), values, shape, dtype=torch.float64, is_coalesced=True, check_invariants=False
-    )
-
-
-def _spmm(mats: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """(row, col, [values of each]) of sparse products a @ b that share one sparsity pattern.
-
-    COO products (CSR ones leak their output on CPU in this torch) come out
-    coalesced: entries sorted by (row, col), so the products line up.
-    """
-    with _quiet_sparse():
-        outs = [torch.sparse.mm(x, y).coalesce() for x, y in mats]
-    idx = outs[0].indices()
-    if not all(torch.equal(o.indices(), idx) for o in outs[1:]):
-        raise RuntimeError("sparse products with one pattern gave different patterns")
-    return idx[0], idx[1], [o.values() for o in outs]
-
-
-def _top_per_row(key: Tensor, row: Tensor, n_rows: int, k: int) -> Tensor:
-    """Indices of the (at most) k entries of largest `key` (>= 0) of each row, row by row.
-
-    `row` must be sorted; keys of one row must be distinct for a deterministic choice.
-    """
-    if row.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
-    counts = torch.bincount(row, minlength=n_rows)
-    width = int(counts.max())
-    if width <= k:
-        return torch.arange(row.shape[0])
-    first = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(row.shape[0]) - first[row]
-    dense = torch.full((n_rows, width), -1, dtype=torch.long)
-    dense[row, pos] = key
-    top, at = dense.topk(k, dim=1)
-    return (first.unsqueeze(1) + at)[top >= 0]
-
-
-class SessionIndex:
-    """Training sessions ranked by recency, with session -> items and item -> sessions maps.
-
-    Sessions are ranked 0.. by start time, most recent first (ties: larger
-    `sess_id` first). Each session keeps its distinct items with the position of
-    their LAST occurrence; each item keeps its sessions in rank order, truncated
-    to the `sample_size` most recent (exact for "the m most recent sessions
-    sharing an item with the query": such a session is among the m most recent
-    of every item it shares).
-
-    Args:
-        events: (sess_id, start_ts, item, pos) in-vocabulary training events.
-        num_items: V, the catalogue size including padding and OOV.
-        sample_size: sessions kept per item (None or 0: all).
-    """
-
-    def __init__(self, events: pl.DataFrame, num_items: int, sample_size: int | None = None) -> None:
-        self.num_items = num_items
-        self.sample_size = sample_size or None
-        item_events = events.group_by("item").agg(pl.len().alias("n"))
-        self.item_events = torch.zeros(num_items, dtype=torch.long)
-        self.item_events[_t(item_events["item"])] = _t(item_events["n"])
-        last = events.group_by("sess_id", "item").agg(pl.col("start_ts").first(), pl.col("pos").max())
-        sessions = (
-            last.group_by("sess_id")
-            .agg(pl.col("start_ts").first(), pl.len().alias("size"))
-            .sort(["start_ts", "sess_id"], descending=True)
-            .with_row_index("rank")
-        )
-        self.num_sessions = sessions.height
-        self.start_ts = _t(sessions["start_ts"])  # (N,) by rank
-        self.size = _t(sessions["size"])  # (N,) distinct items per session
-        last = last.join(sessions.select("sess_id", pl.col("rank").cast(pl.Int64)), on="sess_id")
-        by_sess = last.sort("rank", "item")
-        self.sess_ptr = _ptr(_t(by_sess["rank"]), self.num_sessions)
-        self.sess_item, self.sess_pos = _t(by_sess["item"]), _t(by_sess["pos"])
-        self.sess_key = _t(by_sess["rank"]) * num_items + self.sess_item  # sorted
-        by_item = last.sort("item", "rank")
-        if sample_size:
-            by_item = by_item.filter(pl.int_range(pl.len()).over("item") < sample_size)
-        self.item_ptr = _ptr(_t(by_item["item"]), num_items)
-        self.post_rank, self.post_pos = _t(by_item["rank"]), _t(by_item["pos"])
-        self.post_pos = self.post_pos.clamp(max=1000)  # 2^pos stays finite
-        # (V, N) item -> sessions maps: 1, and 2^(last position of the item in the session).
-        post_item = torch.repeat_interleave(torch.arange(num_items), self.item_ptr[1:] - self.item_ptr[:-1])
-        shape = (num_items, max(self.num_sessions, 1))
-        self.post_one = _coo(post_item, self.post_rank, torch.ones(self.post_rank.shape[0], dtype=torch.float64), shape)
-        self.post_exp2 = _coo(post_item, self.post_rank, torch.exp2(self.post_pos.double()), shape)
 
 
 def distinct_prefix_items(qp: Tensor, prefix: Tensor, num_items: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -311,7 +170,7 @@ class _SessionKNN:
         }
 
         def prefix_rows(values: Tensor) -> Tensor:  # (G, V) over the distinct prefix items
-            return _coo(uq, ui, values, (g, v))
+            return coo(uq, ui, values, (g, v))
 
         # Candidates: the sessions sharing an item with the prefix, by sparse products with
         # the item -> sessions map, in (query, rank) order. Sums of distinct powers of two
@@ -325,7 +184,7 @@ class _SessionKNN:
             mats.append((prefix_rows(torch.exp2(back)), ix.post_one))
         if self.uses_n_pos:
             mats.append((prefix_rows(torch.ones_like(w)), ix.post_exp2))
-        cq, rank, vals = _spmm(mats)
+        cq, rank, vals = spmm(mats)
         raw = vals[0]
         pairs: dict[str, Tensor] = {}
         if self.uses_q_pos:
@@ -341,9 +200,9 @@ class _SessionKNN:
         sim = self._similarity(raw, cq, rank, ctx)
         # The k most similar: similarities compared at float32 precision relative to the query's
         # best (sums taken in another order stay ties), ties -> the more recent session.
-        rel = (sim / _group_max(sim, cq, g)[cq]).float().clamp(min=0)
+        rel = (sim / group_max(sim, cq, g)[cq]).float().clamp(min=0)
         key = (rel.view(torch.int32).long() << n_sess.bit_length()) | (n_sess - 1 - rank)
-        sel = _top_per_row(key, cq, g, self.k)
+        sel = top_per_row(key, cq, g, self.k)
         nq, nrank = cq[sel], rank[sel]
         pairs = {name: x[sel] for name, x in pairs.items()}
         if self.uses_match:
@@ -355,17 +214,17 @@ class _SessionKNN:
         # Neighbours -> (query, item) scores: (G, pairs) x (pairs, V), a pair's row holding
         # its session's items with their item weights.
         sizes = ix.sess_ptr[nrank + 1] - ix.sess_ptr[nrank]
-        owner, idx = _ranges(ix.sess_ptr[nrank], sizes)
+        owner, idx = ranges(ix.sess_ptr[nrank], sizes)
         iw = self._item_weight(ix.sess_pos[idx], owner, pairs)
         n_pairs = nq.shape[0]
-        left = _coo(nq, torch.arange(n_pairs), nw, (g, n_pairs))
+        left = coo(nq, torch.arange(n_pairs), nw, (g, n_pairs))
         p_val = iw if iw is not None else torch.ones(idx.shape[0], dtype=torch.float64)
-        right = _coo(owner, ix.sess_item[idx], p_val, (n_pairs, v))
-        rq, item, (score,) = _spmm([(left, right)])
+        right = coo(owner, ix.sess_item[idx], p_val, (n_pairs, v))
+        rq, item, (score,) = spmm([(left, right)])
         factor = self._item_factor(item)
         if factor is not None:
             score = score * factor
-        score = score / _group_max(score, rq, g)[rq]
+        score = score / group_max(score, rq, g)[rq]
         return rq, item, score.float()
 
 
