@@ -94,13 +94,10 @@ def parse_at(at: Any) -> int | None:
         raise ConfigError(f"at: {at!r} is not a usable time ({first_line(exc)})") from None
 
 
-_US = dt.timedelta(microseconds=1)
-
-
 def now_us() -> int:
     """The current time, us since epoch UTC: a request's time by default (which cold items are known),
     and the `known_from` of an item added to a `Recommender`."""
-    return (dt.datetime.now(dt.timezone.utc) - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // _US
+    return to_utc_us(dt.datetime.now(dt.timezone.utc))
 
 
 def check_choice(what: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ The training run's config, vocabularies and tables come from `serve.lookups.Look
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ from sdm.sessionize.split import SPLIT
 from sdm.sessionize.times import timestamp_expr
 from sdm.sessionize.windows import long_windows, rows_table, sessions_table, timelines
 
+_US = dt.timedelta(microseconds=1)
 SPLIT_SERVE = 2  # the split label of served sessions (unused downstream; rows_table groups by it)
 
 
@@ -198,8 +200,6 @@ def latest_sessions(
     arrays = _to_arrays(rows, lookups, seq_cols)
     return Served(arrays, rows.get_column(USER).gather(arrays["row"]))
 
-
-_US = __import__("datetime").timedelta(microseconds=1)
 
 
 def _cold_features(enc: pl.DataFrame, side: np.ndarray, lookups: Lookups, features: list[str]) -> pl.DataFrame:
