@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from sdm.errors import SdmError
-from sdm.logs.reading import Tables, bad, first_line
+from sdm.logs.reading import Tables, bad, read_first_line
 
 BEHAVIORS = {
     "pv": "click",
@@ -56,7 +56,7 @@ def taobao(files: list[Path]) -> Tables:
     }
     frames = []
     for f in files:
-        parts = first_line(f).split(",")
+        parts = read_first_line(f).split(",")
         if len(parts) != 5:
             raise bad(f, f"expected 5 comma-separated fields (user,item,category,behavior,timestamp), got {len(parts)}")
         header = not parts[0].strip().lstrip("-").isdigit()
@@ -80,7 +80,7 @@ def _norm_header(line: str, sep: str) -> list[str]:
 def diginetica(files: list[Path]) -> Tables:
     events, items = [], None
     for f in files:
-        head = _norm_header(first_line(f), ";")
+        head = _norm_header(read_first_line(f), ";")
         if {"sessionid", "itemid", "timeframe", "eventdate"} <= set(head):
             lf = pl.scan_csv(f, separator=";", null_values=["NA", ""], infer_schema=False)
             lf = lf.rename(dict(zip(lf.collect_schema().names(), head)))
@@ -120,7 +120,7 @@ def diginetica(files: list[Path]) -> Tables:
 def yoochoose(files: list[Path]) -> Tables:
     events, cats = [], []
     for f in files:
-        line = first_line(f)
+        line = read_first_line(f)
         if "\t" in line:
             head = line.split("\t")
             if not {"SessionId", "ItemId", "Time"} <= set(head):
@@ -158,7 +158,7 @@ REES46_COLUMNS = ["event_time", "event_type", "product_id", "category_id", "cate
 def rees46(files: list[Path]) -> Tables:
     frames = []
     for f in files:
-        head = [h.strip() for h in next(csv.reader([first_line(f)]))]
+        head = [h.strip() for h in next(csv.reader([read_first_line(f)]))]
         missing = [c for c in REES46_COLUMNS if c not in head]
         if missing:
             raise bad(f, f"not a REES46 events CSV: missing column(s) {', '.join(missing)}; found {', '.join(head)}")
@@ -199,7 +199,7 @@ OTTO_SCHEMA = {"session": pl.Int64, "events": pl.List(pl.Struct({"aid": pl.Int64
 def otto(files: list[Path]) -> Tables:
     frames = []
     for f in files:
-        line = first_line(f)
+        line = read_first_line(f)
         if not (line.startswith("{") and '"session"' in line and '"events"' in line):
             raise bad(f, 'not OTTO JSONL: expected lines like {"session": 0, "events": [{"aid": .., "ts": .., "type": ..}]}')
         frames.append(pl.scan_ndjson(f, schema=OTTO_SCHEMA))

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from sdm.errors import SdmError
-from sdm.logs.reading import Tables, bad, first_line
+from sdm.logs.reading import Tables, bad, read_first_line
 
 ML_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -39,7 +39,7 @@ def _split_lines(path: Path, sep: str, names: list[str]) -> pl.DataFrame:
 
 
 def _ml_sep(path: Path) -> str:
-    line = first_line(path)
+    line = read_first_line(path)
     for sep in ("::", "\t", "|"):
         if sep in line:
             return sep
@@ -134,7 +134,7 @@ def movielens(files: list[Path]) -> Tables:
             us = _split_lines(f, _ml_sep(f), ["user_id", "gender", "age", "occupation", "zip_code"])
             users = us.select(pl.col("user_id").cast(pl.Int64), pl.col("age").cast(pl.Int64), "gender", "occupation", "zip_code")
     for f in files:  # CSVs with a header: ml-20m/25m/latest, or one joined file
-        head = first_line(f).lower().replace("_", "")
+        head = read_first_line(f).lower().replace("_", "")
         if f.suffix.lower() not in (".csv", ".txt") or "," not in head or not ("userid" in head or "movieid" in head):
             continue  # README.txt, links.csv, tags.csv, ...
         df = pl.read_csv(f, infer_schema=False)

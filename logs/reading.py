@@ -27,7 +27,8 @@ class Tables:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def first_line(path: Path) -> str:
+def read_first_line(path: Path) -> str:
+    """A text file's first line (at most 64 KiB), without a byte-order mark or line end."""
     with open(path, "rb") as fh:
         line = fh.readline(1 << 16)
     return line.decode("utf-8", errors="replace").lstrip("\ufeff").rstrip("\r\n")
