@@ -67,9 +67,11 @@ def source(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         from sdm.config import SynthConfig
         from sdm.logs.synth import generate
 
-        log = OUT / f"synth_{args.synth_days}d" / "logs.parquet"
+        log = OUT / log_name(args) / "logs.parquet"
         if not log.exists():
-            generate(SynthConfig(out=log, events=args.synth_events, days=args.synth_days, seed=0), progress=False)
+            cfg = SynthConfig(out=log, events=args.synth_events, days=args.synth_days, users=args.synth_users,
+                              items=args.synth_items, seed=0)  # fmt: skip
+            generate(cfg, progress=False)
         return log, {"items": log.parent / "items.parquet"}
     shared = shared_dir()
     if shared is None:
@@ -169,9 +171,18 @@ def evaluate(data: Path, model: Path, out: Path) -> dict[str, float]:
     return row
 
 
+def log_name(args: argparse.Namespace) -> str:
+    """The replayed log's name: the shared dataset's, or the synthetic log's with every setting that shapes it."""
+    if args.dataset != "synth":
+        return args.dataset
+    users = f"_{args.synth_users}u" if args.synth_users else ""
+    items = f"_{args.synth_items}i" if args.synth_items else ""
+    return f"synth_{args.synth_days}d_{args.synth_events}e{users}{items}"
+
+
 def workdir(args: argparse.Namespace) -> Path:
-    """Where a replay's days live: one folder per dataset and seed, so kept scratch runs of several seeds coexist."""
-    return OUT / (args.dataset if args.seed == 0 else f"{args.dataset}_seed{args.seed}")
+    """Where a replay's days live: one folder per log and seed, so kept scratch runs of several seeds coexist."""
+    return OUT / (log_name(args) if args.seed == 0 else f"{log_name(args)}_seed{args.seed}")
 
 
 def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -246,6 +257,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synth-days", type=int, default=14)
     parser.add_argument("--synth-events", type=int, default=300_000)
+    parser.add_argument("--synth-users", type=int, default=None, help="synthetic users (default: sdm synth's, events // 50)")
+    parser.add_argument("--synth-items", type=int, default=None, help="synthetic items (default: sdm synth's, events // 25)")
     parser.add_argument("--keep-scratch", action="store_true",
                         help="reuse the scratch runs of an earlier replay with the same settings (their measured seconds)")
     parser.add_argument("--tag", default="", help="suffix of the results file (daily_<dataset>_<tag>.json)")
