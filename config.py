@@ -360,6 +360,16 @@ class SessionizeConfig(_Base):
     def long_window_td(self) -> dt.timedelta:
         return parse_duration(self.long_window)
 
+    @property
+    def gap_us(self) -> int:
+        """The session gap in microseconds, the unit of the sessionizer's times."""
+        return self.gap_td // dt.timedelta(microseconds=1)
+
+    @property
+    def long_window_us(self) -> int:
+        """The long-term window in microseconds."""
+        return self.long_window_td // dt.timedelta(microseconds=1)
+
 
 Variant = Literal["SDMMA", "PSDMMA", "PSDMMAL", "PSDMMAL-N", "PSDMMAL-NoS", "DNN", "SASRec"]
 

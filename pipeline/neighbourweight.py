@@ -34,6 +34,7 @@ import torch
 from sdm.manifest import read_manifest
 from sdm.pipeline.baselines.itemcf import NeighbourCounts, neighbour_table
 from sdm.pipeline.metrics import selection_value
+from sdm.sessionize.times import to_utc_us
 
 GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 """Weights measured (all in one validation pass); the choice stops at the first drop (`first_peak`)."""
@@ -148,10 +149,7 @@ def counts_entry(table: NeighbourCounts, manifest: dict[str, Any]) -> dict[str, 
     start = (manifest.get("cutoffs") or {}).get("valid_start")
     if start is None:
         return entry
-    until = dt.datetime.fromisoformat(str(start).replace("Z", "+00:00"))
-    if until.tzinfo is None:
-        until = until.replace(tzinfo=dt.timezone.utc)
-    us = (until - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+    us = to_utc_us(dt.datetime.fromisoformat(str(start).replace("Z", "+00:00")))
     return {**entry, "until": torch.tensor(us, dtype=torch.int64)}
 
 

@@ -30,7 +30,6 @@ The training run's config, vocabularies and tables come from `serve.lookups.Look
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +55,6 @@ from sdm.sessionize.split import SPLIT
 from sdm.sessionize.times import timestamp_expr
 from sdm.sessionize.windows import long_windows, rows_table, sessions_table, timelines
 
-_US = dt.timedelta(microseconds=1)
 SPLIT_SERVE = 2  # the split label of served sessions (unused downstream; rows_table groups by it)
 
 
@@ -156,9 +154,8 @@ def latest_sessions(
     if at_us is not None:
         raw = raw.filter(inp.ts < at_us)
     events, _, _ = read_events(raw.lazy(), inp, _items_for(inp, lookups, raw))
-    gap_us = cfg.gap_td // _US
     ev = (
-        sessionize(events.lazy(), gap_us, cfg.max_session_len)
+        sessionize(events.lazy(), cfg.gap_us, cfg.max_session_len)
         .drop(SID)
         .collect(engine="in-memory")
     )
@@ -169,8 +166,7 @@ def latest_sessions(
         .filter(pl.col(SESS) == pl.col(SESS).max().over(USER))
         .collect(engine="in-memory")
     )
-    window_us = cfg.long_window_td // _US
-    rows = rows_table(long_windows(sessions, ev, window_us, cfg.max_long_len))
+    rows = rows_table(long_windows(sessions, ev, cfg.long_window_us, cfg.max_long_len))
     ev = ev.lazy()
 
     enc = encode(ev, ITEM, _vocab_for(lookups, lookups.vocabs["item"], raw, cfg.item_col), "seq_item")
@@ -199,7 +195,6 @@ def latest_sessions(
     rows = timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})
     arrays = _to_arrays(rows, lookups, seq_cols)
     return Served(arrays, rows.get_column(USER).gather(arrays["row"]))
-
 
 
 def _cold_features(enc: pl.DataFrame, side: np.ndarray, lookups: Lookups, features: list[str]) -> pl.DataFrame:

@@ -10,7 +10,6 @@ picklable arguments (config, log path, bucket) and open the input themselves.
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,6 @@ from sdm.sessionize.plan import Part, Plan, global_sess, positions
 from sdm.sessionize.read import Input, bucket_events, open_input
 from sdm.sessionize.sessions import SESS, session_starts, sessionize
 
-_US = dt.timedelta(microseconds=1)
-
 
 def first_pass(inp: Input, b: int, n: int, spill: Path | None, split_dir: Path | None = None) -> Part:
     """Read bucket `b` of `n`, count drops, sessionize it; spill the events to `spill` when given.
@@ -40,7 +37,7 @@ def first_pass(inp: Input, b: int, n: int, spill: Path | None, split_dir: Path |
         # input order only breaks ties of items.parquet's "last event" for log features
         events = events.drop(ROW)
     # the back-end session id is not needed once sessions are numbered
-    ev = collect(sessionize(events.lazy(), cfg.gap_td // _US, cfg.max_session_len).drop(SID), str(inp.log))
+    ev = collect(sessionize(events.lazy(), cfg.gap_us, cfg.max_session_len).drop(SID), str(inp.log))
     del events
     ts = ev.get_column(TS)
     min_ts, max_ts = (int(ts.min()), int(ts.max())) if ev.height else (None, None)
@@ -65,7 +62,7 @@ def second_pass(inp: Input, plan: Plan, b: int, part: Part, out: Path) -> dict[s
     ev = collect(part.frame())
     part.events = None  # this pass owns the bucket's events now: freed as soon as they are encoded
     sessions = collect(windows.sessions_table(ev.lazy(), ev.height).pipe(split.assign_split, plan.cut), str(inp.log))
-    sessions = windows.long_windows(sessions, ev, cfg.long_window_td // _US, cfg.max_long_len)
+    sessions = windows.long_windows(sessions, ev, cfg.long_window_us, cfg.max_long_len)
     if plan.buckets > 1:
         sessions = sessions.with_columns(global_sess(part.sessions, plan.offsets))
     if plan.cut.train_start is not None:
