@@ -65,12 +65,10 @@ from sdm.serve.export_reader import (
     check_features, importable, load_index, probe_tower, read_item_vectors, read_neighbours, read_spec, weights_state,
 )  # fmt: skip
 from sdm.serve.lookups import LOOKUPS, Lookups, read_json
+from sdm.serve.newitems import read_new_items
 from sdm.serve.runtime import OnnxTower, TorchTower, named_inputs
 from sdm.serve.sessions import COLD, ColdItems, latest_sessions, open_frame
-from sdm.sessionize.columns import feat_col, values_col
-from sdm.sessionize.encode import encode, encode_values, fill_empty
 from sdm.sessionize.io import polars_errors
-from sdm.sessionize.normalise import split_values
 
 CANDIDATES = ("vocabulary", "catalogue")
 
@@ -296,77 +294,12 @@ class Recommender:
                 a string column.
             DataError: the weights file is missing or damaged.
         """
-        frame = to_frame(items, "items")
-        ids = self._new_ids(frame)
-        split = self._split_values(frame)
-        side = self._encode_side(split)  # (A, F)
-        lists = self._encode_values(split)  # multi-valued feature -> (A,) lists of value indices
-        if len(ids):
-            self._append(ids, side, self._cold_vectors(side, lists))
-        features = [pl.Series(f, side[:, j], dtype=pl.Int32) for j, f in enumerate(self.lookups.item_features)]
-        return pl.DataFrame([ids, *features, *[v.alias(f"{f}_values") for f, v in lists.items()]])
-
-    def _new_ids(self, frame: pl.DataFrame) -> pl.Series:
-        """The item column of `frame`, cast to the export's id type; refused when null, repeated or known."""
-        col = self.item_col
-        if col not in frame.columns:
-            raise ConfigError(f"items: no column {col!r} (the item column of the data; found: {', '.join(frame.columns[:8])})")
-        given = frame.get_column(col)
-        if given.null_count():
-            raise ConfigError(f"items: column {col!r} has nulls")
-        try:
-            ids = given.cast(self.item_ids.dtype, strict=True).alias(col)
-        except (pl.exceptions.PolarsError, pl.exceptions.PanicException):
-            raise ConfigError(f"items: column {col!r} holds {given.dtype}, not the export's item ids ({self.item_ids.dtype})") from None
-        twice = ids.filter(ids.is_duplicated())
-        if len(twice):
-            raise ConfigError(f"items: item {twice[0]!r} occurs twice")
         if self._ids is None:
             self._ids = set(self.item_ids.to_list())
-        known = [v for v in ids.to_list() if v in self._ids]
-        if known:
-            raise ConfigError(f"items: item {known[0]!r} is already known to this export; ids are never replaced")
-        return ids
-
-    def _split_values(self, frame: pl.DataFrame) -> pl.DataFrame:
-        """`frame` with each multi-valued feature split as sessionize does (`normalise.split_values`):
-        the column holds the first value, `_m_<f>` (`columns.values_col`) all of them."""
-        multi = [f for f in self.lookups.multi_valued if f in frame.columns and frame.schema[f] != pl.Null]
-        wrong = [f"{f} ({frame.schema[f]})" for f in multi if frame.schema[f] != pl.String]
-        if wrong:
-            raise ConfigError(f"items: multi-valued feature column(s) {', '.join(wrong)} must hold strings ('a|b')")
-        if not multi:
-            return frame
-        cfg = self.lookups.session_config([], None)[0]  # the data's separator
-        with polars_errors("items"):
-            parts = split_values(frame.lazy().select(pl.col(f).alias(feat_col(f)) for f in multi), cfg, multi).collect()
-        return frame.with_columns(
-            *[parts.get_column(feat_col(f)).alias(f) for f in multi], *[parts.get_column(values_col(f)) for f in multi]
-        )
-
-    def _encode_values(self, split: pl.DataFrame) -> dict[str, pl.Series]:
-        """Per multi-valued feature: (A,) lists of the indices of every value of `split` (`_split_values`);
-        [] when the items do not give the feature."""
-        out = {}
-        for f in self.lookups.multi_valued:
-            if values_col(f) in split.columns:
-                with polars_errors("items"):
-                    out[f] = encode_values(fill_empty(split.get_column(values_col(f))), self.lookups.vocabs[f])
-            else:
-                out[f] = pl.Series(f, [[]] * split.height, dtype=pl.List(pl.Int32))
-        return out
-
-    def _encode_side(self, frame: pl.DataFrame) -> np.ndarray:
-        """(A, F) int64 index of each side feature (`Lookups.item_features`) by its vocabulary; 1 = unknown."""
-        out = np.ones((frame.height, len(self.lookups.item_features)), dtype=np.int64)
-        for j, f in enumerate(self.lookups.item_features):
-            if f in frame.columns and f != self.item_col and frame.schema[f] != pl.Null:
-                try:
-                    enc = encode(frame.lazy().select(f), f, self.lookups.vocabs[f], "index").collect()
-                except (pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
-                    raise ConfigError(f"items: column {f!r} cannot be looked up in its vocabulary ({first_line(exc)})") from None
-                out[:, j] = enc.get_column("index").to_numpy()
-        return out
+        new = read_new_items(to_frame(items, "items"), self.lookups, self.item_col, self.item_ids.dtype, self._ids)
+        if len(new.ids):
+            self._append(new.ids, new.side, self._cold_vectors(new.side, new.values))
+        return new.table(self.lookups)
 
     def _cold_vectors(self, side: np.ndarray, lists: dict[str, pl.Series]) -> np.ndarray:
         """(A, D) float32 item-tower vectors of items with side features `side`, the value lists
