@@ -61,7 +61,7 @@ from sdm.errors import OutputError, SdmError
 from sdm.logs.formats import diginetica, otto, rees46, taobao, yoochoose
 from sdm.logs.movielens import movielens
 from sdm.logs.reading import Tables
-from sdm.logs.synth import claim_targets, side_paths
+from sdm.logs.targets import claim_targets, side_paths
 from sdm.outputs import scratch_name
 
 FORMATS = ("taobao", "diginetica", "yoochoose", "movielens", "rees46", "otto")

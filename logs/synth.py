@@ -71,9 +71,7 @@ under a temporary name and renamed when complete. Same config, same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +81,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdm.config import SynthConfig
-from sdm.outputs import OutputFile, scratch_name
+from sdm.logs.targets import claim_targets, side_paths
+from sdm.outputs import scratch_name
 
 START_US = 1_704_067_200_000_000
 """2024-01-01T00:00:00Z in microseconds: the start of every synthetic log."""
@@ -367,30 +366,6 @@ def _gen_chunk(
         schema=USER_SCHEMA,
     )
     return log, users, ns
-
-
-def side_paths(out: Path) -> tuple[Path, Path]:
-    """Paths of the items and users tables written next to log `out`."""
-    return out.parent / "items.parquet", out.parent / "users.parquet"
-
-
-@contextlib.contextmanager
-def claim_targets(targets: Sequence[Path], inputs: Sequence[Path], overwrite: bool, command: str) -> Iterator[None]:
-    """Hold every output file of `sdm convert` / `sdm synth` (`sdm.outputs.OutputFile`), checked before anything is written.
-
-    Every output file (the log and both side tables, even one this dataset
-    does not write: a stale table from another dataset beside the new log
-    would be misleading) must be absent, or `overwrite` given; none may be an
-    input; each is locked against a second writer; the folder must be
-    creatable and writable.
-
-    Raises:
-        OutputError: naming the file; LockedError: another sdm process writes it.
-    """
-    with contextlib.ExitStack() as stack:
-        for p in targets:
-            stack.enter_context(OutputFile(p, command, overwrite=overwrite, inputs={"input file": list(inputs)}))
-        yield
 
 
 def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
