@@ -49,12 +49,12 @@ def read_new_items(frame: pl.DataFrame, lookups: Lookups, item_col: str, id_type
             `id_type` or is in `known` (naming it), a multi-valued feature that is not a
             string column, or a value a vocabulary cannot look up.
     """
-    ids = new_ids(frame, item_col, id_type, known)
+    ids = _new_ids(frame, item_col, id_type, known)
     split = _split_values(frame, lookups)
     return NewItems(ids, _encode_side(split, lookups, item_col), _encode_values(split, lookups))
 
 
-def new_ids(frame: pl.DataFrame, item_col: str, id_type: pl.DataType, known: set[Any]) -> pl.Series:
+def _new_ids(frame: pl.DataFrame, item_col: str, id_type: pl.DataType, known: set[Any]) -> pl.Series:
     """The item column of `frame`, cast to `id_type`; refused when null, repeated or in `known`."""
     if item_col not in frame.columns:
         raise ConfigError(f"items: no column {item_col!r} (the item column of the data; found: {', '.join(frame.columns[:8])})")
