@@ -119,78 +119,18 @@ def check_log(
         SdmError: naming the missing column(s) and the columns found.
     """
     names = set(schema.names())
-    reserved = sorted(c for c in names if c.startswith(RESERVED_PREFIX))
-    if reserved:
-        raise SdmError(f"{path}: column name(s) {reserved} start with {RESERVED_PREFIX!r}, reserved for the sessionizer; rename them")
-    explicit = cfg.model_fields_set
-    for key, flag in (("user_col", "--user-col"), ("session_col", "--session-col")):
-        col = getattr(cfg, key)
-        if key in explicit and col not in names and not (key == "session_col" and col == ""):
-            raise SdmError(f"{path}: {flag} {col!r} is not a column of the log; found: {_found(schema)}")
-    missing = [c for c in (cfg.item_col, cfg.time_col) if c not in names]
-    if cfg.user_col not in names and cfg.session_col not in names:
-        missing.insert(0, f"{cfg.user_col} (or a session column {cfg.session_col})")
-    if missing:
-        raise SdmError(f"{path}: missing required column(s) {', '.join(missing)}; found: {_found(schema)}")
+    _check_key_columns(cfg, path, schema)
     user_from_session = cfg.user_col not in names
     user_key = cfg.session_col if user_from_session else cfg.user_col
     session_key = cfg.session_col if cfg.session_col in names else None
-
-    if items_schema is not None:
-        if cfg.item_col not in items_schema.names():
-            raise SdmError(
-                f"{cfg.items}: items table has no key column {cfg.item_col!r}; found: {_found(items_schema)}"
-            )
-        _check_key_type(cfg.items, "items table", cfg.item_col, items_schema[cfg.item_col], schema[cfg.item_col], path)
-    if users_schema is not None:
-        if user_from_session:
-            raise SdmError(
-                f"{cfg.users}: a users table was given but the log {path} has no user column "
-                f"{cfg.user_col!r}; found: {_found(schema)}"
-            )
-        if cfg.user_col not in users_schema.names():
-            raise SdmError(
-                f"{cfg.users}: users table has no key column {cfg.user_col!r}; found: {_found(users_schema)}"
-            )
-        _check_key_type(cfg.users, "users table", cfg.user_col, users_schema[cfg.user_col], schema[cfg.user_col], path)
+    _check_side_keys(cfg, path, schema, items_schema, users_schema, user_from_session)
 
     roles = {user_key: "the user column", cfg.item_col: "the item column", cfg.time_col: "the time column"}
     if session_key:
         roles[session_key] = "the session column"
-    log_feats, table_feats = [], []
-    for f in cfg.item_features:
-        if f in roles:
-            raise SdmError(f"item feature {f!r} is {roles[f]} of the log, not a side feature")
-        if f in names:
-            log_feats.append(f)
-        elif items_schema is not None and f in items_schema.names():
-            table_feats.append(f)
-        else:
-            where = f"the log {path}"
-            where += f" or the items table {cfg.items}" if cfg.items else " (no --items table given)"
-            raise SdmError(f"item feature column {f!r} not found in {where}")
-    for f in cfg.user_features:
-        if users_schema is None:
-            raise SdmError(f"user feature column {f!r} needs a users table (--users); none was given")
-        if f == cfg.user_col:
-            raise SdmError(f"{cfg.users}: user feature {f!r} is the users table's key column, not a profile feature")
-        if f not in users_schema.names():
-            raise SdmError(
-                f"{cfg.users}: user feature column {f!r} not found; found: {_found(users_schema)}"
-            )
-
-    for f in cfg.multi_valued:
-        if f in cfg.user_features:
-            dtype = users_schema[f]  # type: ignore[index]
-        elif f in cfg.item_features:
-            dtype = schema[f] if f in log_feats else items_schema[f]  # type: ignore[index]
-        else:
-            raise SdmError(
-                f"multi-valued feature {f!r} is neither an item nor a user feature (add it to --item-features or "
-                "--user-features)"
-            )
-        if dtype != pl.String:
-            raise SdmError(f"multi-valued feature {f!r} is {dtype}; it must be a string column ('a{cfg.value_sep}b')")
+    log_feats, table_feats = _place_item_features(cfg, path, names, items_schema, roles)
+    _check_user_features(cfg, users_schema)
+    _check_multi_valued(cfg, schema, items_schema, users_schema, log_feats)
     both = sorted(set(cfg.item_features) & set(cfg.user_features))
     if both:
         raise SdmError(f"feature name(s) {both} used as both item and user features; vocabularies would collide")
@@ -211,6 +151,106 @@ def check_log(
         log_columns=schema.names(),
         user_from_session=user_from_session,
     )
+
+
+def _check_key_columns(cfg: SessionizeConfig, path: Path, schema: pl.Schema) -> None:
+    """No reserved column name; the user (or session), item and time columns exist; a named one must."""
+    names = set(schema.names())
+    reserved = sorted(c for c in names if c.startswith(RESERVED_PREFIX))
+    if reserved:
+        raise SdmError(f"{path}: column name(s) {reserved} start with {RESERVED_PREFIX!r}, reserved for the sessionizer; rename them")
+    explicit = cfg.model_fields_set
+    for key, flag in (("user_col", "--user-col"), ("session_col", "--session-col")):
+        col = getattr(cfg, key)
+        if key in explicit and col not in names and not (key == "session_col" and col == ""):
+            raise SdmError(f"{path}: {flag} {col!r} is not a column of the log; found: {_found(schema)}")
+    missing = [c for c in (cfg.item_col, cfg.time_col) if c not in names]
+    if cfg.user_col not in names and cfg.session_col not in names:
+        missing.insert(0, f"{cfg.user_col} (or a session column {cfg.session_col})")
+    if missing:
+        raise SdmError(f"{path}: missing required column(s) {', '.join(missing)}; found: {_found(schema)}")
+
+
+def _check_side_keys(
+    cfg: SessionizeConfig,
+    path: Path,
+    schema: pl.Schema,
+    items_schema: pl.Schema | None,
+    users_schema: pl.Schema | None,
+    user_from_session: bool,
+) -> None:
+    """Each side table has its key column, of a type that joins the log's."""
+    if items_schema is not None:
+        if cfg.item_col not in items_schema.names():
+            raise SdmError(
+                f"{cfg.items}: items table has no key column {cfg.item_col!r}; found: {_found(items_schema)}"
+            )
+        _check_key_type(cfg.items, "items table", cfg.item_col, items_schema[cfg.item_col], schema[cfg.item_col], path)
+    if users_schema is not None:
+        if user_from_session:
+            raise SdmError(
+                f"{cfg.users}: a users table was given but the log {path} has no user column "
+                f"{cfg.user_col!r}; found: {_found(schema)}"
+            )
+        if cfg.user_col not in users_schema.names():
+            raise SdmError(
+                f"{cfg.users}: users table has no key column {cfg.user_col!r}; found: {_found(users_schema)}"
+            )
+        _check_key_type(cfg.users, "users table", cfg.user_col, users_schema[cfg.user_col], schema[cfg.user_col], path)
+
+
+def _place_item_features(
+    cfg: SessionizeConfig, path: Path, names: set[str], items_schema: pl.Schema | None, roles: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """(features from the log, features from the items table); none may be a key column."""
+    log_feats, table_feats = [], []
+    for f in cfg.item_features:
+        if f in roles:
+            raise SdmError(f"item feature {f!r} is {roles[f]} of the log, not a side feature")
+        if f in names:
+            log_feats.append(f)
+        elif items_schema is not None and f in items_schema.names():
+            table_feats.append(f)
+        else:
+            where = f"the log {path}"
+            where += f" or the items table {cfg.items}" if cfg.items else " (no --items table given)"
+            raise SdmError(f"item feature column {f!r} not found in {where}")
+    return log_feats, table_feats
+
+
+def _check_user_features(cfg: SessionizeConfig, users_schema: pl.Schema | None) -> None:
+    """Every profile feature is a column of the users table other than its key."""
+    for f in cfg.user_features:
+        if users_schema is None:
+            raise SdmError(f"user feature column {f!r} needs a users table (--users); none was given")
+        if f == cfg.user_col:
+            raise SdmError(f"{cfg.users}: user feature {f!r} is the users table's key column, not a profile feature")
+        if f not in users_schema.names():
+            raise SdmError(
+                f"{cfg.users}: user feature column {f!r} not found; found: {_found(users_schema)}"
+            )
+
+
+def _check_multi_valued(
+    cfg: SessionizeConfig,
+    schema: pl.Schema,
+    items_schema: pl.Schema | None,
+    users_schema: pl.Schema | None,
+    log_feats: list[str],
+) -> None:
+    """Every multi-valued feature is an item or user feature held in a string column."""
+    for f in cfg.multi_valued:
+        if f in cfg.user_features:
+            dtype = users_schema[f]  # type: ignore[index]
+        elif f in cfg.item_features:
+            dtype = schema[f] if f in log_feats else items_schema[f]  # type: ignore[index]
+        else:
+            raise SdmError(
+                f"multi-valued feature {f!r} is neither an item nor a user feature (add it to --item-features or "
+                "--user-features)"
+            )
+        if dtype != pl.String:
+            raise SdmError(f"multi-valued feature {f!r} is {dtype}; it must be a string column ('a{cfg.value_sep}b')")
 
 
 def check_output_names(cfg: SessionizeConfig, log_feats: list[str], table_feats: list[str]) -> None:
