@@ -5,7 +5,7 @@ sequential model with long-term memory can learn but item popularity cannot.
 
 Generative process (all numbers are the module constants below):
 
-Catalogue (one RNG stream, `seed`):
+Catalogue (one RNG stream, `seed`; built in `sdm.logs.synthcatalogue`):
     * Item popularity is Zipf: the r-th most popular item has weight
       r ** -zipf; ranks are a random permutation of the item ids.
     * Leaf categories have Zipf-like sizes; each belongs to one first-level
@@ -81,13 +81,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sdm.config import SynthConfig
+from sdm.logs.synthcatalogue import LIFE_STAGES, Catalogue, build_catalogue
 from sdm.logs.targets import claim_targets, side_paths
 from sdm.outputs import scratch_name
 
 START_US = 1_704_067_200_000_000
 """2024-01-01T00:00:00Z in microseconds: the start of every synthetic log."""
 
-LEAVES_PER_L1 = 10
 USER_SIGMA = 1.2
 USER_CAP = 50.0
 MIN_EVENTS_PER_USER = 2
@@ -104,7 +104,6 @@ GAP_MEDIAN_S = 30.0
 GAP_SIGMA = 1.0
 GAP_MAX_S = 480.0
 MIN_SESSION_SEP_S = 1800.0
-LIFE_STAGES = ["student", "young_single", "young_family", "family", "empty_nest", "retired"]
 LIFE_STAGE_P = np.array([0.15, 0.2, 0.2, 0.2, 0.15, 0.1])
 LIFE_STAGE_AGE = np.array([[16, 24], [22, 34], [26, 40], [32, 55], [45, 66], [60, 85]])
 
@@ -118,108 +117,6 @@ LOG_SCHEMA = pa.schema(
     ]
 )
 USER_SCHEMA = pa.schema([("user_id", pa.int64()), ("age", pa.int64()), ("gender", pa.string()), ("life_stage", pa.string())])
-
-
-@dataclass(frozen=True)
-class _Sampler:
-    """Draw items by popularity restricted to one key value (category, brand, ...).
-
-    Items are sorted by key; within key k's block the cumulative popularity runs
-    from `lo[k]` to `lo[k] + mass[k]`, so one `searchsorted` draws for any mix of keys.
-    """
-
-    order: np.ndarray  # item indices sorted by key
-    cum: np.ndarray  # cumulative popularity along `order`
-    lo: np.ndarray  # cumulative mass before key k's block
-    mass: np.ndarray  # total popularity of key k
-    start: np.ndarray  # first position of key k's block
-    end: np.ndarray  # one past the last position
-
-    @classmethod
-    def build(cls, key: np.ndarray, weight: np.ndarray, n_keys: int) -> _Sampler:
-        order = np.argsort(key, kind="stable")
-        cum = np.cumsum(weight[order])
-        counts = np.bincount(key, minlength=n_keys)
-        end = np.cumsum(counts)
-        start = end - counts
-        mass = np.bincount(key, weights=weight, minlength=n_keys)
-        lo = np.concatenate([[0.0], cum])[start]
-        return cls(order, cum, lo, mass, start, end)
-
-    def draw(self, key: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """Item index per (key, uniform); keys must have at least one item."""
-        pos = np.searchsorted(self.cum, self.lo[key] + u * self.mass[key], side="right")
-        # Rounding can land one step outside the block: clamp into it.
-        pos = np.clip(pos, self.start[key], self.end[key] - 1)
-        return self.order[pos]
-
-
-@dataclass(frozen=True)
-class _Catalogue:
-    pop: np.ndarray  # item popularity weight
-    category: np.ndarray
-    category_l1: np.ndarray
-    brand: np.ndarray
-    shop: np.ndarray
-    next_item: np.ndarray
-    cat_mass: np.ndarray  # popularity of each category
-    by_cat: _Sampler
-    by_brand: _Sampler
-    by_stage: _Sampler  # categories (not items) by life-stage affinity
-
-
-def _zipf_weights(n: int, s: float, rng: np.random.Generator) -> np.ndarray:
-    """Weights r ** -s over ranks r = 1..n, assigned to a random permutation of 0..n-1."""
-    w = np.empty(n)
-    w[rng.permutation(n)] = np.arange(1, n + 1, dtype=np.float64) ** -s
-    return w
-
-
-def build_catalogue(cfg: SynthConfig) -> _Catalogue:
-    """Items with category, first-level category, brand, shop and successor item."""
-    rng = np.random.default_rng([cfg.seed, 0])
-    n_items, n_cats, n_brands, n_shops = cfg.num_items, cfg.num_categories, cfg.num_brands, cfg.num_shops
-    n_l1 = max(1, n_cats // LEAVES_PER_L1)
-
-    pop = _zipf_weights(n_items, cfg.zipf, rng)
-    cat_size = _zipf_weights(n_cats, 0.8, rng)
-    category = rng.choice(n_cats, size=n_items, p=cat_size / cat_size.sum())
-    cat_l1 = rng.permutation(n_cats) % n_l1
-
-    # Brands: each has a home category; an item picks among its category's
-    # brands, skewed toward the first (u**2), or any brand when it has none.
-    brand_home = np.sort(rng.integers(0, n_cats, size=n_brands))
-    b_start = np.searchsorted(brand_home, np.arange(n_cats), side="left")
-    b_count = np.searchsorted(brand_home, np.arange(n_cats), side="right") - b_start
-    u = rng.random(n_items)
-    has = b_count[category] > 0
-    brand = np.where(
-        has,
-        b_start[category] + np.floor(u**2 * b_count[category]).astype(np.int64),
-        rng.integers(0, n_brands, size=n_items),
-    )
-    brand_shop = rng.integers(0, n_shops, size=n_brands)
-    shop = (brand_shop[brand] + rng.geometric(0.6, size=n_items) - 1) % n_shops
-
-    by_cat = _Sampler.build(category, pop, n_cats)
-    # Successors are uniform within the category (not by popularity), so
-    # following them leads away from the head: popularity cannot predict them.
-    count = by_cat.end - by_cat.start
-    next_item = by_cat.order[by_cat.start[category] + np.floor(rng.random(n_items) * count[category]).astype(np.int64)]
-    cat_mass = np.bincount(category, weights=pop, minlength=n_cats)
-    stage_of_cat = cat_l1 % len(LIFE_STAGES)
-    return _Catalogue(
-        pop=pop,
-        category=category,
-        category_l1=cat_l1[category],
-        brand=brand,
-        shop=shop,
-        next_item=next_item,
-        cat_mass=cat_mass,
-        by_cat=by_cat,
-        by_brand=_Sampler.build(brand, pop, n_brands),
-        by_stage=_Sampler.build(stage_of_cat, cat_mass + 1e-12, len(LIFE_STAGES)),
-    )
 
 
 def user_event_counts(cfg: SynthConfig) -> np.ndarray:
@@ -239,52 +136,119 @@ def _group_cumsum(values: np.ndarray, starts: np.ndarray, group: np.ndarray) -> 
     return c - before[group]
 
 
+@dataclass(frozen=True)
+class _Users:
+    """One chunk's users: profile, preferred categories and brands, personal mean session length."""
+
+    stage: np.ndarray
+    age: np.ndarray
+    gender: np.ndarray
+    fav_cat: np.ndarray  # (users, N_FAV_CATS)
+    fav_brand: np.ndarray  # (users, N_FAV_BRANDS)
+    mean_len: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Sessions:
+    """One chunk's events cut into sessions (chunk-local indices)."""
+
+    ev_user: np.ndarray  # user of each event
+    sess: np.ndarray  # session of each event
+    start: np.ndarray  # first event of each session
+    user: np.ndarray  # user of each session
+    pos: np.ndarray  # position of each event in its session
+
+
 def _gen_chunk(
-    cfg: SynthConfig, cat: _Catalogue, chunk: int, user0: int, counts: np.ndarray, session0: int
+    cfg: SynthConfig, cat: Catalogue, chunk: int, user0: int, counts: np.ndarray, session0: int
 ) -> tuple[pa.Table, pa.Table, int]:
     """Generate the events of users user0 .. user0 + len(counts) - 1.
+
+    The stages draw from one RNG stream in this order, so the same config gives the same bytes.
 
     Returns:
         The log rows, the users' profiles, and the number of sessions generated.
     """
     rng = np.random.default_rng([cfg.seed, 2, chunk])
-    nu, n = len(counts), int(counts.sum())
-    n_cats = len(cat.cat_mass)
+    users = _draw_users(cfg, cat, rng, len(counts))
+    sessions = _cut_sessions(rng, counts, users.mean_len)
+    item, kind = _draw_items(cat, rng, users, sessions)
+    behavior = _draw_behaviors(rng, kind)
+    ts = _draw_times(cfg, rng, sessions, len(counts))
+    ns = len(sessions.start)
+    has_sid = rng.random(ns) < cfg.session_id_share  # a back-end session id on a share of sessions
+    sid = session0 + np.arange(ns, dtype=np.int64) + 1
 
-    # --- users: profile, preferences, personal session length
+    user_ids = user0 + np.arange(len(counts), dtype=np.int64) + 1
+    log = pa.table(
+        {
+            "user_id": pa.array(user_ids[sessions.ev_user]),
+            "item_id": pa.array(item + 1),
+            "timestamp": pa.array(ts, type=pa.timestamp("us", tz="UTC")),
+            "session_id": pa.array(sid[sessions.sess], mask=~has_sid[sessions.sess]),
+            "behavior": pa.DictionaryArray.from_arrays(pa.array(behavior.astype(np.int8)), BEHAVIORS).cast(pa.string()),
+        },
+        schema=LOG_SCHEMA,
+    )
+    profiles = pa.table(
+        {
+            "user_id": pa.array(user_ids),
+            "age": pa.array(users.age),
+            "gender": pa.array(users.gender),
+            "life_stage": pa.array(np.array(LIFE_STAGES)[users.stage]),
+        },
+        schema=USER_SCHEMA,
+    )
+    return log, profiles, ns
+
+
+def _cat_by_pop(cat: Catalogue, u: np.ndarray) -> np.ndarray:
+    """Categories by popularity, one per uniform in `u`."""
+    cat_cum = np.cumsum(cat.cat_mass)
+    return np.minimum(np.searchsorted(cat_cum, u * cat_cum[-1], side="right"), len(cat.cat_mass) - 1)
+
+
+def _draw_users(cfg: SynthConfig, cat: Catalogue, rng: np.random.Generator, nu: int) -> _Users:
+    """Profiles, preferences (half of the categories tied to the life stage) and session lengths."""
     stage = rng.choice(len(LIFE_STAGES), size=nu, p=LIFE_STAGE_P)
     lo, hi = LIFE_STAGE_AGE[stage, 0], LIFE_STAGE_AGE[stage, 1]
     age = lo + np.floor(rng.random(nu) * (hi - lo + 1)).astype(np.int64)
     gender = np.array(["F", "M", "U"])[rng.choice(3, size=nu, p=[0.52, 0.43, 0.05])]
-    cat_cum = np.cumsum(cat.cat_mass)
-    by_pop = np.minimum(np.searchsorted(cat_cum, rng.random((nu, N_FAV_CATS)) * cat_cum[-1], side="right"), n_cats - 1)
+    by_pop = _cat_by_pop(cat, rng.random((nu, N_FAV_CATS)))
     by_stage = cat.by_stage.draw(np.repeat(stage, N_FAV_CATS).reshape(nu, N_FAV_CATS), rng.random((nu, N_FAV_CATS)))
     fav_cat = np.where(rng.random((nu, N_FAV_CATS)) < 0.5, by_stage, by_pop)
     fav_brand = cat.brand[cat.by_cat.draw(fav_cat[:, :N_FAV_BRANDS], rng.random((nu, N_FAV_BRANDS)))]
     mean_len = np.maximum(cfg.session_mean_len * rng.lognormal(0.25, 0.6, size=nu), 1.0)
+    return _Users(stage, age, gender, fav_cat, fav_brand, mean_len)
 
-    # --- sessions: a break before each event with probability 1 / mean_len
-    ev_user = np.repeat(np.arange(nu), counts)
+
+def _cut_sessions(rng: np.random.Generator, counts: np.ndarray, mean_len: np.ndarray) -> _Sessions:
+    """A break before each event with probability 1 / the user's mean length (and before each user's first)."""
+    n = int(counts.sum())
+    ev_user = np.repeat(np.arange(len(counts)), counts)
     user_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     brk = rng.random(n) < 1.0 / mean_len[ev_user]
     brk[user_start] = True
-    sess = np.cumsum(brk) - 1  # session of each event (chunk-local)
-    s_start = np.flatnonzero(brk)
-    ns = len(s_start)
-    s_user = ev_user[s_start]
-    pos = np.arange(n) - s_start[sess]
+    sess = np.cumsum(brk) - 1
+    start = np.flatnonzero(brk)
+    return _Sessions(ev_user, sess, start, ev_user[start], np.arange(n) - start[sess])
 
-    # --- event kinds
+
+def _draw_items(
+    cat: Catalogue, rng: np.random.Generator, users: _Users, sessions: _Sessions
+) -> tuple[np.ndarray, np.ndarray]:
+    """(item, kind) of each event: kinds drawn, then items by kind (module docs)."""
+    n, ns = len(sessions.sess), len(sessions.start)
     kind = rng.choice(len(KIND_P), size=n, p=KIND_P)
-    first = pos == 0
+    first = sessions.pos == 0
     kind[first] = np.where(rng.random(int(first.sum())) < P_FIRST_BRAND, BRAND, FRESH)
 
     # Session intent category, moved by each jump: forward-fill the position of
     # the last jump (or session start) within the session.
     intent = np.where(
         rng.random(ns) < P_INTENT_FAV,
-        fav_cat[s_user, rng.choice(N_FAV_CATS, size=ns, p=FAV_CAT_P)],
-        np.minimum(np.searchsorted(cat_cum, rng.random(ns) * cat_cum[-1], side="right"), n_cats - 1),
+        users.fav_cat[sessions.user, rng.choice(N_FAV_CATS, size=ns, p=FAV_CAT_P)],
+        _cat_by_pop(cat, rng.random(ns)),
     )
     item = np.full(n, -1, dtype=np.int64)
     u = rng.random(n)
@@ -292,16 +256,17 @@ def _gen_chunk(
     item[jump] = np.minimum(np.searchsorted(np.cumsum(cat.pop), u[jump] * cat.pop.sum(), side="right"), len(cat.pop) - 1)
     marker = np.where(jump | first, np.arange(n), 0)
     last = np.maximum.accumulate(marker)
-    cur_cat = np.where(jump[last], cat.category[np.maximum(item[last], 0)], intent[sess])
+    cur_cat = np.where(jump[last], cat.category[np.maximum(item[last], 0)], intent[sessions.sess])
     fresh = kind == FRESH
     item[fresh] = cat.by_cat.draw(cur_cat[fresh], u[fresh])
     brand = kind == BRAND
     which = rng.integers(0, N_FAV_BRANDS, size=n)
-    item[brand] = cat.by_brand.draw(fav_brand[ev_user[brand], which[brand]], u[brand])
+    item[brand] = cat.by_brand.draw(users.fav_brand[sessions.ev_user[brand], which[brand]], u[brand])
 
     # follow / revisit depend on an earlier event: resolve in rounds, each
     # settling every event whose source is already settled.
-    dep = np.where(kind == FOLLOW, np.arange(n) - 1, s_start[sess] + np.floor(u * pos).astype(np.int64))
+    start = sessions.start[sessions.sess]
+    dep = np.where(kind == FOLLOW, np.arange(n) - 1, start + np.floor(u * sessions.pos).astype(np.int64))
     pending = np.flatnonzero((kind == FOLLOW) | (kind == REVISIT))
     while pending.size:
         src = item[dep[pending]]
@@ -309,16 +274,23 @@ def _gen_chunk(
         p = pending[ready]
         item[p] = np.where(kind[p] == FOLLOW, cat.next_item[src[ready]], src[ready])
         pending = pending[~ready]
+    return item, kind
 
-    # --- behavior
-    ub = rng.random(n)
+
+def _draw_behaviors(rng: np.random.Generator, kind: np.ndarray) -> np.ndarray:
+    """0 click, 1 cart, 2 buy; re-visits are carted and bought more often."""
+    ub = rng.random(len(kind))
     rev = kind == REVISIT
     p_cart, p_buy = np.where(rev, 0.15, 0.05), np.where(rev, 0.06, 0.015)
-    behavior = np.where(ub < p_buy, 2, np.where(ub < p_buy + p_cart, 1, 0))
+    return np.where(ub < p_buy, 2, np.where(ub < p_buy + p_cart, 1, 0))
 
-    # --- time: within-session offsets, then session starts spread over the user's stretch
+
+def _draw_times(cfg: SynthConfig, rng: np.random.Generator, sessions: _Sessions, nu: int) -> np.ndarray:
+    """Event times (us): within-session gaps, then session starts spread over the user's active stretch."""
+    n, ns = len(sessions.sess), len(sessions.start)
+    s_start, sess, s_user = sessions.start, sessions.sess, sessions.user
     gap = np.clip(rng.lognormal(np.log(GAP_MEDIAN_S), GAP_SIGMA, size=n), 1.0, GAP_MAX_S)
-    gap[first] = 0.0
+    gap[sessions.pos == 0] = 0.0
     offset = _group_cumsum(gap, s_start, sess)  # seconds since session start
     s_dur = offset[np.concatenate([s_start[1:], [n]]) - 1]
     u_ns = np.bincount(s_user, minlength=nu)
@@ -339,33 +311,7 @@ def _gen_chunk(
     frac = _group_cumsum(e, u_first_sess, s_user) / total[s_user]
     busy_before = _group_cumsum(s_dur + MIN_SESSION_SEP_S, u_first_sess, s_user) - (s_dur + MIN_SESSION_SEP_S)
     s_begin = u_begin[s_user] + slack[s_user] * frac + busy_before
-    ts = START_US + np.round((s_begin[sess] + offset) * 1e6).astype(np.int64)
-
-    # --- session ids on a share of sessions
-    has_sid = rng.random(ns) < cfg.session_id_share
-    sid = session0 + np.arange(ns, dtype=np.int64) + 1
-
-    user_ids = user0 + np.arange(nu, dtype=np.int64) + 1
-    log = pa.table(
-        {
-            "user_id": pa.array(user_ids[ev_user]),
-            "item_id": pa.array(item + 1),
-            "timestamp": pa.array(ts, type=pa.timestamp("us", tz="UTC")),
-            "session_id": pa.array(sid[sess], mask=~has_sid[sess]),
-            "behavior": pa.DictionaryArray.from_arrays(pa.array(behavior.astype(np.int8)), BEHAVIORS).cast(pa.string()),
-        },
-        schema=LOG_SCHEMA,
-    )
-    users = pa.table(
-        {
-            "user_id": pa.array(user_ids),
-            "age": pa.array(age),
-            "gender": pa.array(gender),
-            "life_stage": pa.array(np.array(LIFE_STAGES)[stage]),
-        },
-        schema=USER_SCHEMA,
-    )
-    return log, users, ns
+    return START_US + np.round((s_begin[sess] + offset) * 1e6).astype(np.int64)
 
 
 def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
