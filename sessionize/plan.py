@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 from sdm.sessionize import encode, split, tables, vocab
 from sdm.sessionize.columns import DROP_REASONS, USER
@@ -123,23 +124,8 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
     history = split.history_counts(sessions, cut)
     del starts
 
-    # global sess_id = sessions of all users before this one (users in sort order) + ordinal
-    # a part lists its sessions user by user: runs per part, then a group-by over users, not sessions
-    runs = pl.concat([p.sessions.get_column(USER).rle() for p in parts]).struct.unnest()
-    per_user = (
-        runs.group_by(pl.col("value").alias(USER)).agg(pl.col("len").cast(pl.Int64).sum().alias("_n")).sort(USER)
-    )
-    offsets = per_user.select(pl.col(USER), (pl.col("_n").cum_sum() - pl.col("_n")).alias("_offset"))
-    code = split.split_of(pl.col(START), cut)
-    rows = [p.sessions.group_by(code.alias(split.SPLIT)).agg(pl.col(USER).n_unique().alias("n")) for p in parts]
-    shards = {
-        name: allocate(
-            [int(r.filter(pl.col(split.SPLIT) == c).get_column("n").sum()) for r in rows],
-            cfg.rows_per_shard,
-            cfg.min_shards,
-        )
-        for c, name in enumerate(split.SPLITS)
-    }
+    per_user, offsets = _session_offsets(parts)
+    shards = _shard_counts(cfg, parts, cut)
 
     # each bucket's events are read on their own: memory follows one bucket, not the log
     frames = [p.frame() for p in parts]
@@ -189,6 +175,34 @@ def make_plan(inp: Input, parts: list[Part], prev: Previous | None = None) -> Pl
         items_raw=raw,
         vocab_from=None if prev is None else prev.entry,
     )
+
+
+def _session_offsets(parts: list[Part]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(sessions per user, each user's first global session id - 1), users in sort order.
+
+    A global sess_id is the number of sessions of all users before this one plus the
+    session's ordinal. A part lists its sessions user by user: runs per part, then a
+    group-by over users, not sessions.
+    """
+    runs = pl.concat([p.sessions.get_column(USER).rle() for p in parts]).struct.unnest()
+    per_user = (
+        runs.group_by(pl.col("value").alias(USER)).agg(pl.col("len").cast(pl.Int64).sum().alias("_n")).sort(USER)
+    )
+    return per_user, per_user.select(pl.col(USER), (pl.col("_n").cum_sum() - pl.col("_n")).alias("_offset"))
+
+
+def _shard_counts(cfg: SessionizeConfig, parts: list[Part], cut: split.Cutoffs) -> dict[str, list[tuple[int, int]]]:
+    """Each split's shards (`allocate`) from the users each part has in it."""
+    code = split.split_of(pl.col(START), cut)
+    rows = [p.sessions.group_by(code.alias(split.SPLIT)).agg(pl.col(USER).n_unique().alias("n")) for p in parts]
+    return {
+        name: allocate(
+            [int(r.filter(pl.col(split.SPLIT) == c).get_column("n").sum()) for r in rows],
+            cfg.rows_per_shard,
+            cfg.min_shards,
+        )
+        for c, name in enumerate(split.SPLITS)
+    }
 
 
 def global_sess(sessions: pl.DataFrame, offsets: pl.DataFrame) -> pl.Series:
