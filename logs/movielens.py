@@ -71,68 +71,107 @@ def ts_s(col: str) -> pl.Expr:
     return pl.from_epoch(pl.col(col).cast(pl.Float64).cast(pl.Int64), time_unit="s").dt.replace_time_zone("UTC")
 
 
+_Frames = tuple[pl.DataFrame | None, pl.DataFrame | None, pl.DataFrame | None]
+"""(ratings, items, users), each None when the files lack it."""
+
+
 def movielens(files: list[Path]) -> Tables:
+    """The log, items and users tables of a MovieLens release, whichever of its layouts `files` hold."""
     by_name = {f.name.lower(): f for f in files}
     ext = {f.suffix.lower(): f for f in files}
     ratings = items = users = None
-
-    if ".inter" in ext:  # RecBole atomic files
-        r = _recbole(ext[".inter"])
-        ratings = r.select(
-            pl.col("user_id").cast(pl.Int64),
-            pl.col("item_id").cast(pl.Int64),
-            ts_s("timestamp").alias("timestamp"),
-            pl.col("rating").cast(pl.Float64),
+    if ".inter" in ext:
+        ratings, items, users = _recbole_files(ext)
+    elif "u.data" in by_name:
+        ratings, items, users = _ml100k_files(by_name)
+    elif "ratings.dat" in by_name or "movies.dat" in by_name or "users.dat" in by_name:
+        ratings, items, users = _dat_files(by_name)
+    ratings, items, users = _csv_files(files, ratings, items, users)
+    if ratings is None:
+        names = ", ".join(f.name for f in files)
+        raise SdmError(
+            f"{files[0].parent}: no MovieLens ratings among {names} "
+            "(expected u.data, ratings.dat, ratings.csv or a RecBole .inter file)"
         )
-        if ".item" in ext:
-            it = _recbole(ext[".item"])
-            gcol = "genre" if "genre" in it.columns else "class"
-            title = "movie_title" if "movie_title" in it.columns else "title"
-            genres = pl.col(gcol).str.replace_all(" ", "|")
-            items = it.select(
-                pl.col("item_id").cast(pl.Int64),
-                pl.col(title).alias("title"),
-                genres.alias("genres"),
-                genres.str.split("|").list.first().alias("genre"),
-                (pl.col("release_year").cast(pl.Int64, strict=False) if "release_year" in it.columns else _year_from_title(pl.col(title))).alias("release_year"),
-            )
-        if ".user" in ext:
-            us = _recbole(ext[".user"])
-            users = us.select(
-                pl.col("user_id").cast(pl.Int64),
-                *[pl.col(c) for c in ("age", "gender", "occupation", "zip_code") if c in us.columns],
-            )
-            if "age" in users.columns:
-                users = users.with_columns(pl.col("age").cast(pl.Int64, strict=False))
-    elif "u.data" in by_name:  # ml-100k
-        r = _split_lines(by_name["u.data"], "\t", ["user_id", "item_id", "rating", "ts"])
+    return Tables(log=ratings.lazy(), items=items.lazy() if items is not None else None, users=users.lazy() if users is not None else None)
+
+
+def _recbole_files(ext: dict[str, Path]) -> _Frames:
+    """(ratings, items, users) of RecBole atomic files (.inter, .item, .user)."""
+    items = users = None
+    r = _recbole(ext[".inter"])
+    ratings = r.select(
+        pl.col("user_id").cast(pl.Int64),
+        pl.col("item_id").cast(pl.Int64),
+        ts_s("timestamp").alias("timestamp"),
+        pl.col("rating").cast(pl.Float64),
+    )
+    if ".item" in ext:
+        it = _recbole(ext[".item"])
+        gcol = "genre" if "genre" in it.columns else "class"
+        title = "movie_title" if "movie_title" in it.columns else "title"
+        genres = pl.col(gcol).str.replace_all(" ", "|")
+        items = it.select(
+            pl.col("item_id").cast(pl.Int64),
+            pl.col(title).alias("title"),
+            genres.alias("genres"),
+            genres.str.split("|").list.first().alias("genre"),
+            (pl.col("release_year").cast(pl.Int64, strict=False) if "release_year" in it.columns else _year_from_title(pl.col(title))).alias("release_year"),
+        )
+    if ".user" in ext:
+        us = _recbole(ext[".user"])
+        users = us.select(
+            pl.col("user_id").cast(pl.Int64),
+            *[pl.col(c) for c in ("age", "gender", "occupation", "zip_code") if c in us.columns],
+        )
+        if "age" in users.columns:
+            users = users.with_columns(pl.col("age").cast(pl.Int64, strict=False))
+    return ratings, items, users
+
+
+def _ml100k_files(by_name: dict[str, Path]) -> _Frames:
+    """(ratings, items, users) of ml-100k (u.data, u.item, u.user)."""
+    items = users = None
+    r = _split_lines(by_name["u.data"], "\t", ["user_id", "item_id", "rating", "ts"])
+    ratings = r.select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64), ts_s("ts").alias("timestamp"), pl.col("rating").cast(pl.Float64))
+    if "u.item" in by_name:
+        it = _split_lines(by_name["u.item"], "|", ["item_id", "title", "release_date", "video", "url", *ML_GENRES])
+        flags = pl.concat_list([pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in ML_GENRES]).list.drop_nulls()
+        items = it.select(
+            pl.col("item_id").cast(pl.Int64),
+            pl.col("title").str.replace(r"\s*\(\d{4}\)\s*$", "").alias("title"),
+            flags.list.join("|").alias("genres"),
+            flags.list.first().alias("genre"),
+            pl.col("release_date").str.extract(r"(\d{4})$", 1).cast(pl.Int64).alias("release_year"),
+        )
+    if "u.user" in by_name:
+        us = _split_lines(by_name["u.user"], "|", ["user_id", "age", "gender", "occupation", "zip_code"])
+        users = us.with_columns(pl.col("user_id").cast(pl.Int64), pl.col("age").cast(pl.Int64))
+    return ratings, items, users
+
+
+def _dat_files(by_name: dict[str, Path]) -> _Frames:
+    """(ratings, items, users) of ml-1m / ml-10m (ratings.dat, movies.dat, users.dat)."""
+    ratings = items = users = None
+    if "ratings.dat" in by_name:
+        f = by_name["ratings.dat"]
+        r = _split_lines(f, _ml_sep(f), ["user_id", "item_id", "rating", "ts"])
         ratings = r.select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64), ts_s("ts").alias("timestamp"), pl.col("rating").cast(pl.Float64))
-        if "u.item" in by_name:
-            it = _split_lines(by_name["u.item"], "|", ["item_id", "title", "release_date", "video", "url", *ML_GENRES])
-            flags = pl.concat_list([pl.when(pl.col(g) == "1").then(pl.lit(g)) for g in ML_GENRES]).list.drop_nulls()
-            items = it.select(
-                pl.col("item_id").cast(pl.Int64),
-                pl.col("title").str.replace(r"\s*\(\d{4}\)\s*$", "").alias("title"),
-                flags.list.join("|").alias("genres"),
-                flags.list.first().alias("genre"),
-                pl.col("release_date").str.extract(r"(\d{4})$", 1).cast(pl.Int64).alias("release_year"),
-            )
-        if "u.user" in by_name:
-            us = _split_lines(by_name["u.user"], "|", ["user_id", "age", "gender", "occupation", "zip_code"])
-            users = us.with_columns(pl.col("user_id").cast(pl.Int64), pl.col("age").cast(pl.Int64))
-    elif "ratings.dat" in by_name or "movies.dat" in by_name or "users.dat" in by_name:  # ml-1m / ml-10m
-        if "ratings.dat" in by_name:
-            f = by_name["ratings.dat"]
-            r = _split_lines(f, _ml_sep(f), ["user_id", "item_id", "rating", "ts"])
-            ratings = r.select(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64), ts_s("ts").alias("timestamp"), pl.col("rating").cast(pl.Float64))
-        if "movies.dat" in by_name:
-            f = by_name["movies.dat"]
-            it = _split_lines(f, _ml_sep(f), ["item_id", "title", "genres"])
-            items = it.select(pl.col("item_id").cast(pl.Int64), *_ml_items(pl.col("title"), pl.col("genres")))
-        if "users.dat" in by_name:
-            f = by_name["users.dat"]
-            us = _split_lines(f, _ml_sep(f), ["user_id", "gender", "age", "occupation", "zip_code"])
-            users = us.select(pl.col("user_id").cast(pl.Int64), pl.col("age").cast(pl.Int64), "gender", "occupation", "zip_code")
+    if "movies.dat" in by_name:
+        f = by_name["movies.dat"]
+        it = _split_lines(f, _ml_sep(f), ["item_id", "title", "genres"])
+        items = it.select(pl.col("item_id").cast(pl.Int64), *_ml_items(pl.col("title"), pl.col("genres")))
+    if "users.dat" in by_name:
+        f = by_name["users.dat"]
+        us = _split_lines(f, _ml_sep(f), ["user_id", "gender", "age", "occupation", "zip_code"])
+        users = us.select(pl.col("user_id").cast(pl.Int64), pl.col("age").cast(pl.Int64), "gender", "occupation", "zip_code")
+    return ratings, items, users
+
+
+def _csv_files(
+    files: list[Path], ratings: pl.DataFrame | None, items: pl.DataFrame | None, users: pl.DataFrame | None
+) -> _Frames:
+    """CSVs with a header (ml-20m/25m/latest, or one joined file) over what the other files gave."""
     for f in files:  # CSVs with a header: ml-20m/25m/latest, or one joined file
         head = read_first_line(f).lower().replace("_", "")
         if f.suffix.lower() not in (".csv", ".txt") or "," not in head or not ("userid" in head or "movieid" in head):
@@ -157,11 +196,4 @@ def movielens(files: list[Path]) -> Tables:
             users = df.select(pl.col(uid).cast(pl.Int64).alias("user_id"), *prof).unique("user_id", maintain_order=True)
             if "age" in users.columns:
                 users = users.with_columns(pl.col("age").cast(pl.Int64))
-    if ratings is None:
-        names = ", ".join(f.name for f in files)
-        raise SdmError(
-            f"{files[0].parent}: no MovieLens ratings among {names} "
-            "(expected u.data, ratings.dat, ratings.csv or a RecBole .inter file)"
-        )
-    return Tables(log=ratings.lazy(), items=items.lazy() if items is not None else None, users=users.lazy() if users is not None else None)
-
+    return ratings, items, users
