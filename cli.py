@@ -28,8 +28,8 @@ from sdm.config import (
     SessionizeConfig,
     SynthConfig,
     TrainConfig,
-    build_config,
 )
+from sdm.configfile import build_config
 from sdm.errors import SdmError, storage_error
 
 

@@ -42,7 +42,8 @@ from typing import Any, get_args
 
 import torch
 
-from sdm.config import SessionizeConfig, TrainConfig, Variant, build_config, load_toml_section
+from sdm.config import SessionizeConfig, TrainConfig, Variant
+from sdm.configfile import build_config, load_toml_section
 from sdm.errors import SdmError
 from sdm.pipeline.baselines import BASELINES, build_baseline
 from sdm.pipeline.checkpoint import load_model

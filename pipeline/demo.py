@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdm.config import DemoConfig, SessionizeConfig, SynthConfig, TrainConfig, save_config
+from sdm.config import DemoConfig, SessionizeConfig, SynthConfig, TrainConfig
+from sdm.configfile import save_config
 from sdm.outputs import OutputDir, atomic_path, write_json, write_text
 
 BASELINES = ("popularity", "itemcf", "itemcf-repeat", "stan", "vsknn")

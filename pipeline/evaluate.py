@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdm.config import EvaluateConfig, save_config
+from sdm.config import EvaluateConfig
+from sdm.configfile import save_config
 from sdm.errors import ConfigError, SdmError
 from sdm.outputs import OutputDir, atomic_path, write_json, write_text
 from sdm.pipeline.catalogue import Catalogue, CatalogueSessions, read_catalogue

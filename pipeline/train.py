@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from sdm.config import TrainConfig, save_config
+from sdm.config import TrainConfig
+from sdm.configfile import save_config
 from sdm.errors import ConfigError, SdmError
 from sdm.model.loss import NegativeSampler
 from sdm.model.sdm import SDM

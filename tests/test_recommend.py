@@ -205,7 +205,7 @@ def test_recommend_config_rejects_bad_values() -> None:
     with pytest.raises(Exception, match="k"):
         RecommendConfig(k=0)
     with pytest.raises(SdmError):
-        from sdm.config import build_config
+        from sdm.configfile import build_config
 
         build_config(RecommendConfig, None, "recommend", {"index": "annoy"})
 

@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 from conftest import at, read_sessions, us, vocab, write_log
 
-from sdm.config import SessionizeConfig, build_config
+from sdm.config import SessionizeConfig
+from sdm.configfile import build_config
 from sdm.errors import ConfigError, SdmError
 from sdm.sessionize import run
 

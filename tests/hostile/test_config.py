@@ -30,7 +30,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from sdm.cli import app
-from sdm.config import SECTIONS, TrainConfig, build_config, load_toml_section, parse_duration
+from sdm.config import SECTIONS, TrainConfig
+from sdm.configfile import build_config, load_toml_section
+from sdm.fields import parse_duration
 from sdm.errors import ConfigError, SdmError
 
 ROOT = Path(__file__).resolve().parents[2]
