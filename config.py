@@ -227,6 +227,8 @@ class TrainConfig(_Base):
     """Warm start: a previous model directory (best.pt) trained on data whose vocabularies this data extends (`sdm sessionize --vocab-from`); every weight carried over, tables grown."""
     init_moments: bool = True
     """With --init-from: also carry the previous run's optimizer moments (AdamW's running averages), so training continues where it stopped instead of re-settling a fresh optimizer; --no-init-moments starts a fresh one."""
+    distill_weight: Annotated[float, within(0, 1000)] = 0.0
+    """With --init-from: weight of a term that keeps the previous model's scores (the KL divergence from its softmax over each step's candidates), so fine-tuning on the newest day forgets less of the days before; 0 turns it off."""
     id_dropout: Annotated[float, within(0, 1, hi_open=True)] = 0.0
     """Probability that an item's id embedding is left out of the item tower in training, so its vector must also come from side features (cold items)."""
     cold_scale: Annotated[Optional[float], within(0, 100)] = None

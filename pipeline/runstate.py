@@ -80,6 +80,8 @@ class Run:
     """What `--init-from` loaded (a fresh run only)."""
     init_from: dict[str, Any] | None = None
     """The checkpoints' `init_from` record: this run's warm start, or the one last.pt carries when resumed."""
+    teacher: SDM | None = None
+    """The frozen previous model of `--distill-weight` (`pipeline/distill.py`), else None."""
 
     @property
     def total_steps(self) -> int:

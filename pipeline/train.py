@@ -2,7 +2,8 @@
 
 `train` reads as its named steps: `build_run` (distributed, device, data,
 model, with `--init-from` the previous model's weights, optimizer, step plan),
-`start` (a fresh run clears the old files; a resumed one loads last.pt), then
+`start` (a fresh run clears the old files; a resumed one loads last.pt; with
+`--distill-weight` the frozen previous model is built), then
 per epoch `train_epoch` (batches -> lr from `get_lr(step)` -> forward/loss ->
 backward -> clip -> step -> log, last.pt every `checkpoint_every` steps) and
 `end_epoch` (validate HR@K with the same code as `sdm evaluate`, keep best.pt,
@@ -16,7 +17,8 @@ diverges from another; rank 0 alone validates and writes.
 The parts live beside this loop: the optimisation step (`get_lr`, `train_step`,
 `WeightAverage`) in `sdm.pipeline.trainstep`, the ranks and the step plan in
 `sdm.pipeline.stepplan`, and the run's state and its files in --out (`Run`,
-`Progress`, `claim_out`, `save`, `resume`) in `sdm.pipeline.runstate`.
+`Progress`, `claim_out`, `save`, `resume`) in `sdm.pipeline.runstate`, and the term that
+keeps the previous model's scores in `sdm.pipeline.distill`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from sdm.pipeline.dataset import (
 )
 from sdm.pipeline.choices import check_choice_flags, choose_after_training, needs_choices
 from sdm.pipeline.device import pick_device
+from sdm.pipeline.distill import build_teacher, check_distill
 from sdm.manifest import oov_warnings, verify_files
 from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
@@ -86,6 +89,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
         verify_files(cfg.data, manifest)
     check_eval_k(cfg, manifest)
     check_choice_flags(cfg, manifest)
+    check_distill(cfg)
     if rank == 0:
         for line in oov_warnings({"valid": manifest["splits"]["valid"]}):
             print(f"warning: {line}; validation (best.pt, early stopping) sees the rest", file=sys.stderr)
@@ -162,6 +166,7 @@ def start(run: Run, guard: OutputDir | None) -> Progress:
             another model config or dataset, changed data-order settings.
     """
     state = resume(run) if run.cfg.resume else Progress()
+    run.teacher = build_teacher(run.cfg, run.model_cfg, run.manifest, run.init_from, run.device)  # before any file goes
     if run.cfg.resume:
         say(run, f"[train] resuming {run.cfg.out / 'last.pt'}: epoch {state.epoch}, step {state.step:,} "
                  f"({state.batch_in_epoch} batches into the epoch), best so far {max(state.best, 0.0):.4f}")  # fmt: skip
@@ -170,6 +175,8 @@ def start(run: Run, guard: OutputDir | None) -> Progress:
                   file=sys.stderr)  # fmt: skip
     elif run.warm is not None:
         say(run, run.warm.line())
+    if run.teacher is not None:
+        say(run, f"[train] keeping the scores of {run.init_from['path']} (--distill-weight {run.cfg.distill_weight:g})")
     if guard is not None:
         guard.prepare(first=["best.pt"], clear=not run.cfg.resume)
     if run.world > 1:
@@ -224,7 +231,7 @@ def train_epoch(run: Run, state: Progress) -> str | None:
         lr = get_lr(state.step, cfg, run.total_steps)
         batch = move_batch(batch, run.device)
         loss, grad_norm = train_step(run.model, run.net, run.opt, batch, run.sampler, run.gen, cfg, lr, autocast,
-                                     run.loss_kind)  # fmt: skip
+                                     run.loss_kind, run.teacher)  # fmt: skip
         if not torch.isfinite(grad_norm):
             return "nan"
         if run.ema is not None:

@@ -18,6 +18,7 @@ import torch
 from sdm.config import TrainConfig
 from sdm.model.loss import NegativeSampler, sdm_loss
 from sdm.model.sdm import SDM
+from sdm.pipeline.distill import distill_loss
 
 
 def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -44,10 +45,12 @@ def train_step(
     lr: float,
     autocast: Any,
     loss_kind: str,
+    teacher: SDM | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch already on the device; (loss, grad norm).
 
-    `net` is `model` or its DDP wrapper. The step is skipped (no update) when the
+    `net` is `model` or its DDP wrapper. With a `teacher` (`--distill-weight`), the loss
+    adds `cfg.distill_weight` times `distill_loss`. The step is skipped (no update) when the
     gradient norm is not finite; DDP has all-reduced the gradients by then, so
     every rank sees the same norm and they all stop together.
     """
@@ -59,6 +62,8 @@ def train_step(
             model, batch, user_vecs, loss=loss_kind, sampler=sampler, generator=gen, target_decay=cfg.target_decay,
             history=history,
         )  # fmt: skip
+        if teacher is not None:
+            loss = loss + cfg.distill_weight * distill_loss(model, teacher, batch, user_vecs, loss_kind, sampler, gen)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
