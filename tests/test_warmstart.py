@@ -276,10 +276,11 @@ train(cfg, progress=False)
 """
 
 
-def test_torchrun_two_processes_load_the_same_warm_weights(world, tmp_path):
+def _torchrun(script_text: str, world, tmp_path: Path) -> Path:
+    """Run `script_text` (args: data B, out, M1, dump folder) on two CPU processes; returns out."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(script_text)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(world["B"]), str(out), str(world["M1"]), str(tmp_path)]  # fmt: skip
@@ -287,6 +288,11 @@ def test_torchrun_two_processes_load_the_same_warm_weights(world, tmp_path):
     if r.returncode != 0 and "terminate called without an active exception" in r.stderr:
         pytest.skip("gloo abort on the loaded machine (see test_train.GLOO_ABORT)")
     assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_torchrun_two_processes_load_the_same_warm_weights(world, tmp_path):
+    out = _torchrun(DDP_SCRIPT, world, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     old = weights(world["M1"] / "best.pt")
     for k in r0:
@@ -464,16 +470,7 @@ train(cfg, progress=False)
 
 def test_torchrun_two_processes_distill_from_the_same_previous_model(world, tmp_path):
     """Every rank builds rank 0's warm-started weights as the previous model, and the run trains."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_DISTILL_SCRIPT)
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(world["B"]), str(out), str(world["M1"]), str(tmp_path)]  # fmt: skip
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if r.returncode != 0 and "terminate called without an active exception" in r.stderr:
-        pytest.skip("gloo abort on the loaded machine (see test_train.GLOO_ABORT)")
-    assert r.returncode == 0, r.stderr[-3000:]
+    out = _torchrun(DDP_DISTILL_SCRIPT, world, tmp_path)
     t0, t1, m0 = (torch.load(tmp_path / f, weights_only=True) for f in ("t0.pt", "t1.pt", "model0.pt"))
     for k in m0:
         torch.testing.assert_close(t0[k], m0[k], rtol=0, atol=0, msg=k)
