@@ -31,13 +31,14 @@ from torch import Tensor
 
 from sdm.config import TrainConfig
 from sdm.errors import ConfigError, SdmError
+from sdm.model.embeddings import OOV
 from sdm.model.loss import NegativeSampler, target_pairs
 from sdm.model.sdm import SDM, ModelConfig
 from sdm.pipeline.modelspec import build_model
 from sdm.pipeline.warmstart import warm_start
 
-FIRST_ITEM = 2
-"""Index of the first real item: 0 is padding, 1 out-of-vocabulary."""
+FIRST_ITEM = OOV + 1
+"""Index of the first real item (after padding and out-of-vocabulary)."""
 
 
 def check_distill(cfg: TrainConfig) -> None:
