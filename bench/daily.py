@@ -15,7 +15,12 @@ d+1 as the test:
                   windows) and `--vocab-from` yesterday's (b) data, then
                   `sdm train --init-from` yesterday's (b) model (day one: (a)'s);
 
-both evaluated on day d+1 (`sdm evaluate --candidates catalogue` when the
+With `--full-every N` every Nth day of the chain is a full day instead: (b)
+sessionizes every day (training samples from all of them) and trains from
+yesterday's model with `--full-train-args`, as a periodic pass over the whole
+history would. `--last-day` ends the replay early.
+
+Both are evaluated on day d+1 (`sdm evaluate --candidates catalogue` when the
 data has a catalogue: HR@50 / NDCG@50 over all targets and over cold targets,
 items training never saw). Each day prints both rows, the training seconds and
 the ratios (b)/(a); the last lines average the days. The targets: (b) reaches
@@ -106,13 +111,14 @@ def sessionize(log: Path, out: Path, spec: dict[str, Any], valid: dt.datetime, t
     return run(cfg, log, progress=False)
 
 
-def train(data: Path, out: Path, args: argparse.Namespace, init_from: Path | None) -> float:
+def train(data: Path, out: Path, args: argparse.Namespace, init_from: Path | None, full: bool = False) -> float:
     from sdm.config import TrainConfig
     from sdm.pipeline.train import train as run_train
 
     extra = json.loads(args.train_args)
-    if init_from is not None and args.dataset and args.warm_train_args:  # the warm run's own settings on top
-        extra.update(json.loads(args.warm_train_args))
+    own = args.full_train_args if full else args.warm_train_args
+    if init_from is not None and own:  # the warm (or full) run's own settings on top
+        extra.update(json.loads(own))
     cfg = TrainConfig(data=data, out=out, overwrite=True, seed=args.seed, init_from=init_from, **extra)
     kept = kept_seconds(out, cfg) if init_from is None and args.keep_scratch else None
     if kept is not None:
@@ -193,7 +199,8 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
     days = (hi - start) // DAY  # whole days: a partial last day would make a test of a few queries
     work = workdir(args)
     rows, prev_data, prev_model = [], None, None
-    for d in range(args.first_day, days - 1):  # the test day d + 1 is the last whole day at most
+    last = days - 2 if args.last_day is None else min(days - 2, args.last_day)
+    for d in range(args.first_day, last + 1):  # the test day d + 1 is the last whole day at most
         valid, test, end = start + d * DAY, start + (d + 1) * DAY, start + (d + 2) * DAY
         a_log = day_slice(log, start, end, work / f"day{d}" / "a_log.parquet")
         a_data, a_model = work / f"day{d}" / "a_data", work / f"day{d}" / "a_model"
@@ -206,19 +213,20 @@ def replay(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append({"day": d, "scratch": a, "scratch_s": a_s})
             print(f"day {d}: scratch hr@50 {a['hr@50']:.4f} ndcg@50 {a['ndcg@50']:.4f} ({a_s:.1f}s); warm chain starts here")
             continue
-        train_start = valid - args.history_days * DAY
+        full = bool(args.full_every) and len(rows) % args.full_every == 0  # len(rows): the chain's days so far
+        train_start = start if full else valid - args.history_days * DAY
         b_log = day_slice(log, max(start, train_start - WINDOW), end, work / f"day{d}" / "b_log.parquet")
         b_data, b_model = work / f"day{d}" / "b_data", work / f"day{d}" / "b_model"
         sessionize(b_log, b_data, spec, valid, test, prev_data, train_start)
-        b_s = train(b_data, b_model, args, prev_model)
+        b_s = train(b_data, b_model, args, prev_model, full)
         b = evaluate(b_data, b_model, work / f"day{d}" / "b_eval")
         prev_data, prev_model = b_data, b_model
-        row = {"day": d, "scratch": a, "scratch_s": a_s, "warm": b, "warm_s": b_s,
+        row = {"day": d, "recipe": "full" if full else "warm", "scratch": a, "scratch_s": a_s, "warm": b, "warm_s": b_s,
                "valid": {"scratch": validation(a_model), "warm": validation(b_model)},
                "ratio": {k: (b[k] / a[k] if a[k] else None) for k in ("hr@50", "ndcg@50")}, "time_ratio": b_s / a_s}  # fmt: skip
         rows.append(row)
         print(
-            f"day {d}: scratch hr@50 {a['hr@50']:.4f} ndcg@50 {a['ndcg@50']:.4f} ({a_s:.1f}s) | warm hr@50 "
+            f"day {d}: scratch hr@50 {a['hr@50']:.4f} ndcg@50 {a['ndcg@50']:.4f} ({a_s:.1f}s) | {row['recipe']} hr@50 "
             f"{b['hr@50']:.4f} ndcg@50 {b['ndcg@50']:.4f} ({b_s:.1f}s) | ratios {row['ratio']['hr@50']:.3f} "
             f"{row['ratio']['ndcg@50']:.3f} time {row['time_ratio']:.2f}"
         )
@@ -254,6 +262,10 @@ def main() -> None:
     parser.add_argument("--history-days", type=int, default=1, help="training days the warm run reads (1: the newest only)")
     parser.add_argument("--train-args", default="{}", help="TrainConfig fields as JSON, for both runs (default: sdm's defaults)")
     parser.add_argument("--warm-train-args", default="", help="TrainConfig fields as JSON over --train-args, warm runs only")
+    parser.add_argument("--last-day", type=int, default=None, help="the last day d replayed (default: the day before the last whole day)")
+    parser.add_argument("--full-every", type=int, default=0,
+                        help="every Nth day of the warm chain reads every day with --full-train-args (0: never)")
+    parser.add_argument("--full-train-args", default="", help="TrainConfig fields as JSON over --train-args, those full days only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synth-days", type=int, default=14)
     parser.add_argument("--synth-events", type=int, default=300_000)
@@ -263,6 +275,10 @@ def main() -> None:
                         help="reuse the scratch runs of an earlier replay with the same settings (their measured seconds)")
     parser.add_argument("--tag", default="", help="suffix of the results file (daily_<dataset>_<tag>.json)")
     args = parser.parse_args()
+    if args.last_day is not None and args.last_day < args.first_day:
+        parser.error(f"--last-day {args.last_day} is before --first-day {args.first_day}")
+    if args.full_every < 0:
+        parser.error(f"--full-every {args.full_every} must be 0 (never) or more")
 
     if not args.keep_scratch:
         shutil.rmtree(workdir(args), ignore_errors=True)

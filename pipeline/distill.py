@@ -17,7 +17,8 @@ dropout). Only the dot-product scores are kept: the repeat head's copy scores an
 neighbour term are not part of the term. It is built the same way on every rank and
 again on `--resume`, from the `init_from` record of last.pt (path, step and data
 fingerprint must still match). It costs one more copy of the weights and the previous
-model's forward pass on every step.
+model's forward pass on every step; with the full softmax the previous model's item
+vectors are computed once, on the first step, since its weights never change.
 """
 
 from __future__ import annotations
@@ -120,9 +121,7 @@ def distill_loss(
         prev_user = prev_vecs.reshape(-1, prev_vecs.shape[-1])[positions].float()
     if loss_kind == "full":
         new_items = model.all_item_vectors()[FIRST_ITEM:].float()
-        with torch.no_grad():
-            prev_items = teacher.all_item_vectors()[FIRST_ITEM:].float()
-        new, prev = user @ new_items.T, prev_user @ prev_items.T
+        new, prev = user @ new_items.T, prev_user @ frozen_item_vectors(teacher).T
     else:
         items = sampler.sample(generator)
         log_q = sampler.log_q[items]
@@ -131,3 +130,18 @@ def distill_loss(
         new = user @ model.item_vectors(items).float().T - log_q
         prev = prev_user @ prev_items.T - log_q
     return F.kl_div(F.log_softmax(new, 1), F.log_softmax(prev, 1), log_target=True, reduction="batchmean")
+
+
+def frozen_item_vectors(teacher: SDM) -> Tensor:
+    """Every real item's vector of the frozen previous model, (V - FIRST_ITEM, D) float32.
+
+    Computed on the first call and kept on the teacher: its weights never change, and the
+    full softmax needed these vectors on every step anyway, so keeping them adds no memory
+    beyond one step's peak.
+    """
+    cached = getattr(teacher, "_frozen_items", None)
+    if cached is None:
+        with torch.no_grad():
+            cached = teacher.all_item_vectors()[FIRST_ITEM:].float()
+        teacher._frozen_items = cached  # a plain attribute: not a buffer, never saved
+    return cached

@@ -377,6 +377,23 @@ def test_distill_loss_against_a_computation_by_hand(world, tmp_path, loss):
     assert got.item() == pytest.approx(_kl_by_hand(new_logits, prev_logits), rel=1e-4)
 
 
+def test_distill_computes_the_previous_item_vectors_once(world, tmp_path):
+    """With the full softmax the frozen previous model's item tower runs on the first step only:
+    later steps reuse its vectors, and the loss is the same."""
+    from sdm.pipeline.distill import build_teacher, distill_loss
+
+    run = build_run(cfg(world["B"], tmp_path / "m", init_from=world["M1"], distill_weight=1.0, loss="full"), 0, 1, 0.0)
+    teacher = build_teacher(run.cfg, run.model_cfg, run.manifest, run.init_from, run.device)
+    calls, tower = [], teacher.all_item_vectors
+    teacher.all_item_vectors = lambda: calls.append(1) or tower()
+    model, batch = run.model.eval(), _batch(run)
+    with torch.no_grad():
+        losses = [float(distill_loss(model, teacher, batch, model(batch), "full", run.sampler, None)) for _ in range(3)]
+    assert len(calls) == 1
+    assert losses[0] == losses[1] == losses[2]
+    assert "_frozen_items" not in teacher.state_dict()
+
+
 def test_distill_keeps_the_previous_scores(world, tmp_path):
     """Trained with a large weight, the model's scores stay closer to the previous model's than without."""
     from sdm.pipeline.distill import build_teacher, distill_loss
