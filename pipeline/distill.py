@@ -135,9 +135,9 @@ def distill_loss(
 def frozen_item_vectors(teacher: SDM) -> Tensor:
     """Every real item's vector of the frozen previous model, (V - FIRST_ITEM, D) float32.
 
-    Computed on the first call and kept on the teacher: its weights never change, and the
-    full softmax needed these vectors on every step anyway, so keeping them adds no memory
-    beyond one step's peak.
+    Computed on the first call and kept on the teacher, since its weights never change.
+    Every full-softmax step held these vectors at its peak before, so keeping them does not
+    raise the run's peak memory.
     """
     cached = getattr(teacher, "_frozen_items", None)
     if cached is None:
