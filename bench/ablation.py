@@ -48,7 +48,8 @@ from sdm.errors import SdmError
 from sdm.pipeline.baselines import BASELINES, build_baseline
 from sdm.pipeline.checkpoint import load_model
 from sdm.pipeline.dataset import read_manifest
-from sdm.pipeline.evaluate import evaluate_model, pick_device
+from sdm.pipeline.device import pick_device
+from sdm.pipeline.ranking import evaluate_model
 
 HERE = Path(__file__).resolve().parent
 VARIANTS: tuple[str, ...] = get_args(Variant)  # SPEC section 7 order: SDMMA .. DNN

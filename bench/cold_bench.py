@@ -52,7 +52,7 @@ def measure(dataset: str, seed: int, budget: float) -> dict[str, Any] | None:
     from sdm.pipeline.baselines import build_baseline
     from sdm.pipeline.coldscale import choose_cold_scale
     from sdm.pipeline.checkpoint import load_model
-    from sdm.pipeline.evaluate import evaluate_model
+    from sdm.pipeline.ranking import evaluate_model
 
     data, model_dir = QUALITY / dataset / "data", QUALITY / dataset / f"sdm-{seed}"
     if not (model_dir / "best.pt").exists():

@@ -61,7 +61,7 @@ def time_baseline(name: str, data: Path, split: str) -> dict[str, Any]:
     """Build + evaluate one baseline; seconds of each and the headline metrics."""
     from sdm.pipeline.baselines import build_baseline
     from sdm.pipeline.dataset import read_manifest
-    from sdm.pipeline.evaluate import evaluate_model
+    from sdm.pipeline.ranking import evaluate_model
 
     manifest = read_manifest(data)
     t0 = time.perf_counter()

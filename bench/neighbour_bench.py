@@ -36,7 +36,7 @@ DATASETS = ["movielens_100k", "yoochoose_rsc15_100k", "taobao_time_slice", "digi
 def measure(root: Path, dataset: str, prefix: str, seed: int, neighbours: int, work: Path) -> dict[str, Any] | None:
     from sdm.manifest import read_manifest
     from sdm.pipeline.checkpoint import load_model
-    from sdm.pipeline.evaluate import evaluate_model
+    from sdm.pipeline.ranking import evaluate_model
     from sdm.pipeline.neighbourweight import choose_neighbour_weight
 
     model_dir = root / dataset / f"{prefix}-{seed}"

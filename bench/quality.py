@@ -52,7 +52,8 @@ from sdm.config import SessionizeConfig, TrainConfig
 from sdm.pipeline.baselines import BASELINES, build_baseline
 from sdm.pipeline.checkpoint import load_model
 from sdm.pipeline.dataset import read_manifest
-from sdm.pipeline.evaluate import evaluate_model, pick_device
+from sdm.pipeline.device import pick_device
+from sdm.pipeline.ranking import evaluate_model
 
 HERE = Path(__file__).resolve().parent
 KS = [20, 50, 100]

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK
+from sdm.pipeline.ranking import MAX_SCORES, QUERY_CHUNK
 from sdm.pipeline.metrics import overlap_at_k, topk_scores
 from sdm.retrieval.index import FaissIndex, import_faiss
 

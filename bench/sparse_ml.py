@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdm.config import TrainConfig
     from sdm.manifest import read_manifest
     from sdm.pipeline.checkpoint import load_model
-    from sdm.pipeline.evaluate import evaluate_model
+    from sdm.pipeline.ranking import evaluate_model
     from sdm.pipeline.train import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

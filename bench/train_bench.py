@@ -28,7 +28,7 @@ from sdm.config import SessionizeConfig, TrainConfig
 from sdm.model.loss import NegativeSampler
 from sdm.pipeline.baselines import build_baseline
 from sdm.pipeline.dataset import SessionDataset, read_manifest
-from sdm.pipeline.evaluate import evaluate_model
+from sdm.pipeline.ranking import evaluate_model
 from sdm.pipeline.modelspec import build_model, build_model_config, model_features, resolve_loss
 from sdm.pipeline.metrics import selection_value
 from sdm.pipeline.tables import load_item_counts

@@ -100,7 +100,7 @@ def choose_cold_scale(
     Returns None, leaving the model as it is, when the data has no cold item or its
     validation split no query.
     """
-    from sdm.pipeline.evaluate import evaluate_model
+    from sdm.pipeline.ranking import evaluate_model
 
     manifest = read_manifest(data_dir)
     if not has_cold_items(manifest):

@@ -51,7 +51,7 @@ def _run(cfg: DemoConfig, out: Path, progress: bool) -> dict[str, Any]:
     """The demo's stages, in an `out` this process holds."""
     from sdm.pipeline.baselines import build_baseline
     from sdm.pipeline.checkpoint import load_model
-    from sdm.pipeline.evaluate import evaluate_model
+    from sdm.pipeline.ranking import evaluate_model
     from sdm.pipeline.report import build_report, curve_ks, method_entry, plot_report
     from sdm.pipeline.dataset import read_manifest
     from sdm.logs.synth import generate

@@ -99,7 +99,7 @@ def choose_neighbour_weight(
         The choice (None, the weight left at 0, when the validation split has no query)
         and the table with its counts (for the next warm start).
     """
-    from sdm.pipeline.evaluate import evaluate_model
+    from sdm.pipeline.ranking import evaluate_model
 
     table = neighbour_table(data_dir, read_manifest(data_dir), neighbours, previous, since)
     model.neighbours.fill(table.items, table.sims, 1.0)  # weight 1: the pass scales the bonus to each weight

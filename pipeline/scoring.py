@@ -4,7 +4,7 @@
 A *scorer* is anything with `name`, `begin_batch(batch) -> state` and
 `score_fn(state, qb, qp, prefix) -> (start, end) -> (Q, end - start) scores`:
 the model (wrapped in `ModelScorer`) and the baselines (`pipeline/baselines`) go
-through the same top-K, masking, metric and dump code (`pipeline/evaluate.py`,
+through the same top-K, masking, metric and dump code (`pipeline/ranking.py`,
 `serve/recommend.py`).
 """
 

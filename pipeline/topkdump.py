@@ -2,7 +2,7 @@
 
 `raw_items` maps every candidate index to its raw id (the vocabulary's, then the cold
 items' of a catalogue; `sdm recommend` writes its lists with it too) and `TopkWriter`
-streams the rows of the evaluation loop (`pipeline/evaluate.py`) to a scratch file that
+streams the rows of the evaluation loop (`pipeline/ranking.py`) to a scratch file that
 replaces topk.parquet only when the run finishes.
 """
 

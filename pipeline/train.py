@@ -198,7 +198,7 @@ def _log(run: Run, record: dict[str, Any]) -> None:
 @torch.no_grad()
 def validate(run: Run, state: Progress) -> float:
     """Validation `select_metric` at eval_k, computed on rank 0 with `sdm evaluate`'s code and shared with every rank."""
-    from sdm.pipeline.evaluate import evaluate_model
+    from sdm.pipeline.ranking import evaluate_model
 
     value = [0.0]
     if run.rank == 0:

@@ -4,7 +4,7 @@ For each user: the latest session starting before `--at` (events at or after it
 are ignored) and its long-term window, built by the sessionizer's own code with
 the training vocabularies (`serve.sessions`), then scored by **the code of
 `sdm evaluate`**: `pipeline.dataset.collate` makes the batch,
-`pipeline.evaluate.ModelScorer` gives the user vectors and the score function
+`pipeline.scoring.ModelScorer` gives the user vectors and the score function
 (whatever it adds to the dot product, e.g. a repeat head), and
 `pipeline.metrics.chunked_topk` takes the top K with the same masking. So the
 list for a session prefix is the list `sdm evaluate --dump-topk` gives for the
@@ -55,7 +55,7 @@ from sdm.pipeline.dataset import collate, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
 from sdm.pipeline import topkdump
 from sdm.pipeline.checkpoint import load_model
-from sdm.pipeline.evaluate import MAX_SCORES, QUERY_CHUNK
+from sdm.pipeline.ranking import MAX_SCORES, QUERY_CHUNK
 from sdm.pipeline.scoring import ModelScorer
 from sdm.manifest import verify_files
 from sdm.pipeline.metrics import chunked_topk

@@ -24,7 +24,8 @@ from sdm.model import SDM, ModelConfig, NegativeSampler, sdm_loss
 from sdm.pipeline.baselines import BASELINES, ColdCategory, Popularity, build_baseline
 from sdm.pipeline.catalogue import read_catalogue
 from sdm.pipeline.dataset import SessionDataset, read_manifest
-from sdm.pipeline.evaluate import evaluate, evaluate_model
+from sdm.pipeline.evaluate import evaluate
+from sdm.pipeline.ranking import evaluate_model
 from sdm.pipeline.scoring import ModelScorer, session_queries
 from sdm.pipeline.metrics import chunked_topk, metric_sums
 from sdm.pipeline.modelspec import build_model_config

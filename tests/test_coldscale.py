@@ -17,7 +17,7 @@ import torch
 from shard_builder import build_shards
 from typer.testing import CliRunner
 
-import sdm.pipeline.evaluate as evaluate_module
+import sdm.pipeline.ranking as ranking
 from sdm.cli import app
 from sdm.config import SessionizeConfig, SynthConfig, TrainConfig
 from sdm.errors import ConfigError
@@ -54,7 +54,7 @@ def _validation(monkeypatch: pytest.MonkeyPatch, table: dict[float, tuple[float,
         assert float(model.cold_scale) == 1.0 and cold_factors == tuple(s for s in GRID if s != 1.0)
         return {**one(*table[1.0]), "cold_factors": [{"factor": f, **one(*table[f])} for f in cold_factors]}
 
-    monkeypatch.setattr(evaluate_module, "evaluate_model", fake)
+    monkeypatch.setattr(ranking, "evaluate_model", fake)
     monkeypatch.setattr("sdm.pipeline.coldscale.read_manifest", lambda data: {"catalogue": {"items": 3}})
 
 
@@ -94,7 +94,7 @@ def test_no_cold_items_or_no_validation_query_leaves_the_model(monkeypatch: pyte
     model = _Fake()
     assert choose_cold_scale(model, Path("d"), 50, 0.01, "hr") is None and float(model.cold_scale) == 1.0
     _validation(monkeypatch, {}, 0.0)
-    monkeypatch.setattr(evaluate_module, "evaluate_model", lambda *a, **k: {"queries": 0, "hr@50": 0.0})
+    monkeypatch.setattr(ranking, "evaluate_model", lambda *a, **k: {"queries": 0, "hr@50": 0.0})
     assert choose_cold_scale(model, Path("d"), 50, 0.01, "hr") is None and float(model.cold_scale) == 1.0
 
 
@@ -130,7 +130,7 @@ def test_train_chooses_the_scale_on_validation_and_best_pt_carries_it(data: Path
     model = load_model(tmp_path / "m", data, manifest, torch.device("cpu"))
     assert float(model.cold_scale) == pytest.approx(chosen[0]["scale"], rel=1e-6)
     row = next(r for r in chosen[0]["rows"] if r["scale"] == chosen[0]["scale"])
-    metrics = evaluate_module.evaluate_model(model, data, "valid", [50], 512, candidates="catalogue")
+    metrics = ranking.evaluate_model(model, data, "valid", [50], 512, candidates="catalogue")
     assert metrics["hr@50"] == pytest.approx(row["hr"]) and metrics["targets"]["warm"]["hr@50"] == pytest.approx(row["warm_hr"])
 
 
@@ -138,17 +138,17 @@ def test_one_pass_over_cold_factors_equals_one_pass_per_scale(data: Path, tmp_pa
     train(_cfg(data, tmp_path / "m", cold_scale=1.0), progress=False)
     model = load_model(tmp_path / "m", data, read_manifest(data), torch.device("cpu"))
     factors = (0.0, 0.5, 2.0)
-    together = evaluate_module.evaluate_model(model, data, "test", [5, 50], 64, candidates="catalogue", cold_factors=factors)
+    together = ranking.evaluate_model(model, data, "test", [5, 50], 64, candidates="catalogue", cold_factors=factors)
     plain = {k: v for k, v in together.items() if k != "cold_factors"}
-    assert plain == evaluate_module.evaluate_model(model, data, "test", [5, 50], 64, candidates="catalogue")
+    assert plain == ranking.evaluate_model(model, data, "test", [5, 50], 64, candidates="catalogue")
     for one in together["cold_factors"]:
         model.cold_scale.fill_(one["factor"])
-        alone = evaluate_module.evaluate_model(model, data, "test", [5, 50], 64, candidates="catalogue")
+        alone = ranking.evaluate_model(model, data, "test", [5, 50], 64, candidates="catalogue")
         assert {k: v for k, v in one.items() if k != "factor"} == alone, one["factor"]
     differ = {round(one["hr@50"], 9) for one in together["cold_factors"]} | {round(one["ndcg@50"], 9) for one in together["cold_factors"]}
     assert len(differ) > 2  # the factors change the ranking: the comparison is not vacuous
     with pytest.raises(ConfigError, match="cold factors"):
-        evaluate_module.evaluate_model(model, data, "test", [5], 64, cold_factors=factors)
+        ranking.evaluate_model(model, data, "test", [5], 64, cold_factors=factors)
 
 
 def test_an_explicit_scale_is_written_as_given(data: Path, tmp_path: Path) -> None:

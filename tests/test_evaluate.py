@@ -24,7 +24,8 @@ from sdm.cli import app
 from sdm.config import EvaluateConfig
 from sdm.errors import SdmError
 from sdm.pipeline.dataset import SessionDataset
-from sdm.pipeline.evaluate import evaluate, evaluate_model
+from sdm.pipeline.evaluate import evaluate
+from sdm.pipeline.ranking import evaluate_model
 from sdm.pipeline.scoring import session_queries
 
 # 7 training items a..g (catalogue 7, num_items 9); x and y are OOV in test.

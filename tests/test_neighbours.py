@@ -18,7 +18,7 @@ from conftest import read_sessions, us
 from test_recommend import build_pipeline
 from typer.testing import CliRunner
 
-import sdm.pipeline.evaluate as evaluate_module
+import sdm.pipeline.ranking as ranking
 from sdm.cli import app
 from sdm.config import EvaluateConfig, ExportConfig, RecommendConfig, TrainConfig
 from sdm.errors import ConfigError, DataError
@@ -159,7 +159,7 @@ def _rule(monkeypatch: pytest.MonkeyPatch, curve: dict[float, float]) -> tuple[A
         one = {"queries": 10, "hr@50": curve[float(model.neighbours.weight)], "ndcg@50": 0.0}
         return {**one, "bonus_weights": [{"weight": w, "queries": 10, "hr@50": curve[w], "ndcg@50": 0.0} for w in bonus_weights]}
 
-    monkeypatch.setattr(evaluate_module, "evaluate_model", fake)
+    monkeypatch.setattr(ranking, "evaluate_model", fake)
     monkeypatch.setattr("sdm.pipeline.neighbourweight.read_manifest", lambda data: {})
     table = NeighbourCounts(torch.full((4, 2), 2, dtype=torch.int32), torch.ones(4, 2), torch.ones(4, 2), torch.ones(4))
     monkeypatch.setattr("sdm.pipeline.neighbourweight.neighbour_table", lambda *a: table)
@@ -204,10 +204,10 @@ def test_evaluate_with_the_term_equals_the_model_plus_item_cf(pipe: dict[str, An
     """An independent blend: the model without the term, plus 3 x the item-CF baseline's scores."""
     model = load_model(pipe["model"], pipe["data"], pipe["manifest"], torch.device("cpu"))
     assert model.neighbours.active and float(model.neighbours.weight) == 3.0
-    got = evaluate_module.evaluate_model(model, pipe["data"], "test", [5, 20], 64)
+    got = ranking.evaluate_model(model, pipe["data"], "test", [5, 20], 64)
     cf = ItemCF.from_data(pipe["data"], neighbours=10)
     model.neighbours.fill(model.neighbours.items, model.neighbours.sims, 0.0)
-    plain = evaluate_module.evaluate_model(model, pipe["data"], "test", [5, 20], 64)
+    plain = ranking.evaluate_model(model, pipe["data"], "test", [5, 20], 64)
 
     class Blend(ModelScorer):
         def score_fn(self, state: Any, qb: torch.Tensor, qp: torch.Tensor, prefix: torch.Tensor) -> Any:
@@ -223,7 +223,7 @@ def test_evaluate_with_the_term_equals_the_model_plus_item_cf(pipe: dict[str, An
 
             return score
 
-    blend = evaluate_module.evaluate_model(Blend(model.eval()), pipe["data"], "test", [5, 20], 64)
+    blend = ranking.evaluate_model(Blend(model.eval()), pipe["data"], "test", [5, 20], 64)
     for key in ("hr@5", "hr@20", "ndcg@20", "mrr@20"):
         assert got[key] == pytest.approx(blend[key], abs=1e-9), key
     assert (got["hr@20"], got["ndcg@20"]) != (plain["hr@20"], plain["ndcg@20"])  # the term changes the ranking
@@ -234,20 +234,20 @@ def test_one_pass_over_bonus_weights_equals_one_evaluation_per_weight(pipe: dict
     items, sims = model.neighbours.items.clone(), model.neighbours.sims.clone()
     model.neighbours.fill(items, sims, 1.0)
     weights = (0.0, 0.5, 4.0, 64.0)
-    together = evaluate_module.evaluate_model(model, pipe["data"], "test", [5, 20], 64, bonus_weights=weights)
+    together = ranking.evaluate_model(model, pipe["data"], "test", [5, 20], 64, bonus_weights=weights)
     assert [r["weight"] for r in together["bonus_weights"]] == list(weights)
     for one in together["bonus_weights"]:
         model.neighbours.fill(items, sims, one["weight"])
-        alone = evaluate_module.evaluate_model(model, pipe["data"], "test", [5, 20], 64)
+        alone = ranking.evaluate_model(model, pipe["data"], "test", [5, 20], 64)
         for key in ("hr@5", "hr@20", "ndcg@20", "mrr@20", "queries"):
             assert one[key] == alone[key], (one["weight"], key)  # powers of two and 0 scale exactly
     model.neighbours.fill(items, sims, 1.0)
-    assert {k: v for k, v in together.items() if k != "bonus_weights"} == evaluate_module.evaluate_model(
+    assert {k: v for k, v in together.items() if k != "bonus_weights"} == ranking.evaluate_model(
         model, pipe["data"], "test", [5, 20], 64)  # fmt: skip
     assert len({round(r["ndcg@20"], 9) for r in together["bonus_weights"]}) > 1  # the weights rank differently
     model.neighbours.fill(items, sims, 0.0)
     with pytest.raises(ConfigError, match="neighbour term"):
-        evaluate_module.evaluate_model(model, pipe["data"], "test", [5], 64, bonus_weights=weights)
+        ranking.evaluate_model(model, pipe["data"], "test", [5], 64, bonus_weights=weights)
 
 
 def test_recommend_faiss_and_the_api_rank_like_evaluate(pipe: dict[str, Any], tmp_path: Path) -> None:
@@ -310,7 +310,7 @@ def test_train_chooses_the_weight_and_best_pt_carries_the_table(pipe: dict[str, 
     assert float(model.neighbours.weight) == chosen[0]["weight"]
     assert model.neighbours.items.shape == ((pipe["manifest"]["num_items"], 5) if chosen[0]["weight"] else (0, 0))
     best = next(r for r in chosen[0]["rows"] if r["weight"] == chosen[0]["weight"])
-    again = evaluate_module.evaluate_model(model, pipe["data"], "valid", [50], 512)
+    again = ranking.evaluate_model(model, pipe["data"], "valid", [50], 512)
     assert again["hr@50"] + again["ndcg@50"] == pytest.approx(best["select"])
     # an explicit weight is written as given, nothing is chosen
     train(cfg.model_copy(update={"out": tmp_path / "w", "neighbour_weight": 0.5}), progress=False)
