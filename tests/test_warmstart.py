@@ -336,6 +336,24 @@ def test_distill_teacher_is_the_warm_start_before_any_step(world, tmp_path):
     assert build_teacher(off.cfg, off.model_cfg, off.manifest, off.init_from, off.device) is None
 
 
+def test_a_warm_start_may_turn_dropout_off(world, tmp_path):
+    """The daily recipe fine-tunes with --dropout 0 a model trained with the default 0.2: the
+    weights carry over, training is then free of dropout noise, and the new setting is saved."""
+    assert torch.load(world["M1"] / "best.pt", weights_only=True)["model_config"]["dropout"] == 0.2
+    noisy = build_run(cfg(world["B"], tmp_path / "noisy", init_from=world["M1"]), 0, 1, 0.0)
+    quiet = build_run(cfg(world["B"], tmp_path / "quiet", init_from=world["M1"], dropout=0.0), 0, 1, 0.0)
+    for k, v in noisy.model.state_dict().items():
+        torch.testing.assert_close(quiet.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    batch = _batch(quiet)
+    for run, same in ((noisy, False), (quiet, True)):
+        run.model.train()
+        with torch.no_grad():
+            assert torch.equal(run.model(batch), run.model(batch)) is same
+    out = tmp_path / "m2"
+    train(cfg(world["B"], out, init_from=world["M1"], dropout=0.0, distill_weight=1.0), progress=False)
+    assert torch.load(out / "best.pt", weights_only=True)["model_config"]["dropout"] == 0.0
+
+
 @pytest.mark.parametrize("loss", ["full", "sampled"])
 def test_distill_loss_against_a_computation_by_hand(world, tmp_path, loss):
     """0 while the model equals the previous one; after a change, the KL of the softmaxes over the
