@@ -337,7 +337,7 @@ def test_distill_teacher_is_the_warm_start_before_any_step(world, tmp_path):
 
 
 def test_a_warm_start_may_turn_dropout_off(world, tmp_path):
-    """The daily recipe fine-tunes with --dropout 0 a model trained with the default 0.2: the
+    """A warm start may fine-tune with --dropout 0 a model trained with the default 0.2: the
     weights carry over, training is then free of dropout noise, and the new setting is saved."""
     assert torch.load(world["M1"] / "best.pt", weights_only=True)["model_config"]["dropout"] == 0.2
     noisy = build_run(cfg(world["B"], tmp_path / "noisy", init_from=world["M1"]), 0, 1, 0.0)
