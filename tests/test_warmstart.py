@@ -342,8 +342,9 @@ def test_a_warm_start_may_turn_dropout_off(world, tmp_path):
     assert torch.load(world["M1"] / "best.pt", weights_only=True)["model_config"]["dropout"] == 0.2
     noisy = build_run(cfg(world["B"], tmp_path / "noisy", init_from=world["M1"]), 0, 1, 0.0)
     quiet = build_run(cfg(world["B"], tmp_path / "quiet", init_from=world["M1"], dropout=0.0), 0, 1, 0.0)
+    carried = quiet.model.state_dict()
     for k, v in noisy.model.state_dict().items():
-        torch.testing.assert_close(quiet.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(carried[k], v, rtol=0, atol=0, msg=k)
     batch = _batch(quiet)
     for run, same in ((noisy, False), (quiet, True)):
         run.model.train()
