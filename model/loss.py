@@ -285,6 +285,7 @@ def sdm_loss(
     generator: torch.Generator | None = None,
     target_decay: float = 1.0,
     history: History | None = None,
+    all_items: Tensor | None = None,
 ) -> Tensor:
     """Mean loss over the batch's (position, target) pairs.
 
@@ -303,6 +304,8 @@ def sdm_loss(
         target_decay: weight ratio between consecutive targets, in (0, 1].
         history: the repeat head's output for the batch (`model(batch, with_history=True)`);
             each pair's softmax then also holds the copy candidates of its position.
+        all_items: the full softmax's `model.all_item_vectors()` when the caller computed them
+            for another term of the same step (one item-tower pass for both); None computes them.
 
     Returns:
         scalar; 0 (with a graph) when the batch has no pair.
@@ -324,7 +327,8 @@ def sdm_loss(
         r = history.logits[rows, cols]  # (P, C)
         copy = (r, history.items[rows] == targets.unsqueeze(1))
     if loss == "full":
-        return full_softmax_loss(user, targets, model.all_item_vectors(), weight, row, copy)
+        items = model.all_item_vectors() if all_items is None else all_items
+        return full_softmax_loss(user, targets, items, weight, row, copy)
     if sampler is None:
         raise ValueError(f"loss {loss!r} needs a NegativeSampler")
     if sampler.probs.device != user_vecs.device:

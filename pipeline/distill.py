@@ -18,7 +18,8 @@ neighbour term are not part of the term. It is built the same way on every rank 
 again on `--resume`, from the `init_from` record of last.pt (path, step and data
 fingerprint must still match). It costs one more copy of the weights and the previous
 model's forward pass on every step; with the full softmax the previous model's item
-vectors are computed once, on the first step, since its weights never change.
+vectors are computed once, on the first step, since its weights never change, and the
+trained model's are those its loss scores (`pipeline/trainstep.py`: one pass a step).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def distill_loss(
     loss_kind: str,
     sampler: NegativeSampler,
     generator: torch.Generator | None,
+    all_items: Tensor | None = None,
 ) -> Tensor:
     """Mean KL(p_prev || p_new) over the batch's positions with a next item (module docs).
 
@@ -106,6 +108,8 @@ def distill_loss(
         user_vecs: (B, T, D) = model(batch), in training mode.
         loss_kind: "full" scores every item; otherwise `sampler` draws the candidates.
         sampler, generator: the step's negative sampler and its random source.
+        all_items: with the full softmax, `model.all_item_vectors()` of this step, shared with
+            the loss (one item-tower pass for both); None computes them.
 
     Returns:
         scalar; 0 (with a graph) when the batch has no such position.
@@ -120,7 +124,7 @@ def distill_loss(
         prev_vecs = teacher(batch)
         prev_user = prev_vecs.reshape(-1, prev_vecs.shape[-1])[positions].float()
     if loss_kind == "full":
-        new_items = model.all_item_vectors()[FIRST_ITEM:].float()
+        new_items = (model.all_item_vectors() if all_items is None else all_items)[FIRST_ITEM:].float()
         new, prev = user @ new_items.T, prev_user @ frozen_item_vectors(teacher).T
     else:
         items = sampler.sample(generator)

@@ -58,12 +58,15 @@ def train_step(
         group["lr"] = lr
     with autocast:
         user_vecs, history = net(batch, with_history=True)
+        # The full softmax and the distillation term score the same item vectors: one pass.
+        all_items = model.all_item_vectors() if loss_kind == "full" and teacher is not None else None
         loss = sdm_loss(
             model, batch, user_vecs, loss=loss_kind, sampler=sampler, generator=gen, target_decay=cfg.target_decay,
-            history=history,
+            history=history, all_items=all_items,
         )  # fmt: skip
         if teacher is not None:
-            loss = loss + cfg.distill_weight * distill_loss(model, teacher, batch, user_vecs, loss_kind, sampler, gen)
+            term = distill_loss(model, teacher, batch, user_vecs, loss_kind, sampler, gen, all_items)
+            loss = loss + cfg.distill_weight * term
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

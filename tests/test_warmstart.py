@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -411,6 +412,29 @@ def test_distill_computes_the_previous_item_vectors_once(world, tmp_path):
     assert len(calls) == 1
     assert losses[0] == losses[1] == losses[2]
     assert "_frozen_items" not in teacher.state_dict()
+
+
+def test_a_full_softmax_step_with_distill_runs_the_item_tower_once(world, tmp_path):
+    """The loss and the term score the same item vectors: one pass of the model's item tower a
+    step, and the step's loss is the one the two terms give with the tower run apart."""
+    from sdm.model.loss import sdm_loss
+    from sdm.pipeline.distill import build_teacher, distill_loss
+    from sdm.pipeline.trainstep import train_step
+
+    run = build_run(cfg(world["B"], tmp_path / "m", init_from=world["M1"], distill_weight=1.0, loss="full",
+                        dropout=0.0), 0, 1, 0.0)  # fmt: skip
+    teacher = build_teacher(run.cfg, run.model_cfg, run.manifest, run.init_from, run.device)
+    model, batch = run.model.train(), _batch(run)
+    with torch.no_grad():
+        user_vecs, history = model(batch, with_history=True)
+        apart = sdm_loss(model, batch, user_vecs, loss="full", target_decay=run.cfg.target_decay, history=history)
+        apart = apart + distill_loss(model, teacher, batch, user_vecs, "full", run.sampler, None)
+    calls, tower = [], model.all_item_vectors
+    model.all_item_vectors = lambda: calls.append(1) or tower()
+    loss, _ = train_step(model, model, run.opt, batch, run.sampler, run.gen, run.cfg, 0.0, nullcontext(), "full",
+                         teacher)  # fmt: skip
+    assert len(calls) == 1
+    assert float(loss) == pytest.approx(float(apart), rel=1e-5)
 
 
 def test_distill_keeps_the_previous_scores(world, tmp_path):
