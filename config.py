@@ -229,6 +229,8 @@ class TrainConfig(_Base):
     """With --init-from: also carry the previous run's optimizer moments (AdamW's running averages), so training continues where it stopped instead of re-settling a fresh optimizer; --no-init-moments starts a fresh one."""
     distill_weight: Annotated[float, within(0, 1000)] = 0.0
     """With --init-from: weight of a term that keeps the previous model's scores (the KL divergence from its softmax over each step's candidates), so fine-tuning on the newest day forgets less of the days before; 0 turns it off."""
+    new_item_lr_scale: Annotated[float, within(0, 1000, lo_open=True)] = 1.0
+    """With --init-from: the learning rate of the id embeddings of items new since the previous model, as a multiple of --lr; they are learnt from the newest day alone while every other weight has been trained for days; 1 trains them like the rest."""
     id_dropout: Annotated[float, within(0, 1, hi_open=True)] = 0.0
     """Probability that an item's id embedding is left out of the item tower in training, so its vector must also come from side features (cold items)."""
     cold_scale: Annotated[Optional[float], within(0, 100)] = None

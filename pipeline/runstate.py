@@ -30,6 +30,7 @@ from sdm.pipeline.checkpoint import (
     truncate_log,
 )
 from sdm.pipeline.dataset import SessionDataset
+from sdm.pipeline.newrows import NewItemPace
 from sdm.pipeline.trainstep import WeightAverage
 from sdm.pipeline.warmstart import WarmStart
 
@@ -82,6 +83,8 @@ class Run:
     """The checkpoints' `init_from` record: this run's warm start, or the one last.pt carries when resumed."""
     teacher: SDM | None = None
     """The frozen previous model of `--distill-weight` (`pipeline/distill.py`), else None."""
+    pace: NewItemPace | None = None
+    """The new items' faster learning rate of `--new-item-lr-scale` (`pipeline/newrows.py`), else None."""
 
     @property
     def total_steps(self) -> int:

@@ -49,6 +49,7 @@ from sdm.pipeline.dataset import (
 from sdm.pipeline.choices import check_choice_flags, choose_after_training, needs_choices
 from sdm.pipeline.device import pick_device
 from sdm.pipeline.distill import build_teacher, check_distill
+from sdm.pipeline.newrows import check_new_item_pace, new_item_pace
 from sdm.manifest import oov_warnings, verify_files
 from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
@@ -90,6 +91,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     check_eval_k(cfg, manifest)
     check_choice_flags(cfg, manifest)
     check_distill(cfg)
+    check_new_item_pace(cfg)
     if rank == 0:
         for line in oov_warnings({"valid": manifest["splits"]["valid"]}):
             print(f"warning: {line}; validation (best.pt, early stopping) sees the rest", file=sys.stderr)
@@ -177,6 +179,9 @@ def start(run: Run, guard: OutputDir | None) -> Progress:
         say(run, run.warm.line())
     if run.teacher is not None:
         say(run, f"[train] keeping the scores of {run.init_from['path']} (--distill-weight {run.cfg.distill_weight:g})")
+    run.pace = new_item_pace(run.cfg, run.model, run.init_from)
+    if run.pace is not None:
+        say(run, f"[train] the {run.pace.rows:,} new items' id embeddings learn at {run.pace.scale:g}x the learning rate")
     if guard is not None:
         guard.prepare(first=["best.pt"], clear=not run.cfg.resume)
     if run.world > 1:
@@ -231,7 +236,7 @@ def train_epoch(run: Run, state: Progress) -> str | None:
         lr = get_lr(state.step, cfg, run.total_steps)
         batch = move_batch(batch, run.device)
         loss, grad_norm = train_step(run.model, run.net, run.opt, batch, run.sampler, run.gen, cfg, lr, autocast,
-                                     run.loss_kind, run.teacher)  # fmt: skip
+                                     run.loss_kind, run.teacher, run.pace)  # fmt: skip
         if not torch.isfinite(grad_norm):
             return "nan"
         if run.ema is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from sdm.config import TrainConfig
 from sdm.model.loss import NegativeSampler, sdm_loss
 from sdm.model.sdm import SDM
 from sdm.pipeline.distill import distill_loss
+from sdm.pipeline.newrows import NewItemPace
 
 
 def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -46,11 +47,13 @@ def train_step(
     autocast: Any,
     loss_kind: str,
     teacher: SDM | None = None,
+    pace: NewItemPace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch already on the device; (loss, grad norm).
 
     `net` is `model` or its DDP wrapper. With a `teacher` (`--distill-weight`), the loss
-    adds `cfg.distill_weight` times `distill_loss`. The step is skipped (no update) when the
+    adds `cfg.distill_weight` times `distill_loss`; with a `pace` (`--new-item-lr-scale`), the
+    new items' rows move that many times as far. The step is skipped (no update) when the
     gradient norm is not finite; DDP has all-reduced the gradients by then, so
     every rank sees the same norm and they all stop together.
     """
@@ -71,7 +74,8 @@ def train_step(
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     if torch.isfinite(grad_norm):
-        opt.step()
+        with pace.step() if pace is not None else nullcontext():
+            opt.step()
     return loss.detach(), grad_norm
 
 

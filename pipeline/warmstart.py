@@ -55,6 +55,11 @@ def is_data_buffer(key: str) -> bool:
     return key in DATA_BUFFERS or key.startswith(DATA_BUFFER_PREFIXES)
 
 
+ITEMS_BEFORE = "items_before"
+"""The `init_from` record's entry with the previous model's item count: the first row of the
+items new since then (`pipeline/newrows.py`)."""
+
+
 @dataclass
 class WarmStart:
     """What `warm_start` did: recorded in the checkpoints and told on stderr."""
@@ -79,7 +84,8 @@ class WarmStart:
 
     def record(self, given: Path) -> dict[str, Any]:
         """The checkpoint's `init_from` entry."""
-        return {"path": str(given), "step": self.step, "data_fingerprint": self.data_fingerprint}
+        return {"path": str(given), "step": self.step, "data_fingerprint": self.data_fingerprint,
+                ITEMS_BEFORE: self.items_before}  # fmt: skip
 
     def line(self) -> str:
         """The one line `sdm train` prints at the start."""
@@ -159,9 +165,14 @@ def check_compatible(path: Path, ckpt: dict[str, Any], manifest: dict[str, Any],
                 )
 
 
+def item_id_table(model: SDM) -> torch.nn.Parameter:
+    """The item-id embedding table: one row per vocabulary item, grown by a warm start."""
+    return model.item_emb.tables[model.item_emb.names.index("item")].weight
+
+
 def _item_id_key(model: SDM) -> str:
     """State-dict name of the item-id embedding table."""
-    table = model.item_emb.tables[model.item_emb.names.index("item")].weight
+    table = item_id_table(model)
     return next(k for k, v in model.state_dict(keep_vars=True).items() if v is table)
 
 

@@ -23,6 +23,7 @@ from sdm.cli import app
 from sdm.config import TrainConfig
 from sdm.errors import ConfigError, DataError, OutputError, SdmError
 from sdm.pipeline.train import build_run, train
+from sdm.pipeline.trainstep import train_step
 from sdm.pipeline.warmstart import is_data_buffer
 
 ITEM_ID = "item_emb.tables.0.weight"
@@ -92,7 +93,8 @@ def test_warm_start_copies_every_weight_and_zeroes_new_item_rows(world, tmp_path
     carried = sum(not is_data_buffer(k) for k in new)
     w = run.warm
     assert (w.carried, w.total, w.items_before, w.items_after, w.step) == (carried, carried, 22, 32, old_step(world))
-    assert run.init_from == {"path": str(world["M1"]), "step": old_step(world), "data_fingerprint": "fp-A"}
+    assert run.init_from == {"path": str(world["M1"]), "step": old_step(world), "data_fingerprint": "fp-A",
+                             "items_before": 22}  # fmt: skip
 
 
 def test_warm_start_carries_the_optimizer_moments_grown_like_the_weights(world, tmp_path):
@@ -240,7 +242,7 @@ def test_resume_continues_last_pt_and_ignores_init_from(world, tmp_path, capsys)
     a, b = weights(full / "last.pt"), weights(half / "last.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-    record = {"path": str(world["M1"]), "step": old_step(world), "data_fingerprint": "fp-A"}
+    record = {"path": str(world["M1"]), "step": old_step(world), "data_fingerprint": "fp-A", "items_before": 22}
     assert torch.load(half / "last.pt", weights_only=True)["init_from"] == record
 
 
@@ -256,7 +258,8 @@ def test_cli_warm_start_end_to_end(world, tmp_path, loss, quiet):
             "item table grown 22 -> 32 (10 new items start from their side features), optimizer moments carried over")  # fmt: skip
     assert (line in r.stderr) != quiet, r.stderr
     best = torch.load(out / "best.pt", weights_only=True)
-    assert best["init_from"] == {"path": str(world["M1"]), "step": old_step(world), "data_fingerprint": "fp-A"}
+    assert best["init_from"] == {"path": str(world["M1"]), "step": old_step(world), "data_fingerprint": "fp-A",
+                                  "items_before": 22}  # fmt: skip
     assert best["model"][ITEM_ID].shape[0] == 32 and best["data_fingerprint"] == "fp-B"
     assert all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
 
@@ -419,7 +422,6 @@ def test_a_full_softmax_step_with_distill_runs_the_item_tower_once(world, tmp_pa
     step, and the step's loss is the one the two terms give with the tower run apart."""
     from sdm.model.loss import sdm_loss
     from sdm.pipeline.distill import build_teacher, distill_loss
-    from sdm.pipeline.trainstep import train_step
 
     run = build_run(cfg(world["B"], tmp_path / "m", init_from=world["M1"], distill_weight=1.0, loss="full",
                         dropout=0.0), 0, 1, 0.0)  # fmt: skip
@@ -509,6 +511,89 @@ def test_cli_distill_end_to_end(world, tmp_path, loss):
     assert all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
 
 
+# --- --new-item-lr-scale: the items new since the previous model learn faster --------------------------------
+
+
+def _one_step(run, pace):
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    train_step(run.model, run.net, run.opt, _batch(run), run.sampler, run.gen, run.cfg, 0.01, nullcontext(),
+               run.loss_kind, None, pace)  # fmt: skip
+    return {n: p.detach() - before[n] for n, p in run.model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_new_item_lr_scale_moves_the_new_rows_k_times_as_far(world, tmp_path, loss):
+    """One step from the same weights, moments and batch: with a scale of 10 the new items' id rows
+    move 10 times as far as with 1, and every other weight exactly as far."""
+    from sdm.pipeline.newrows import new_item_pace
+
+    moved = {}
+    for k in (1.0, 10.0):
+        run = build_run(cfg(world["B"], tmp_path / f"k{k:g}", init_from=world["M1"], new_item_lr_scale=k, loss=loss,
+                            dropout=0.0), 0, 1, 0.0)  # fmt: skip
+        pace = new_item_pace(run.cfg, run.model, run.init_from)
+        assert pace is None if k == 1 else (pace.first, pace.rows, pace.scale) == (22, 10, 10.0)
+        moved[k] = _one_step(run, pace)
+    new_rows = moved[1.0][ITEM_ID][22:]
+    assert new_rows.abs().sum(1).gt(0).sum() >= 3  # the batch moved several new items
+    torch.testing.assert_close(moved[10.0][ITEM_ID][22:], 10 * new_rows, rtol=1e-4, atol=1e-7)
+    for name, step in moved[1.0].items():
+        other = moved[10.0][name]
+        if name == ITEM_ID:
+            step, other = step[:22], other[:22]
+        torch.testing.assert_close(other, step, rtol=0, atol=0, msg=name)
+
+
+def test_new_item_lr_scale_without_init_from_is_one_line(world, tmp_path):
+    with pytest.raises(ConfigError, match="--new-item-lr-scale acts only with --init-from"):
+        build_run(cfg(world["A"], tmp_path / "m", new_item_lr_scale=10.0), 0, 1, 0.0)
+    args = ["train", "--data", str(world["A"]), "--out", str(tmp_path / "m"), "--new-item-lr-scale", "10"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "--new-item-lr-scale acts only with --init-from" in r.output
+    assert not (tmp_path / "m").exists()
+    for bad in ("0", "-1", "nan"):
+        r = CliRunner().invoke(app, [*args, "--init-from", str(world["M1"]), "--new-item-lr-scale", bad])
+        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+
+
+def test_new_item_lr_scale_resumes_exactly(world, tmp_path):
+    """3 steps, a resume (last.pt's record says which rows are new) and 3 more equal 6 steps, and
+    differ from 6 steps at scale 1; a last.pt that does not say is refused in one line."""
+    full, half, plain = tmp_path / "full", tmp_path / "half", tmp_path / "plain"
+    kw = dict(epochs=5, new_item_lr_scale=10.0)
+    train(cfg(world["B"], full, max_steps=6, init_from=world["M1"], **kw), progress=False)
+    train(cfg(world["B"], half, max_steps=3, init_from=world["M1"], **kw), progress=False)
+    assert torch.load(half / "last.pt", weights_only=True)["init_from"]["items_before"] == 22
+    train(cfg(world["B"], half, max_steps=6, resume=True, **kw), progress=False)
+    train(cfg(world["B"], plain, max_steps=6, init_from=world["M1"], epochs=5), progress=False)
+    a, b, c = weights(full / "last.pt"), weights(half / "last.pt"), weights(plain / "last.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # the new rows start at zero: at 10x the learning rate they went several times as far
+    assert a[ITEM_ID][22:].norm() > 3 * c[ITEM_ID][22:].norm() > 0
+    ckpt = torch.load(half / "last.pt", weights_only=True)
+    del ckpt["init_from"]["items_before"]  # as an older sdm wrote it
+    torch.save(ckpt, half / "last.pt")
+    with pytest.raises(SdmError, match="does not record one"):
+        train(cfg(world["B"], half, max_steps=9, resume=True, **kw), progress=False)
+    no_warm = tmp_path / "cold"
+    train(cfg(world["B"], no_warm, max_steps=2, epochs=5), progress=False)
+    with pytest.raises(SdmError, match="acts only on a run started with --init-from"):
+        train(cfg(world["B"], no_warm, max_steps=4, resume=True, **kw), progress=False)
+
+
+def test_cli_new_item_lr_scale_says_what_it_does(world, tmp_path):
+    out = tmp_path / "M2"
+    args = ["train", "--data", str(world["B"]), "--out", str(out), "--init-from", str(world["M1"]),
+            "--new-item-lr-scale", "10", "--epochs", "1", "--batch-size", "8", "--embedding-dim", "16",
+            "--num-negatives", "8"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "[train] the 10 new items' id embeddings learn at 10x the learning rate" in r.stderr
+    assert json.loads((out / "config.json").read_text())["new_item_lr_scale"] == 10.0
+
+
 DDP_DISTILL_SCRIPT = """
 import sys, torch
 from sdm.config import TrainConfig
@@ -517,7 +602,7 @@ from sdm.pipeline.stepplan import setup_distributed
 from sdm.pipeline.train import build_run, train
 data, out, init, dump = sys.argv[1:]
 cfg = TrainConfig(data=data, out=out, init_from=init, batch_size=4, embedding_dim=16, num_negatives=8, epochs=1,
-                  device="cpu", distill_weight=1.0)
+                  device="cpu", distill_weight=1.0, new_item_lr_scale=10.0)
 rank, world = setup_distributed("cpu")
 run = build_run(cfg, rank, world, 0.0)
 torch.save(build_teacher(cfg, run.model_cfg, run.manifest, run.init_from, run.device).state_dict(), f"{dump}/t{rank}.pt")
@@ -529,11 +614,13 @@ train(cfg, progress=False)
 
 
 def test_torchrun_two_processes_distill_from_the_same_previous_model(world, tmp_path):
-    """Every rank builds rank 0's warm-started weights as the previous model, and the run trains."""
+    """Every rank builds rank 0's warm-started weights as the previous model, and the run trains (with
+    the new items' faster learning rate too)."""
     out = _torchrun(DDP_DISTILL_SCRIPT, world, tmp_path)
     t0, t1, m0 = (torch.load(tmp_path / f, weights_only=True) for f in ("t0.pt", "t1.pt", "model0.pt"))
     for k in m0:
         torch.testing.assert_close(t0[k], m0[k], rtol=0, atol=0, msg=k)
         torch.testing.assert_close(t1[k], m0[k], rtol=0, atol=0, msg=k)
-    assert json.loads((out / "config.json").read_text())["distill_weight"] == 1.0
+    resolved = json.loads((out / "config.json").read_text())
+    assert (resolved["distill_weight"], resolved["new_item_lr_scale"]) == (1.0, 10.0)
     assert (out / "best.pt").is_file()
