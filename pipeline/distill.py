@@ -7,8 +7,10 @@ away from what it knew of the days before. With a weight w > 0 every training st
 
 to the loss (learning without forgetting, Li and Hoiem 2016). p_prev and p_new are the
 softmax of the previous model's and this model's scores u . v_j over the step's
-candidates: every item with the full softmax (padding and OOV left out), otherwise the
-items sampled for the step, log-Q corrected as the sampled softmax's logits are. The
+candidates: every item with the full softmax (padding and OOV left out), otherwise a
+sample of items the term draws for the step as the sampled softmax draws its negatives
+(its own draw, from the step's random source), log-Q corrected as the sampled softmax's
+logits are. The
 positions are those with a next item in the vocabulary, as the loss's.
 
 The previous model is the warm start itself before any step: `--init-from`'s weights
