@@ -459,13 +459,15 @@ def test_distill_keeps_the_previous_scores(world, tmp_path):
     assert 0 < kl[100.0] < 0.5 * kl[0.0], kl
 
 
-def test_distill_weight_without_init_from_is_one_line(world, tmp_path):
-    with pytest.raises(ConfigError, match="--distill-weight acts only with --init-from"):
-        build_run(cfg(world["A"], tmp_path / "m", distill_weight=1.0), 0, 1, 0.0)
-    args = ["train", "--data", str(world["A"]), "--out", str(tmp_path / "m"), "--distill-weight", "1"]
+@pytest.mark.parametrize("flag", ["--distill-weight", "--new-item-lr-scale"])
+def test_a_warm_start_flag_without_init_from_is_one_line(world, tmp_path, flag):
+    field = flag[2:].replace("-", "_")
+    with pytest.raises(ConfigError, match=f"{flag} acts only with --init-from"):
+        build_run(cfg(world["A"], tmp_path / "m", **{field: 10.0}), 0, 1, 0.0)
+    args = ["train", "--data", str(world["A"]), "--out", str(tmp_path / "m"), flag, "10"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
-    assert "--distill-weight acts only with --init-from" in r.output
+    assert f"{flag} acts only with --init-from" in r.output
     assert not (tmp_path / "m").exists()
 
 
@@ -544,17 +546,12 @@ def test_new_item_lr_scale_moves_the_new_rows_k_times_as_far(world, tmp_path, lo
         torch.testing.assert_close(other, step, rtol=0, atol=0, msg=name)
 
 
-def test_new_item_lr_scale_without_init_from_is_one_line(world, tmp_path):
-    with pytest.raises(ConfigError, match="--new-item-lr-scale acts only with --init-from"):
-        build_run(cfg(world["A"], tmp_path / "m", new_item_lr_scale=10.0), 0, 1, 0.0)
-    args = ["train", "--data", str(world["A"]), "--out", str(tmp_path / "m"), "--new-item-lr-scale", "10"]
-    r = CliRunner().invoke(app, args)
-    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
-    assert "--new-item-lr-scale acts only with --init-from" in r.output
-    assert not (tmp_path / "m").exists()
+def test_a_new_item_lr_scale_out_of_range_is_refused(world, tmp_path):
+    args = ["train", "--data", str(world["B"]), "--out", str(tmp_path / "m"), "--init-from", str(world["M1"])]
     for bad in ("0", "-1", "nan"):
-        r = CliRunner().invoke(app, [*args, "--init-from", str(world["M1"]), "--new-item-lr-scale", bad])
-        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+        r = CliRunner().invoke(app, [*args, "--new-item-lr-scale", bad])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert r.output.startswith("error: --new-item-lr-scale: invalid") and "(0, 1000]" in r.output
 
 
 def test_new_item_lr_scale_resumes_exactly(world, tmp_path):
