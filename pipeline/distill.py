@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdm.config import TrainConfig
-from sdm.errors import ConfigError, SdmError
+from sdm.errors import SdmError
 from sdm.model.embeddings import OOV
 from sdm.model.loss import NegativeSampler, target_pairs
 from sdm.model.sdm import SDM, ModelConfig
@@ -43,16 +43,6 @@ from sdm.pipeline.warmstart import warm_start
 
 FIRST_ITEM = OOV + 1
 """Index of the first real item (after padding and out-of-vocabulary)."""
-
-
-def check_distill(cfg: TrainConfig) -> None:
-    """Refuse a weight that would act on nothing: a fresh run without `--init-from`.
-
-    Raises:
-        ConfigError: `distill_weight` > 0 without `init_from` on a fresh run.
-    """
-    if cfg.distill_weight > 0 and cfg.init_from is None and not cfg.resume:
-        raise ConfigError("--distill-weight acts only with --init-from (the model whose scores it keeps)")
 
 
 def build_teacher(

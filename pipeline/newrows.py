@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from sdm.config import TrainConfig
-from sdm.errors import ConfigError, SdmError
+from sdm.errors import SdmError
 from sdm.model.sdm import SDM
 from sdm.pipeline.warmstart import ITEMS_BEFORE, item_id_table
 
@@ -48,16 +48,6 @@ class NewItemPace:
         with torch.no_grad():
             moved = self.table[self.first :]
             moved.copy_(before.add_(moved - before, alpha=self.scale))
-
-
-def check_new_item_pace(cfg: TrainConfig) -> None:
-    """Refuse a scale that would act on nothing: a fresh run without `--init-from`.
-
-    Raises:
-        ConfigError: `new_item_lr_scale` other than 1 without `init_from` on a fresh run.
-    """
-    if cfg.new_item_lr_scale != 1 and cfg.init_from is None and not cfg.resume:
-        raise ConfigError("--new-item-lr-scale acts only with --init-from (the items new since the model it names)")
 
 
 def new_item_pace(cfg: TrainConfig, model: SDM, record: dict[str, Any] | None) -> NewItemPace | None:

@@ -48,8 +48,8 @@ from sdm.pipeline.dataset import (
 )
 from sdm.pipeline.choices import check_choice_flags, choose_after_training, needs_choices
 from sdm.pipeline.device import pick_device
-from sdm.pipeline.distill import build_teacher, check_distill
-from sdm.pipeline.newrows import check_new_item_pace, new_item_pace
+from sdm.pipeline.distill import build_teacher
+from sdm.pipeline.newrows import new_item_pace
 from sdm.manifest import oov_warnings, verify_files
 from sdm.pipeline.trainlog import TrainLog
 from sdm.outputs import OutputDir, atomic_path
@@ -59,7 +59,7 @@ from sdm.pipeline.runstate import Progress, Run, claim_out, resume, save
 from sdm.pipeline.stepplan import plan_epoch_steps, setup_distributed, trainable_sessions
 from sdm.pipeline.tables import load_item_counts
 from sdm.pipeline.trainstep import WeightAverage, get_lr, train_step
-from sdm.pipeline.warmstart import WarmStart, load_moments, warm_start
+from sdm.pipeline.warmstart import WarmStart, check_warm_only, load_moments, warm_start
 
 
 # -- building the run ------------------------------------------------------------------
@@ -90,8 +90,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
         verify_files(cfg.data, manifest)
     check_eval_k(cfg, manifest)
     check_choice_flags(cfg, manifest)
-    check_distill(cfg)
-    check_new_item_pace(cfg)
+    check_warm_only(cfg)
     if rank == 0:
         for line in oov_warnings({"valid": manifest["splits"]["valid"]}):
             print(f"warning: {line}; validation (best.pt, early stopping) sees the rest", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from sdm.config import TrainConfig
 from sdm.errors import ConfigError, DataError
 from sdm.model.sdm import SDM, ModelConfig
 from sdm.pipeline.checkpoint import MODEL_KEYS, normalised_model_config, read_checkpoint
@@ -53,6 +54,27 @@ DATA_BUFFER_PREFIXES = ("item_values.", "user_values.", "neighbours.")
 def is_data_buffer(key: str) -> bool:
     """Whether state-dict entry `key` is a data buffer (taken from the new data, never carried)."""
     return key in DATA_BUFFERS or key.startswith(DATA_BUFFER_PREFIXES)
+
+
+WARM_ONLY = {
+    "distill_weight": "the model whose scores it keeps",
+    "new_item_lr_scale": "the items new since the model it names",
+}
+"""Training settings that act on a warm start only, and what of the previous model each needs."""
+
+
+def check_warm_only(cfg: TrainConfig) -> None:
+    """Refuse a `WARM_ONLY` setting changed from its default on a fresh run without `--init-from`:
+    it would act on nothing (a resumed run takes the warm start its last.pt records).
+
+    Raises:
+        ConfigError: naming the flag and what it needs.
+    """
+    if cfg.init_from is not None or cfg.resume:
+        return
+    for name, needs in WARM_ONLY.items():
+        if getattr(cfg, name) != TrainConfig.model_fields[name].default:
+            raise ConfigError(f"--{name.replace('_', '-')} acts only with --init-from ({needs})")
 
 
 ITEMS_BEFORE = "items_before"
