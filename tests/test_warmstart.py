@@ -572,8 +572,10 @@ def test_new_item_lr_scale_resumes_exactly(world, tmp_path):
     ckpt = torch.load(half / "last.pt", weights_only=True)
     del ckpt["init_from"]["items_before"]  # as an older sdm wrote it
     torch.save(ckpt, half / "last.pt")
+    before = sorted(p.name for p in half.iterdir())
     with pytest.raises(SdmError, match="does not record one"):
         train(cfg(world["B"], half, max_steps=9, resume=True, **kw), progress=False)
+    assert sorted(p.name for p in half.iterdir()) == before
     no_warm = tmp_path / "cold"
     train(cfg(world["B"], no_warm, max_steps=2, epochs=5), progress=False)
     with pytest.raises(SdmError, match="acts only on a run started with --init-from"):
