@@ -471,6 +471,19 @@ def test_a_warm_start_flag_without_init_from_is_one_line(world, tmp_path, flag):
     assert not (tmp_path / "m").exists()
 
 
+def _refused_resumes(world, tmp_path, run_dir, kw, match, cold_match):
+    """Resuming `run_dir` with `kw` is refused (`match`) and leaves its files as they were; so is
+    resuming, with `kw`, a run that was not warm-started (`cold_match`)."""
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(SdmError, match=match):
+        train(cfg(world["B"], run_dir, max_steps=9, resume=True, **kw), progress=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    no_warm = tmp_path / "cold"
+    train(cfg(world["B"], no_warm, max_steps=2, epochs=5), progress=False)
+    with pytest.raises(SdmError, match=cold_match):
+        train(cfg(world["B"], no_warm, max_steps=4, resume=True, **kw), progress=False)
+
+
 def test_distill_resume_is_exact_and_refuses_a_changed_previous_model(world, tmp_path):
     """3 steps, a resume (without --init-from: last.pt's record names the previous model) and 3 more equal 6
     steps; once the previous model is replaced, the resume is refused in one line and nothing is removed."""
@@ -489,14 +502,8 @@ def test_distill_resume_is_exact_and_refuses_a_changed_previous_model(world, tmp
     ckpt = torch.load(prev / "best.pt", weights_only=True)
     ckpt["step"] += 1
     torch.save(ckpt, prev / "best.pt")
-    before = sorted(p.name for p in half.iterdir())
-    with pytest.raises(SdmError, match="no longer the model this run started from"):
-        train(cfg(world["B"], half, max_steps=9, resume=True, **kw), progress=False)
-    assert sorted(p.name for p in half.iterdir()) == before
-    no_warm = tmp_path / "cold"
-    train(cfg(world["B"], no_warm, max_steps=2, epochs=5), progress=False)
-    with pytest.raises(SdmError, match="was not started with --init-from"):
-        train(cfg(world["B"], no_warm, max_steps=4, resume=True, **kw), progress=False)
+    _refused_resumes(world, tmp_path, half, kw, "no longer the model this run started from",
+                     "was not started with --init-from")  # fmt: skip
 
 
 @pytest.mark.parametrize("loss", ["full", "sampled", "inbatch"])
@@ -572,14 +579,7 @@ def test_new_item_lr_scale_resumes_exactly(world, tmp_path):
     ckpt = torch.load(half / "last.pt", weights_only=True)
     del ckpt["init_from"]["items_before"]  # as an older sdm wrote it
     torch.save(ckpt, half / "last.pt")
-    before = sorted(p.name for p in half.iterdir())
-    with pytest.raises(SdmError, match="does not record one"):
-        train(cfg(world["B"], half, max_steps=9, resume=True, **kw), progress=False)
-    assert sorted(p.name for p in half.iterdir()) == before
-    no_warm = tmp_path / "cold"
-    train(cfg(world["B"], no_warm, max_steps=2, epochs=5), progress=False)
-    with pytest.raises(SdmError, match="acts only on a run started with --init-from"):
-        train(cfg(world["B"], no_warm, max_steps=4, resume=True, **kw), progress=False)
+    _refused_resumes(world, tmp_path, half, kw, "does not record one", "acts only on a run started with --init-from")
 
 
 def test_cli_new_item_lr_scale_says_what_it_does(world, tmp_path):
