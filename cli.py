@@ -88,11 +88,23 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+def _path_value(text: str) -> Path:
+    """A path argument or flag: an empty one is refused, not read as Path('') == the current directory."""
+    if not str(text).strip():
+        raise typer.BadParameter("must not be empty (write '.' for the current directory)")
+    return Path(text)
+
+
 ConfigOpt = Annotated[
     Optional[Path],
-    typer.Option("--config", help="TOML file; its section for this command ([sessionize], [train], ...) gives the same keys as the flags."),
+    typer.Option(
+        "--config",
+        help="TOML file; its section for this command ([sessionize], [train], ...) gives the same keys as the flags.",
+        parser=_path_value,
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
 
 
 def _flag_type(annotation: Any) -> tuple[Any, str]:
@@ -129,7 +141,9 @@ def _config_options(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Param
         help_text = " ".join(filter(None, [field.description or "", f"({hint})" if hint else ""]))
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{flag[2:]}"] if typ is bool else [flag]
-        option = typer.Option(*decls, help=f"{help_text} (default: {shown})".strip(), show_default=False)
+        option = typer.Option(
+            *decls, help=f"{help_text} (default: {shown})".strip(), show_default=False, parser=_path_value if typ is Path else None
+        )
         params.append(
             inspect.Parameter(
                 name,
@@ -178,7 +192,7 @@ def _with_config_flags(cls: type, section: str, skip: tuple[str, ...] = ()) -> C
 def _existing_file(help_text: str) -> Any:
     # Existence is checked by the library, so a missing file is a one-line error with
     # exit code 1 like every other bad input (typer's own check exits with 2).
-    return typer.Argument(help=help_text)
+    return typer.Argument(help=help_text, parser=_path_value)
 
 
 @app.command()
@@ -216,7 +230,7 @@ def sessionize(
 
 @app.command()
 def check(
-    data: Annotated[Path, typer.Argument(metavar="DIR", help="A shard directory written by `sdm sessionize`.")],
+    data: Annotated[Path, typer.Argument(metavar="DIR", help="A shard directory written by `sdm sessionize`.", parser=_path_value)],
 ) -> None:
     """Verify a shard directory: manifest structure, every file's size and sha256 against the manifest."""
     from sdm.outputs import describe, written_by
@@ -290,7 +304,7 @@ def recommend(
 
 @app.command("inspect")
 def inspect_dir(
-    path: Annotated[Path, typer.Argument(metavar="DIR", help="A shard, model or export directory.")],
+    path: Annotated[Path, typer.Argument(metavar="DIR", help="A shard, model or export directory.", parser=_path_value)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """What a shard directory, model directory or export directory holds."""
@@ -321,10 +335,10 @@ def synth(cfg: SynthConfig, config: ConfigOpt = None, quiet: QuietOpt = False) -
 @app.command()
 def convert(
     fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="taobao, diginetica, yoochoose, movielens, rees46 or otto.")],
-    raw: Annotated[list[Path], typer.Argument(help="Raw files of the dataset (or directories holding them).")],
+    raw: Annotated[list[Path], typer.Argument(help="Raw files of the dataset (or directories holding them).", parser=_path_value)],
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", help="Log to write (default runs/FORMAT/logs.parquet); items/users tables go next to it."),
+        typer.Option("--out", help="Log to write (default runs/FORMAT/logs.parquet); items/users tables go next to it.", parser=_path_value),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
 ) -> None:
@@ -345,7 +359,7 @@ def convert(
 @app.command()
 def download(
     name: Annotated[str, typer.Argument(help="Dataset name (see `sdm download --list`).")] = "",
-    out: Annotated[Path, typer.Option("--out", help="Directory to download and extract into.")] = Path("runs/downloads"),
+    out: Annotated[Path, typer.Option("--out", help="Directory to download and extract into.", parser=_path_value)] = Path("runs/downloads"),
     list_: Annotated[bool, typer.Option("--list", help="List the datasets that can be downloaded.")] = False,
     quiet: QuietOpt = False,
 ) -> None:

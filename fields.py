@@ -149,6 +149,13 @@ def _path(v: Path | None) -> Path | None:
     return v
 
 
+def _given_path(v: Any) -> Any:
+    """An empty path is refused before it becomes Path('') == Path('.'), the current directory."""
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("must not be empty (write '.' for the current directory)")
+    return v
+
+
 def _names(v: list[str] | None) -> list[str] | None:
     """A list of column names: each valid, none twice."""
     if v is None:
@@ -206,8 +213,8 @@ def nonempty(v: list[Any] | None) -> list[Any] | None:
 
 Name = Annotated[str, AfterValidator(check_name)]
 """A column name: not empty, no NUL or line break."""
-PathField = Annotated[Path, AfterValidator(_path)]
-OptPath = Annotated[Optional[Path], AfterValidator(_path)]
+PathField = Annotated[Path, BeforeValidator(_given_path), AfterValidator(_path)]
+OptPath = Annotated[Optional[Path], BeforeValidator(_given_path), AfterValidator(_path)]
 Names = Annotated[list[Name], BeforeValidator(split_list), AfterValidator(_names)]
 """Column names, comma-separated on the command line; each valid, none twice."""
 OptNames = Annotated[Optional[list[Name]], BeforeValidator(split_list), AfterValidator(_names)]

@@ -50,6 +50,8 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
             directory (naming the file or key).
     """
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise DataError(f"{data_dir}: a file, not a data directory (the --out of `sdm sessionize`)")
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data directory not found (run `sdm sessionize` first)")
     path = data_dir / MANIFEST
@@ -137,7 +139,8 @@ def _plain_relative(rel: str) -> bool:
 
 
 def _check_paths(path: Path, m: dict[str, Any]) -> None:
-    """Every shard path is a plain path inside the directory, under its split's folder, and listed once."""
+    """Every shard path is a plain path inside the directory, under its split's folder, and listed once;
+    every file path, and the catalogue's, a plain path inside the directory."""
     seen: set[str] = set()
     for name in SPLITS:
         for s in m["splits"][name]["shards"]:
@@ -150,6 +153,13 @@ def _check_paths(path: Path, m: dict[str, Any]) -> None:
     for rel in m.get("files") or {}:
         if not _plain_relative(rel) or rel == MANIFEST:
             raise _bad(path, f"file path {rel!r} is not a file inside the directory")
+    catalogue = m.get("catalogue")
+    if catalogue is not None:  # read by evaluate / export / recommend --candidates catalogue
+        rel = catalogue.get("path") if isinstance(catalogue, dict) else None
+        if not isinstance(rel, str) or not _plain_relative(rel) or rel == MANIFEST:
+            raise _bad(path, f"catalogue path {rel!r} is not a file inside the directory")
+        if m.get("files") and rel not in m["files"]:
+            raise _bad(path, f"catalogue {rel!r} has no entry in its files table")
 
 
 def _check_settings(path: Path, m: dict[str, Any]) -> None:

@@ -47,9 +47,9 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from sdm.errors import DataError
+from sdm.errors import DataError, first_line
 from sdm.pipeline.dataset import SessionDataset
-from sdm.pipeline.tables import check_values, pad_values
+from sdm.pipeline.tables import check_values, pad_values, raw_item_ids
 
 ALWAYS = np.iinfo(np.int64).min
 """`known_from` (us) of an item known at all times (null in the file)."""
@@ -106,9 +106,10 @@ def read_catalogue(data_dir: Path, manifest: dict[str, Any]) -> Catalogue:
 
     Raises:
         DataError (one line): no catalogue in the manifest, an unreadable file, other
-            columns or types than the format's, nulls, repeated items or hashes, a
-            feature index (or one in a value list) outside its vocabulary, a row count the
-            manifest does not record.
+            columns or types than the format's, nulls, repeated items or hashes, ids of
+            another kind than the item vocabulary's raw ids or an id the vocabulary holds
+            (a cold item is one training never saw), a feature index (or one in a value
+            list) outside its vocabulary, a row count the manifest does not record.
     """
     entry = manifest.get("catalogue")
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
@@ -131,6 +132,7 @@ def read_catalogue(data_dir: Path, manifest: dict[str, Any]) -> Catalogue:
             raise DataError(f"{path}: column {name!r} has nulls")
     hashes = table.column("oov_hash").to_numpy().copy()
     _check_unique(path, table, hashes)
+    _check_outside_vocabulary(path, table.column("item_id").combine_chunks(), raw_item_ids(data_dir, int(manifest["num_items"])))
     known = table.column("known_from").cast(pa.int64()).fill_null(ALWAYS).to_numpy().copy()
     encoded = {f: table.column(f).to_numpy().astype(np.int64) for f in features}
     for f, values in encoded.items():
@@ -168,6 +170,26 @@ def _check_schema(path: Path, schema: pa.Schema, features: list[str], multi: lis
     if wrong:
         raise DataError(f"{path}: feature column(s) {', '.join(wrong)} are not int32")
     return listed
+
+
+def _check_outside_vocabulary(path: Path, ids: pa.Array, vocab: pa.Array) -> None:
+    """The catalogue's ids are of the vocabulary's kind (integers or strings) and none is in it:
+    an item of both would be recommended twice, once warm and once cold."""
+    def kind(t: pa.DataType) -> str:
+        return "integers" if pa.types.is_integer(t) else "strings" if pa.types.is_string(t) or pa.types.is_large_string(t) else str(t)
+
+    if len(ids) and len(vocab) and kind(ids.type) != kind(vocab.type):
+        raise DataError(f"{path}: item_id holds {kind(ids.type)} ({ids.type}), the item vocabulary's raw ids {kind(vocab.type)} ({vocab.type})")
+    if not len(ids) or not len(vocab):
+        return
+    common = pa.int64() if pa.types.is_integer(vocab.type) else pa.large_string()
+    try:
+        inside = pc.is_in(ids.cast(common), value_set=vocab.cast(common))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"{path}: item_id does not compare with the item vocabulary's raw ids ({first_line(exc)})") from None
+    if pc.any(inside).as_py():
+        first = ids.filter(inside)[0].as_py()
+        raise DataError(f"{path}: item {first!r} is in the item vocabulary; a cold item is one training never saw")
 
 
 def _check_unique(path: Path, table: pa.Table, hashes: np.ndarray) -> None:

@@ -73,7 +73,8 @@ class Run:
     window: dict[str, float] = field(default_factory=dict)
     talk: bool = False
     """Print one line per validation, and the resume / interrupt lines, on stderr (rank 0, not --quiet)."""
-    last_loss: float = float("nan")
+    last_loss: torch.Tensor | float = float("nan")
+    """The loss of the newest step (the epoch line's), a tensor so that no step waits on the device."""
     last_valid: dict[str, Any] = field(default_factory=dict)
     saved_step: int | None = None
     """Step of the newest last.pt this run wrote (None: none yet)."""

@@ -4,8 +4,8 @@
 and `load_user_values`: the value lists of multi-valued item features (items.parquet) and
 the value sets of multi-valued user features (users.parquet), checked by `check_values` and
 padded by `pad_values` (which catalogue.parquet's value lists go through too,
-`pipeline/catalogue.py`). `load_item_counts`: each item's training-event count
-(vocab/item.parquet).
+`pipeline/catalogue.py`). `load_item_counts`: each item's training-event count, and
+`raw_item_ids`: each item's raw id (vocab/item.parquet).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from sdm.errors import DataError
+from sdm.errors import DataError, first_line
 from sdm.model.embeddings import MAX_VALUES
+from sdm.names import vocab_file
 from sdm.pipeline.listcolumns import gather, list_parts
 
 
@@ -160,3 +161,22 @@ def load_item_counts(data_dir: Path, manifest: dict[str, Any]) -> torch.Tensor:
     counts = np.zeros(int(manifest["num_items"]), dtype=np.float64)
     counts[vocab.column("index").to_numpy()] = vocab.column("count").to_numpy()
     return torch.from_numpy(counts)
+
+
+def raw_item_ids(data_dir: Path, num_items: int) -> pa.Array:
+    """Raw id of every item index 2..V-1, in index order, from `vocab/item.parquet`.
+
+    Raises:
+        DataError: a missing or damaged vocabulary, or one not covering exactly the indices 2..V-1.
+    """
+    path = Path(data_dir) / vocab_file("item")
+    if not path.is_file():
+        raise DataError(f"{path}: item vocabulary not found")
+    try:
+        vocab = pq.read_table(path, columns=["raw", "index"]).sort_by("index")
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        raise DataError(f"{path}: not a readable item vocabulary ({first_line(exc)})") from None
+    idx = vocab.column("index").to_numpy()
+    if not np.array_equal(idx, np.arange(2, num_items)):
+        raise DataError(f"{path}: indices do not cover 2..{num_items - 1} exactly (manifest num_items {num_items})")
+    return vocab.column("raw").combine_chunks()

@@ -181,6 +181,9 @@ def start(run: Run, guard: OutputDir | None) -> Progress:
     run.pace = new_item_pace(run.cfg, run.model, run.init_from)
     if run.pace is not None:
         say(run, f"[train] the {run.pace.rows:,} new items' id embeddings learn at {run.pace.scale:g}x the learning rate")
+    elif run.cfg.new_item_lr_scale != 1 and run.rank == 0:  # a day without new items: the daily command still runs
+        print(f"note: --new-item-lr-scale {run.cfg.new_item_lr_scale:g}: no item is new since the previous model; "
+              "every id embedding learns at the learning rate", file=sys.stderr)  # fmt: skip
     if guard is not None:
         guard.prepare(first=["best.pt"], clear=not run.cfg.resume)
     if run.world > 1:
@@ -258,7 +261,7 @@ def _report(run: Run, state: Progress, batch: dict[str, Any], loss: torch.Tensor
     w = run.window
     w["samples"] = w.get("samples", 0) + int((batch["seq_len"] - 1).clamp(min=0).sum())
     w.setdefault("t", time.time())
-    run.last_loss = float(loss.item()) if state.step % run.cfg.log_every == 0 else run.last_loss
+    run.last_loss = loss.detach()  # read (a device sync) by the epoch line only
     if state.step % run.cfg.log_every == 0:
         sps = w["samples"] * run.world / max(time.time() - w["t"], 1e-9)
         _log(run, {"step": state.step, "epoch": state.epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps})
@@ -350,7 +353,7 @@ def say_validated(run: Run, state: Progress, value: float) -> None:
     mark = " (new best)" if value >= state.best and state.bad_epochs == 0 else f" (best {state.best:.4f})"
     say(
         run,
-        f"[train] epoch {state.epoch}/{run.cfg.epochs} step {state.step:,} loss {run.last_loss:.4f} "
+        f"[train] epoch {state.epoch}/{run.cfg.epochs} step {state.step:,} loss {float(run.last_loss):.4f} "
         f"valid {metrics} on {v.get('queries', 0):,} queries{mark} {time.time() - run.t0:.1f}s",
     )
 

@@ -288,10 +288,12 @@ class Recommender:
             of each multi-valued feature; one row per item.
 
         Raises:
-            ConfigError: no item column, a null or repeated id, an id that does not cast to the
-                export's id type, or an id the Recommender already knows (warm, cold, or added
-                before: ids are never replaced), naming it; a multi-valued feature that is not
-                a string column.
+            ConfigError: no item column, ids of another kind than the export's (strings for
+                integer ids, floats, booleans: never cast), a null or repeated id, or an id the
+                Recommender already knows (warm, cold, or added before: ids are never replaced),
+                naming it; a column that is no side feature of the data (a misspelt one is
+                not taken as unknown), a feature column of another kind than its vocabulary's
+                raw values, a multi-valued feature that is not a string column.
             DataError: the weights file is missing or damaged.
         """
         if self._ids is None:

@@ -78,6 +78,7 @@ from sdm.names import vocab_file
 from sdm.outputs import OutputDir, atomic_path, write_json, write_text
 from sdm.pipeline.catalogue import ALWAYS, Catalogue, cold_item_vectors, read_catalogue
 from sdm.pipeline.dataset import read_manifest, user_column
+from sdm.pipeline.tables import raw_item_ids
 from sdm.manifest import verify_files
 from sdm.serve.lookups import LOOKUPS
 from sdm.serve.user_tower import EXPORT_VERSION, UserTower, export_onnx, export_user_tower, write_tower_weights, writing
@@ -133,25 +134,6 @@ def item_vectors(model: SDM) -> Tensor:
             ids = torch.arange(start, min(start + ITEM_CHUNK, num_items), device=model.item_table.device)
             out.append(model.item_vectors(ids).float().cpu())
     return torch.cat(out)
-
-
-def raw_item_ids(data_dir: Path, num_items: int) -> pa.Array:
-    """Raw id of every item index 2..V-1, in index order, from `vocab/item.parquet`.
-
-    Raises:
-        DataError: a missing or damaged vocabulary, or one not covering exactly the indices 2..V-1.
-    """
-    path = Path(data_dir) / vocab_file("item")
-    if not path.is_file():
-        raise DataError(f"{path}: item vocabulary not found")
-    try:
-        vocab = pq.read_table(path, columns=["raw", "index"]).sort_by("index")
-    except (pa.ArrowException, OSError, KeyError) as exc:
-        raise DataError(f"{path}: not a readable item vocabulary ({first_line(exc)})") from None
-    idx = vocab.column("index").to_numpy()
-    if not np.array_equal(idx, np.arange(2, num_items)):
-        raise DataError(f"{path}: indices do not cover 2..{num_items - 1} exactly (manifest num_items {num_items})")
-    return vocab.column("raw").combine_chunks()
 
 
 def read_cold(data_dir: Path, manifest: dict[str, Any], raw_type: pa.DataType) -> Catalogue | None:

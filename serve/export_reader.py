@@ -156,6 +156,9 @@ def read_item_vectors(path: Path, d: int, num_items: int) -> tuple[np.ndarray, n
     ids = pl.Series("item_id", table.column("item_id").combine_chunks())
     if ids.null_count():
         raise DataError(f"{path}: column 'item_id' has nulls")
+    twice = ids.filter(ids.is_duplicated())
+    if len(twice):  # one item twice would be recommended twice
+        raise DataError(f"{path}: item {twice[0]!r} occurs twice in column 'item_id'")
     raw = np.empty(n + 2, dtype=object)
     raw[2:] = ids.to_list()
     return vecs, raw, ids, known
@@ -167,7 +170,7 @@ def _cold_rows(path: Path, table: pa.Table, warm: int) -> np.ndarray:
     Raises:
         DataError: fewer rows than the vocabulary, rows beyond it without a `cold` column, a
             `cold` column that is not bool, has nulls or is not false then true, or a
-            `known_from` that is missing, not a timestamp, or set on a warm row.
+            `known_from` that is missing, not a UTC timestamp, or set on a warm row.
     """
     n = table.num_rows
     if n < warm or ("cold" not in table.column_names and n != warm):
@@ -183,7 +186,7 @@ def _cold_rows(path: Path, table: pa.Table, warm: int) -> np.ndarray:
     if "known_from" not in table.column_names:
         raise DataError(f"{path}: a 'cold' column without 'known_from'")
     known = table.column("known_from")
-    if not pa.types.is_timestamp(known.type):
+    if not pa.types.is_timestamp(known.type) or known.type.tz not in ("UTC", "+00:00", "Etc/UTC"):
         raise DataError(f"{path}: column 'known_from' holds {known.type}, expected timestamp[us, tz=UTC]")
     if known.slice(0, warm).null_count != warm:
         raise DataError(f"{path}: column 'known_from' is set for an item of the vocabulary (null expected)")

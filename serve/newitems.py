@@ -15,10 +15,12 @@ import polars as pl
 
 from sdm.errors import ConfigError, first_line
 from sdm.serve.lookups import Lookups
+from sdm.sessionize import numeric
 from sdm.sessionize.columns import feat_col, values_col
 from sdm.sessionize.encode import encode, encode_values, fill_empty
 from sdm.sessionize.io import polars_errors
 from sdm.sessionize.normalise import split_values
+from sdm.sessionize.previous import kind
 
 
 class NewItems(NamedTuple):
@@ -45,11 +47,14 @@ def read_new_items(frame: pl.DataFrame, lookups: Lookups, item_col: str, id_type
     """Encode the rows of `frame` (the item column and raw side features) for the item tower.
 
     Raises:
-        ConfigError: no item column, a null or repeated id, an id that does not cast to
-            `id_type` or is in `known` (naming it), a multi-valued feature that is not a
+        ConfigError: no item column, ids of another kind than `id_type` (strings for
+            integer ids, floats, booleans), a null or repeated id, an id in `known` (naming
+            it), a column that is no side feature of the data, a feature column of another
+            kind than its vocabulary's raw values, a multi-valued feature that is not a
             string column, or a value a vocabulary cannot look up.
     """
     ids = _new_ids(frame, item_col, id_type, known)
+    _check_features(frame, lookups, item_col)
     split = _split_values(frame, lookups)
     return NewItems(ids, _encode_side(split, lookups, item_col), _encode_values(split, lookups))
 
@@ -61,10 +66,13 @@ def _new_ids(frame: pl.DataFrame, item_col: str, id_type: pl.DataType, known: se
     given = frame.get_column(item_col)
     if given.null_count():
         raise ConfigError(f"items: column {item_col!r} has nulls")
+    wrong = f"items: column {item_col!r} holds {given.dtype}, not the export's item ids ({id_type})"
+    if kind(given.dtype) != kind(id_type):  # a strict cast still turns 5001.7 into 5001 and True into 'true'
+        raise ConfigError(wrong)
     try:
         ids = given.cast(id_type, strict=True).alias(item_col)
     except (pl.exceptions.PolarsError, pl.exceptions.PanicException):
-        raise ConfigError(f"items: column {item_col!r} holds {given.dtype}, not the export's item ids ({id_type})") from None
+        raise ConfigError(wrong) from None
     twice = ids.filter(ids.is_duplicated())
     if len(twice):
         raise ConfigError(f"items: item {twice[0]!r} occurs twice")
@@ -72,6 +80,29 @@ def _new_ids(frame: pl.DataFrame, item_col: str, id_type: pl.DataType, known: se
     if already:
         raise ConfigError(f"items: item {already[0]!r} is already known to this export; ids are never replaced")
     return ids
+
+
+def _check_features(frame: pl.DataFrame, lookups: Lookups, item_col: str) -> None:
+    """Every column but the item's is a side feature of the data, of its vocabulary's kind.
+
+    A misspelt feature would otherwise be unknown (1) without a word, and a float or a
+    struct would be looked up as if it were a category.
+    """
+    stray = [c for c in frame.columns if c != item_col and c not in lookups.item_features]
+    if stray:
+        listed = ", ".join(lookups.item_features) or "none"
+        raise ConfigError(f"items: column(s) {', '.join(map(repr, stray))} are no side feature of the data (its features: {listed})")
+    multi = set(lookups.multi_valued)
+    for f in frame.columns:
+        dtype = frame.schema[f]
+        if f == item_col or f in multi or dtype == pl.Null:
+            continue  # the ids are checked by `_new_ids`, multi-valued strings by `_split_values`
+        vocab = lookups.vocabs[f]
+        if numeric.is_numeric(vocab):
+            if not numeric.numeric_dtype(dtype):
+                raise ConfigError(f"items: column {f!r} holds {dtype}; the numeric feature {f!r} takes numbers")
+        elif vocab.height and kind(dtype) != kind(vocab.schema["raw"]):
+            raise ConfigError(f"items: column {f!r} holds {dtype}; its vocabulary's raw values are {kind(vocab.schema['raw'])}")
 
 
 def _split_values(frame: pl.DataFrame, lookups: Lookups) -> pl.DataFrame:

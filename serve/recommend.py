@@ -201,7 +201,8 @@ def available_cold(data_dir: Path, manifest: dict[str, Any], at_us: int | None) 
     Raises:
         DataError: a damaged catalogue (`pipeline.catalogue.read_catalogue`) or item vocabulary.
     """
-    from sdm.serve.export import raw_item_ids, read_cold
+    from sdm.pipeline.tables import raw_item_ids
+    from sdm.serve.export import read_cold
 
     cat = read_cold(Path(data_dir), manifest, raw_item_ids(Path(data_dir), int(manifest["num_items"])).type)
     if cat is None:

@@ -102,7 +102,8 @@ def _check_features(path: Path, manifest: dict[str, Any], inp: Input) -> None:
 
 
 def _read_vocab(path: Path, name: str, size: int, buckets: bool = False) -> pl.DataFrame:
-    """PREV_DATA's vocabulary of `name`: `raw`, `index`, sorted by index, which must be 2..size-1.
+    """PREV_DATA's vocabulary of `name`: `raw`, `index`, sorted by index, which must be 2..size-1,
+    each raw value once and none null.
 
     `buckets`: a numeric feature's, read with its bounds `lo`, `hi` and checked (`numeric.check`).
     """
@@ -114,6 +115,12 @@ def _read_vocab(path: Path, name: str, size: int, buckets: bool = False) -> pl.D
     index = vocab.get_column("index")
     if vocab.height != size - 2 or (vocab.height and (index[0] != 2 or index[-1] != size - 1 or index.n_unique() != vocab.height)):
         raise DataError(f"--vocab-from {file}: not the indices 2..{size - 1} its manifest records")
+    raw = vocab.get_column("raw")
+    if raw.null_count():
+        raise DataError(f"--vocab-from {file}: a null raw value (index {vocab.filter(pl.col('raw').is_null())['index'][0]})")
+    twice = vocab.filter(raw.is_duplicated())
+    if twice.height:  # two indices of one value: the value would keep one, the other be appended again
+        raise DataError(f"--vocab-from {file}: raw value {twice['raw'][0]!r} has two indices ({', '.join(map(str, twice['index'].head(2)))})")
     return vocab.with_columns(pl.col("index").cast(pl.Int32))
 
 

@@ -184,6 +184,8 @@ def test_read_catalogue(data: Path) -> None:
         (catalogue_table().set_column(1, "oov_hash", pa.array([101, 101, 103], pa.int64())), None, "occurs twice"),
         (catalogue_table().set_column(0, "item_id", pa.array(["x", "x", "z"])), None, "item_id occurs twice"),
         (catalogue_table().set_column(1, "oov_hash", pa.array([101, None, 103], pa.int64())), None, "nulls"),
+        (catalogue_table().set_column(0, "item_id", pa.array(["x", "b", "z"])), None, "item 'b' is in the item vocabulary"),
+        (catalogue_table().set_column(0, "item_id", pa.array([7, 8, 9])), None, "item_id holds integers"),
         (catalogue_table(), 4, "4"),
     ],
 )
@@ -192,6 +194,27 @@ def test_bad_catalogue_is_one_line(tmp_path: Path, table: pa.Table, items: int |
     with pytest.raises(DataError, match=message) as err:
         read_catalogue(root, read_manifest(root))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("path", ["/etc/catalogue.parquet", "../other/catalogue.parquet", "vocab/../catalogue.parquet", 7])
+def test_a_catalogue_path_outside_the_directory_is_refused(tmp_path: Path, path: Any) -> None:
+    """The manifest's catalogue path is data: it never leads outside the data directory."""
+    root = write_data(tmp_path / "data")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["catalogue"]["path"] = path
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="catalogue path .* is not a file inside the directory"):
+        read_manifest(root)
+
+
+def test_an_unlisted_catalogue_is_refused(tmp_path: Path) -> None:
+    root = write_data(tmp_path / "data")
+    pq.write_table(catalogue_table(), root / "other.parquet")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["catalogue"]["path"] = "other.parquet"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="no entry in its files table"):
+        read_manifest(root)
 
 
 def test_no_catalogue_in_manifest(tmp_path: Path) -> None:

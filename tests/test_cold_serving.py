@@ -316,7 +316,7 @@ def test_an_added_items_events_take_its_side_features(pipe: dict[str, Any]) -> N
 
 def test_add_items_refuses_known_or_bad_ids(pipe: dict[str, Any]) -> None:
     rec = Recommender.load(pipe["export"], runtime="torch", index="exact")
-    warm = rec.raw_items[2]
+    warm, rows = rec.raw_items[2], len(rec.raw_items)
     for items, words in (
         ([{"item_id": warm}], [str(warm), "already known"]),
         ([{"item_id": COLD_IDS["C"]}], [str(COLD_IDS["C"]), "already known"]),
@@ -324,13 +324,21 @@ def test_add_items_refuses_known_or_bad_ids(pipe: dict[str, Any]) -> None:
         ([{"category": 3}], ["item_id"]),
         ([{"item_id": None, "category": 3}], ["nulls"]),
         ([{"item_id": "abc"}], ["item_id"]),
+        ([{"item_id": "7000009"}], ["item_id", "String"]),  # never cast: '7000009' is not 7000009
+        ([{"item_id": 7_000_009.7}], ["item_id", "Float64"]),  # a strict cast would make it 7000009
+        ([{"item_id": True}], ["item_id", "Boolean"]),
+        ([{"item_id": 7_000_009, "categroy": 3}], ["'categroy'", "no side feature", "category"]),
+        ([{"item_id": 7_000_009, "category": {"a": 1}}], ["'category'", "Struct"]),
+        ([{"item_id": 7_000_009, "category": 3.0}], ["'category'", "Float64", "integers"]),
+        ([{"item_id": 7_000_009, "category": "3"}], ["'category'", "String", "integers"]),
         ("items", ["expected a polars or pandas frame"]),
     ):
         with pytest.raises(ConfigError) as err:
             rec.add_items(items)
         text = one_line(err.value)
         assert all(w in text for w in words), text
-    out = rec.add_items({"item_id": [7_000_002, 7_000_003], "category": [3, 10**9], "color": ["red", "blue"]})
+    assert len(rec.raw_items) == rows  # nothing refused was added
+    out = rec.add_items({"item_id": [7_000_002, 7_000_003], "category": [3, 10**9]})
     assert out["category"].to_list()[1] == 1 and out["brand"].to_list() == [1, 1]  # unseen value, missing feature
     with pytest.raises(ConfigError, match="7000002"):
         rec.add_items(pd_or_dicts([{"item_id": 7_000_002}]))  # added before
@@ -400,6 +408,11 @@ DAMAGE = {
     "known_from on a warm row": lambda t: _set(
         t, "known_from", pa.array([0, *t.column("known_from").cast(pa.int64()).to_pylist()[1:]], pa.int64())
         .cast(pa.timestamp("us", tz="UTC"))),
+    "known_from without a zone": lambda t: _set(t, "known_from", t.column("known_from").cast(pa.timestamp("us"))),
+    "a cold row repeats a warm id": lambda t: _set(
+        t, "item_id", pa.array([*t.column("item_id").to_pylist()[:-1], t.column("item_id")[0].as_py()])),
+    "two cold rows of one id": lambda t: _set(
+        t, "item_id", pa.array([*t.column("item_id").to_pylist()[:-1], t.column("item_id")[-2].as_py()])),
 }  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -411,10 +412,13 @@ def test_tensorboard_into_the_data_directory_is_refused(data, tmp_path):
 
 def test_epoch_lines_resume_line_and_interrupt_line(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "m"
-    train(cfg(data, out, epochs=2), progress=True)
+    train(cfg(data, out, epochs=2, log_every=100_000), progress=True)  # epochs far shorter than --log-every
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("[train] epoch")]
     assert len(lines) == 2 and "valid hr@50" in lines[0] and "loss" in lines[0], err
+    # the loss of the epoch's last step, also when the epoch is shorter than --log-every
+    losses = [float(x.split(" loss ")[1].split()[0]) for x in lines]
+    assert all(math.isfinite(v) and v > 0 for v in losses), lines
     train(cfg(data, out, epochs=3, resume=True), progress=True)
     assert "[train] resuming" in capsys.readouterr().err
     train(cfg(data, tmp_path / "q", epochs=1), progress=False)

@@ -26,7 +26,7 @@ from test_sessionize_scale import _cfg, _random_log, _same_output
 from sdm.config import SessionizeConfig
 from sdm.errors import SdmError
 from sdm.names import vocab_file
-from sdm.manifest import read_manifest
+from sdm.manifest import file_table, read_manifest
 from sdm.sessionize import encode, run
 
 BASE = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
@@ -246,6 +246,24 @@ def test_refused_when_the_previous_directory_was_edited(tmp_path):
         _sessionize(files, tmp_path / "V", vocab_from=tmp_path / "E")
     with pytest.raises(SdmError, match="data directory not found"):
         _sessionize(files, tmp_path / "V", vocab_from=tmp_path / "nothing")
+    assert not (tmp_path / "V").exists()
+
+
+@pytest.mark.parametrize(("raws", "message"), [(["x", "x", "z"], "raw value 'x' has two indices"), (["x", None, "z"], "a null raw value")])
+def test_refused_when_a_previous_vocabulary_repeats_or_lacks_a_value(tmp_path, raws, message):
+    """A vocabulary rewritten and re-hashed (so the files table agrees) is still refused when a
+    value has two indices or none: its index would not be kept, or be kept twice."""
+    files = _fixed(tmp_path)
+    _sessionize(files, tmp_path / "A")
+    path = tmp_path / "A" / vocab_file("category")
+    table = pl.read_parquet(path).sort("index")
+    assert table.height == 3
+    table.with_columns(pl.Series("raw", raws, dtype=pl.String)).write_parquet(path)
+    manifest = json.loads((tmp_path / "A" / "manifest.json").read_text())
+    manifest["files"] = file_table(tmp_path / "A")
+    (tmp_path / "A" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SdmError, match=message):
+        _sessionize(files, tmp_path / "V", vocab_from=tmp_path / "A")
     assert not (tmp_path / "V").exists()
 
 

@@ -591,6 +591,12 @@ def test_cli_new_item_lr_scale_says_what_it_does(world, tmp_path):
     assert r.exit_code == 0, r.output
     assert "[train] the 10 new items' id embeddings learn at 10x the learning rate" in r.stderr
     assert json.loads((out / "config.json").read_text())["new_item_lr_scale"] == 10.0
+    # the same command on the previous model's own data: no new item, said rather than ignored
+    same = [*args[:1], "--data", str(world["A"]), "--out", str(tmp_path / "M3"), *args[5:]]
+    r = CliRunner().invoke(app, same)
+    assert r.exit_code == 0, r.output
+    assert "learn at" not in r.stderr
+    assert "note: --new-item-lr-scale 10: no item is new since the previous model" in r.stderr
 
 
 DDP_DISTILL_SCRIPT = """

@@ -189,6 +189,13 @@ BAD_FLAGS = [
     ("D10", ["synth", "--days", "inf"], ["--days", "inf"]),
     ("D10", ["synth", "--zipf", "nan"], ["--zipf", "nan"]),
     ("D10", ["demo", "--events", "0"], ["--events", "got 0"]),
+    # an empty path would be Path('') == '.', the current directory (an input, or a parent of --out)
+    ("empty path", ["sessionize", "l.parquet", "--vocab-from", ""], ["--vocab-from", "must not be empty"]),
+    ("empty path", ["sessionize", ""], ["log", "must not be empty"]),
+    ("empty path", ["train", "--data", ""], ["--data", "must not be empty"]),
+    ("empty path", ["train", "--init-from", " "], ["--init-from", "must not be empty"]),
+    ("empty path", ["evaluate", "--model", ""], ["--model", "must not be empty"]),
+    ("empty path", ["train", "--config", ""], ["--config", "must not be empty"]),
 ]
 
 
@@ -210,6 +217,8 @@ BAD_TOML = [
     ("D8", "train", "[trian]\nlr = 0.01\n", ["'trian'", "unknown section"]),
     ("D9", "train", "[train]\nmax_steps = 0\n", ["'max_steps'", "--max-steps", "got 0"]),
     ("D1", "sessionize", "[sessionize]\ngap = 1e20\n", ["'gap'", "--gap", "100 years"]),
+    ("empty path", "sessionize", "[sessionize]\nvocab_from = ''\n", ["'vocab_from'", "must not be empty"]),
+    ("empty path", "train", "[train]\ninit_from = ''\n", ["'init_from'", "must not be empty"]),
 ]
 
 
