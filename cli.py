@@ -88,6 +88,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
 def _path_value(text: str) -> Path:
     """A path argument or flag: an empty one is refused, not read as Path('') == the current directory."""
     if not str(text).strip():
@@ -296,9 +297,11 @@ def recommend(
     from sdm.serve.recommend import recommend as run_recommend
 
     s = run_recommend(cfg, log, progress=not quiet)
+    dropped = ", ".join(f"{n:,} {reason}" for reason, n in s["dropped"].items())
     typer.echo(
         f"recommended {s['k']} items to {s['users']:,} users ({s['index']}, {s['buckets']} bucket(s)); "
-        f"{s['seconds']:.1f}s -> {s['out']}"
+        + (f"dropped {sum(s['dropped'].values()):,} rows of the log ({dropped}); " if dropped else "")
+        + f"{s['seconds']:.1f}s -> {s['out']}"
     )
 
 

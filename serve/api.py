@@ -194,7 +194,9 @@ class Recommender:
 
         Raises:
             ConfigError: a bad k, at, exclude_seen, exclude_history, candidates or events value.
-            SdmError: events the training config cannot read (missing column, wrong type).
+            SdmError: events the training config cannot read (missing column, wrong type; a
+                column of another kind than training's, such as a float user id, is a
+                DataError naming it).
             DataError: an export file that fails at request time (naming it).
         """
         mode = self.candidates if candidates is None else candidates

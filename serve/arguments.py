@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pydantic
 
 from sdm.errors import ConfigError, SdmError, first_line
+from sdm.fields import Time
 from sdm.sessionize.io import polars_errors
 from sdm.sessionize.times import to_utc_us
 
@@ -77,21 +79,26 @@ def check_k(k: Any) -> int:
 
 
 def parse_at(at: Any) -> int | None:
-    """`at` (None, a datetime, or an ISO 8601 string; naive = UTC) as microseconds since epoch."""
+    """`at` (None, a datetime or an ISO 8601 string; naive = UTC) as microseconds since epoch,
+    within the range `sdm recommend --at` accepts (`fields.Time`: 1678 to 2262). A number is
+    refused: seconds or milliseconds, the call cannot tell."""
     if at is None:
         return None
-    value = at
-    if isinstance(at, str):
-        try:
-            value = dt.datetime.fromisoformat(at)
-        except ValueError:
-            raise ConfigError(f"at: {at!r} is not an ISO 8601 date and time") from None
-    if not isinstance(value, dt.datetime):
+    if not isinstance(at, (str, dt.datetime)):
         raise ConfigError(f"at must be a datetime or an ISO 8601 string, got {at!r} ({type(at).__name__})")
+    if isinstance(at, dt.datetime) and at != at:  # pandas' NaT: not a time, not "no cut-off"
+        raise ConfigError(f"at: {at!r} is not a time (None means now)")
+    try:
+        value = _TIME.validate_python(at)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"at: {at!r} is not a usable time ({exc.errors()[0]['msg']})") from None
     try:
         return to_utc_us(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"at: {at!r} is not a usable time ({first_line(exc)})") from None
+
+
+_TIME = pydantic.TypeAdapter(Time)
 
 
 def now_us() -> int:

@@ -53,6 +53,7 @@ class Lookups:
         fingerprint: the data's fingerprint.
         source: the file the metadata came from (lookups.json or manifest.json), for messages.
         items_raw: `items_raw.parquet` of `root` (the raw items table training read), or None.
+        user_raw: the type of training's raw user ids (`vocab/user.parquet`), None if unknown.
     """
 
     root: Path
@@ -68,6 +69,7 @@ class Lookups:
     fingerprint: str | None = None
     source: Path | None = None
     items_raw: Path | None = None
+    user_raw: Any = None
 
     def __post_init__(self) -> None:
         ids = self.users.get_column("user_id").cast(pl.String).to_list() if self.users.height else []
@@ -118,6 +120,7 @@ class Lookups:
             fingerprint=meta.get("fingerprint"),
             source=source,
             items_raw=_raw_items_file(root, str((meta.get("config") or {}).get("item_col", "item_id"))),
+            user_raw=_raw_type(root / vocab_file("user")),
         )
         lookups.session_config([], None)  # the recorded sessionize config and items_raw.parquet, checked now
         return lookups
@@ -275,6 +278,14 @@ def _read_vocab(root: Path, name: str, size: int | None) -> pl.DataFrame:
     if numeric.is_numeric(vocab):  # a numeric feature's buckets: `encode` maps a value as training did
         numeric.check(vocab, str(path))
     return vocab
+
+
+def _raw_type(path: Path) -> Any:
+    """The polars type of a vocabulary's `raw` column, from its Parquet schema alone (None if unreadable)."""
+    try:
+        return pl.read_parquet_schema(path).get("raw")
+    except (OSError, pl.exceptions.PolarsError):
+        return None
 
 
 def _read_users(root: Path, listed: list[str], profile: list[str], sizes: dict[str, int]) -> pl.DataFrame:

@@ -136,9 +136,11 @@ def _encode_values(split: pl.DataFrame, lookups: Lookups) -> dict[str, pl.Series
 
 
 def _encode_side(frame: pl.DataFrame, lookups: Lookups, item_col: str) -> np.ndarray:
-    """(A, F) int64 index of each side feature (`Lookups.item_features`) by its vocabulary; 1 = unknown."""
+    """(A, F) int64 index of each side feature (`Lookups.item_features`) by its vocabulary; 1 = unknown,
+    and a numeric feature the items do not give its missing bucket (`numeric.null_index`), as in training."""
     out = np.ones((frame.height, len(lookups.item_features)), dtype=np.int64)
     for j, f in enumerate(lookups.item_features):
+        out[:, j] = numeric.null_index(lookups.vocabs[f])
         if f in frame.columns and f != item_col and frame.schema[f] != pl.Null:
             try:
                 enc = encode(frame.lazy().select(f), f, lookups.vocabs[f], "index").collect()

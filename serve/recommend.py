@@ -238,7 +238,9 @@ def recommend(cfg: RecommendConfig, log: Path, progress: bool = False) -> dict[s
     run) never leaves half a file.
 
     Returns:
-        Summary: out, users, k, index, buckets, seconds.
+        Summary: out, users, k, index, buckets, dropped (rows of the log left out, by reason:
+        null_user, null_item, null_timestamp, behavior, duplicate; only those that occurred),
+        seconds.
 
     Raises:
         SdmError: missing or foreign model, a log the training config cannot read, K
@@ -294,10 +296,13 @@ def _recommend(cfg: RecommendConfig, log: Path, out: Path, progress: bool) -> di
         from tqdm import tqdm
 
         bar = tqdm(desc="recommend", unit="user", dynamic_ncols=True, disable=not progress)
+        dropped: dict[str, int] = {}  # rows left out, by reason, as the sessionizer counts them
         with bar, atomic_path(out) as tmp, polars_errors(str(log)):
             writer = _Writer(tmp, raw_items, user_type)
             try:
                 for served in bucketed(inp, lookups, missing, at_us, buckets, scratch_name(out), cold):
+                    for reason, n in served.dropped.items():
+                        dropped[reason] = dropped.get(reason, 0) + n
                     for start in range(0, len(served), cfg.batch_size):
                         part = take(served, slice(start, start + cfg.batch_size))
                         batch = move_batch(collate(part.arrays, features, model.user_features), device)
@@ -317,5 +322,6 @@ def _recommend(cfg: RecommendConfig, log: Path, out: Path, progress: bool) -> di
         "candidates": cfg.candidates,
         "cold_items": len(catalogue) if catalogue is not None else 0,
         "buckets": buckets,
+        "dropped": dropped,
         "seconds": time.time() - t0,
     }

@@ -31,13 +31,14 @@ The training run's config, vocabularies and tables come from `serve.lookups.Look
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from sdm.config import SessionizeConfig
 from sdm.errors import DataError, first_line, storage_error
 from sdm.pipeline.dataset import sessions_from_record_batch, user_column
 from sdm.serve.lookups import Lookups
@@ -45,7 +46,9 @@ from sdm.serve.lookups import Lookups
 from sdm.sessionize import numeric
 from sdm.sessionize.columns import ITEM, ROW, SID, TS, USER, feat_col
 from sdm.sessionize.encode import encode
+from sdm.sessionize.io import polars_errors
 from sdm.sessionize.normalise import read_events
+from sdm.sessionize.previous import kind
 from sdm.sessionize.read import Input as _Input
 from sdm.sessionize.read import open_input as _open
 from sdm.sessionize.read import read_bucket as _bucket_input
@@ -86,10 +89,14 @@ class Served:
         arrays: `sessions_from_record_batch` output (seq_<f>, long_<f>, seq_len, long_len, user_<f>, ...).
         user_id: raw user ids (the log's type), one per session.
         session_start: (S,) session start, us since epoch UTC.
+        dropped: rows of the events left out, by reason (`columns.DROP_REASONS`: a null user,
+            item or time, a behaviour `--behaviors` leaves out, a duplicate), as the
+            sessionizer drops them; a slice (`take`) carries none.
     """
 
     arrays: dict[str, np.ndarray]
     user_id: pl.Series
+    dropped: dict[str, int] = field(default_factory=dict)
 
     @property
     def session_start(self) -> np.ndarray:
@@ -105,7 +112,9 @@ def open_log(lookups: Lookups, log: Path, items: Path | None = None) -> tuple[_I
 
     _, schema = scan_table(Path(log), "log", lookups.config.get("format"), lookups.config.get("delimiter"))
     cfg, missing = lookups.session_config(schema.names(), items)
-    return _open(cfg, Path(log)), missing
+    inp = _open(cfg, Path(log))
+    check_kinds(lookups, inp.cfg, inp.schema, inp.items_lf, Path(log))
+    return inp, missing
 
 
 def open_frame(lookups: Lookups, frame: pl.DataFrame, items: Path | None = None) -> tuple[_Input, list[str]]:
@@ -127,11 +136,46 @@ def open_frame(lookups: Lookups, frame: pl.DataFrame, items: Path | None = None)
 
             items_lf, items_schema = scan_table(cfg.items, "items table", None, cfg.delimiter)
         spec = check_log(cfg, source, schema, items_schema, None)
+        check_kinds(lookups, cfg, schema, items_lf, source)
         ts = timestamp_expr(cfg, schema[cfg.time_col], source, sample)
         lookups.opened[key] = (items_lf, spec, ts)
     items_lf, spec, ts = lookups.opened[key]
     inp = _Input(cfg=cfg, log=source, lf=frame.lazy(), schema=schema, items_lf=items_lf, users_lf=None, spec=spec, ts=ts)
     return inp, missing
+
+
+def check_kinds(lookups: Lookups, cfg: SessionizeConfig, schema: pl.Schema, items_lf: pl.LazyFrame | None,
+                source: Path) -> None:  # fmt: skip
+    """Refuse a column of the events (or of the items table) of another kind than training's.
+
+    Raw values are looked up by value, so a user id 1.0 (pandas makes an integer column
+    with a gap float) matches no profile, and a price 'cheap' no bucket: each would be
+    served as unknown without a word. User ids are integers or strings (profiles are
+    found by their text); a numeric feature takes numbers; any other feature the kind
+    of its vocabulary's raw values, as `Recommender.add_items` and `--vocab-from` ask.
+    A column of nulls only passes (every value missing, as in training).
+
+    Raises:
+        DataError: naming the file (or `<events>`), the column and both kinds.
+    """
+    user = schema.get(cfg.user_col)
+    if user is not None and user != pl.Null and lookups.user_raw is not None and kind(user) not in ("integers", "strings"):
+        raise DataError(f"{source}: user column {cfg.user_col!r} holds {user}; training's user ids are {kind(lookups.user_raw)}")
+    tables = [(source, schema, [f for f in cfg.item_features if f in schema])]
+    if items_lf is not None and cfg.items is not None:
+        with polars_errors(str(cfg.items)):
+            table = items_lf.collect_schema()
+        tables.append((cfg.items, table, [f for f in cfg.item_features if f not in schema and f in table]))
+    for where, columns, features in tables:
+        for f in features:
+            dtype, vocab = columns[f], lookups.vocabs[f]
+            if dtype == pl.Null:
+                continue
+            if numeric.is_numeric(vocab):
+                if not numeric.numeric_dtype(dtype):
+                    raise DataError(f"{where}: column {f!r} holds {dtype}; the numeric feature {f!r} takes numbers")
+            elif vocab.height and kind(dtype) != kind(vocab.schema["raw"]):
+                raise DataError(f"{where}: column {f!r} holds {dtype}; training's values of {f!r} are {kind(vocab.schema['raw'])}")
 
 
 def latest_sessions(
@@ -153,7 +197,7 @@ def latest_sessions(
         raw = inp.lf.with_row_index(ROW).collect()
     if at_us is not None:
         raw = raw.filter(inp.ts < at_us)
-    events, _, _ = read_events(raw.lazy(), inp, _items_for(inp, lookups, raw))
+    events, dropped, _ = read_events(raw.lazy(), inp, _items_for(inp, lookups, raw))
     ev = (
         sessionize(events.lazy(), cfg.gap_us, cfg.max_session_len)
         .drop(SID)
@@ -194,7 +238,7 @@ def latest_sessions(
     seq_cols = ["seq_item"] + [f"seq_{f}" for f in lookups.item_features] + extra
     rows = timelines(rows, enc_df, {TS: "ts", **{c: c for c in seq_cols}})
     arrays = _to_arrays(rows, lookups, seq_cols)
-    return Served(arrays, rows.get_column(USER).gather(arrays["row"]))
+    return Served(arrays, rows.get_column(USER).gather(arrays["row"]), {r: n for r, n in dropped.items() if n})
 
 
 def _cold_features(enc: pl.DataFrame, side: np.ndarray, lookups: Lookups, features: list[str]) -> pl.DataFrame:

@@ -65,6 +65,7 @@ from sdm.outputs import OutputDir
 from sdm.sessionize import catalogue, engine, previous, write
 from sdm.sessionize.plan import make_plan
 from sdm.sessionize.read import check_behaviors, open_input
+from sdm.sessionize.schema import check_flags_used
 from sdm.sessionize.split import SPLITS
 
 __all__ = ["run"]
@@ -115,6 +116,7 @@ def _run(cfg: SessionizeConfig, log: Path, guard: OutputDir, say: Callable[[str]
     inp = open_input(cfg, log)
     check_behaviors(inp)
     inp.cfg = cfg = engine.resolve_buckets(inp)  # with defaulted side features and the bucket count
+    check_flags_used(cfg)
     prev = previous.load(inp)  # --vocab-from: read and checked before the first pass
     if prev is not None:
         say(f"keeping the vocabularies of {cfg.vocab_from} ({prev.entry['vocab_sizes']['item'] - 2} items)")

@@ -80,7 +80,8 @@ def load(inp: Input) -> Previous | None:
 
 
 def _check_features(path: Path, manifest: dict[str, Any], inp: Input) -> None:
-    """The item, user, multi-valued and numeric feature sets must be PREV_DATA's: one line naming those that differ."""
+    """The item, user, multi-valued and numeric feature sets, the separator of the multi-valued
+    values and a `--numeric-buckets` the user set must be PREV_DATA's: one line naming those that differ."""
     cfg, spec = inp.cfg, inp.spec
     pairs = {
         "item features": (manifest["item_features"][1:], cfg.item_features),
@@ -97,8 +98,15 @@ def _check_features(path: Path, manifest: dict[str, Any], inp: Input) -> None:
             )
             hint = " (--numeric-features sets them; floats are numeric by default)" if what == "numeric features" else ""
             problems.append(f"{what}: " + " and ".join(parts) + hint)
+    before = manifest.get("config") or {}
+    buckets = before.get("numeric_buckets", cfg.numeric_buckets)
+    if "numeric_buckets" in cfg.model_fields_set and cfg.numeric_features and buckets != cfg.numeric_buckets:
+        problems.append(f"--numeric-buckets: {buckets} in {path}, {cfg.numeric_buckets} in this run (its bucket edges are kept)")
+    sep = before.get("value_sep", cfg.value_sep)
+    if cfg.multi_valued and sep != cfg.value_sep:  # the kept values were split with the other one
+        problems.append(f"--value-sep: {sep!r} in {path}, {cfg.value_sep!r} in this run")
     if problems:
-        raise SdmError(f"--vocab-from {path}: the features differ ({'; '.join(problems)}); its vocabularies cannot be kept")
+        raise SdmError(f"--vocab-from {path}: its features or settings differ ({'; '.join(problems)}); its vocabularies cannot be kept")
 
 
 def _read_vocab(path: Path, name: str, size: int, buckets: bool = False) -> pl.DataFrame:

@@ -55,6 +55,7 @@ def open_input(cfg: SessionizeConfig, log: Path) -> Input:
     items_lf, items_schema = scan_table(cfg.items, "items table", None, cfg.delimiter) if cfg.items else (None, None)
     users_lf, users_schema = scan_table(cfg.users, "users table", None, cfg.delimiter) if cfg.users else (None, None)
     cfg, notes = resolve_features(cfg, items_schema, users_schema)
+    _refuse_header_only(lf, schema, log, cfg)  # before check_log compares its all-string columns' types
     spec = check_log(cfg, log, schema, items_schema, users_schema)
     cfg = numeric.resolve(cfg, feature_types(spec, schema, items_schema, users_schema))
     sample = None
@@ -79,6 +80,19 @@ def feature_types(
 def _kind(log: Path, cfg: SessionizeConfig) -> str:
     """"csv" or "parquet": how the log is read."""
     return "csv" if cfg.format == "csv" or (cfg.format != "parquet" and str(log).lower().endswith(_CSV)) else "parquet"
+
+
+def _refuse_header_only(lf: pl.LazyFrame, schema: pl.Schema, log: Path, cfg: SessionizeConfig) -> None:
+    """A CSV with a header and no rows reads every column as strings: say it is empty, before a
+    type check blames its 'String' item column (against an items table's integer key)."""
+    if _kind(log, cfg) != "csv" or not all(t == pl.String for t in schema.dtypes()):
+        return
+    try:
+        empty = lf.head(1).collect().height == 0 and lf.collect().height == 0
+    except pl.exceptions.PolarsError:
+        return  # unreadable: `_peek` names the problem
+    if empty:
+        raise SdmError(f"{log}: empty log (0 rows, only a header)")
 
 
 def _peek(lf: pl.LazyFrame, column: str, log: Path, cfg: SessionizeConfig) -> str | None:

@@ -253,6 +253,26 @@ def _check_multi_valued(
             raise SdmError(f"multi-valued feature {f!r} is {dtype}; it must be a string column ('a{cfg.value_sep}b')")
 
 
+def check_flags_used(cfg: SessionizeConfig) -> None:
+    """A sessionize flag the user set must act on something (`cfg` resolved: its numeric features known).
+
+    Only `sdm sessionize` asks this: serving rebuilds the training config for events that
+    may carry none of its multi-valued features.
+
+    Raises:
+        ConfigError: `--value-sep` without a multi-valued feature, `--numeric-buckets` without
+            a numeric one.
+    """
+    explicit = cfg.model_fields_set
+    if "value_sep" in explicit and not cfg.multi_valued:
+        raise ConfigError(f"--value-sep {cfg.value_sep!r} splits the values of --multi-valued features, and none is named")
+    if "numeric_buckets" in explicit and not cfg.numeric_features:
+        raise ConfigError(
+            f"--numeric-buckets {cfg.numeric_buckets} buckets numeric features, and there is none "
+            "(--numeric-features names them; float columns are numeric by default)"
+        )
+
+
 def check_output_names(cfg: SessionizeConfig, log_feats: list[str], table_feats: list[str]) -> None:
     """Refuse feature names that would collide with another name in an output file, before anything is written.
 

@@ -23,7 +23,7 @@ import torch
 from conftest import at, read_sessions, vocab, write_log
 
 from sdm.config import ExportConfig, SessionizeConfig, TrainConfig
-from sdm.errors import DataError
+from sdm.errors import DataError, SdmError
 from sdm.model.embeddings import MAX_VALUES
 from sdm.model.loss import NegativeSampler, sdm_loss
 from sdm.model.repeat import copy_scores
@@ -281,6 +281,16 @@ def test_add_items_pools_a_split_string(world: dict[str, Any]) -> None:
     assert float(model.cold_scale) == 1.0
     torch.testing.assert_close(rec.item_vecs[-2], expected_vector(model, data, "C|D", "t1|zzz"), rtol=0, atol=1e-6)
     torch.testing.assert_close(rec.item_vecs[-1], expected_vector(model, data, None, None), rtol=0, atol=1e-6)
+
+
+def test_vocab_from_refuses_another_value_separator(world: dict[str, Any], tmp_path: Path) -> None:
+    """The kept values were split with '|': split with ';', 'A|B' would be appended as one new value."""
+    genres = {k: v.replace("|", ";") if v else v for k, v in GENRES.items()}
+    with pytest.raises(SdmError, match=r"--value-sep: '\|' in .*, ';' in this run"):
+        sessionize(tmp_path, make_log(items=10), genres, vocab_from=world["data"], value_sep=";")
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(SdmError, match="--value-sep ';' splits the values of --multi-valued features, and none is named"):
+        sessionize(tmp_path, make_log(items=10), genres, multi_valued=[], value_sep=";")
 
 
 def test_warm_start_takes_the_new_datas_value_buffers(world: dict[str, Any], tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from test_sessionize_scale import _same_output
 
 from sdm.config import SessionizeConfig
-from sdm.errors import ConfigError, SdmError
+from sdm.errors import ConfigError, DataError, SdmError
 from sdm.names import vocab_file
 from sdm.sessionize import encode, numeric, run
 
@@ -291,6 +291,43 @@ def test_serving_buckets_like_the_sessionizer(data: dict[str, Any]) -> None:
     assert served.arrays["seq_release_year"][0, :n].tolist() == [expected_bucket(year, years.get(i)) for i in items]
 
 
+def test_serving_refuses_columns_of_another_kind(data: dict[str, Any]) -> None:
+    """A price of text would be the missing bucket, a float user id (pandas' integers with a gap) no
+    profile: served as unknown without a word. Both are refused, naming the column."""
+    from sdm.serve.lookups import Lookups
+    from sdm.serve.sessions import open_frame
+
+    lookups = Lookups.load(data["out"])
+    t0 = dt.datetime(2024, 4, 10, tzinfo=dt.timezone.utc)
+    frame = pl.DataFrame({"user_id": [7, 7], "item_id": [1, 2], "timestamp": [t0, t0 + dt.timedelta(minutes=1)]})
+    open_frame(lookups, frame.with_columns(pl.Series("price", [None, None], dtype=pl.Null)))  # nulls only: missing
+    open_frame(lookups, frame.with_columns(pl.col("user_id").cast(pl.String)))  # profiles are found by their text
+    for bad, message in (
+        (frame.with_columns(pl.Series("price", ["cheap", "12.5"])), "column 'price' holds String; the numeric feature 'price' takes numbers"),
+        (frame.with_columns(pl.col("user_id").cast(pl.Float64)), "user column 'user_id' holds Float64; training's user ids are integers"),
+        (frame.with_columns(pl.Series("genre", [1, 2])), "column 'genre' holds Int64; training's values of 'genre' are strings"),
+    ):
+        with pytest.raises(DataError, match=message) as err:
+            open_frame(lookups, bad)
+        assert "\n" not in str(err.value)
+
+
+def test_add_items_gives_an_absent_numeric_value_the_missing_bucket(data: dict[str, Any]) -> None:
+    """As training does for an item without a price, not OOV (1), a row training never fills."""
+    from sdm.serve.lookups import Lookups
+    from sdm.serve.newitems import read_new_items
+
+    lookups = Lookups.load(data["out"])
+    price, year = (lookups.item_features.index(f) for f in ("price", "release_year"))
+    missing = numeric.null_index(lookups.vocabs["price"]), numeric.null_index(lookups.vocabs["release_year"])
+    assert 1 not in missing
+    for frame in (pl.DataFrame({"item_id": [5000]}), pl.DataFrame({"item_id": [5000], "price": [None]})):
+        side = read_new_items(frame, lookups, "item_id", pl.Int64, set()).side
+        assert (side[0, price], side[0, year]) == missing, frame.schema
+    side = read_new_items(pl.DataFrame({"item_id": [5000], "price": [3.0]}), lookups, "item_id", pl.Int64, set()).side
+    assert side[0, price] == expected_bucket(lookups.vocabs["price"], 3.0) != missing[0]
+
+
 def test_vocab_from_keeps_the_edges(data: dict[str, Any], tmp_path: Path) -> None:
     """A second log with shifted prices: its own run cuts other edges; with --vocab-from it keeps the first's."""
     files = _files(tmp_path / "b", seed=1, shift=7.5)
@@ -309,6 +346,10 @@ def test_vocab_from_keeps_the_edges(data: dict[str, Any], tmp_path: Path) -> Non
     values = {p for p in log["price"].to_list()}
     sessions = read_sessions(tmp_path / "kept")
     assert {i for s in sessions for i in s["price"]} <= {expected_bucket(price, v) for v in values}
+    # another bucket count is refused, not ignored: the kept edges decide
+    with pytest.raises(SdmError, match=r"--numeric-buckets: 16 in .*, 4 in this run"):
+        _sessionize(files, tmp_path / "other", vocab_from=data["out"], numeric_buckets=4)
+    _sessionize(files, tmp_path / "same", vocab_from=data["out"], numeric_buckets=16)  # the same count: no conflict
     # another numeric set is refused: its buckets could not be kept
     with pytest.raises(SdmError, match="numeric features"):
         _sessionize(files, tmp_path / "other", vocab_from=data["out"], numeric_features=["price", "income"])
@@ -322,6 +363,12 @@ def test_two_buckets_equal_one(data: dict[str, Any], tmp_path: Path) -> None:
         assert _vocab(tmp_path / "b2", name).equals(_vocab(data["out"], name))
     for table in ("catalogue.parquet", "items.parquet"):
         assert pl.read_parquet(tmp_path / "b2" / table).equals(pl.read_parquet(data["out"] / table))
+
+
+def test_numeric_buckets_without_numeric_features_is_refused(data: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--numeric-buckets 5 buckets numeric features, and there is none"):
+        _sessionize(data["files"], tmp_path / "n", numeric_features=[], numeric_buckets=5)
+    assert not (tmp_path / "n").exists()
 
 
 def test_numeric_buckets_caps_the_buckets(data: dict[str, Any], tmp_path: Path) -> None:

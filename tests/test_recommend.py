@@ -192,6 +192,33 @@ def test_cli_good_and_bad(pipe: dict[str, Any], tmp_path: Path) -> None:
         "nope.parquet",
     )  # fmt: skip
     assert not (tmp_path / "x.parquet").exists()
+    floats = tmp_path / "floats.parquet"  # pandas' integers with a gap: 1.0 would match no profile
+    pl.read_parquet(pipe["log"]).with_columns(pl.col("user_id").cast(pl.Float64)).write_parquet(floats)
+    one_line(
+        runner.invoke(app, ["recommend", str(floats), "--data", str(pipe["data"]), "--model", str(pipe["model"]),
+                            "--out", str(tmp_path / "x.parquet"), "-q"]),
+        "user column 'user_id' holds Float64; training's user ids are integers",
+    )  # fmt: skip
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_rows_left_out_are_counted(pipe: dict[str, Any], tmp_path: Path) -> None:
+    """A row without an item or a time is left out as the sessionizer leaves it out, and said."""
+    log = pl.read_parquet(pipe["log"])
+    holes = log.with_columns(
+        pl.when(pl.int_range(pl.len()) % 10 == 3).then(None).otherwise(pl.col("item_id")).alias("item_id"),
+        pl.when(pl.int_range(pl.len()) % 10 == 7).then(None).otherwise(pl.col("timestamp")).alias("timestamp"),
+    )
+    path = tmp_path / "holes.parquet"
+    holes.write_parquet(path)
+    want = {"null_item": holes["item_id"].null_count(), "null_timestamp": holes["timestamp"].null_count()}
+    s = recommend(RecommendConfig(data=pipe["data"], model=pipe["model"], out=tmp_path / "r.parquet", k=3, device="cpu"), path)
+    assert s["dropped"] == want and all(n > 0 for n in want.values())
+    full = recommend(RecommendConfig(data=pipe["data"], model=pipe["model"], out=tmp_path / "f.parquet", k=3, device="cpu"), pipe["log"])
+    assert full["dropped"] == {}
+    r = CliRunner().invoke(app, ["recommend", str(path), "--data", str(pipe["data"]), "--model", str(pipe["model"]),
+                                 "--out", str(tmp_path / "c.parquet"), "--k", "3", "--device", "cpu", "-q"])  # fmt: skip
+    assert r.exit_code == 0 and f"dropped {sum(want.values()):,} rows of the log" in r.output, r.output
 
 
 def test_at_before_every_event_is_empty(pipe: dict[str, Any], tmp_path: Path) -> None:

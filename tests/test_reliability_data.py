@@ -341,6 +341,9 @@ def test_header_only_csv_is_an_empty_log(tmp_path):
     log = tmp_path / "l.csv"
     log.write_text("user_id,item_id,timestamp\n")
     one_error(*sessionize(log, tmp_path / "o"), "empty log (0 rows, only a header)")
+    # with an items table too: its integer key against the header's strings is not the problem
+    items = write_log(pl.DataFrame({"item_id": [10], "brand": ["a"]}), tmp_path / "items.parquet")
+    one_error(*sessionize(log, tmp_path / "o", "--items", items), "empty log (0 rows, only a header)")
 
 
 def test_unterminated_quote_is_named(tmp_path):

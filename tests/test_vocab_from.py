@@ -206,7 +206,7 @@ def test_refused_when_the_feature_sets_differ(tmp_path):
         out=tmp_path / "V", items=files["items"], users=files["users"], item_features=["brand"], user_features=["age"],
         vocab_from=tmp_path / "A",
     )  # fmt: skip
-    with pytest.raises(SdmError, match=r"features differ \(item features: 'category' only in .*/A\)") as err:
+    with pytest.raises(SdmError, match=r"features or settings differ \(item features: 'category' only in .*/A\)") as err:
         run(cfg, files["log"], progress=False)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "V").exists()
@@ -272,7 +272,7 @@ def test_refused_when_raw_types_differ(tmp_path):
     _sessionize(files, tmp_path / "A")
     log = pl.read_parquet(files["log"])
     cfg = SessionizeConfig(out=tmp_path / "V", item_features=["category"], vocab_from=tmp_path / "A")
-    with pytest.raises(SdmError, match="features differ"):  # brand and age come from tables this run lacks
+    with pytest.raises(SdmError, match="features or settings differ"):  # brand and age come from tables this run lacks
         run(cfg, files["log"], progress=False)
     # item ids as strings (the items table's keys too)
     strings = write_log(log.with_columns(pl.col("item_id").cast(pl.String)), tmp_path / "s" / "log.parquet")

@@ -9,6 +9,7 @@ every test that changes an export works on a copy.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import io
 import json
@@ -346,12 +347,16 @@ def test_inspect_of_a_damaged_export_is_one_line(export_copy: Path) -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"k": 2.5}, {"k": "5"}, {"k": 0}, {"k": -1}, {"k": True}, {"k": None}, {"at": 5}, {"at": 1.5e9},
-     {"at": "garbage"}, {"at": [1]}, {"exclude_seen": "yes"}],
+     {"at": "garbage"}, {"at": [1]}, {"at": "9999-12-31T00:00:00Z"}, {"at": dt.datetime(1500, 1, 1)},
+     {"at": "NaT-placeholder"}, {"exclude_seen": "yes"}],
     ids=str,
 )  # fmt: skip
 def test_bad_arguments_are_config_errors(pipe: dict[str, Any], kwargs: dict[str, Any]) -> None:
     """Defect 3: k=2.5, k="5", k=True, at=5, at="garbage" raised TypeError / AttributeError."""
     rec = Recommender.load(pipe["export"], runtime="torch")
+    if kwargs.get("at") == "NaT-placeholder":  # pandas' missing time: not "no cut-off" (None is)
+        pd = pytest.importorskip("pandas")
+        kwargs = {"at": pd.NaT}
     with pytest.raises(ConfigError) as err:
         rec.recommend(pipe["events"], **{"k": K, **kwargs})
     one_line(err.value)
