@@ -20,7 +20,7 @@ from sdm.sessionize.columns import feat_col, values_col
 from sdm.sessionize.encode import encode, encode_values, fill_empty
 from sdm.sessionize.io import polars_errors
 from sdm.sessionize.normalise import split_values
-from sdm.sessionize.previous import kind
+from sdm.sessionize.schema import value_kind
 
 
 class NewItems(NamedTuple):
@@ -67,7 +67,7 @@ def _new_ids(frame: pl.DataFrame, item_col: str, id_type: pl.DataType, known: se
     if given.null_count():
         raise ConfigError(f"items: column {item_col!r} has nulls")
     wrong = f"items: column {item_col!r} holds {given.dtype}, not the export's item ids ({id_type})"
-    if kind(given.dtype) != kind(id_type):  # a strict cast still turns 5001.7 into 5001 and True into 'true'
+    if value_kind(given.dtype) != value_kind(id_type):  # a strict cast still turns 5001.7 into 5001 and True into 'true'
         raise ConfigError(wrong)
     try:
         ids = given.cast(id_type, strict=True).alias(item_col)
@@ -101,8 +101,8 @@ def _check_features(frame: pl.DataFrame, lookups: Lookups, item_col: str) -> Non
         if numeric.is_numeric(vocab):
             if not numeric.numeric_dtype(dtype):
                 raise ConfigError(f"items: column {f!r} holds {dtype}; the numeric feature {f!r} takes numbers")
-        elif vocab.height and kind(dtype) != kind(vocab.schema["raw"]):
-            raise ConfigError(f"items: column {f!r} holds {dtype}; its vocabulary's raw values are {kind(vocab.schema['raw'])}")
+        elif vocab.height and value_kind(dtype) != value_kind(vocab.schema["raw"]):
+            raise ConfigError(f"items: column {f!r} holds {dtype}; its vocabulary's raw values are {value_kind(vocab.schema['raw'])}")
 
 
 def _split_values(frame: pl.DataFrame, lookups: Lookups) -> pl.DataFrame:

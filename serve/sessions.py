@@ -48,7 +48,7 @@ from sdm.sessionize.columns import ITEM, ROW, SID, TS, USER, feat_col
 from sdm.sessionize.encode import encode
 from sdm.sessionize.io import polars_errors
 from sdm.sessionize.normalise import read_events
-from sdm.sessionize.previous import kind
+from sdm.sessionize.schema import value_kind
 from sdm.sessionize.read import Input as _Input
 from sdm.sessionize.read import open_input as _open
 from sdm.sessionize.read import read_bucket as _bucket_input
@@ -159,8 +159,8 @@ def check_kinds(lookups: Lookups, cfg: SessionizeConfig, schema: pl.Schema, item
         DataError: naming the file (or `<events>`), the column and both kinds.
     """
     user = schema.get(cfg.user_col)
-    if user is not None and user != pl.Null and lookups.user_raw is not None and kind(user) not in ("integers", "strings"):
-        raise DataError(f"{source}: user column {cfg.user_col!r} holds {user}; training's user ids are {kind(lookups.user_raw)}")
+    if user is not None and user != pl.Null and lookups.user_raw is not None and value_kind(user) not in ("integers", "strings"):
+        raise DataError(f"{source}: user column {cfg.user_col!r} holds {user}; training's user ids are {value_kind(lookups.user_raw)}")
     tables = [(source, schema, [f for f in cfg.item_features if f in schema])]
     if items_lf is not None and cfg.items is not None:
         with polars_errors(str(cfg.items)):
@@ -174,8 +174,8 @@ def check_kinds(lookups: Lookups, cfg: SessionizeConfig, schema: pl.Schema, item
             if numeric.is_numeric(vocab):
                 if not numeric.numeric_dtype(dtype):
                     raise DataError(f"{where}: column {f!r} holds {dtype}; the numeric feature {f!r} takes numbers")
-            elif vocab.height and kind(dtype) != kind(vocab.schema["raw"]):
-                raise DataError(f"{where}: column {f!r} holds {dtype}; training's values of {f!r} are {kind(vocab.schema['raw'])}")
+            elif vocab.height and value_kind(dtype) != value_kind(vocab.schema["raw"]):
+                raise DataError(f"{where}: column {f!r} holds {dtype}; training's values of {f!r} are {value_kind(vocab.schema['raw'])}")
 
 
 def latest_sessions(

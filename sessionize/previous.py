@@ -32,6 +32,7 @@ from sdm.manifest import read_manifest, verify_files
 from sdm.sessionize import numeric
 from sdm.sessionize.io import polars_errors
 from sdm.sessionize.read import Input
+from sdm.sessionize.schema import value_kind
 
 
 @dataclass
@@ -147,17 +148,6 @@ def _source_types(inp: Input) -> dict[str, pl.DataType]:
     return types
 
 
-def kind(dtype: pl.DataType) -> str:
-    """What a raw value is, for comparing vocabularies: integers of any width are one kind, strings another."""
-    if dtype.is_integer():
-        return "integers"
-    if dtype.is_float():
-        return "floats"
-    if dtype == pl.String or isinstance(dtype, (pl.Categorical, pl.Enum)):
-        return "strings"
-    return str(dtype)
-
-
 def _check_types(path: Path, vocabs: dict[str, pl.DataFrame], types: dict[str, pl.DataType]) -> None:
     """Refuse a vocabulary whose raw values are of another kind than this run's column (ints vs strings)."""
     for name, vocab in vocabs.items():
@@ -165,9 +155,9 @@ def _check_types(path: Path, vocabs: dict[str, pl.DataFrame], types: dict[str, p
         if vocab.height == 0 or now is None or now == pl.Null:
             continue  # nothing to keep, or nothing to compare with
         before = vocab.schema["raw"]
-        if kind(before) != kind(now):
+        if value_kind(before) != value_kind(now):
             raise SdmError(
-                f"--vocab-from {path}: the raw values of {name!r} are {kind(before)} there ({before}) but {kind(now)} "
+                f"--vocab-from {path}: the raw values of {name!r} are {value_kind(before)} there ({before}) but {value_kind(now)} "
                 f"in this run ({now}); its vocabulary cannot be kept"
             )
 

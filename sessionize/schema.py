@@ -317,15 +317,19 @@ def _check_key_type(table: Path | None, what: str, key: str, dtype: pl.DataType,
     Raises:
         SdmError: naming the table, the key and both types.
     """
-    def kind(t: pl.DataType) -> str:
-        if t.is_integer():
-            return "integer"
-        if t == pl.String or isinstance(t, (pl.Categorical, pl.Enum)):
-            return "string"
-        return str(t)
-
-    if kind(dtype) != kind(log_dtype):
+    if value_kind(dtype) != value_kind(log_dtype):
         raise SdmError(
             f"{table}: {what} key {key!r} is {dtype} but the log's {key!r} is {log_dtype} "
             f"({log}); store both as integers or both as strings"
         )
+
+
+def value_kind(dtype: pl.DataType) -> str:
+    """What a raw value is, for comparing vocabularies: integers of any width are one kind, strings another."""
+    if dtype.is_integer():
+        return "integers"
+    if dtype.is_float():
+        return "floats"
+    if dtype == pl.String or isinstance(dtype, (pl.Categorical, pl.Enum)):
+        return "strings"
+    return str(dtype)
