@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from contextvars import ContextVar
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sdm.errors import ConfigError
 from sdm.fields import (
     MAX_DAYS,
     Days,
@@ -45,8 +47,28 @@ from sdm.fields import (
 )
 
 
+RAW_ERRORS: ContextVar[bool] = ContextVar("sdm_raw_config_errors", default=False)
+"""Set by `configfile.build_config`: validation errors stay pydantic's, for it to name the TOML file."""
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, defer_build=True)
+
+    def __init__(self, **data: Any) -> None:
+        """Built from Python (`TrainConfig(epochs=3)`), a bad value is a one-line `ConfigError`
+        naming the field's flag, as on the command line (`configfile.build_config`, which
+        validates without this, names the TOML file too)."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            if RAW_ERRORS.get():  # `build_config` words them itself
+                raise
+            errors = exc.errors()
+            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            loc = errors[0].get("loc") or ()
+            flag = f"--{str(loc[0]).replace('_', '-')}: " if loc else ""
+            msg = str(errors[0].get("msg", "")).removeprefix("Value error, ")
+            raise ConfigError(f"{type(self).__name__}: {flag}{msg}{more}".replace("\n", " ")) from None
 
 
 class SessionizeConfig(_Base):
@@ -183,7 +205,7 @@ class TrainConfig(_Base):
     variant: Variant = "PSDMMAL-N"
     epochs: Annotated[int, within(1, 100_000)] = 12
     max_steps: Annotated[Optional[int], within(1, 10**12)] = None
-    """Stop after this many optimizer steps (overrides epochs)."""
+    """Stop after this many optimizer steps, or at the end of --epochs if that comes first."""
     batch_size: Annotated[int, within(1, 1_000_000)] = 64
     """Sessions per batch (each session contributes all its positions)."""
     lr: Annotated[float, within(0, lo_open=True)] = 5e-3
@@ -271,7 +293,26 @@ class TrainConfig(_Base):
                 f"--embedding-dim {self.embedding_dim} must be divisible by --num-heads {self.num_heads} "
                 "(each attention head gets embedding_dim / num_heads dimensions)"
             )
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        given = self.model_fields_set
+        for flag, unused in (
+            ("num_blocks", self.variant != "SASRec" and "--num-blocks acts only with --variant SASRec"),
+            ("num_targets", self.variant != "PSDMMAL-N" and f"--num-targets is the N of PSDMMAL-N; {self.variant} predicts 1"),
+            ("repeat_prior", not self.repeat and "--repeat-prior sets the repeat head, which --no-repeat leaves out"),
+            ("num_negatives", self.loss == "full" and "--num-negatives draws negatives; --loss full scores every item"),
+            ("neg_power", self.loss == "full" and "--neg-power draws negatives; --loss full scores every item"),
+        ):  # a flag that would act on nothing is a mistake the user should hear about
+            if flag in given and unused:
+                raise ValueError(unused)
         return self
+
+
+def _check_exclusion(cfg: Any) -> Any:
+    """`--exclude-history` implies `--exclude-seen`: asking for it with `--no-exclude-seen` is a contradiction."""
+    if cfg.exclude_history and not cfg.exclude_seen and "exclude_seen" in cfg.model_fields_set:
+        raise ValueError("--exclude-history excludes the session's items too: it contradicts --no-exclude-seen")
+    return cfg
 
 
 class EvaluateConfig(_Base):
@@ -281,7 +322,7 @@ class EvaluateConfig(_Base):
     model: PathField = Path("runs/model")
     out: PathField = Path("runs/eval")
     split: Literal["test", "valid"] = "test"
-    k: Annotated[list[Annotated[int, within(1, 10_000_000)]], BeforeValidator(split_list)] = [20, 50, 100]
+    k: Annotated[list[Annotated[int, within(1, 10_000_000)]], BeforeValidator(split_list), AfterValidator(no_duplicates)] = [20, 50, 100]
     """Cut-offs K; the default list is capped at the catalogue size (with a note), an explicit K above it is an error."""
     overwrite: bool = False
     """Replace the reports of an earlier evaluation in `out` (without it a non-empty `out` is refused)."""
@@ -295,6 +336,7 @@ class EvaluateConfig(_Base):
     """Never recommend items already in the query's session prefix (the current session only; see --exclude-history)."""
     exclude_history: bool = False
     """Never recommend items of the query's long-term window either (the user's last 7 days before the session); implies --exclude-seen."""
+    _exclusion = model_validator(mode="after")(_check_exclusion)
     candidates: Literal["vocabulary", "catalogue"] = "vocabulary"
     """vocabulary: rank the items training saw; catalogue: also cold items (side info, no training event), each from the time the catalogue knows it."""
     dump_topk: bool = False
@@ -350,6 +392,7 @@ class RecommendConfig(_Base):
     """Never recommend items of the user's current session (see --exclude-history)."""
     exclude_history: bool = False
     """Never recommend items of the user's long-term window either (the last 7 days before the session); implies --exclude-seen."""
+    _exclusion = model_validator(mode="after")(_check_exclusion)
     candidates: Literal["vocabulary", "catalogue"] = "vocabulary"
     """vocabulary: recommend items training saw; catalogue: also cold items with side info (their vectors come from side features)."""
     index: Literal["exact", "faiss"] = "exact"

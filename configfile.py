@@ -9,12 +9,14 @@ next to every output.
 from __future__ import annotations
 
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from sdm.config import SECTIONS
+from sdm.config import RAW_ERRORS, SECTIONS
 from sdm.errors import ConfigError
 from sdm.fields import show_value
 
@@ -102,8 +104,11 @@ def build_config(cls: type[BaseModel], toml: Path | None, section: str, override
     values: dict[str, Any] = {}
     if toml is not None:
         values.update(load_toml_section(toml, section))
+        for key, value in values.items():
+            _check_toml_type(cls, key, value, toml, section)
     flags = {k: v for k, v in overrides.items() if v is not None}
     values.update(flags)
+    token = RAW_ERRORS.set(True)  # pydantic's errors, not the Python API's ConfigError: worded below
     try:
         return cls(**values)
     except ValidationError as exc:
@@ -127,6 +132,39 @@ def build_config(cls: type[BaseModel], toml: Path | None, section: str, override
         if from_flag:
             raise ConfigError(_one_line(f"{_flag(loc)}: invalid {key!r}: {msg}{shown}{more}")) from None
         raise ConfigError(_one_line(f"{toml} [{section}]: invalid {key!r} (flag {_flag(loc)}): {msg}{shown}{more}")) from None
+    finally:
+        RAW_ERRORS.reset(token)
+
+
+def _plain_type(annotation: Any) -> Any:
+    """`bool`, `int` or `float` behind Annotated / Optional, else None."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    return annotation if annotation in (bool, int, float) else None
+
+
+def _check_toml_type(cls: type[BaseModel], key: str, value: Any, toml: Path, section: str) -> None:
+    """A TOML value has its field's type: pydantic would take `overwrite = "on"` as true and
+    `epochs = "3"` as 3, where the file most likely holds a mistake.
+
+    Raises:
+        ConfigError: naming the file, the key and the value.
+    """
+    field = cls.model_fields.get(key)
+    want = _plain_type(field.annotation) if field is not None else None
+    if want is None:
+        return
+    ok = isinstance(value, bool) if want is bool else (
+        isinstance(value, int) and not isinstance(value, bool) if want is int else
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+    )  # fmt: skip
+    if not ok:
+        raise ConfigError(_one_line(
+            f"{toml} [{section}]: invalid {key!r} (flag {_flag((key,))}): expected {'true or false' if want is bool else f'a TOML {want.__name__}'}, got {show_value(value)}"
+        ))  # fmt: skip
 
 
 def save_config(cfg: BaseModel, path: Path) -> None:

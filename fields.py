@@ -169,8 +169,11 @@ def _names(v: list[str] | None) -> list[str] | None:
 
 
 def no_duplicates(v: list[Any]) -> list[Any]:
-    """Drop repeated entries, keeping the first (a baseline listed twice is scored once)."""
-    return list(dict.fromkeys(v))
+    """A list names each value once (`--k 10,10` or a baseline listed twice is a typo, refused)."""
+    twice = [x for i, x in enumerate(v) if x in v[:i]]
+    if twice:
+        raise ValueError(f"lists {twice[0]!r} more than once")
+    return v
 
 
 def _time(v: dt.datetime | None) -> dt.datetime | None:

@@ -171,6 +171,27 @@ def write_json(path: Path | str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def check_finished(folder: Path | str, what: str) -> None:
+    """Refuse to read an output another sdm process still holds (a model directory while
+    `sdm train` runs: its best.pt is an epoch's, not the run's).
+
+    Raises:
+        LockedError: naming the folder.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # a missing or unreadable folder: the reader's own checks name it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LockedError(f"{folder}: another sdm process is still writing this {what}; wait for it to finish") from None
+    except OSError:
+        pass  # a file system without locks
+    finally:
+        os.close(fd)  # closing releases a shared lock taken here
+
+
 def _flock(fd: int, what: Path, command: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,7 +214,9 @@ class OutputDir:
     Args:
         out: the directory.
         command: the sdm command ("sessionize", "train", ...), recorded in the marker.
-        owns: names (fnmatch patterns) of the top-level entries the command writes.
+        owns: names (fnmatch patterns) of the top-level entries the command writes, and of
+            the files inside its folders (`vocab/*.parquet`, matched part by part): a file in
+            an own folder that no pattern names is foreign, and stops `--overwrite`.
         overwrite: replace an earlier output of the same command.
         inputs: see `check_disjoint`.
         keep: earlier output may stay without `overwrite` (`train --resume`).
@@ -269,7 +292,7 @@ class OutputDir:
             raise OutputError(
                 f"{out}: holds the output of `sdm {writer}`; `sdm {self.command}` never replaces it: choose another --out"
             )
-        foreign = [n for n in names if not self.owned(n)]
+        foreign = [n for n in names if not self.owned(n)] or self._foreign_inside(names)
         if foreign:
             raise OutputError(
                 f"{out}: holds {foreign[0]!r}, which `sdm {self.command}` did not write; sdm replaces only its own "
@@ -278,6 +301,24 @@ class OutputDir:
         if not self.overwrite and not self.keep:
             raise OutputError(f"{out}: holds an earlier `sdm {self.command}` output ({', '.join(names[:3])}); {self.hint}")
         self.existing = names
+
+    def _foreign_inside(self, names: list[str]) -> list[str]:
+        """Files inside the own folders among `names` that no nested pattern of `owns` names
+        (`vocab/*.parquet`): a folder is replaced whole, so a file put in it must stop that."""
+        nested = [tuple(p.split("/")) for p in self.owns if "/" in p]
+        foreign = []
+        for name in names:
+            top = self.out / name
+            if not top.is_dir() or top.is_symlink():
+                continue
+            for path in sorted(top.rglob("*")):
+                rel = path.relative_to(self.out).parts
+                if path.is_dir() and not path.is_symlink() or any(p.startswith(self.scratch) for p in rel):
+                    continue
+                if rel[-1] == MARKER or any(_matches(rel, pat) for pat in nested):
+                    continue
+                foreign.append("/".join(rel))
+        return foreign
 
     def prepare(self, first: Sequence[str] = (), clear: bool = True) -> None:
         """Delete the command's earlier entries (`first` ones before the rest) and write the marker."""
@@ -309,6 +350,16 @@ class OutputDir:
         if self._fd is not None:
             os.close(self._fd)  # releases the flock
             self._fd = None
+
+
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """A relative path against a pattern, part by part (fnmatch's `*` never crosses a `/`)."""
+    return len(parts) == len(pattern) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pattern))
+
+
+def nested(prefix: str, owns: Iterable[str]) -> tuple[str, ...]:
+    """`owns` of a command whose output lies at `prefix` inside another's (`sdm demo`'s data/, model/)."""
+    return (prefix, *(f"{prefix}/{p}" for p in owns))
 
 
 def _marker_command(path: Path) -> str | None:

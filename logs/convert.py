@@ -61,7 +61,7 @@ from sdm.errors import OutputError, SdmError
 from sdm.logs.formats import diginetica, otto, rees46, taobao, yoochoose
 from sdm.logs.movielens import movielens
 from sdm.logs.reading import Tables
-from sdm.logs.targets import claim_targets, side_paths
+from sdm.logs.targets import check_log_name, claim_targets, side_paths
 from sdm.outputs import scratch_name
 
 FORMATS = ("taobao", "diginetica", "yoochoose", "movielens", "rees46", "otto")
@@ -129,6 +129,7 @@ def convert(fmt: str, raw_paths: Sequence[Path], out: Path | None = None, overwr
     if fmt not in READERS:
         raise SdmError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     out = Path(out) if out is not None else default_out(fmt)
+    check_log_name(out, "convert")  # before the raw files are read
     files = _expand(raw_paths)
     try:
         tables = READERS[fmt](files)

@@ -7,12 +7,27 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from sdm.errors import OutputError
 from sdm.outputs import OutputFile
 
 
 def side_paths(out: Path) -> tuple[Path, Path]:
     """Paths of the items and users tables written next to log `out`."""
     return out.parent / "items.parquet", out.parent / "users.parquet"
+
+
+def check_log_name(out: Path, command: str) -> None:
+    """The log is named `*.parquet` (sdm writes Parquet, and a `.csv` name would be read back as
+    CSV) and is not the items or users table written beside it (`side_paths`).
+
+    Raises:
+        OutputError: naming the file.
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".parquet":
+        raise OutputError(f"{out}: `sdm {command}` writes Parquet; name the log *.parquet")
+    if out in side_paths(out):
+        raise OutputError(f"{out}: the log would be its own items or users table, written beside it; choose another name")
 
 
 @contextlib.contextmanager
@@ -26,8 +41,9 @@ def claim_targets(targets: Sequence[Path], inputs: Sequence[Path], overwrite: bo
     creatable and writable.
 
     Raises:
-        OutputError: naming the file; LockedError: another sdm process writes it.
+        OutputError: naming the file (`check_log_name`); LockedError: another sdm process writes it.
     """
+    check_log_name(Path(targets[0]), command)
     with contextlib.ExitStack() as stack:
         for p in targets:
             stack.enter_context(OutputFile(p, command, overwrite=overwrite, inputs={"input file": list(inputs)}))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sdm.errors import DataError, SdmError
-from sdm.outputs import atomic_path, write_text
+from sdm.outputs import atomic_path, check_finished, write_text
 
 CHECKPOINT_VERSION = 1
 MODEL_KEYS = ("model", "model_config", "data_fingerprint")
@@ -148,6 +148,7 @@ def load_model_and_checkpoint(
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise SdmError(f"{model_dir}: model directory not found (run `sdm train` first)")
+    check_finished(model_dir, "model directory (`sdm train` runs)")
     path = model_dir / "best.pt"
     if not path.is_file():
         raise SdmError(f"{model_dir}: no best.pt; the training run that wrote it did not finish")

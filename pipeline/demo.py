@@ -14,12 +14,14 @@ from typing import Any
 
 from sdm.config import DemoConfig, SessionizeConfig, SynthConfig, TrainConfig
 from sdm.configfile import save_config
-from sdm.outputs import OutputDir, atomic_path, write_json, write_text
+from sdm.outputs import OutputDir, atomic_path, nested, write_json, write_text
+from sdm.pipeline.runstate import OWN_FILES as TRAIN_OWNS
+from sdm.sessionize.write import OWNS as SESSIONIZE_OWNS
 
 BASELINES = ("popularity", "itemcf", "itemcf-repeat", "stan", "vsknn")
 # What the demo writes in `out`: --overwrite removes these and nothing else.
-OWN = ("config.json", "logs.parquet", "items.parquet", "users.parquet", "data", "model", "report.md", "report.png",
-       "metrics.json")  # fmt: skip
+OWN = ("config.json", "logs.parquet", "items.parquet", "users.parquet", "report.md", "report.png", "metrics.json",
+       *nested("data", SESSIONIZE_OWNS), *nested("model", TRAIN_OWNS))  # fmt: skip
 
 
 def _table(rows: list[dict[str, Any]], ks: list[int]) -> str:

@@ -128,7 +128,8 @@ def save(run: Run, state: Progress, name: str) -> None:
 
 
 RUN_FILES = ("best.pt", "last.pt", "train_log.jsonl")
-OWN_FILES = (*RUN_FILES, "config.json", "best.tmp", "last.tmp", "train_log.tmp", "tensorboard")
+OWN_FILES = (*RUN_FILES, "config.json", "best.tmp", "last.tmp", "train_log.tmp", "tensorboard",
+             "tensorboard/events.out.tfevents.*")  # fmt: skip
 """Everything `sdm train` writes in --out (the .tmp names: scratch of older versions); --overwrite removes these only."""
 
 

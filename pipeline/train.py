@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from sdm.config import TrainConfig
 from sdm.configfile import save_config
-from sdm.errors import ConfigError, SdmError
+from sdm.errors import ConfigError, DataError, SdmError
 from sdm.model.loss import NegativeSampler
 from sdm.model.sdm import SDM
 from sdm.pipeline.checkpoint import atomic_save, read_checkpoint
@@ -51,7 +51,7 @@ from sdm.pipeline.device import pick_device
 from sdm.pipeline.distill import build_teacher
 from sdm.pipeline.newrows import new_item_pace
 from sdm.manifest import oov_warnings, verify_files
-from sdm.pipeline.trainlog import TrainLog
+from sdm.pipeline.trainlog import TrainLog, check_tensorboard
 from sdm.outputs import OutputDir, atomic_path
 from sdm.pipeline.metrics import selection_value
 from sdm.pipeline.modelspec import NO_SIDE_INFO_VARIANTS, build_model, build_model_config, model_features, resolve_loss
@@ -83,7 +83,7 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
     """Data, model, optimizer, loader and step plan, after checking that training can start.
 
     Raises:
-        SdmError: an empty training split, more loader workers than shards.
+        SdmError: an empty training or validation split, more loader workers than shards.
     """
     manifest = read_manifest(cfg.data)
     if cfg.verify and rank == 0:
@@ -105,6 +105,11 @@ def build_run(cfg: TrainConfig, rank: int, world: int, t0: float) -> Run:
         raise SdmError(
             f"{cfg.data}: the training split has no session of 2 or more events, so there is nothing to learn "
             "(check the split cutoffs and --max-session-len of sessionize)"
+        )
+    if not manifest["splits"]["valid"]["shards"] or not manifest["splits"]["valid"].get("samples", 1):
+        raise DataError(
+            f"{cfg.data}: the validation split is empty; sdm train chooses best.pt, early stopping and the "
+            "neighbour weight on it: sessionize with --valid-days (or --valid-start / --valid-fraction)"
         )
     workers = world * max(cfg.num_workers, 1)
     if len(counts) < workers:
@@ -336,14 +341,12 @@ def say_interrupted(run: Run, state: Progress) -> None:
     if run.bar is not None:
         run.bar.close()
         run.bar = None
-    saved = (f"{out / 'last.pt'} holds step {run.saved_step:,}" if run.saved_step is not None
-             else "no last.pt was written yet")  # fmt: skip
     best = f"; {out / 'best.pt'} is the best validated model" if (out / "best.pt").exists() else ""
-    print(
-        f"[train] interrupted at step {state.step:,}: {saved}{best}; continue with "
-        f"`sdm train --resume --data {cfg.data} --out {out}`",
-        file=sys.stderr, flush=True,
-    )  # fmt: skip
+    if run.saved_step is not None:
+        then = f"{out / 'last.pt'} holds step {run.saved_step:,}{best}; continue with `sdm train --resume"
+    else:  # nothing to resume from: only starting over works
+        then = f"no last.pt was written yet{best}; start again with `sdm train --overwrite"
+    print(f"[train] interrupted at step {state.step:,}: {then} --data {cfg.data} --out {out}`", file=sys.stderr, flush=True)
 
 
 def say_validated(run: Run, state: Progress, value: float) -> None:
@@ -386,6 +389,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
+        check_tensorboard(cfg.tensorboard, cfg.out, {"data directory": cfg.data, "--init-from model": cfg.init_from})
         with claim_out(cfg, rank) as guard:
             return _train(cfg, rank, world, t0, guard, progress)
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sdm.errors import ConfigError
-from sdm.outputs import check_disjoint
+from sdm.outputs import MARKER, check_disjoint
 
 
 class TrainLog:
@@ -46,6 +46,24 @@ def scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
         if "@" in key and isinstance(value, (int, float)):
             out.append((f"valid/{key}", float(value)))
     return out
+
+
+def check_tensorboard(folder: Path | None, out: Path, inputs: dict[str, Any]) -> None:
+    """`--tensorboard`, before anything is written: never an input, never another sdm output, and
+    inside --out only as `--out/tensorboard`, the one folder there `sdm train` owns (any other
+    would be foreign to the next `--resume` or `--overwrite`).
+
+    Raises:
+        ConfigError / OutputError: naming the folder.
+    """
+    if folder is None:
+        return
+    check_disjoint(folder, inputs, flag="--tensorboard")
+    where, own = Path(folder).resolve(), Path(out).resolve()
+    if (where == own or own in where.parents) and where != own / "tensorboard":
+        raise ConfigError(f"--tensorboard {folder} lies inside --out {out}; use {Path(out) / 'tensorboard'} or a folder outside it")
+    if (Path(folder) / MARKER).exists():
+        raise ConfigError(f"--tensorboard {folder} is the output of another sdm command; choose a folder of its own")
 
 
 def _summary_writer(folder: Path, inputs: dict[str, Any]) -> Any:

@@ -97,7 +97,7 @@ TABLES = ("items.parquet", "users.parquet", ITEMS_RAW)
 # Everything `export` writes; `--overwrite` deletes these (and nothing else).
 OUTPUTS = (
     CONFIG, ITEM_VECTORS, NEIGHBOURS, FAISS_INDEX, INDEX_SPEC, USER_TOWER, WEIGHTS, ONNX_TOWER, TOWER_SPEC, LOOKUPS, *TABLES,
-    "vocab",
+    "vocab", "vocab/*.parquet",
 )  # fmt: skip
 ITEM_CHUNK = 65_536
 

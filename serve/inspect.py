@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdm.errors import SdmError
+from sdm.errors import DataError, SdmError, first_line
 from sdm.serve.lookups import read_json
 
 
@@ -23,10 +23,13 @@ def _names(items: Any) -> list[str]:
 
 
 def inspect_data(path: Path) -> dict[str, Any]:
-    """Summary of a shard directory (from its manifest)."""
+    """Summary of a shard directory (from its manifest, checked as `sdm check` checks it, the hashes aside)."""
+    from sdm.manifest import read_manifest
+
     m = read_json(path / "manifest.json", "a shard manifest")
     if m.get("format") != "sdm-shards":
         raise SdmError(f"{path / 'manifest.json'}: not an sdm shard manifest (format {m.get('format')!r})")
+    m = read_manifest(path)  # keys, types, paths, sizes: a damaged manifest is one line, as for every command
     splits = {
         name: {k: v for k, v in split.items() if k != "shards"} | {"shards": len(split.get("shards", []))}
         for name, split in m.get("splits", {}).items()
@@ -69,9 +72,9 @@ def inspect_model(path: Path) -> dict[str, Any]:
         try:
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-            raise SdmError(f"{p}: not a readable checkpoint ({str(exc).strip().splitlines()[0][:200]})") from None
-        if not isinstance(ckpt, dict) or "model_config" not in ckpt:
-            raise SdmError(f"{p}: not an sdm checkpoint (no model_config)")
+            raise SdmError(f"{p}: not a readable checkpoint ({first_line(exc)[:200]})") from None
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict):
+            raise SdmError(f"{p}: not an sdm checkpoint (no model_config object)")
         mc = ckpt["model_config"]
         cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         state = ckpt.get("model", {}) if isinstance(ckpt.get("model"), dict) else {}
@@ -240,6 +243,16 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def inspect_path(path: Path, as_json: bool = False) -> str:
-    """`sdm inspect`'s output for `path`: text, or JSON with `as_json`."""
-    s = inspect_dir(path)
-    return json.dumps(s, indent=2, default=str) if as_json else format_summary(s)
+    """`sdm inspect`'s output for `path`: text, or JSON with `as_json`.
+
+    Raises:
+        SdmError: what `inspect_dir` raises; a file whose values are not of the types sdm
+            writes (an edited `config` or `model_config`) is a DataError naming the directory.
+    """
+    try:
+        s = inspect_dir(path)
+        return json.dumps(s, indent=2, default=str) if as_json else format_summary(s)
+    except SdmError:
+        raise
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: damaged: a value is not of the type sdm writes ({type(exc).__name__}: {first_line(exc)})") from None

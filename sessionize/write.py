@@ -45,8 +45,9 @@ CATALOGUE = "catalogue.parquet"
 """The cold catalogue (`catalogue.build`), written always (possibly with no row)."""
 OWNS = (
     MANIFEST, "config.json", "vocab", "items.parquet", "users.parquet", ITEMS_RAW, CATALOGUE, "train", "valid", "test",
+    "vocab/*.parquet", "train/*.parquet", "valid/*.parquet", "test/*.parquet",
 )  # fmt: skip
-"""The top-level entries `sdm sessionize` writes (`outputs.OutputDir` replaces only these)."""
+"""The entries `sdm sessionize` writes, and the files inside its folders (`outputs.OutputDir` replaces only these)."""
 
 
 def _stats(df: pl.DataFrame, held_out: bool = False) -> dict[str, int]:

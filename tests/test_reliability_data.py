@@ -78,8 +78,14 @@ def test_convert_out_equal_to_raw_input_is_refused(tmp_path):
     raw = tmp_path / "s.jsonl"
     raw.write_text('{"session": 1, "events": [{"aid": 1, "ts": 1659304800, "type": "clicks"}]}\n')
     code, lines = cli("convert", "otto", raw, "--out", raw, "--overwrite")
-    one_error(code, lines, "is the input file")
+    one_error(code, lines, "writes Parquet")  # a log not named *.parquet: refused before the input is read
     assert raw.read_text().startswith('{"session": 1')
+    # a raw file named like the log it would become: refused as an input
+    (tmp_path / "raw").mkdir()
+    other = tmp_path / "raw" / "logs.parquet"
+    other.write_text(raw.read_text())
+    code, lines = cli("convert", "otto", other, "--out", other, "--overwrite")
+    assert code == 1 and other.read_text().startswith('{"session": 1'), lines
 
 
 def test_convert_refuses_stale_side_table_without_overwrite(tmp_path):

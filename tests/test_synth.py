@@ -162,7 +162,7 @@ def test_refuses_existing_output(tmp_path):
 def test_config_validation():
     with pytest.raises(ValueError, match="must not exceed events"):
         SynthConfig(events=10, users=20)
-    with pytest.raises(ValueError, match="session_id_share"):
+    with pytest.raises(ValueError, match="--session-id-share"):
         SynthConfig(session_id_share=1.5)
     with pytest.raises(ValueError, match=">= 1"):
         SynthConfig(events=0)

@@ -408,6 +408,27 @@ def test_tensorboard_gets_loss_lr_and_validation_scalars(data, tmp_path):
 def test_tensorboard_into_the_data_directory_is_refused(data, tmp_path):
     r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--tensorboard", str(data / "tb")])
     assert r.exit_code == 1 and "--tensorboard" in r.output and "data directory" in r.output
+    assert not (tmp_path / "m").exists()  # refused before --out was created
+
+
+def test_tensorboard_inside_out_only_as_its_own_folder(data, tmp_path):
+    """`--tensorboard OUT/tb` left a folder the next --resume / --overwrite called foreign."""
+    out = tmp_path / "m"
+    base = ["train", "--data", str(data), "--out", str(out), "--batch-size", "8", "--embedding-dim", "16",
+            "--num-negatives", "8", "--epochs", "1", "--max-steps", "2"]  # fmt: skip
+    r = CliRunner().invoke(app, [*base, "--tensorboard", str(out / "tb")])
+    assert r.exit_code == 1 and "lies inside --out" in r.output and str(out / "tensorboard") in r.output, r.output
+    assert not out.exists()
+    other = tmp_path / "other"
+    r = CliRunner().invoke(app, [*base[:4], str(other), *base[5:]])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*base, "--tensorboard", str(other)])  # another run's output
+    assert r.exit_code == 1 and "output of another sdm command" in r.output, r.output
+    pytest.importorskip("torch.utils.tensorboard")
+    r = CliRunner().invoke(app, [*base, "--tensorboard", str(out / "tensorboard")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*base, "--tensorboard", str(out / "tensorboard"), "--overwrite"])
+    assert r.exit_code == 0, r.output  # its own folder: replaced with the run
 
 
 def test_epoch_lines_resume_line_and_interrupt_line(data, tmp_path, capsys, monkeypatch):
@@ -433,4 +454,22 @@ def test_epoch_lines_resume_line_and_interrupt_line(data, tmp_path, capsys, monk
     with pytest.raises(KeyboardInterrupt):
         train(cfg(data, tmp_path / "k", epochs=1), progress=False)
     err = capsys.readouterr().err
-    assert "[train] interrupted at step" in err and "--resume" in err
+    # no last.pt yet: --resume has nothing to continue, so the line says to start over, and that works
+    assert "[train] interrupted at step" in err and "no last.pt was written yet" in err, err
+    assert "start again with `sdm train --overwrite" in err and "--resume" not in err, err
+    monkeypatch.undo()
+    train(cfg(data, tmp_path / "k", epochs=1, overwrite=True), progress=False)
+
+
+def test_an_empty_validation_split_is_one_line_and_writes_nothing(tmp_path):
+    """It failed as '0 shards for 1 rank(s)' and left config.json, so the rerun needed --overwrite."""
+    runner = CliRunner()
+    log = tmp_path / "logs.parquet"
+    assert runner.invoke(app, ["synth", "--events", "2000", "--out", str(log)]).exit_code == 0
+    data = tmp_path / "d"
+    r = runner.invoke(app, ["sessionize", str(log), "--out", str(data), "--valid-days", "0", "--test-days", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "m"
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--embedding-dim", "16"])
+    assert r.exit_code == 1 and "the validation split is empty" in r.output and "--valid-days" in r.output, r.output
+    assert not out.exists()

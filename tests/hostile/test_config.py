@@ -218,6 +218,12 @@ BAD_TOML = [
     ("D9", "train", "[train]\nmax_steps = 0\n", ["'max_steps'", "--max-steps", "got 0"]),
     ("D1", "sessionize", "[sessionize]\ngap = 1e20\n", ["'gap'", "--gap", "100 years"]),
     ("empty path", "sessionize", "[sessionize]\nvocab_from = ''\n", ["'vocab_from'", "must not be empty"]),
+    # a TOML value of another type is a mistake, not a value to convert: "on" turned --overwrite on
+    ("toml type", "train", "[train]\noverwrite = \"on\"\n", ["'overwrite'", "expected true or false", "'on'"]),
+    ("toml type", "train", "[train]\nresume = 1\n", ["'resume'", "expected true or false"]),
+    ("toml type", "train", "[train]\nepochs = \"3\"\n", ["'epochs'", "expected a TOML int", "'3'"]),
+    ("toml type", "train", "[train]\nepochs = 3.0\n", ["'epochs'", "expected a TOML int", "3.0"]),
+    ("toml type", "train", "[train]\nlr = \"1e-3\"\n", ["'lr'", "expected a TOML float"]),
     ("empty path", "train", "[train]\ninit_from = ''\n", ["'init_from'", "must not be empty"]),
 ]
 
@@ -293,7 +299,10 @@ def test_project_values_stay_valid() -> None:
     TrainConfig(lr=1e30, warmup_steps=1, max_steps=6, target_decay=1.0, repeat_prior=0, ema_decay=0)
     TrainConfig(batch_size=8, embedding_dim=8, num_negatives=8, epochs=2, log_every=1, num_workers=5, eval_k=100_000)
     build_config(SECTIONS["sessionize"], None, "sessionize", {"valid_days": 0, "test_days": 1000, "gap": "10", "max_session_len": 2})
-    build_config(SECTIONS["evaluate"], None, "evaluate", {"k": "1,3", "baseline": "itemcf,itemcf"})
+    build_config(SECTIONS["evaluate"], None, "evaluate", {"k": "1,3", "baseline": "itemcf,stan"})
+    for key, value in (("k", "10,10"), ("baseline", "itemcf,itemcf")):  # a list names each value once
+        with pytest.raises(ConfigError, match="more than once"):
+            build_config(SECTIONS["evaluate"], None, "evaluate", {key: value})
 
 
 def test_verify_flag_exists_on_the_commands_that_read_data() -> None:
@@ -321,8 +330,9 @@ def test_train_bounds_fit_the_model_config() -> None:
     from sdm.pipeline.modelspec import build_model_config
 
     manifest = {"item_features": [], "user_features": [], "vocab_sizes": {"item": 10}, "max_session_len": 100_000, "max_long_len": 100_000}
-    for kw in ({}, {"embedding_dim": 16_384, "num_heads": 1024, "lstm_layers": 64, "num_blocks": 64, "num_targets": 1000,
-                    "dropout": 0.999, "repeat_prior": 1e300}):  # fmt: skip
+    for kw in ({}, {"embedding_dim": 16_384, "num_heads": 1024, "lstm_layers": 64, "num_targets": 1000,
+                    "dropout": 0.999, "repeat_prior": 1e300},
+               {"variant": "SASRec", "num_blocks": 64}):  # fmt: skip
         model = build_model_config(TrainConfig(**kw), manifest)
         assert isinstance(model, ModelConfig)
     with pytest.raises(ValueError, match="repeat_prior"):
@@ -331,15 +341,34 @@ def test_train_bounds_fit_the_model_config() -> None:
 
 @pytest.mark.parametrize("section", list(SECTIONS))
 def test_none_in_the_python_api_is_a_config_or_a_validation_error(section: str) -> None:
-    """`SessionizeConfig(ray_address=None)` raised a TypeError from a length constraint on an optional field."""
-    from pydantic import ValidationError
-
+    """`SessionizeConfig(ray_address=None)` raised a TypeError from a length constraint on an optional field;
+    built from Python, a bad value is a one-line ConfigError naming the flag (it was pydantic's own error)."""
     cls = SECTIONS[section]
     for name in cls.model_fields:
         try:
             cls(**{name: None})
-        except ValidationError:
-            pass
+        except ConfigError as exc:
+            assert "\n" not in str(exc) and str(exc).startswith(cls.__name__), exc
+
+
+@pytest.mark.parametrize(("kw", "fragment"), [
+    ({"variant": "PSDMMA", "num_targets": 3}, "--num-targets is the N of PSDMMAL-N"),
+    ({"num_blocks": 4}, "--num-blocks acts only with --variant SASRec"),
+    ({"repeat": False, "repeat_prior": 3.0}, "--no-repeat leaves out"),
+    ({"loss": "full", "num_negatives": 5}, "--loss full scores every item"),
+    ({"loss": "full", "neg_power": 0.5}, "--loss full scores every item"),
+    ({"resume": True, "overwrite": True}, "give one of them"),
+])  # fmt: skip
+def test_train_flags_that_act_on_nothing_are_refused(kw: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        TrainConfig(**kw)
+
+
+def test_python_config_errors_are_one_line_config_errors() -> None:
+    for kw, fragment in (({"epochs": 0}, "--epochs"), ({"epochz": 1}, "--epochz"), ({"ema_decay": 1.0}, "--ema-decay")):
+        with pytest.raises(ConfigError, match=fragment) as err:
+            TrainConfig(**kw)
+        assert "\n" not in str(err.value)
 
 
 # --- property: the CLI answers any flag values with exit 0 or exactly one `error:` line ------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -88,6 +89,51 @@ def test_overwrite_replaces_only_the_same_commands_output(tmp_path: Path) -> Non
     assert not (out / "config.json").exists() and (out / MARKER).exists()
 
 
+@pytest.mark.parametrize("inside", ["vocab/mine.txt", "train/mine.txt", "test/deep/z.parquet"])
+def test_overwrite_refuses_a_file_put_inside_an_own_folder(tmp_path: Path, inside: str) -> None:
+    """An own folder is replaced whole: `vocab/mine.txt` was deleted with it."""
+    from sdm.sessionize.write import OWNS
+
+    out = tmp_path / "o"
+    with OutputDir(out, "sessionize", OWNS, overwrite=False) as guard:
+        guard.prepare()
+        for rel in ("vocab/item.parquet", "train/part-00000.parquet", "test/part-00000.parquet", "manifest.json"):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_text("x")
+    with OutputDir(out, "sessionize", OWNS, overwrite=True) as guard:  # its own files only: replaced
+        assert guard.existing == ["manifest.json", "test", "train", "vocab"]
+    (out / inside).parent.mkdir(parents=True, exist_ok=True)
+    (out / inside).write_text("mine")
+    (out / "vocab" / ".sdm-tmp-x").write_text("scratch of a killed run: not foreign")
+    before = snapshot(out)
+    with pytest.raises(OutputError, match=f"holds '{inside}', which `sdm sessionize` did not write"):
+        with OutputDir(out, "sessionize", OWNS, overwrite=True) as guard:
+            guard.prepare()
+    assert {k: v for k, v in snapshot(out).items() if ".sdm-tmp-" not in k} == {
+        k: v for k, v in before.items() if ".sdm-tmp-" not in k}
+
+
+def test_export_and_demo_refuse_a_file_inside_their_folders(tmp_path: Path, trained: tuple[Path, Path]) -> None:
+    data, model = trained
+    out = tmp_path / "e"
+    assert run("export", "--data", data, "--model", model, "--out", out, "--no-onnx", "--no-faiss").exit_code == 0
+    (out / "vocab" / "mine.txt").write_text("mine")
+    err = one_error_line(run("export", "--data", data, "--model", model, "--out", out, "--no-onnx", "--no-faiss",
+                             "--overwrite"))  # fmt: skip
+    assert "vocab/mine.txt" in err and (out / "vocab" / "mine.txt").read_text() == "mine"
+    from sdm.pipeline.demo import OWN
+
+    demo = tmp_path / "d"
+    (demo / "data" / "vocab").mkdir(parents=True)
+    (demo / "data" / "vocab" / "item.parquet").write_text("x")
+    (demo / "model").mkdir()
+    (demo / "model" / "notes.md").write_text("mine")
+    with pytest.raises(OutputError, match="model/notes.md"):
+        with OutputDir(demo, "demo", OWN, overwrite=True) as guard:
+            guard.prepare()
+    assert (demo / "model" / "notes.md").exists()
+
+
 def test_earlier_output_needs_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "o"
     with OutputDir(out, "train", ["best.pt"], overwrite=False) as guard:
@@ -161,7 +207,20 @@ def test_synth_out_over_an_input_of_convert_is_refused(tmp_path: Path) -> None:
     raw = tmp_path / "raw.csv"
     raw.write_text("a,b\n1,2\n")
     line = one_error_line(run("convert", "movielens", raw, "--out", raw, "--overwrite"))
-    assert "input" in line and raw.read_text() == "a,b\n1,2\n"
+    assert "writes Parquet" in line and raw.read_text() == "a,b\n1,2\n"  # a CSV name: refused before any read
+
+
+@pytest.mark.parametrize(("command", "name", "message"), [
+    ("synth", "logs.csv", "writes Parquet; name the log *.parquet"),
+    ("synth", "items.parquet", "the log would be its own items or users table"),
+    ("convert", "users.parquet", "the log would be its own items or users table"),
+])  # fmt: skip
+def test_a_log_named_as_it_is_not_written_is_refused(tmp_path: Path, command: str, name: str, message: str) -> None:
+    """`synth --out logs.csv` wrote Parquet under a .csv name; `--out items.parquet` collided with its own table."""
+    args = ["synth", "--events", "500"] if command == "synth" else ["convert", "movielens", tmp_path]
+    line = one_error_line(run(*args, "--out", tmp_path / name))
+    assert message in line and name in line
+    assert not (tmp_path / name).exists()
 
 
 # -- one writer per output -----------------------------------------------------------------
@@ -175,6 +234,16 @@ def test_second_writer_of_a_directory_is_refused(tmp_path: Path, trained: tuple[
         line = one_error_line(run("train", "--data", data, "--out", out, "--overwrite", *TINY))
         assert "another sdm process" in line
     assert not (out / "best.pt").exists()
+
+
+def test_a_model_still_being_trained_is_not_read(tmp_path: Path, trained: tuple[Path, Path]) -> None:
+    """export and evaluate read best.pt of a run still training: an epoch's model, without its neighbour weight."""
+    data, model = trained
+    with OutputDir(model, "train", ["*"], overwrite=False, keep=True):  # what a running `sdm train` holds
+        for args in (("export", "--data", data, "--model", model, "--out", tmp_path / "e"),
+                     ("evaluate", "--data", data, "--model", model, "--out", tmp_path / "v")):  # fmt: skip
+            assert "still writing this model directory" in one_error_line(run(*args))
+    assert run("evaluate", "--data", data, "--model", model, "--out", tmp_path / "v").exit_code == 0  # released
 
 
 def test_second_writer_of_a_file_is_refused(tmp_path: Path) -> None:
@@ -273,6 +342,34 @@ def _edit_manifest(data: Path, change) -> None:
 @pytest.fixture()
 def data_copy(tmp_path: Path) -> Path:
     return build_shards(tmp_path / "data", n_users=16, sessions_per_user=4, session_len=5, n_shards=2)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(splits=[]), lambda m: m["splits"]["train"].update(shards=None), lambda m: m.update(vocab_sizes="x"),
+    lambda m: m.update(cutoffs=5), lambda m: m.update(item_features=None), lambda m: m.update(config=None),
+    lambda m: m.update(dropped=[1]), lambda m: m.update(side_tables=7),
+])  # fmt: skip
+def test_inspect_of_an_edited_manifest_is_one_line(data_copy: Path, edit) -> None:
+    """`sdm inspect` printed a traceback where `sdm check` gave one line."""
+    m = json.loads((data_copy / "manifest.json").read_text())
+    edit(m)
+    (data_copy / "manifest.json").write_text(json.dumps(m))
+    assert str(data_copy) in one_error_line(run("inspect", data_copy))
+    from sdm.serve.inspect import inspect_path
+
+    with pytest.raises(SdmError):
+        inspect_path(data_copy)
+
+
+def test_inspect_of_an_empty_or_odd_checkpoint_is_one_line(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    import torch
+
+    model = tmp_path / "m"
+    shutil.copytree(trained[1], model)
+    (model / "best.pt").write_bytes(b"")
+    assert "best.pt: not a readable checkpoint" in one_error_line(run("inspect", model))
+    torch.save({"model_config": "x", "model": {}}, model / "best.pt")
+    assert "not an sdm checkpoint" in one_error_line(run("inspect", model))
 
 
 @pytest.mark.parametrize(
