@@ -160,6 +160,11 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
         raise
 
 
+def side_config(out: Path) -> Path:
+    """The `<stem>.config.json` written beside an output Parquet file."""
+    return out.with_name(out.stem + ".config.json")
+
+
 def write_text(path: Path | str, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:

@@ -83,7 +83,7 @@ import pyarrow.parquet as pq
 from sdm.config import SynthConfig
 from sdm.logs.synthcatalogue import LIFE_STAGES, Catalogue, build_catalogue
 from sdm.logs.targets import claim_targets, side_paths
-from sdm.outputs import scratch_name
+from sdm.outputs import scratch_name, side_config, write_text
 
 START_US = 1_704_067_200_000_000
 """2024-01-01T00:00:00Z in microseconds: the start of every synthetic log."""
@@ -332,7 +332,9 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     items_path, users_path = side_paths(out)
     with claim_targets([out, items_path, users_path], [], cfg.overwrite, "synth"):
-        return _generate(cfg, out, items_path, users_path, t0, progress)
+        summary = _generate(cfg, out, items_path, users_path, t0, progress)
+        write_text(side_config(out), cfg.model_dump_json(indent=2) + "\n")  # the resolved config, as every command
+        return summary
 
 
 def _generate(cfg: SynthConfig, out: Path, items_path: Path, users_path: Path, t0: float, progress: bool) -> dict[str, Any]:

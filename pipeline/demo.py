@@ -20,8 +20,8 @@ from sdm.sessionize.write import OWNS as SESSIONIZE_OWNS
 
 BASELINES = ("popularity", "itemcf", "itemcf-repeat", "stan", "vsknn")
 # What the demo writes in `out`: --overwrite removes these and nothing else.
-OWN = ("config.json", "logs.parquet", "items.parquet", "users.parquet", "report.md", "report.png", "metrics.json",
-       *nested("data", SESSIONIZE_OWNS), *nested("model", TRAIN_OWNS))  # fmt: skip
+OWN = ("config.json", "logs.parquet", "logs.config.json", "items.parquet", "users.parquet", "report.md", "report.png",
+       "metrics.json", *nested("data", SESSIONIZE_OWNS), *nested("model", TRAIN_OWNS))  # fmt: skip
 
 
 def _table(rows: list[dict[str, Any]], ks: list[int]) -> str:

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from sdm.config import RecommendConfig
 from sdm.errors import ConfigError
-from sdm.outputs import OutputFile, atomic_path, check_disjoint, scratch_name, write_text
+from sdm.outputs import OutputFile, atomic_path, check_disjoint, scratch_name, side_config, write_text
 from sdm.pipeline.catalogue import Catalogue
 from sdm.pipeline.dataset import collate, move_batch, read_manifest
 from sdm.pipeline.device import pick_device
@@ -221,11 +221,6 @@ def cold_items(catalogue: Catalogue | None) -> ColdItems | None:
     ids = pl.Series("raw", catalogue.item_id)
     index = np.arange(catalogue.num_items, catalogue.num_items + len(catalogue), dtype=np.int64)
     return ColdItems(pl.DataFrame({"raw": ids, "index": index}))
-
-
-def side_config(out: Path) -> Path:
-    """The `<stem>.config.json` written beside an output Parquet file."""
-    return out.with_name(out.stem + ".config.json")
 
 
 def recommend(cfg: RecommendConfig, log: Path, progress: bool = False) -> dict[str, Any]:

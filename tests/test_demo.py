@@ -23,8 +23,11 @@ def test_reduced_demo_full_model_beats_baselines(tmp_path):
     # Clearly: by at least 5 points of HR@50 over popularity and classic item-CF.
     assert sdm > rows["popularity"]["hr@50"] + 0.05
     assert sdm > rows["itemcf"]["hr@50"] + 0.05
-    for name in ("data/manifest.json", "model/best.pt", "report.md", "config.json"):
+    for name in ("data/manifest.json", "model/best.pt", "report.md", "config.json", "logs.config.json"):
         assert (out / name).exists(), name
+    # run again into the same folder: every file there is the demo's own (nested outputs included), so it is replaced
+    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--events", "3000", "--epochs", "1", "-q"])
+    assert r.exit_code == 0, r.output
 
 
 def test_demo_refuses_foreign_directory_without_overwrite(tmp_path):

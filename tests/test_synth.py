@@ -34,6 +34,9 @@ def test_same_seed_same_bytes(tmp_path):
         assert Path(a[key]).read_bytes() == Path(b[key]).read_bytes()
     c = _gen(tmp_path, "c", seed=1)
     assert Path(c["out"]).read_bytes() != Path(a["out"]).read_bytes()
+    # the resolved configuration beside the log, as every command saves its own
+    saved = SynthConfig.model_validate_json((tmp_path / "c" / "logs.config.json").read_text())
+    assert saved.seed == 1 and saved.events == 60_000 and saved.out == tmp_path / "c" / "logs.parquet"
 
 
 def test_schema_and_exact_count(log):
