@@ -286,7 +286,8 @@ class TrainConfig(_Base):
     """Check every data file's sha256 against the manifest before reading it: about 0.4 s per GB on 2 cores, 0.15x one read of the shards (bench/verify_bench.py); --no-verify skips it."""
 
     @model_validator(mode="after")
-    def _heads_divide_dim(self) -> TrainConfig:
+    def _check(self) -> TrainConfig:
+        """Across fields: the heads divide the dimension; --resume or --overwrite; no flag that acts on nothing."""
         # checked here, not only in ModelConfig (built after the data is read): fail before any work
         if self.embedding_dim % self.num_heads:
             raise ValueError(
