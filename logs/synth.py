@@ -331,7 +331,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     items_path, users_path = side_paths(out)
-    with claim_targets([out, items_path, users_path], [], cfg.overwrite, "synth"):
+    with claim_targets([out, items_path, users_path, side_config(out)], [], cfg.overwrite, "synth"):
         summary = _generate(cfg, out, items_path, users_path, t0, progress)
         write_text(side_config(out), cfg.model_dump_json(indent=2) + "\n")  # the resolved config, as every command
         return summary

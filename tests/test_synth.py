@@ -37,6 +37,12 @@ def test_same_seed_same_bytes(tmp_path):
     # the resolved configuration beside the log, as every command saves its own
     saved = SynthConfig.model_validate_json((tmp_path / "c" / "logs.config.json").read_text())
     assert saved.seed == 1 and saved.events == 60_000 and saved.out == tmp_path / "c" / "logs.parquet"
+    # a file of that name it did not write is not replaced without --overwrite
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "logs.config.json").write_text("mine")
+    with pytest.raises(SdmError, match="logs.config.json"):
+        _gen(tmp_path, "d")
+    assert (tmp_path / "d" / "logs.config.json").read_text() == "mine"
 
 
 def test_schema_and_exact_count(log):
