@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -50,6 +51,7 @@ from torch import Tensor
 from sdm.errors import DataError, first_line
 from sdm.pipeline.dataset import SessionDataset
 from sdm.pipeline.tables import check_values, pad_values, raw_item_ids
+from sdm.sessionize.schema import value_kind
 
 ALWAYS = np.iinfo(np.int64).min
 """`known_from` (us) of an item known at all times (null in the file)."""
@@ -101,8 +103,9 @@ def values_column(feature: str) -> str:
     return f"{feature}_values"
 
 
-def read_catalogue(data_dir: Path, manifest: dict[str, Any]) -> Catalogue:
-    """The catalogue of a data directory, validated.
+def read_catalogue(data_dir: Path, manifest: dict[str, Any], raw_ids: pa.Array | None = None) -> Catalogue:
+    """The catalogue of a data directory, validated; `raw_ids`: the item vocabulary's raw ids
+    (`tables.raw_item_ids`) when the caller has them, else read here.
 
     Raises:
         DataError (one line): no catalogue in the manifest, an unreadable file, other
@@ -132,7 +135,9 @@ def read_catalogue(data_dir: Path, manifest: dict[str, Any]) -> Catalogue:
             raise DataError(f"{path}: column {name!r} has nulls")
     hashes = table.column("oov_hash").to_numpy().copy()
     _check_unique(path, table, hashes)
-    _check_outside_vocabulary(path, table.column("item_id").combine_chunks(), raw_item_ids(data_dir, int(manifest["num_items"])))
+    if raw_ids is None:
+        raw_ids = raw_item_ids(data_dir, int(manifest["num_items"]))
+    _check_outside_vocabulary(path, table.column("item_id").combine_chunks(), raw_ids)
     known = table.column("known_from").cast(pa.int64()).fill_null(ALWAYS).to_numpy().copy()
     encoded = {f: table.column(f).to_numpy().astype(np.int64) for f in features}
     for f, values in encoded.items():
@@ -175,11 +180,11 @@ def _check_schema(path: Path, schema: pa.Schema, features: list[str], multi: lis
 def _check_outside_vocabulary(path: Path, ids: pa.Array, vocab: pa.Array) -> None:
     """The catalogue's ids are of the vocabulary's kind (integers or strings) and none is in it:
     an item of both would be recommended twice, once warm and once cold."""
-    def kind(t: pa.DataType) -> str:
-        return "integers" if pa.types.is_integer(t) else "strings" if pa.types.is_string(t) or pa.types.is_large_string(t) else str(t)
+    def kind(values: pa.Array) -> str:
+        return value_kind(pl.Series(values.slice(0, 0)).dtype)
 
-    if len(ids) and len(vocab) and kind(ids.type) != kind(vocab.type):
-        raise DataError(f"{path}: item_id holds {kind(ids.type)} ({ids.type}), the item vocabulary's raw ids {kind(vocab.type)} ({vocab.type})")
+    if len(ids) and len(vocab) and kind(ids) != kind(vocab):
+        raise DataError(f"{path}: item_id holds {kind(ids)} ({ids.type}), the item vocabulary's raw ids {kind(vocab)} ({vocab.type})")
     if not len(ids) or not len(vocab):
         return
     common = pa.int64() if pa.types.is_integer(vocab.type) else pa.large_string()

@@ -136,8 +136,9 @@ def item_vectors(model: SDM) -> Tensor:
     return torch.cat(out)
 
 
-def read_cold(data_dir: Path, manifest: dict[str, Any], raw_type: pa.DataType) -> Catalogue | None:
-    """The cold items of a data directory (`pipeline.catalogue.read_catalogue`), ids cast to the vocabulary's type.
+def read_cold(data_dir: Path, manifest: dict[str, Any], raw: pa.Array) -> Catalogue | None:
+    """The cold items of a data directory (`pipeline.catalogue.read_catalogue`), ids cast to the type of the
+    vocabulary's raw ids `raw` (`tables.raw_item_ids`, read once by the caller).
 
     None when the manifest records no catalogue (a data directory of an older sdm).
 
@@ -146,7 +147,8 @@ def read_cold(data_dir: Path, manifest: dict[str, Any], raw_type: pa.DataType) -
     """
     if "catalogue" not in manifest:
         return None
-    catalogue = read_catalogue(Path(data_dir), manifest)
+    catalogue = read_catalogue(Path(data_dir), manifest, raw)
+    raw_type = raw.type
     try:
         catalogue.item_id = catalogue.item_id.cast(raw_type)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -345,7 +347,7 @@ def export(cfg: ExportConfig, progress: bool = False) -> dict[str, Any]:
             verify_files(cfg.data, manifest)  # every data file against its recorded sha256
         model = load_model(cfg.model, cfg.data, manifest, torch.device("cpu"))
         raw = raw_item_ids(cfg.data, int(manifest["num_items"]))
-        cold = read_cold(cfg.data, manifest, raw.type)
+        cold = read_cold(cfg.data, manifest, raw)
         guard.prepare(first=[CONFIG])  # config.json first: a half-cleared directory is never a finished export
         try:
             summary = _write(cfg, manifest, model, raw, cold, progress)

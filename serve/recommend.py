@@ -204,7 +204,7 @@ def available_cold(data_dir: Path, manifest: dict[str, Any], at_us: int | None) 
     from sdm.pipeline.tables import raw_item_ids
     from sdm.serve.export import read_cold
 
-    cat = read_cold(Path(data_dir), manifest, raw_item_ids(Path(data_dir), int(manifest["num_items"])).type)
+    cat = read_cold(Path(data_dir), manifest, raw_item_ids(Path(data_dir), int(manifest["num_items"])))
     if cat is None:
         return None
     keep = np.flatnonzero(cat.known_from <= (now_us() if at_us is None else at_us))
